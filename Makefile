@@ -1,0 +1,31 @@
+# Set-up and checks. `make demo` and `make test` work on a fresh machine: each builds .venv first.
+# TORCH is the torch requirement installed into the venv; the default is the CPU build. On a GPU machine
+# that already has CUDA torch, use `make test-gpu` with that python instead.
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test test-gpu lint bench
+
+$(BIN)/sparseblocks: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH)" triton==3.6.0
+	$(BIN)/pip install --quiet -e ".[test,bench]" ruff==0.8.6
+	touch $@
+
+demo: $(BIN)/sparseblocks
+	$(BIN)/sparseblocks demo
+
+# Kernels run on the CPU through Triton's interpreter; GPU-marked tests skip themselves without a GPU.
+test: $(BIN)/sparseblocks
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -n 2 tests
+
+lint: $(BIN)/sparseblocks
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+# On a CUDA machine (e.g. the device tool), with its own python: PYTHONPATH=src python3 -m pytest -m gpu tests
+test-gpu:
+	PYTHONPATH=src $(PYTHON) -m pytest -q -m gpu tests

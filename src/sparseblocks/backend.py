@@ -1,0 +1,47 @@
+"""Which implementation an op runs: Triton kernels on CUDA tensors, the PyTorch reference elsewhere."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import os
+
+import torch
+
+logger = logging.getLogger("sparseblocks")
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Triton is importable and can compile for a CUDA GPU here."""
+    return importlib.util.find_spec("triton") is not None and torch.cuda.is_available()
+
+
+def triton_interpreting() -> bool:
+    """``TRITON_INTERPRET=1``: Triton kernels run on CPU tensors through its interpreter (tests)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Whether ops on ``x`` take the Triton path; warns once when they fall back to the reference."""
+    if x.is_cuda and triton_available():
+        return True
+    _warn_reference_once(x.device.type)
+    return False
+
+
+@functools.cache
+def _warn_reference_once(device_type: str) -> None:
+    logger.warning(
+        "sparseblocks: no Triton kernel for %s tensors; running the plain PyTorch reference "
+        "(correct, not fast). Move the model to a CUDA GPU for the block-sparse kernels.",
+        device_type,
+    )
+
+
+def describe() -> str:
+    """One line saying which path ops take on this machine (for ``sparseblocks info``)."""
+    if triton_available():
+        return f"Triton kernels on {torch.cuda.get_device_name()}; reference on CPU tensors"
+    return "PyTorch reference (no CUDA GPU visible)"

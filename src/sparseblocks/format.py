@@ -1,0 +1,306 @@
+"""The block-sparse matrix format every op in sparseblocks uses.
+
+A ``BlockSparseMatrix`` is a logical ``(N, K)`` matrix cut into ``(bn, bk)`` tiles, of which only the nonzero
+tiles are stored, BSR style:
+
+* ``values``         ``(nnz, bn, bk)``  the stored tiles, row-major order, contiguous
+* ``crow_indices``   ``(N_blocks + 1,)`` int32, block row ``r`` holds tiles ``crow_indices[r] <= j < crow_indices[r+1]``
+* ``col_indices``    ``(nnz,)``         int32, block column of each tile, strictly increasing within a row
+
+Derived once at construction (never stored on disk; always recomputed from the two arrays above):
+
+* ``row_indices_of_block`` ``(nnz,)`` int32, block row of each tile (SDDMM and decode spread work over tiles)
+* the transposed (column-major, BSC) index sharing the same ``values``: ``ccol_indices`` ``(K_blocks + 1,)``,
+  ``row_indices`` ``(nnz,)`` and ``transpose_perm`` ``(nnz,)``, where ``values[transpose_perm[j]]`` is the j-th tile
+  in column-major order. ``dX = dY·W`` walks W by columns through it, without a copy of W.
+* ``row_order`` ``(N_blocks,)`` int32, block rows by descending tile count: kernels start the heaviest rows first.
+
+Shapes that are not a multiple of the block are stored padded: the last block row / column holds a partial tile
+whose padding is zero, while ``shape`` keeps the logical size and every op respects it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from sparseblocks.masks import block_norms, top_blocks_mask
+
+BLOCK_SIZES = (16, 32, 64, 128)
+INDEX_DTYPE = torch.int32
+
+
+def normalize_block_size(block_size: int | Sequence[int]) -> tuple[int, int]:
+    """``64`` or ``(32, 64)`` -> ``(bn, bk)``; raises ``ValueError`` unless each side is 16, 32, 64 or 128."""
+    if isinstance(block_size, int):
+        block = (block_size, block_size)
+    else:
+        block = tuple(int(b) for b in block_size)
+    if len(block) != 2 or any(b not in BLOCK_SIZES for b in block):
+        raise ValueError(f"block_size must be one of {BLOCK_SIZES} or a pair of them, got {block_size!r}")
+    return block  # type: ignore[return-value]
+
+
+def _transposed_index(
+    crow_indices: torch.Tensor, col_indices: torch.Tensor, n_block_cols: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Block row of each tile, and the column-major (BSC) index of the same tiles: ccol, row, permutation."""
+    device = col_indices.device
+    n_block_rows = crow_indices.numel() - 1
+    row_counts = (crow_indices[1:] - crow_indices[:-1]).long()
+    row_of_block = torch.repeat_interleave(torch.arange(n_block_rows, device=device), row_counts)
+    # Stable sort by column keeps tiles of one column in row order: rows are sorted within each column.
+    transpose_perm = torch.sort(col_indices.long(), stable=True).indices
+    col_counts = torch.bincount(col_indices.long(), minlength=n_block_cols)
+    ccol_indices = torch.zeros(n_block_cols + 1, dtype=torch.long, device=device)
+    ccol_indices[1:] = torch.cumsum(col_counts, 0)
+    return (
+        row_of_block.to(INDEX_DTYPE),
+        ccol_indices.to(INDEX_DTYPE),
+        row_of_block[transpose_perm].to(INDEX_DTYPE),
+        transpose_perm.to(INDEX_DTYPE),
+    )
+
+
+class BlockSparseMatrix:
+    """A logical ``(N, K)`` matrix stored as its nonzero ``(bn, bk)`` tiles (BSR) plus a transposed index.
+
+    Build one with :meth:`from_dense`, :meth:`from_torch_bsr` or the constructor
+    ``BlockSparseMatrix(values, crow_indices, col_indices, shape)``. Constructors validate their input
+    (:meth:`validate`), so a matrix that exists is safe to hand to a kernel.
+    """
+
+    def __init__(
+        self,
+        values: torch.Tensor,
+        crow_indices: torch.Tensor,
+        col_indices: torch.Tensor,
+        shape: Sequence[int],
+    ) -> None:
+        self.values = values
+        self.crow_indices = crow_indices
+        self.col_indices = col_indices
+        self.shape = tuple(int(s) for s in shape)
+        self.validate()
+        (
+            self.row_indices_of_block,
+            self.ccol_indices,
+            self.row_indices,
+            self.transpose_perm,
+        ) = _transposed_index(crow_indices, col_indices, self.block_grid[1])
+        row_counts = crow_indices[1:] - crow_indices[:-1]
+        self.row_order = torch.sort(row_counts, descending=True, stable=True).indices.to(INDEX_DTYPE)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_dense(
+        cls,
+        dense: torch.Tensor,
+        block_size: int | Sequence[int],
+        mask: torch.Tensor | None = None,
+        keep: float | None = None,
+    ) -> BlockSparseMatrix:
+        """Tile a dense ``(N, K)`` matrix and keep some tiles.
+
+        Which tiles: ``mask``, a bool ``(ceil(N/bn), ceil(K/bk))`` block mask; or ``keep``, the fraction of tiles to
+        keep, those of largest L2 norm (``round(keep * tiles)`` exactly); or, with neither, the tiles that are not
+        all zero. Tiles on a ragged edge are zero-padded.
+        """
+        if mask is not None and keep is not None:
+            raise ValueError("pass either mask or keep, not both")
+        if dense.dim() != 2:
+            raise ValueError(f"dense must be 2-D (N, K), got shape {tuple(dense.shape)}")
+        if not dense.is_floating_point():
+            raise ValueError(f"dense must be a floating-point tensor, got {dense.dtype}")
+        if dense.shape[0] == 0 or dense.shape[1] == 0:
+            raise ValueError(f"dense must have nonzero size, got shape {tuple(dense.shape)}")
+        bn, bk = normalize_block_size(block_size)
+        n, k = dense.shape
+        grid = (math.ceil(n / bn), math.ceil(k / bk))
+        padded = torch.nn.functional.pad(dense.detach(), (0, grid[1] * bk - k, 0, grid[0] * bn - n))
+        tiles = padded.reshape(grid[0], bn, grid[1], bk).transpose(1, 2)  # (N_blocks, K_blocks, bn, bk)
+
+        if mask is not None:
+            if mask.dtype != torch.bool or tuple(mask.shape) != grid:
+                raise ValueError(
+                    f"mask must be a bool tensor of shape {grid} (blocks of {bn}x{bk} over {n}x{k}), "
+                    f"got {mask.dtype} {tuple(mask.shape)}"
+                )
+            mask = mask.to(dense.device)
+        elif keep is not None:
+            mask = top_blocks_mask(block_norms(dense, (bn, bk)), keep)
+        else:
+            mask = tiles.ne(0).flatten(2).any(-1)
+
+        crow_indices = torch.zeros(grid[0] + 1, dtype=torch.long, device=dense.device)
+        crow_indices[1:] = torch.cumsum(mask.sum(1), 0)
+        col_indices = mask.nonzero()[:, 1]  # nonzero() is row-major, so columns come sorted within a row
+        values = tiles[mask].contiguous()
+        return cls(values, crow_indices.to(INDEX_DTYPE), col_indices.to(INDEX_DTYPE), (n, k))
+
+    @classmethod
+    def from_torch_bsr(cls, bsr: torch.Tensor) -> BlockSparseMatrix:
+        """From a PyTorch ``torch.sparse_bsr`` tensor (its blocks must be 16..128 on each side)."""
+        if bsr.layout != torch.sparse_bsr:
+            raise ValueError(f"expected a torch.sparse_bsr tensor, got layout {bsr.layout}")
+        return cls(
+            bsr.values().contiguous(),
+            bsr.crow_indices().to(INDEX_DTYPE),
+            bsr.col_indices().to(INDEX_DTYPE),
+            bsr.shape,
+        )
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def block_shape(self) -> tuple[int, int]:
+        return tuple(self.values.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def block_grid(self) -> tuple[int, int]:
+        """Number of block rows and block columns, ``(ceil(N/bn), ceil(K/bk))``."""
+        (n, k), (bn, bk) = self.shape, self.block_shape
+        return math.ceil(n / bn), math.ceil(k / bk)
+
+    @property
+    def nnz(self) -> int:
+        """Number of stored tiles."""
+        return self.values.shape[0]
+
+    @property
+    def density(self) -> float:
+        """Stored tiles over all tiles of the block grid."""
+        rows, cols = self.block_grid
+        return self.nnz / (rows * cols)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    def index_tensors(self) -> dict[str, torch.Tensor]:
+        """Every index array the matrix holds, by name (the stored two and the derived ones)."""
+        return {
+            "crow_indices": self.crow_indices,
+            "col_indices": self.col_indices,
+            "row_indices_of_block": self.row_indices_of_block,
+            "ccol_indices": self.ccol_indices,
+            "row_indices": self.row_indices,
+            "transpose_perm": self.transpose_perm,
+            "row_order": self.row_order,
+        }
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: values plus every index array."""
+        tensors = [self.values, *self.index_tensors().values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def __repr__(self) -> str:
+        (n, k), (bn, bk) = self.shape, self.block_shape
+        return (
+            f"BlockSparseMatrix(shape=({n}, {k}), block=({bn}, {bk}), nnz={self.nnz}, "
+            f"density={self.density:.3f}, dtype={self.dtype}, device={self.device})"
+        )
+
+    # ------------------------------------------------------------------ conversion
+
+    def block_mask(self) -> torch.Tensor:
+        """Bool ``(N_blocks, K_blocks)``: which tiles are stored."""
+        mask = torch.zeros(self.block_grid, dtype=torch.bool, device=self.device)
+        mask[self.row_indices_of_block.long(), self.col_indices.long()] = True
+        return mask
+
+    def to_dense(self) -> torch.Tensor:
+        """The logical ``(N, K)`` matrix, zeros where no tile is stored (differentiable w.r.t. ``values``)."""
+        (rows, cols), (bn, bk) = self.block_grid, self.block_shape
+        tiles = self.values.new_zeros(rows * cols, bn, bk)
+        flat_index = self.row_indices_of_block.long() * cols + self.col_indices.long()
+        tiles = tiles.index_copy(0, flat_index, self.values)
+        dense = tiles.reshape(rows, cols, bn, bk).transpose(1, 2).reshape(rows * bn, cols * bk)
+        return dense[: self.shape[0], : self.shape[1]]
+
+    def to_torch_bsr(self) -> torch.Tensor:
+        """A PyTorch ``torch.sparse_bsr`` tensor with the same tiles (shape must be a multiple of the block)."""
+        (n, k), (bn, bk) = self.shape, self.block_shape
+        if n % bn or k % bk:
+            raise ValueError(
+                f"torch.sparse_bsr cannot hold a ragged shape: ({n}, {k}) is not a multiple of the block ({bn}, {bk})"
+            )
+        return torch.sparse_bsr_tensor(
+            self.crow_indices, self.col_indices, self.values, size=self.shape, check_invariants=False
+        )
+
+    @classmethod
+    def from_parts(
+        cls, values: torch.Tensor, shape: Sequence[int], index_tensors: dict[str, torch.Tensor]
+    ) -> BlockSparseMatrix:
+        """Reassemble from the arrays of :meth:`index_tensors` without validating or recomputing anything.
+
+        For code that keeps a validated matrix's arrays (``BlockSparseLinear`` holds them as buffers) and needs the
+        matrix back on every call; it must not be fed arrays read from outside.
+        """
+        matrix = object.__new__(cls)
+        matrix.values = values
+        matrix.shape = tuple(int(s) for s in shape)
+        for name, index in index_tensors.items():
+            setattr(matrix, name, index)
+        return matrix
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> BlockSparseMatrix:
+        """Move to ``device`` and/or cast the values to ``dtype`` (indices stay int32)."""
+        if dtype is not None and not dtype.is_floating_point:
+            raise ValueError(f"values must stay floating point, got dtype {dtype}")
+        indices = {name: index.to(device=device) for name, index in self.index_tensors().items()}
+        return BlockSparseMatrix.from_parts(self.values.to(device=device, dtype=dtype), self.shape, indices)
+
+    # ------------------------------------------------------------------ validation
+
+    def validate(self) -> None:
+        """Check every invariant of the stored arrays; raise ``ValueError`` naming the first that fails.
+
+        Reads the index arrays (a host sync on a GPU): run it when a matrix is built or loaded, not per call.
+        """
+        values, crow, col = self.values, self.crow_indices, self.col_indices
+        if len(self.shape) != 2 or min(self.shape) < 1:
+            raise ValueError(f"shape must be two positive sizes (N, K), got {self.shape}")
+        if not isinstance(values, torch.Tensor) or values.dim() != 3:
+            raise ValueError(f"values must be a 3-D tensor (nnz, bn, bk), got {getattr(values, 'shape', values)}")
+        if not values.is_floating_point():
+            raise ValueError(f"values must be floating point, got {values.dtype}")
+        if not values.is_contiguous():
+            raise ValueError("values must be contiguous")
+        normalize_block_size(tuple(values.shape[1:]))
+        for name, index in (("crow_indices", crow), ("col_indices", col)):
+            if not isinstance(index, torch.Tensor) or index.dim() != 1 or index.dtype != INDEX_DTYPE:
+                raise ValueError(f"{name} must be a 1-D {INDEX_DTYPE} tensor, got {getattr(index, 'dtype', index)}")
+            if index.device != values.device:
+                raise ValueError(f"{name} is on {index.device} but values are on {values.device}")
+        rows, cols = self.block_grid
+        if crow.numel() != rows + 1:
+            raise ValueError(f"crow_indices must have {rows + 1} entries (block rows + 1), got {crow.numel()}")
+        if col.numel() != values.shape[0]:
+            raise ValueError(f"col_indices has {col.numel()} entries but values hold {values.shape[0]} tiles")
+        crow_cpu, col_cpu = crow.cpu().long(), col.cpu().long()
+        if crow_cpu[0] != 0:
+            raise ValueError(f"crow_indices must start at 0, got {int(crow_cpu[0])}")
+        if crow_cpu[-1] != col.numel():
+            raise ValueError(f"crow_indices must end at nnz={col.numel()}, got {int(crow_cpu[-1])}")
+        if bool((crow_cpu[1:] < crow_cpu[:-1]).any()):
+            raise ValueError("crow_indices must be non-decreasing")
+        if col.numel() and (int(col_cpu.min()) < 0 or int(col_cpu.max()) >= cols):
+            raise ValueError(
+                f"col_indices must lie in [0, {cols}), got range [{int(col_cpu.min())}, {int(col_cpu.max())}]"
+            )
+        # Within a row, columns must strictly increase: sorted and without duplicates.
+        row_starts = torch.zeros(col.numel(), dtype=torch.bool)
+        row_starts[crow_cpu[:-1][crow_cpu[:-1] < col.numel()]] = True
+        steps = col_cpu[1:] - col_cpu[:-1]
+        if bool(((steps <= 0) & ~row_starts[1:]).any()):
+            raise ValueError("col_indices must be strictly increasing within each block row (sorted, no duplicates)")

@@ -1,0 +1,57 @@
+"""Block masks: bool ``(N_blocks, K_blocks)`` tensors saying which tiles of a weight are kept.
+
+Scores come from pruning methods (block L2 norm here); masks from scores keep an exact number of blocks, so a
+requested sparsity is the sparsity you get.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def block_norms(weight: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """L2 norm of each ``(bn, bk)`` tile of a 2-D ``weight``, as float32 ``(ceil(N/bn), ceil(K/bk))``.
+
+    Ragged edges count as zero-padded.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (N, K), got shape {tuple(weight.shape)}")
+    bn, bk = block
+    n, k = weight.shape
+    rows, cols = math.ceil(n / bn), math.ceil(k / bk)
+    padded = torch.nn.functional.pad(weight.detach().float(), (0, cols * bk - k, 0, rows * bn - n))
+    return padded.reshape(rows, bn, cols, bk).square().sum(dim=(1, 3)).sqrt()
+
+
+def blocks_to_keep(total: int, keep: float) -> int:
+    """How many of ``total`` blocks a keep fraction means: ``round(keep * total)``."""
+    if not 0.0 <= keep <= 1.0:
+        raise ValueError(f"keep must be a fraction in [0, 1], got {keep}")
+    return round(keep * total)
+
+
+def top_blocks_mask(scores: torch.Tensor, keep: float) -> torch.Tensor:
+    """Bool mask of the same shape as ``scores`` keeping exactly ``round(keep * scores.numel())`` largest scores."""
+    count = blocks_to_keep(scores.numel(), keep)
+    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    mask[torch.topk(scores.flatten().float(), count, sorted=False).indices] = True
+    return mask.view_as(scores)
+
+
+def random_block_mask(grid: tuple[int, int], density: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Uniformly random bool mask over ``grid`` with exactly ``round(density * blocks)`` kept blocks."""
+    return top_blocks_mask(torch.rand(grid, generator=generator), density)
+
+
+def skewed_block_mask(grid: tuple[int, int], density: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random mask with exactly ``round(density * blocks)`` blocks whose rows are very unequal.
+
+    Row weights fall off geometrically, so a few block rows are (nearly) full and many are empty: the worst case
+    for a kernel that gives each block row the same amount of hardware.
+    """
+    rows, cols = grid
+    row_weight = torch.logspace(0, -3, rows)[torch.randperm(rows, generator=generator)]
+    scores = torch.rand(grid, generator=generator) * row_weight[:, None]
+    return top_blocks_mask(scores, density)

@@ -1,0 +1,129 @@
+"""``BlockSparseLinear``: a drop-in ``nn.Linear`` whose weight is a ``BlockSparseMatrix``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from sparseblocks.format import BlockSparseMatrix, normalize_block_size
+from sparseblocks.masks import random_block_mask
+from sparseblocks.ops import spmm
+
+# The pattern as saved: with values and bias, the whole state dict.
+_STORED_INDICES = ("crow_indices", "col_indices")
+# Arrays recomputed from crow/col indices whenever the pattern is set: kept out of the state dict.
+_DERIVED_INDICES = ("row_indices_of_block", "ccol_indices", "row_indices", "transpose_perm", "row_order")
+
+
+class BlockSparseLinear(nn.Module):
+    """``y = x · Wᵀ + b`` with W block-sparse: only the kept ``(bn, bk)`` tiles are stored and multiplied.
+
+    ``values`` ``(nnz, bn, bk)`` is the trainable parameter; ``crow_indices`` and ``col_indices`` are buffers and,
+    with ``values`` and ``bias``, make up the state dict (validated when loaded).
+
+    The constructor makes a fresh layer with a random pattern at the given sparsity, like ``nn.Linear`` does
+    for a dense one; :meth:`from_linear` converts a trained ``nn.Linear``, :meth:`from_matrix` wraps a matrix.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        sparsity: float = 0.9,
+        block_size: int | Sequence[int] = 64,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        bn, bk = normalize_block_size(block_size)
+        grid = (math.ceil(out_features / bn), math.ceil(in_features / bk))
+        dense = torch.empty(out_features, in_features, device=device, dtype=dtype)
+        mask = random_block_mask(grid, 1.0 - sparsity).to(dense.device)
+        # Uniform in ±1/sqrt(fan-in), as nn.Linear, but with the fan-in the sparse rows really have.
+        fan_in = max(1.0, in_features * mask.float().mean().item())
+        nn.init.uniform_(dense, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+        bias_tensor = None
+        if bias:
+            bias_tensor = torch.empty(out_features, device=device, dtype=dtype)
+            nn.init.uniform_(bias_tensor, -1 / math.sqrt(in_features), 1 / math.sqrt(in_features))
+        self._set_matrix(BlockSparseMatrix.from_dense(dense, (bn, bk), mask=mask), bias_tensor)
+
+    def _set_matrix(self, matrix: BlockSparseMatrix, bias: torch.Tensor | None) -> None:
+        self.out_features, self.in_features = matrix.shape
+        self.values = nn.Parameter(matrix.values.detach().clone())
+        for name, index in matrix.index_tensors().items():
+            self.register_buffer(name, index, persistent=name not in _DERIVED_INDICES)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+
+    @classmethod
+    def from_matrix(cls, matrix: BlockSparseMatrix, bias: torch.Tensor | None = None) -> BlockSparseLinear:
+        """Wrap a ``BlockSparseMatrix`` (logical ``(out_features, in_features)``) and an optional bias ``(N,)``."""
+        if bias is not None and tuple(bias.shape) != (matrix.shape[0],):
+            raise ValueError(f"bias must have shape ({matrix.shape[0]},), got {tuple(bias.shape)}")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._set_matrix(matrix, bias)
+        return layer
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        sparsity: float = 0.9,
+        block_size: int | Sequence[int] = 64,
+        mask: torch.Tensor | None = None,
+    ) -> BlockSparseLinear:
+        """Convert an ``nn.Linear``: keep the ``1 - sparsity`` fraction of tiles with the largest L2 norm.
+
+        Or pass ``mask``, a bool block mask ``(ceil(N/bn), ceil(K/bk))``, to choose the tiles yourself.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"expected an nn.Linear, got {type(linear).__name__}")
+        keep = None if mask is not None else 1.0 - sparsity
+        matrix = BlockSparseMatrix.from_dense(linear.weight.detach(), block_size, mask=mask, keep=keep)
+        return cls.from_matrix(matrix, linear.bias)
+
+    @property
+    def matrix(self) -> BlockSparseMatrix:
+        """The weight as a ``BlockSparseMatrix`` sharing this module's parameter and buffers."""
+        indices = {name: getattr(self, name) for name in (*_STORED_INDICES, *_DERIVED_INDICES)}
+        return BlockSparseMatrix.from_parts(self.values, (self.out_features, self.in_features), indices)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return spmm(x, self.matrix, self.bias)
+
+    def to_linear(self) -> nn.Linear:
+        """A dense ``nn.Linear`` with the same function (zeros where tiles are pruned)."""
+        weight = self.matrix.to_dense().detach()
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        linear.to(device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    def extra_repr(self) -> str:
+        matrix = self.matrix
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"block={matrix.block_shape}, density={matrix.density:.3f}, bias={self.bias is not None}"
+        )
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A checkpoint may carry another pattern (another nnz): validate it, then resize to it before the
+        # ordinary copy. Nothing read from outside reaches a kernel unchecked.
+        values, crow, col = (state_dict.get(prefix + name) for name in ("values", *_STORED_INDICES))
+        if values is not None and crow is not None and col is not None:
+            incoming = BlockSparseMatrix(values.detach().contiguous(), crow, col, (self.out_features, self.in_features))
+            if incoming.values.shape != self.values.shape:
+                self.values = nn.Parameter(
+                    self.values.new_empty(incoming.values.shape), requires_grad=self.values.requires_grad
+                )
+            for name, index in incoming.index_tensors().items():
+                setattr(self, name, index.to(self.values.device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

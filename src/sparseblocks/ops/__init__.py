@@ -1,0 +1,5 @@
+"""Block-sparse operations: custom ops that run Triton kernels on CUDA and the reference elsewhere."""
+
+from sparseblocks.ops.spmm import spmm
+
+__all__ = ["spmm"]

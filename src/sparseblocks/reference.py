@@ -1,0 +1,70 @@
+"""Plain PyTorch versions of every op: the oracle the kernels are tested against, and the path off the GPU.
+
+They run on any device and float dtype. Each densifies the weight (``O(N·K)`` memory) and leaves the arithmetic
+to the dense BLAS, which on a CPU beats any gather-based formulation at the sizes a CPU path sees.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from sparseblocks.format import BlockSparseMatrix
+
+ACTIVATIONS = {
+    None: lambda y: y,
+    "relu": F.relu,
+    "gelu": F.gelu,  # the exact (erf) form, nn.GELU()'s default
+    "gelu_tanh": lambda y: F.gelu(y, approximate="tanh"),
+    "silu": F.silu,
+}
+
+
+def spmm(
+    x: torch.Tensor, w: BlockSparseMatrix, bias: torch.Tensor | None = None, activation: str | None = None
+) -> torch.Tensor:
+    """``activation(x · wᵀ + bias)``: x ``(..., K)``, w logical ``(N, K)``, bias ``(N,)`` -> ``(..., N)``."""
+    return ACTIVATIONS[activation](F.linear(x, w.to_dense(), bias))
+
+
+def spmm_input_grad(grad_out: torch.Tensor, w: BlockSparseMatrix) -> torch.Tensor:
+    """Input gradient ``dY · W``: grad_out ``(..., N)`` -> ``(..., K)``."""
+    return grad_out @ w.to_dense()
+
+
+def sddmm(grad_out: torch.Tensor, x: torch.Tensor, w: BlockSparseMatrix) -> torch.Tensor:
+    """Weight gradient on w's pattern: the tiles of ``dYᵀ · X`` where w stores one, ``(nnz, bn, bk)``.
+
+    grad_out ``(..., N)`` and x ``(..., K)`` share their leading dims; the padding of ragged tiles is zero.
+    """
+    (n, k), (bn, bk), (rows, cols) = w.shape, w.block_shape, w.block_grid
+    grad_weight = grad_out.reshape(-1, n).t() @ x.reshape(-1, k)  # (N, K)
+    grad_weight = F.pad(grad_weight, (0, cols * bk - k, 0, rows * bn - n))
+    tiles = grad_weight.reshape(rows, bn, cols, bk).transpose(1, 2)  # (N_blocks, K_blocks, bn, bk)
+    return tiles[w.row_indices_of_block.long(), w.col_indices.long()]
+
+
+def _gelu_grad(z: torch.Tensor) -> torch.Tensor:
+    cdf = 0.5 * (1.0 + torch.erf(z * 0.7071067811865476))
+    pdf = torch.exp(-0.5 * z * z) * 0.3989422804014327
+    return cdf + z * pdf
+
+
+def _gelu_tanh_grad(z: torch.Tensor) -> torch.Tensor:
+    inner = 0.7978845608028654 * (z + 0.044715 * z**3)
+    tanh = torch.tanh(inner)
+    return 0.5 * (1.0 + tanh) + 0.5 * z * (1.0 - tanh * tanh) * 0.7978845608028654 * (1.0 + 3 * 0.044715 * z * z)
+
+
+def _silu_grad(z: torch.Tensor) -> torch.Tensor:
+    sigmoid = torch.sigmoid(z)
+    return sigmoid * (1.0 + z * (1.0 - sigmoid))
+
+
+# d activation(z) / dz, from the pre-activation z
+ACTIVATION_GRADS = {
+    "relu": lambda z: (z > 0).to(z.dtype),
+    "gelu": _gelu_grad,
+    "gelu_tanh": _gelu_tanh_grad,
+    "silu": _silu_grad,
+}

@@ -1,0 +1,31 @@
+import pytest
+import torch
+
+from sparseblocks.format import BlockSparseMatrix
+from sparseblocks.masks import random_block_mask
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64 (NaN anywhere gives inf, so it never passes)."""
+    out, ref = out.double(), ref.double()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def random_sparse(
+    n: int, k: int, block, density: float, dtype=torch.float32, seed: int = 0
+) -> tuple[BlockSparseMatrix, torch.Tensor]:
+    """A random matrix with exactly round(density * tiles) tiles, and its masked dense twin (float64)."""
+    generator = torch.Generator().manual_seed(seed)
+    bn, bk = (block, block) if isinstance(block, int) else block
+    grid = (-(-n // bn), -(-k // bk))
+    mask = random_block_mask(grid, density, generator)
+    dense = torch.randn(n, k, generator=generator, dtype=torch.float64)
+    matrix = BlockSparseMatrix.from_dense(dense.to(dtype), (bn, bk), mask=mask)
+    return matrix, matrix.to_dense().double()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
