@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import shlex
 import sys
 
 
@@ -39,6 +40,20 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if error < 1e-4 else 1
 
 
+def _bench_spmm(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from sparseblocks.bench import spmm
+
+    spmm.run(
+        quick=args.quick,
+        dtypes=tuple(args.dtypes.split(",")),
+        out_dir=args.out and Path(args.out),
+        command="sparseblocks " + shlex.join(args.argv),
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparseblocks", description="Block-sparse transformers: tools and demo.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -47,11 +62,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--sparsity", type=float, default=0.9, help="fraction of blocks pruned (default 0.9)")
     demo.add_argument("--block", type=int, default=32, choices=(16, 32, 64, 128), help="block size (default 32)")
     demo.set_defaults(run=_demo)
+
+    bench = commands.add_parser("bench", help="GPU benchmarks against dense and the other sparse paths")
+    benches = bench.add_subparsers(dest="bench", required=True)
+    bench_spmm = benches.add_parser("spmm", help="Y = X·Wᵀ on ViT-B and Llama-1B layer shapes")
+    bench_spmm.add_argument(
+        "--quick", action="store_true", help="a small grid: sparsity 0.5 and 0.9, blocks 32 to 128, no batch sweep"
+    )
+    bench_spmm.add_argument("--dtypes", default="bf16,fp32", help="comma-separated, from bf16,fp32 (default both)")
+    bench_spmm.add_argument("--out", help="folder for spmm.json and plots (default benchmarks/results/<gpu>)")
+    bench_spmm.set_defaults(run=_bench_spmm)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv
     return args.run(args)
 
 

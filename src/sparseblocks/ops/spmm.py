@@ -49,7 +49,7 @@ def _spmm_op(
 ) -> torch.Tensor:
     w = _matrix(values, index, shape)
     if use_triton(x):
-        from sparseblocks.ops.spmm_kernel import spmm_triton
+        from sparseblocks.kernels.spmm import spmm_triton
 
         return spmm_triton(x, w, bias, activation)
     return reference.spmm(x, w, bias, activation)

@@ -1,0 +1,1 @@
+"""Benchmarks: one shared harness (ceilings, timing, floors, result files) and one module per op."""

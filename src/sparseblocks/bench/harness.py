@@ -1,0 +1,142 @@
+"""What every benchmark shares: the GPU's measured ceilings, timing, physical floors and the result file.
+
+Timing: each implementation is captured in a CUDA graph of many calls that cycle through several input sets
+(more bytes than the L2 holds, so no call reads warm inputs) and the graph is replayed; the median replay over
+the number of calls is the time. Graph replay takes the host out: a launch that costs 20 µs of Python does not
+hide a kernel that runs in 50 µs. Where a path cannot be captured (it syncs with the host), the harness falls
+back to ``triton.testing.do_bench`` on the same rotating inputs and says so in the row (``"timer": "eager"``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import statistics
+import subprocess
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+L2_FLUSH_BYTES = 2 * 64 * 2**20  # twice a Hopper L2 (50-60 MB)
+
+
+@dataclass(frozen=True)
+class Ceilings:
+    """Measured in the same run: copy bandwidth and matrix rates (dense products of random data)."""
+
+    copy_bytes_per_s: float  # bytes read + written per second
+    bf16_flops: float
+    fp32_flops: float  # true fp32 (no TF32)
+    tf32_flops: float
+
+    def matmul_flops(self, dtype: torch.dtype, tf32: bool) -> float:
+        if dtype in (torch.bfloat16, torch.float16):
+            return self.bf16_flops
+        return self.tf32_flops if tf32 else self.fp32_flops
+
+    def floor_ms(self, flops: float, bytes_moved: float, dtype: torch.dtype, tf32: bool = False) -> float:
+        """The physical floor: max(arithmetic time, memory time), in milliseconds."""
+        return 1e3 * max(flops / self.matmul_flops(dtype, tf32), bytes_moved / self.copy_bytes_per_s)
+
+
+def measure_ceilings() -> Ceilings:
+    """Copy bandwidth over 2 GiB, and 8192³ matrix products in bf16, fp32 and tf32."""
+    import triton.testing
+
+    source = torch.empty(2**30, dtype=torch.uint8, device="cuda").random_()
+    target = torch.empty_like(source)
+    copy_ms = triton.testing.do_bench(lambda: target.copy_(source), warmup=50, rep=300, return_mode="median")
+    rates = {}
+    for name, dtype, tf32 in [
+        ("bf16", torch.bfloat16, False),
+        ("fp32", torch.float32, False),
+        ("tf32", torch.float32, True),
+    ]:
+        a = torch.randn(8192, 8192, device="cuda", dtype=dtype)
+        b = torch.randn(8192, 8192, device="cuda", dtype=dtype)
+        previous = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        ms = triton.testing.do_bench(lambda a=a, b=b: a @ b, warmup=100, rep=500, return_mode="median")
+        torch.backends.cuda.matmul.allow_tf32 = previous
+        rates[name] = 2 * 8192**3 / (ms * 1e-3)
+    return Ceilings(2 * source.numel() / (copy_ms * 1e-3), rates["bf16"], rates["fp32"], rates["tf32"])
+
+
+def input_sets(make: Callable[[], torch.Tensor], one_set_bytes: int) -> list[torch.Tensor]:
+    """As many fresh inputs as it takes to exceed twice the L2 (at least 2, at most 8)."""
+    count = min(8, max(2, math.ceil(L2_FLUSH_BYTES / max(one_set_bytes, 1))))
+    return [make() for _ in range(count)]
+
+
+def time_ms(fn: Callable[[torch.Tensor], object], inputs: Sequence[torch.Tensor]) -> tuple[float, str]:
+    """Median milliseconds per call of ``fn`` cycling over ``inputs``; returns (ms, "cuda_graph" | "eager")."""
+    import triton.testing
+
+    for x in inputs:  # warm-up: compilation, autotuning, workspace allocation
+        fn(x)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for x in inputs:
+        fn(x)
+    end.record()
+    torch.cuda.synchronize()
+    estimate = max(start.elapsed_time(end) / len(inputs), 1e-3)
+    calls = len(inputs) * max(1, min(200, math.ceil(5.0 / estimate / len(inputs))))  # about 5 ms a replay
+    try:
+        graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+            for i in range(calls):
+                fn(inputs[i % len(inputs)])
+        torch.cuda.synchronize()
+    except Exception:  # a path that syncs with the host cannot be captured
+        torch.cuda.synchronize()
+        counter = iter(range(10**9))
+        ms = triton.testing.do_bench(
+            lambda: fn(inputs[next(counter) % len(inputs)]), warmup=25, rep=200, return_mode="median"
+        )
+        return ms, "eager"
+    replays = []
+    for _ in range(7):
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        replays.append(start.elapsed_time(end) / calls)
+    del graph
+    return statistics.median(replays[1:]), "cuda_graph"
+
+
+def environment(command: str) -> dict:
+    """GPU, versions, commit and the command line, for the head of a result file."""
+    import triton
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "commit": commit,
+        "command": command,
+    }
+
+
+def gpu_folder(gpu_name: str) -> str:
+    """Folder name for a GPU's results: 'NVIDIA H200' -> 'h200'."""
+    return gpu_name.lower().replace("nvidia", "").strip().split()[0].replace(" ", "_")
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1) + "\n")

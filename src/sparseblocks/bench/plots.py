@@ -1,0 +1,132 @@
+"""Tables and plots made from stored benchmark rows (never from live timings)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+
+def speedups(rows: list[dict]) -> list[dict]:
+    """Each sparse row with its speedup over the dense row of the same shape, M and dtype (same run)."""
+    dense = {(r["shape"], r["M"], r["dtype"]): r["ms"] for r in rows if r["impl"] == "dense"}
+    out = []
+    for row in rows:
+        if row["impl"] == "dense":
+            continue
+        base = dense[(row["shape"], row["M"], row["dtype"])]
+        out.append(
+            {
+                **row,
+                "speedup": base / row["ms"] if row["ms"] else None,
+                "floor_speedup": base / row["floor_ms"],
+            }
+        )
+    return out
+
+
+def _fmt(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}x"
+
+
+def spmm_table(rows: list[dict]) -> str:
+    """Markdown: one line per case, speedup over dense of each path and of the floor."""
+    table = speedups(rows)
+    impls = [i for i in ("sparseblocks", "torch_bsr", "stk") if any(r["impl"] == i for r in table)]
+    cases = sorted(
+        {(r["shape"], r["M"], r["dtype"], r["sparsity"], r["block"], r["mask"]) for r in table},
+        key=lambda c: (c[2], c[0], c[1], c[5], c[3], c[4]),
+    )
+    lines = [
+        "| shape | M | dtype | sparsity | block | mask | " + " | ".join(impls) + " | floor |",
+        "|---|---|---|---|---|---|" + "---|" * (len(impls) + 1),
+    ]
+    for case in cases:
+        found = {
+            r["impl"]: r
+            for r in table
+            if (r["shape"], r["M"], r["dtype"], r["sparsity"], r["block"], r["mask"]) == case
+        }
+        floor = next(iter(found.values()))["floor_speedup"]
+        cells = [_fmt(found[i]["speedup"]) if i in found else "" for i in impls]
+        lines.append(f"| {' | '.join(str(c) for c in case)} | " + " | ".join(cells) + f" | {floor:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def spmm_report(json_path: Path) -> list[Path]:
+    """Write ``spmm.md`` (table), ``spmm_heatmap.png`` and ``spmm_batch.png`` beside the JSON."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    payload = json.loads(Path(json_path).read_text())
+    table = [r for r in speedups(payload["rows"]) if r["mask"] == "random"]
+    folder = Path(json_path).parent
+    header = (
+        f"# spmm on {payload['gpu']}\n\nSpeedup over dense cuBLAS `F.linear` measured in the same run "
+        f"(torch {payload['torch']}, triton {payload['triton']}, commit {payload['commit']}).\n\n"
+        f"Command: `{payload['command']}`\n\n"
+    )
+    (folder / "spmm.md").write_text(header + spmm_table(payload["rows"]))
+    written = [folder / "spmm.md"]
+
+    full_m = {name: max(r["M"] for r in table if r["shape"] == name) for name in {r["shape"] for r in table}}
+    panels = sorted({(r["shape"], r["dtype"]) for r in table})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), squeeze=False)
+    for ax, (shape, dtype) in zip(axes[0], panels, strict=False):
+        ours = [
+            r
+            for r in table
+            if r["impl"] == "sparseblocks" and r["shape"] == shape and r["dtype"] == dtype and r["M"] == full_m[shape]
+        ]
+        sparsities = sorted({r["sparsity"] for r in ours})
+        blocks = sorted({r["block"] for r in ours})
+        grid = np.full((len(sparsities), len(blocks)), np.nan)
+        for r in ours:
+            grid[sparsities.index(r["sparsity"]), blocks.index(r["block"])] = r["speedup"] or np.nan
+        ax.imshow(grid, cmap="viridis", aspect="auto", origin="lower")
+        for (i, j), value in np.ndenumerate(grid):
+            ax.text(
+                j,
+                i,
+                f"{value:.2f}",
+                ha="center",
+                va="center",
+                color="white" if value < np.nanmax(grid) * 0.6 else "black",
+            )
+        ax.set_xticks(range(len(blocks)), [str(b) for b in blocks])
+        ax.set_yticks(range(len(sparsities)), [f"{s:.2f}" for s in sparsities])
+        ax.set_xlabel("block size")
+        ax.set_ylabel("sparsity")
+        ax.set_title(f"{shape} {dtype}, M={full_m[shape]}", fontsize=9)
+    fig.suptitle(f"sparseblocks spmm speedup over dense cuBLAS ({payload['gpu']})")
+    fig.tight_layout()
+    fig.savefig(folder / "spmm_heatmap.png", dpi=110)
+    plt.close(fig)
+    written.append(folder / "spmm_heatmap.png")
+
+    sweep = [r for r in table if r["shape"] == "vit_b_fc1" and r["dtype"] == "bf16" and r["sparsity"] == 0.9]
+    if len({r["M"] for r in sweep}) > 1:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for (impl, block), style in zip(
+            sorted({(r["impl"], r["block"]) for r in sweep}), itertools.cycle(["-o", "--s", ":^", "-.d"])
+        ):
+            points = sorted(
+                (r["M"] // 197, r["speedup"])
+                for r in sweep
+                if r["impl"] == impl and r["block"] == block and r["speedup"]
+            )
+            ax.plot(*zip(*points, strict=False), style, label=f"{impl} b{block}")
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("images (197 tokens each)")
+        ax.set_ylabel("speedup over dense")
+        ax.set_title(f"ViT-B fc1, 90% sparse, bf16 ({payload['gpu']})")
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        fig.savefig(folder / "spmm_batch.png", dpi=110)
+        plt.close(fig)
+        written.append(folder / "spmm_batch.png")
+    return written

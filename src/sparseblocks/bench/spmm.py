@@ -1,0 +1,206 @@
+"""``sparseblocks bench spmm``: Y = X·Wᵀ on real layer shapes, ours against every path a user could pick.
+
+In one run on one GPU: dense ``F.linear`` (cuBLAS), PyTorch's BSR ``F.linear``, stk's ``dds`` (block 128, when
+stk imports) and ``sparseblocks.ops.spmm``, beside each case's physical floor. Masks are random with exactly the
+target number of blocks, plus one skewed mask (rows of very unequal nnz) per shape.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from sparseblocks.bench.harness import (
+    Ceilings,
+    environment,
+    gpu_folder,
+    input_sets,
+    measure_ceilings,
+    time_ms,
+    write_json,
+)
+from sparseblocks.format import BlockSparseMatrix
+from sparseblocks.masks import random_block_mask, skewed_block_mask
+from sparseblocks.ops import spmm
+
+# (M, K, N) of real layers: ViT-B/16 at 256 images of 197 tokens, Llama-3.2-1B at 8192 tokens.
+SHAPES = {
+    "vit_b_fc1": (50432, 768, 3072),
+    "vit_b_fc2": (50432, 3072, 768),
+    "llama_1b_up": (8192, 2048, 8192),
+    "llama_1b_down": (8192, 8192, 2048),
+}
+SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95)
+BLOCKS = (16, 32, 64, 128)
+BATCH_SWEEP_IMAGES = (16, 32, 64, 128, 256, 512)
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Case:
+    shape: str
+    m: int
+    k: int
+    n: int
+    dtype: str
+    sparsity: float
+    block: int
+    mask: str = "random"
+
+
+def cases(quick: bool, dtypes: tuple[str, ...]) -> Iterator[Case]:
+    """The grid: shapes × sparsity × block × dtype, the skewed masks, and the ViT fc1 batch sweep."""
+    sparsities, blocks = ((0.5, 0.9), (32, 64, 128)) if quick else (SPARSITIES, BLOCKS)
+    for dtype, (name, (m, k, n)) in itertools.product(dtypes, SHAPES.items()):
+        for sparsity, block in itertools.product(sparsities, blocks):
+            yield Case(name, m, k, n, dtype, sparsity, block)
+        yield Case(name, m, k, n, dtype, 0.9, 64, mask="skewed")
+    if not quick:
+        k, n = SHAPES["vit_b_fc1"][1:]
+        for images, block in itertools.product(BATCH_SWEEP_IMAGES, (32, 64, 128)):
+            if images != 256:
+                yield Case("vit_b_fc1", 197 * images, k, n, "bf16", 0.9, block)
+
+
+def sparse_weight(case: Case, dtype: torch.dtype, seed: int = 0) -> BlockSparseMatrix:
+    generator = torch.Generator().manual_seed(seed)
+    grid = (math.ceil(case.n / case.block), math.ceil(case.k / case.block))
+    make_mask = skewed_block_mask if case.mask == "skewed" else random_block_mask
+    mask = make_mask(grid, 1.0 - case.sparsity, generator)
+    dense = torch.randn(case.n, case.k, generator=generator) / math.sqrt(case.k)
+    return BlockSparseMatrix.from_dense(dense.to(dtype), case.block, mask=mask).to("cuda")
+
+
+def implementations(
+    w: BlockSparseMatrix,
+) -> tuple[dict[str, Callable[[torch.Tensor], torch.Tensor]], Callable[[torch.Tensor], torch.Tensor]]:
+    """The sparse paths that compute x·wᵀ (stk only where it applies and imports), and the dense one."""
+    dense = w.to_dense()
+    paths = {"sparseblocks": lambda x: spmm(x, w)}
+    bsr = w.to_torch_bsr()
+    paths["torch_bsr"] = lambda x: F.linear(x, bsr)
+    stk_linear = _stk_linear(w)
+    if stk_linear is not None:
+        paths["stk"] = stk_linear
+    return paths, (lambda x: F.linear(x, dense))
+
+
+def _stk_linear(w: BlockSparseMatrix) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """stk's dense·sparse product (128×128 blocks only), or None where stk does not apply."""
+    if w.block_shape != (128, 128) or (w.dtype != torch.bfloat16 and w.dtype != torch.float16):
+        return None
+    try:
+        import stk
+    except ImportError:
+        return None
+    n, k = w.shape
+    # stk builds its own transposed index; dds(x, Wᵀ) walks W's rows, reading each tile transposed.
+    # Its kernel has no masks: M must be a multiple of 128 (checked by stk, recorded as an error row).
+    matrix = stk.Matrix(
+        (n, k), w.values, w.row_indices_of_block.to(torch.int16), w.col_indices.to(torch.int16), w.crow_indices
+    )
+    transposed = matrix.t()
+    return lambda x: stk.ops.dds(x, transposed)
+
+
+def _floor_ms(ceilings: Ceilings, case: Case, dtype: torch.dtype, w: BlockSparseMatrix | None) -> float:
+    size = torch.finfo(dtype).bits // 8
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    if w is None:  # the dense problem
+        return ceilings.floor_ms(
+            2 * case.m * case.k * case.n, size * (case.m * case.k + case.n * case.k + case.m * case.n), dtype, tf32
+        )
+    index_bytes = sum(t.numel() * t.element_size() for t in w.index_tensors().values())
+    bytes_moved = size * (case.m * case.k + w.values.numel() + case.m * case.n) + index_bytes
+    return ceilings.floor_ms(2 * case.m * case.k * case.n * w.density, bytes_moved, dtype, tf32)
+
+
+def run(quick: bool, dtypes: tuple[str, ...], out_dir: Path | None, command: str) -> dict:
+    """Run the grid; write ``<out_dir or benchmarks/results/<gpu>>/spmm.json`` plus plots; return the payload."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("bench spmm times GPU kernels: it needs a CUDA GPU")
+    ceilings = measure_ceilings()
+    payload = {**environment(command), "ceilings": ceilings.__dict__, "rows": []}
+    rows = payload["rows"]
+    dense_done = set()
+    for case in cases(quick, dtypes):
+        dtype = DTYPES[case.dtype]
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 on both sides
+        w = sparse_weight(case, dtype)
+        xs = input_sets(
+            lambda case=case, dtype=dtype: torch.randn(case.m, case.k, device="cuda", dtype=dtype),
+            case.m * case.k * w.values.element_size(),
+        )
+        base = {"shape": case.shape, "M": case.m, "K": case.k, "N": case.n, "dtype": case.dtype}
+        paths, dense_path = implementations(w)
+        if (case.shape, case.m, case.dtype) not in dense_done:
+            dense_done.add((case.shape, case.m, case.dtype))
+            ms, timer = time_ms(dense_path, xs)
+            rows.append(
+                {
+                    **base,
+                    "sparsity": 0.0,
+                    "block": None,
+                    "mask": None,
+                    "impl": "dense",
+                    "ms": ms,
+                    "floor_ms": _floor_ms(ceilings, case, dtype, None),
+                    "timer": timer,
+                }
+            )
+        floor = _floor_ms(ceilings, case, dtype, w)
+        for impl, fn in paths.items():
+            try:
+                ms, timer = time_ms(fn, xs)
+            except Exception as error:  # a baseline that does not support this case is recorded, not fatal
+                rows.append(
+                    {
+                        **base,
+                        "sparsity": case.sparsity,
+                        "block": case.block,
+                        "mask": case.mask,
+                        "impl": impl,
+                        "ms": None,
+                        "floor_ms": floor,
+                        "error": str(error).splitlines()[0][:200],
+                    }
+                )
+                continue
+            rows.append(
+                {
+                    **base,
+                    "sparsity": case.sparsity,
+                    "block": case.block,
+                    "mask": case.mask,
+                    "impl": impl,
+                    "ms": ms,
+                    "floor_ms": floor,
+                    "timer": timer,
+                }
+            )
+        dense_ms = next(
+            r["ms"]
+            for r in rows
+            if r["impl"] == "dense" and r["shape"] == case.shape and r["M"] == case.m and r["dtype"] == case.dtype
+        )
+        ours = rows[-len(paths) :]
+        summary = "  ".join(f"{r['impl']} {dense_ms / r['ms']:.2f}x" for r in ours if r["ms"])
+        print(
+            f"{case.shape:<14} M={case.m:<6} {case.dtype} s={case.sparsity:.2f} b={case.block:<3} {case.mask:<6} "
+            f"{summary}  floor {dense_ms / floor:.2f}x",
+            flush=True,
+        )
+        del xs, paths
+        torch.cuda.empty_cache()
+    folder = out_dir or Path("benchmarks/results") / gpu_folder(payload["gpu"])
+    write_json(folder / "spmm.json", payload)
+    from sparseblocks.bench.plots import spmm_report
+
+    spmm_report(folder / "spmm.json")
+    return payload

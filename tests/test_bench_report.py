@@ -1,0 +1,48 @@
+"""The report side of the benchmarks runs on stored rows, so it is tested on the CPU."""
+
+import json
+
+import pytest
+
+from sparseblocks.bench.plots import speedups, spmm_report, spmm_table
+
+
+def _row(impl, ms, sparsity=0.9, block=64, m=50432, floor=0.1, mask="random"):
+    dense = impl == "dense"
+    return {
+        "shape": "vit_b_fc1", "M": m, "K": 768, "N": 3072, "dtype": "bf16",
+        "sparsity": 0.0 if dense else sparsity, "block": None if dense else block,
+        "mask": None if dense else mask, "impl": impl, "ms": ms, "floor_ms": floor,
+    }  # fmt: skip
+
+
+ROWS = [
+    _row("dense", 0.4, floor=0.3),
+    _row("sparseblocks", 0.1),
+    _row("torch_bsr", 0.5),
+    _row("sparseblocks", 0.2, sparsity=0.5, block=128),
+    _row("torch_bsr", None, sparsity=0.5, block=128),
+    _row("sparseblocks", 0.2, mask="skewed"),
+    _row("dense", 0.1, m=3152, floor=0.05),
+    _row("sparseblocks", 0.05, m=3152),
+]
+
+
+def test_speedups_are_ratios_to_the_same_runs_dense_row():
+    table = {(r["impl"], r["sparsity"], r["M"], r["mask"]): r for r in speedups(ROWS)}
+    assert table[("sparseblocks", 0.9, 50432, "random")]["speedup"] == pytest.approx(4.0)
+    assert table[("torch_bsr", 0.9, 50432, "random")]["speedup"] == pytest.approx(0.8)
+    assert table[("torch_bsr", 0.5, 50432, "random")]["speedup"] is None
+    assert table[("sparseblocks", 0.9, 3152, "random")]["speedup"] == pytest.approx(2.0)
+    assert table[("sparseblocks", 0.9, 50432, "random")]["floor_speedup"] == pytest.approx(4.0)
+
+
+def test_table_and_plots_render(tmp_path):
+    payload = {"gpu": "NVIDIA H200", "torch": "2.11", "triton": "3.6", "commit": "abc", "command": "x", "rows": ROWS}
+    path = tmp_path / "spmm.json"
+    path.write_text(json.dumps(payload))
+    written = spmm_report(path)
+    assert {p.name for p in written} == {"spmm.md", "spmm_heatmap.png", "spmm_batch.png"}
+    table = spmm_table(ROWS)
+    assert "| vit_b_fc1 | 50432 | bf16 | 0.9 | 64 | random | 4.00x | 0.80x | 4.00x |" in table
+    assert "| — |" in table
