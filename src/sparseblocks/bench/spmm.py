@@ -128,6 +128,7 @@ def run(quick: bool, dtypes: tuple[str, ...], out_dir: Path | None, command: str
     ceilings = measure_ceilings()
     payload = {**environment(command), "ceilings": ceilings.__dict__, "rows": []}
     rows = payload["rows"]
+    folder = out_dir or Path("benchmarks/results") / gpu_folder(payload["gpu"])
     dense_done = set()
     for case in cases(quick, dtypes):
         dtype = DTYPES[case.dtype]
@@ -198,8 +199,7 @@ def run(quick: bool, dtypes: tuple[str, ...], out_dir: Path | None, command: str
         )
         del xs, paths
         torch.cuda.empty_cache()
-    folder = out_dir or Path("benchmarks/results") / gpu_folder(payload["gpu"])
-    write_json(folder / "spmm.json", payload)
+        write_json(folder / "spmm.json", payload)  # after every case: a run cut short keeps what it measured
     from sparseblocks.bench.plots import spmm_report
 
     spmm_report(folder / "spmm.json")

@@ -1,7 +1,7 @@
 """Triton forward kernel: ``Y = act(X · Wᵀ + b)`` with W a ``BlockSparseMatrix`` (dense · sparseᵀ -> dense).
 
-One program computes ``GROUP_M`` consecutive ``(BLOCK_M, bn)`` tiles of Y: M tiles of X against one block row of
-W, in one flat loop over (M tile, stored tile of the row). Programs are numbered block-row-fastest, so the
+One program computes a ``(BLOCK_M, bn)`` tile of Y: one M tile of X against one block row of W, looping over
+that row's stored tiles. Programs are numbered block-row-fastest, so the
 programs on the GPU at one time all read the same few M tiles of X, which stay in L2; block rows are visited
 heaviest first (``row_order``), so the longest programs start in the first wave instead of trailing the last one.
 
@@ -67,7 +67,6 @@ def _spmm_fwd_kernel(
     BN: tl.constexpr,
     BK: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    GROUP_M: tl.constexpr,  # M tiles one program walks for its block row
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -75,72 +74,59 @@ def _spmm_fwd_kernel(
     EVEN_K: tl.constexpr,  # K % BK == 0: no column mask on X, so its loads stay 16 bytes wide
 ):
     pid = tl.program_id(0)
-    first_m = (pid // n_block_rows) * (GROUP_M * BLOCK_M)
+    pid_m = pid // n_block_rows
     block_row = tl.load(row_order_ptr + pid % n_block_rows)
     start = tl.load(crow_ptr + block_row)
-    count = tl.load(crow_ptr + block_row + 1) - start
+    end = tl.load(crow_ptr + block_row + 1)
 
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = block_row * BN + tl.arange(0, BN)
     offs_k = tl.arange(0, BK)
-    n_in_range = offs_n[None, :] < N
-    bias = tl.zeros((BN,), dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-    tile_offsets = tl.arange(0, BN)[:, None] * BK + offs_k[None, :]  # (BN, BK) inside one stored tile
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm  # (BLOCK_M, 1)
+    row_in_range = offs_m[:, None] < M
+    # pointers to the row's first stored tile (BN, BK) and its column index; both advance by one tile a step
+    w_ptrs = values_ptr + start.to(tl.int64) * (BN * BK) + tl.arange(0, BN)[:, None] * BK + offs_k[None, :]
+    col_ptrs = col_ptr + start
 
-    if count == 0:  # an empty block row: the output is act(bias) (or zeros) on every M tile of the group
-        out = apply_activation(tl.zeros((BLOCK_M, BN), dtype=tl.float32) + bias[None, :], ACTIVATION)
-        for group in tl.static_range(GROUP_M):
-            offs_m = first_m + group * BLOCK_M + tl.arange(0, BLOCK_M)
-            y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
-            tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & n_in_range)
-    else:
-        # One flat loop over (M tile of the group, stored tile of the row), the output tile stored when a
-        # row is done: the loads of the next M tile are already in flight during the store (the pattern of
-        # Triton's persistent matmul), and the row's W tiles are read GROUP_M times in a row while in L1/L2.
-        m_tiles = tl.minimum(GROUP_M, tl.cdiv(M - first_m, BLOCK_M))
-        acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
-        for step in range(0, m_tiles * count):
-            group = step // count
-            j = step - group * count
-            offs_m = first_m + group * BLOCK_M + tl.arange(0, BLOCK_M)
-            row_in_range = offs_m[:, None] < M
-            x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm  # (BLOCK_M, 1)
-            k_index = tl.load(col_ptr + start + j) * BK + offs_k
-            if EVEN_K:
-                x_tile = tl.load(x_rows + k_index[None, :] * stride_xk, mask=row_in_range, other=0.0)
-            else:
-                x_mask = row_in_range & (k_index[None, :] < K)
-                x_tile = tl.load(x_rows + k_index[None, :] * stride_xk, mask=x_mask, other=0.0)
-            w_tile = tl.load(values_ptr + (start + j).to(tl.int64) * (BN * BK) + tile_offsets)
-            if DOT_IN_FP32:
-                x_tile, w_tile = x_tile.to(tl.float32), w_tile.to(tl.float32)
-            acc = tl.dot(x_tile, tl.trans(w_tile), acc, input_precision=INPUT_PRECISION)
-            if j == count - 1:
-                out = apply_activation(acc + bias[None, :], ACTIVATION)
-                y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
-                tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=row_in_range & n_in_range)
-                acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
+    for _ in range(start, end):
+        k_index = tl.load(col_ptrs) * BK + offs_k
+        if EVEN_K:
+            x_tile = tl.load(x_rows + k_index[None, :] * stride_xk, mask=row_in_range, other=0.0)
+        else:
+            x_mask = row_in_range & (k_index[None, :] < K)
+            x_tile = tl.load(x_rows + k_index[None, :] * stride_xk, mask=x_mask, other=0.0)
+        w_tile = tl.load(w_ptrs)
+        if DOT_IN_FP32:
+            x_tile, w_tile = x_tile.to(tl.float32), w_tile.to(tl.float32)
+        acc = tl.dot(x_tile, tl.trans(w_tile), acc, input_precision=INPUT_PRECISION)
+        w_ptrs += BN * BK
+        col_ptrs += 1
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    acc = apply_activation(acc, ACTIVATION)
+    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_in_range & (offs_n[None, :] < N))
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """Drop configs whose M extent (BLOCK_M × GROUP_M) is far larger than M itself (they only multiply padding)."""
-    largest_useful = max(16, triton.next_power_of_2(named_args["M"]))
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["GROUP_M"] <= max(largest_useful, 64)]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["GROUP_M"])]
+    """Drop M tiles far larger than M itself (they only multiply padding)."""
+    largest_useful = max(64, triton.next_power_of_2(named_args["M"]))
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= largest_useful]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
 
 
 TUNING_CONFIGS = [
-    triton.Config({"BLOCK_M": block_m, "GROUP_M": group_m}, num_warps=warps, num_stages=stages)
-    for block_m, group_m, warps, stages in [
-        (64, 1, 4, 3),
-        (128, 1, 4, 2),
-        (128, 1, 4, 3),
-        (128, 2, 4, 3),
-        (128, 4, 4, 3),
-        (128, 8, 4, 3),
-        (256, 2, 8, 3),
-        (256, 4, 8, 3),
+    triton.Config({"BLOCK_M": block_m}, num_warps=warps, num_stages=stages)
+    for block_m, warps, stages in [
+        (64, 4, 3),
+        (64, 4, 4),
+        (128, 4, 2),
+        (128, 4, 3),
+        (128, 8, 2),
+        (256, 4, 3),
+        (256, 8, 4),
     ]
 ]
 _spmm_fwd_tuned = triton.autotune(
@@ -151,7 +137,7 @@ _spmm_fwd_tuned = triton.autotune(
 )(_spmm_fwd_kernel)
 
 # The interpreter runs one fixed, small config: tuning there would only time Python.
-_INTERPRETER_CONFIG = {"BLOCK_M": 16, "GROUP_M": 2, "num_warps": 4, "num_stages": 1}
+_INTERPRETER_CONFIG = {"BLOCK_M": 16, "num_warps": 4, "num_stages": 1}
 
 
 def input_precision(dtype: torch.dtype) -> str:
@@ -209,9 +195,9 @@ def spmm_triton(
     if config is None and triton_interpreting():
         config = _INTERPRETER_CONFIG
     if config is None:
-        grid = lambda chosen: (triton.cdiv(m, chosen["BLOCK_M"] * chosen["GROUP_M"]) * n_block_rows,)
+        grid = lambda chosen: (triton.cdiv(m, chosen["BLOCK_M"]) * n_block_rows,)
         _spmm_fwd_tuned[grid](*args, **meta)
     else:
-        grid = (triton.cdiv(m, config["BLOCK_M"] * config["GROUP_M"]) * n_block_rows,)
+        grid = (triton.cdiv(m, config["BLOCK_M"]) * n_block_rows,)
         _spmm_fwd_kernel[grid](*args, **meta, **config)
     return y.reshape(*x.shape[:-1], n)
