@@ -47,8 +47,11 @@ def _bench_spmm(args: argparse.Namespace) -> int:
 
     spmm.run(
         quick=args.quick,
-        dtypes=tuple(args.dtypes.split(",")),
+        dtypes=tuple(args.dtypes.split(",")) if args.dtypes else (),
+        shapes=tuple(args.shapes.split(",")) if args.shapes else (),
+        sweep=args.sweep and not args.quick,
         out_dir=args.out and Path(args.out),
+        name=args.name,
         command="sparseblocks " + shlex.join(args.argv),
     )
     return 0
@@ -70,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--quick", action="store_true", help="a small grid: sparsity 0.5 and 0.9, blocks 32 to 128, no batch sweep"
     )
     bench_spmm.add_argument("--dtypes", default="bf16,fp32", help="comma-separated, from bf16,fp32 (default both)")
+    bench_spmm.add_argument(
+        "--shapes", default="vit_b_fc1,vit_b_fc2,llama_1b_up,llama_1b_down", help="comma-separated layer shapes"
+    )
+    bench_spmm.add_argument("--no-sweep", dest="sweep", action="store_false", help="skip the ViT fc1 batch sweep")
+    bench_spmm.add_argument("--name", default="spmm", help="result file stem (default spmm)")
     bench_spmm.add_argument("--out", help="folder for spmm.json and plots (default benchmarks/results/<gpu>)")
     bench_spmm.set_defaults(run=_bench_spmm)
     return parser

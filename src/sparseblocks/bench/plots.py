@@ -54,7 +54,7 @@ def spmm_table(rows: list[dict]) -> str:
 
 
 def spmm_report(json_path: Path) -> list[Path]:
-    """Write ``spmm.md`` (table), ``spmm_heatmap.png`` and ``spmm_batch.png`` beside the JSON."""
+    """Write ``<stem>.md`` (table), ``<stem>_heatmap.png`` and ``<stem>_batch.png`` beside ``<stem>.json``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -63,14 +63,14 @@ def spmm_report(json_path: Path) -> list[Path]:
 
     payload = json.loads(Path(json_path).read_text())
     table = [r for r in speedups(payload["rows"]) if r["mask"] == "random"]
-    folder = Path(json_path).parent
+    folder, stem = Path(json_path).parent, Path(json_path).stem
     header = (
         f"# spmm on {payload['gpu']}\n\nSpeedup over dense cuBLAS `F.linear` measured in the same run "
         f"(torch {payload['torch']}, triton {payload['triton']}, commit {payload['commit']}).\n\n"
         f"Command: `{payload['command']}`\n\n"
     )
-    (folder / "spmm.md").write_text(header + spmm_table(payload["rows"]))
-    written = [folder / "spmm.md"]
+    (folder / f"{stem}.md").write_text(header + spmm_table(payload["rows"]))
+    written = [folder / f"{stem}.md"]
 
     full_m = {name: max(r["M"] for r in table if r["shape"] == name) for name in {r["shape"] for r in table}}
     panels = sorted({(r["shape"], r["dtype"]) for r in table})
@@ -103,9 +103,9 @@ def spmm_report(json_path: Path) -> list[Path]:
         ax.set_title(f"{shape} {dtype}, M={full_m[shape]}", fontsize=9)
     fig.suptitle(f"sparseblocks spmm speedup over dense cuBLAS ({payload['gpu']})")
     fig.tight_layout()
-    fig.savefig(folder / "spmm_heatmap.png", dpi=110)
+    fig.savefig(folder / f"{stem}_heatmap.png", dpi=110)
     plt.close(fig)
-    written.append(folder / "spmm_heatmap.png")
+    written.append(folder / f"{stem}_heatmap.png")
 
     sweep = [r for r in table if r["shape"] == "vit_b_fc1" and r["dtype"] == "bf16" and r["sparsity"] == 0.9]
     if len({r["M"] for r in sweep}) > 1:
@@ -126,7 +126,7 @@ def spmm_report(json_path: Path) -> list[Path]:
         ax.set_title(f"ViT-B fc1, 90% sparse, bf16 ({payload['gpu']})")
         ax.legend(fontsize=7, ncol=2)
         fig.tight_layout()
-        fig.savefig(folder / "spmm_batch.png", dpi=110)
+        fig.savefig(folder / f"{stem}_batch.png", dpi=110)
         plt.close(fig)
-        written.append(folder / "spmm_batch.png")
+        written.append(folder / f"{stem}_batch.png")
     return written

@@ -54,17 +54,18 @@ class Case:
     mask: str = "random"
 
 
-def cases(quick: bool, dtypes: tuple[str, ...]) -> Iterator[Case]:
-    """The grid: shapes × sparsity × block × dtype, the skewed masks, and the ViT fc1 batch sweep."""
+def cases(quick: bool, dtypes: tuple[str, ...], shapes: tuple[str, ...], sweep: bool) -> Iterator[Case]:
+    """The grid: shapes × sparsity × block × dtype, the skewed masks, and (``sweep``) the ViT fc1 batch sweep."""
     sparsities, blocks = ((0.5, 0.9), (32, 64, 128)) if quick else (SPARSITIES, BLOCKS)
-    for dtype, (name, (m, k, n)) in itertools.product(dtypes, SHAPES.items()):
+    for dtype, name in itertools.product(dtypes, shapes):
+        m, k, n = SHAPES[name]
         for sparsity, block in itertools.product(sparsities, blocks):
             yield Case(name, m, k, n, dtype, sparsity, block)
         yield Case(name, m, k, n, dtype, 0.9, 64, mask="skewed")
-    if not quick:
+    if sweep:
         k, n = SHAPES["vit_b_fc1"][1:]
         for images, block in itertools.product(BATCH_SWEEP_IMAGES, (32, 64, 128)):
-            if images != 256:
+            if images != 256 or "vit_b_fc1" not in shapes or "bf16" not in dtypes:  # else the grid has it
                 yield Case("vit_b_fc1", 197 * images, k, n, "bf16", 0.9, block)
 
 
@@ -121,8 +122,16 @@ def _floor_ms(ceilings: Ceilings, case: Case, dtype: torch.dtype, w: BlockSparse
     return ceilings.floor_ms(2 * case.m * case.k * case.n * w.density, bytes_moved, dtype, tf32)
 
 
-def run(quick: bool, dtypes: tuple[str, ...], out_dir: Path | None, command: str) -> dict:
-    """Run the grid; write ``<out_dir or benchmarks/results/<gpu>>/spmm.json`` plus plots; return the payload."""
+def run(
+    quick: bool,
+    dtypes: tuple[str, ...],
+    shapes: tuple[str, ...],
+    sweep: bool,
+    out_dir: Path | None,
+    name: str,
+    command: str,
+) -> dict:
+    """Run the cases; write ``<out_dir or benchmarks/results/<gpu>>/<name>.json`` plus plots; return the payload."""
     if not torch.cuda.is_available():
         raise RuntimeError("bench spmm times GPU kernels: it needs a CUDA GPU")
     ceilings = measure_ceilings()
@@ -130,7 +139,7 @@ def run(quick: bool, dtypes: tuple[str, ...], out_dir: Path | None, command: str
     rows = payload["rows"]
     folder = out_dir or Path("benchmarks/results") / gpu_folder(payload["gpu"])
     dense_done = set()
-    for case in cases(quick, dtypes):
+    for case in cases(quick, dtypes, shapes, sweep):
         dtype = DTYPES[case.dtype]
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 on both sides
         w = sparse_weight(case, dtype)
@@ -199,8 +208,8 @@ def run(quick: bool, dtypes: tuple[str, ...], out_dir: Path | None, command: str
         )
         del xs, paths
         torch.cuda.empty_cache()
-        write_json(folder / "spmm.json", payload)  # after every case: a run cut short keeps what it measured
+        write_json(folder / f"{name}.json", payload)  # after every case: a run cut short keeps what it measured
     from sparseblocks.bench.plots import spmm_report
 
-    spmm_report(folder / "spmm.json")
+    spmm_report(folder / f"{name}.json")
     return payload
