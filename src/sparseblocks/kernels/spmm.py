@@ -1,9 +1,9 @@
 """Triton forward kernel: ``Y = act(X · Wᵀ + b)`` with W a ``BlockSparseMatrix`` (dense · sparseᵀ -> dense).
 
 One program computes a ``(BLOCK_M, bn)`` tile of Y: one M tile of X against one block row of W, looping over
-that row's stored tiles. Programs are numbered block-row-fastest, so the
-programs on the GPU at one time all read the same few M tiles of X, which stay in L2; block rows are visited
-heaviest first (``row_order``), so the longest programs start in the first wave instead of trailing the last one.
+that row's stored tiles. Programs are numbered block-row-fastest, so the programs on the GPU at one time all
+read the same few M tiles of X, which stay in L2; block rows are visited heaviest first (``row_order``), so the
+longest programs start in the first wave instead of trailing the last one.
 
 Known limits (2026-11):
 * The Triton interpreter multiplies bf16 ``tl.dot`` operands wrongly (triton-lang/triton#11584), so under
