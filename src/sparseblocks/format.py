@@ -13,7 +13,8 @@ Derived once at construction (never stored on disk; always recomputed from the t
 * the transposed (column-major, BSC) index sharing the same ``values``: ``ccol_indices`` ``(K_blocks + 1,)``,
   ``row_indices`` ``(nnz,)`` and ``transpose_perm`` ``(nnz,)``, where ``values[transpose_perm[j]]`` is the j-th tile
   in column-major order. ``dX = dY·W`` walks W by columns through it, without a copy of W.
-* ``row_order`` ``(N_blocks,)`` int32, block rows by descending tile count: kernels start the heaviest rows first.
+* ``row_order`` ``(N_blocks,)`` and ``col_order`` ``(K_blocks,)`` int32, block rows / columns by descending tile
+  count: kernels start the heaviest rows (columns, for ``dX``) first.
 
 Shapes that are not a multiple of the block are stored padded: the last block row / column holds a partial tile
 whose padding is zero, while ``shape`` keeps the logical size and every op respects it.
@@ -64,6 +65,20 @@ def _transposed_index(
     )
 
 
+def _compressed_index(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """crow and col indices (int32) of the tiles a bool block mask ``(N_blocks, K_blocks)`` keeps."""
+    crow_indices = torch.zeros(mask.shape[0] + 1, dtype=torch.long, device=mask.device)
+    crow_indices[1:] = torch.cumsum(mask.sum(1), 0)
+    col_indices = mask.nonzero()[:, 1]  # nonzero() is row-major, so columns come sorted within a row
+    return crow_indices.to(INDEX_DTYPE), col_indices.to(INDEX_DTYPE)
+
+
+def _heaviest_first(pointers: torch.Tensor) -> torch.Tensor:
+    """Rows (or columns) of a compressed index sorted by descending tile count, as int32."""
+    counts = pointers[1:] - pointers[:-1]
+    return torch.sort(counts, descending=True, stable=True).indices.to(INDEX_DTYPE)
+
+
 class BlockSparseMatrix:
     """A logical ``(N, K)`` matrix stored as its nonzero ``(bn, bk)`` tiles (BSR) plus a transposed index.
 
@@ -90,8 +105,8 @@ class BlockSparseMatrix:
             self.row_indices,
             self.transpose_perm,
         ) = _transposed_index(crow_indices, col_indices, self.block_grid[1])
-        row_counts = crow_indices[1:] - crow_indices[:-1]
-        self.row_order = torch.sort(row_counts, descending=True, stable=True).indices.to(INDEX_DTYPE)
+        self.row_order = _heaviest_first(self.crow_indices)
+        self.col_order = _heaviest_first(self.ccol_indices)
 
     # ------------------------------------------------------------------ construction
 
@@ -135,11 +150,7 @@ class BlockSparseMatrix:
         else:
             mask = tiles.ne(0).flatten(2).any(-1)
 
-        crow_indices = torch.zeros(grid[0] + 1, dtype=torch.long, device=dense.device)
-        crow_indices[1:] = torch.cumsum(mask.sum(1), 0)
-        col_indices = mask.nonzero()[:, 1]  # nonzero() is row-major, so columns come sorted within a row
-        values = tiles[mask].contiguous()
-        return cls(values, crow_indices.to(INDEX_DTYPE), col_indices.to(INDEX_DTYPE), (n, k))
+        return cls(tiles[mask].contiguous(), *_compressed_index(mask), (n, k))
 
     @classmethod
     def from_torch_bsr(cls, bsr: torch.Tensor) -> BlockSparseMatrix:
@@ -194,6 +205,7 @@ class BlockSparseMatrix:
             "row_indices": self.row_indices,
             "transpose_perm": self.transpose_perm,
             "row_order": self.row_order,
+            "col_order": self.col_order,
         }
 
     @property
@@ -216,6 +228,25 @@ class BlockSparseMatrix:
         mask = torch.zeros(self.block_grid, dtype=torch.bool, device=self.device)
         mask[self.row_indices_of_block.long(), self.col_indices.long()] = True
         return mask
+
+    def with_pattern(self, mask: torch.Tensor) -> tuple[BlockSparseMatrix, torch.Tensor]:
+        """The same matrix on another tile pattern: tiles kept by both keep their values, new tiles are zero.
+
+        mask: bool ``block_grid``. Returns the new matrix and ``source`` ``(new nnz,)`` int64, the index in this
+        matrix's ``values`` that each new tile came from, or -1 for a new tile (to carry per-tile state along,
+        such as an optimizer's moments, with :func:`gather_tiles`).
+        """
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != self.block_grid:
+            got = getattr(mask, "shape", mask)
+            raise ValueError(f"mask must be a bool tensor of shape {self.block_grid}, got {got}")
+        mask = mask.to(self.device)
+        cols = self.block_grid[1]
+        position = torch.full((mask.numel(),), -1, dtype=torch.long, device=self.device)
+        old_flat = self.row_indices_of_block.long() * cols + self.col_indices.long()
+        position[old_flat] = torch.arange(self.nnz, device=self.device)
+        source = position[mask.flatten().nonzero().squeeze(1)]  # row-major, the order of the new tiles
+        matrix = BlockSparseMatrix(gather_tiles(self.values.detach(), source), *_compressed_index(mask), self.shape)
+        return matrix, source
 
     def to_dense(self) -> torch.Tensor:
         """The logical ``(N, K)`` matrix, zeros where no tile is stored (differentiable w.r.t. ``values``)."""
@@ -304,3 +335,11 @@ class BlockSparseMatrix:
         steps = col_cpu[1:] - col_cpu[:-1]
         if bool(((steps <= 0) & ~row_starts[1:]).any()):
             raise ValueError("col_indices must be strictly increasing within each block row (sorted, no duplicates)")
+
+
+def gather_tiles(tiles: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """``out[i] = tiles[source[i]]``, zeros where ``source[i] == -1``: per-tile data after a pattern change."""
+    out = tiles.new_zeros((source.numel(), *tiles.shape[1:]))
+    kept = source >= 0
+    out[kept] = tiles[source[kept]]
+    return out

@@ -1,9 +1,13 @@
-"""Triton forward kernel: ``Y = act(X · Wᵀ + b)`` with W a ``BlockSparseMatrix`` (dense · sparseᵀ -> dense).
+"""Triton kernel for ``Y = act(X · Wᵀ + b)`` and, through W's transposed index, for ``dX = dY · W``.
 
-One program computes a ``(BLOCK_M, bn)`` tile of Y: one M tile of X against one block row of W, looping over
-that row's stored tiles. Programs are numbered block-row-fastest, so the programs on the GPU at one time all
-read the same few M tiles of X, which stay in L2; block rows are visited heaviest first (``row_order``), so the
-longest programs start in the first wave instead of trailing the last one.
+Forward: one program computes a ``(BLOCK_M, bn)`` tile of Y: one M tile of X against one block row of W,
+looping over that row's stored tiles. Programs are numbered block-row-fastest, so the programs on the GPU at one
+time all read the same few M tiles of X, which stay in L2; block rows are visited heaviest first (``row_order``),
+so the longest programs start in the first wave instead of trailing the last one.
+
+Input gradient (``TRANSPOSED``): the same loop over one block *column* of W (``ccol_indices``, ``row_indices``),
+reading the tiles in place through ``transpose_perm`` and multiplying them untransposed: a ``(BLOCK_M, bk)``
+tile of dX per program, columns heaviest first (``col_order``). No transposed copy of W exists.
 
 Known limits (2026-11):
 * The Triton interpreter multiplies bf16 ``tl.dot`` operands wrongly (triton-lang/triton#11584), so under
@@ -41,20 +45,21 @@ def apply_activation(z, ACTIVATION: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["M", "M_BUCKET", "DENSITY_BUCKET"])
-def _spmm_fwd_kernel(
+def _spmm_kernel(
     # pointers
-    x_ptr,  # (M, K)
+    x_ptr,  # (M, IN): X for the forward, dY for the input gradient
     values_ptr,  # (nnz, BN, BK)
-    crow_ptr,  # (N_blocks + 1,) int32
-    col_ptr,  # (nnz,) int32
-    row_order_ptr,  # (N_blocks,) int32
-    bias_ptr,  # (N,) or unused
-    y_ptr,  # (M, N)
+    ptr_ptr,  # (n_out_blocks + 1,) int32: crow_indices, or ccol_indices when TRANSPOSED
+    idx_ptr,  # (nnz,) int32: col_indices, or row_indices when TRANSPOSED
+    perm_ptr,  # (nnz,) int32: transpose_perm when TRANSPOSED, else unused
+    order_ptr,  # (n_out_blocks,) int32: row_order, or col_order when TRANSPOSED
+    bias_ptr,  # (OUT,) or unused
+    y_ptr,  # (M, OUT)
     # sizes
     M,
-    N,
-    K,
-    n_block_rows,
+    OUT,
+    IN,
+    n_out_blocks,
     # strides
     stride_xm,
     stride_xk,
@@ -66,48 +71,62 @@ def _spmm_fwd_kernel(
     # meta-parameters
     BN: tl.constexpr,
     BK: tl.constexpr,
+    TRANSPOSED: tl.constexpr,  # False: Y = X·Wᵀ by block rows; True: dX = dY·W by block columns
     BLOCK_M: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
-    EVEN_K: tl.constexpr,  # K % BK == 0: no column mask on X, so its loads stay 16 bytes wide
+    EVEN_IN: tl.constexpr,  # IN is a multiple of the tile: no column mask on X, so its loads stay 16 bytes wide
 ):
+    # Tile widths along the output and the reduction: (BN, BK) for the forward, (BK, BN) through the transpose.
+    OUT_B: tl.constexpr = BK if TRANSPOSED else BN
+    IN_B: tl.constexpr = BN if TRANSPOSED else BK
     pid = tl.program_id(0)
-    pid_m = pid // n_block_rows
-    block_row = tl.load(row_order_ptr + pid % n_block_rows)
-    start = tl.load(crow_ptr + block_row)
-    end = tl.load(crow_ptr + block_row + 1)
+    pid_m = pid // n_out_blocks
+    out_block = tl.load(order_ptr + pid % n_out_blocks)
+    start = tl.load(ptr_ptr + out_block)
+    end = tl.load(ptr_ptr + out_block + 1)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = block_row * BN + tl.arange(0, BN)
-    offs_k = tl.arange(0, BK)
+    offs_out = out_block * OUT_B + tl.arange(0, OUT_B)
+    offs_in = tl.arange(0, IN_B)
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm  # (BLOCK_M, 1)
     row_in_range = offs_m[:, None] < M
-    # pointers to the row's first stored tile (BN, BK) and its column index; both advance by one tile a step
-    w_ptrs = values_ptr + start.to(tl.int64) * (BN * BK) + tl.arange(0, BN)[:, None] * BK + offs_k[None, :]
-    col_ptrs = col_ptr + start
+    tile_offsets = tl.arange(0, BN)[:, None] * BK + tl.arange(0, BK)[None, :]
+    # The forward walks the row's tiles in storage order (a pointer bump a step); the transpose follows the
+    # permutation into the same values.
+    w_ptrs = values_ptr + start.to(tl.int64) * (BN * BK) + tile_offsets
+    idx_ptrs = idx_ptr + start
+    perm_ptrs = perm_ptr + start
 
-    acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, OUT_B), dtype=tl.float32)
     for _ in range(start, end):
-        k_index = tl.load(col_ptrs) * BK + offs_k
-        if EVEN_K:
-            x_tile = tl.load(x_rows + k_index[None, :] * stride_xk, mask=row_in_range, other=0.0)
+        in_index = tl.load(idx_ptrs) * IN_B + offs_in
+        if EVEN_IN:
+            x_tile = tl.load(x_rows + in_index[None, :] * stride_xk, mask=row_in_range, other=0.0)
         else:
-            x_mask = row_in_range & (k_index[None, :] < K)
-            x_tile = tl.load(x_rows + k_index[None, :] * stride_xk, mask=x_mask, other=0.0)
-        w_tile = tl.load(w_ptrs)
+            x_mask = row_in_range & (in_index[None, :] < IN)
+            x_tile = tl.load(x_rows + in_index[None, :] * stride_xk, mask=x_mask, other=0.0)
+        if TRANSPOSED:
+            w_tile = tl.load(values_ptr + tl.load(perm_ptrs).to(tl.int64) * (BN * BK) + tile_offsets)
+            perm_ptrs += 1
+        else:
+            w_tile = tl.load(w_ptrs)
+            w_ptrs += BN * BK
         if DOT_IN_FP32:
             x_tile, w_tile = x_tile.to(tl.float32), w_tile.to(tl.float32)
-        acc = tl.dot(x_tile, tl.trans(w_tile), acc, input_precision=INPUT_PRECISION)
-        w_ptrs += BN * BK
-        col_ptrs += 1
+        if TRANSPOSED:
+            acc = tl.dot(x_tile, w_tile, acc, input_precision=INPUT_PRECISION)
+        else:
+            acc = tl.dot(x_tile, tl.trans(w_tile), acc, input_precision=INPUT_PRECISION)
+        idx_ptrs += 1
 
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + offs_out, mask=offs_out < OUT, other=0.0).to(tl.float32)[None, :]
     acc = apply_activation(acc, ACTIVATION)
-    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_in_range & (offs_n[None, :] < N))
+    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_out[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_in_range & (offs_out[None, :] < OUT))
 
 
 def _prune_configs(configs, named_args, **kwargs):
@@ -129,15 +148,26 @@ TUNING_CONFIGS = [
         (256, 8, 4),
     ]
 ]
-_spmm_fwd_tuned = triton.autotune(
+_spmm_tuned = triton.autotune(
     configs=TUNING_CONFIGS,
-    key=["M_BUCKET", "N", "K", "BN", "BK", "DENSITY_BUCKET", "HAS_BIAS", "ACTIVATION", "INPUT_PRECISION"],
+    key=[
+        "M_BUCKET",
+        "OUT",
+        "IN",
+        "BN",
+        "BK",
+        "TRANSPOSED",
+        "DENSITY_BUCKET",
+        "HAS_BIAS",
+        "ACTIVATION",
+        "INPUT_PRECISION",
+    ],  # fmt: skip
     prune_configs_by={"early_config_prune": _prune_configs},
     cache_results=True,
-)(_spmm_fwd_kernel)
+)(_spmm_kernel)
 
 # The interpreter runs one fixed, small config: tuning there would only time Python.
-_INTERPRETER_CONFIG = {"BLOCK_M": 16, "num_warps": 4, "num_stages": 1}
+INTERPRETER_CONFIG = {"BLOCK_M": 16, "num_warps": 4, "num_stages": 1}
 
 
 def input_precision(dtype: torch.dtype) -> str:
@@ -147,35 +177,36 @@ def input_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def spmm_triton(
-    x: torch.Tensor,
+def _launch(
+    x2: torch.Tensor,
     w: BlockSparseMatrix,
-    bias: torch.Tensor | None = None,
-    activation: str | None = None,
-    config: dict | None = None,
+    transposed: bool,
+    bias: torch.Tensor | None,
+    activation: str | None,
+    config: dict | None,
 ) -> torch.Tensor:
-    """Launch the forward kernel: x ``(..., K)`` -> ``(..., N)``; inputs are checked by ``ops.spmm``.
-
-    ``config`` (``BLOCK_M``, ``num_warps``, ``num_stages``) skips the autotuner: for tuning scripts.
-    """
-    (n, k), (bn, bk), (n_block_rows, _) = w.shape, w.block_shape, w.block_grid
-    x2 = x.reshape(-1, k)  # a view whenever the strides allow; the kernel takes any strides
+    """Run ``_spmm_kernel`` on a 2-D ``x2`` ``(M, IN)`` and return ``(M, OUT)``."""
+    (n, k), (bn, bk), (n_block_rows, n_block_cols) = w.shape, w.block_shape, w.block_grid
+    if transposed:
+        out_features, in_features, n_out_blocks = k, n, n_block_cols
+        index = (w.ccol_indices, w.row_indices, w.transpose_perm, w.col_order)
+    else:
+        out_features, in_features, n_out_blocks = n, k, n_block_rows
+        index = (w.crow_indices, w.col_indices, w.col_indices, w.row_order)  # the third is never read
     m = x2.shape[0]
-    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    y = torch.empty((m, out_features), device=x2.device, dtype=x2.dtype)
     if m == 0:
-        return y.reshape(*x.shape[:-1], n)
+        return y
     args = (
         x2,
         w.values,
-        w.crow_indices,
-        w.col_indices,
-        w.row_order,
+        *index,
         bias if bias is not None else y,  # never read without HAS_BIAS
         y,
         m,
-        n,
-        k,
-        n_block_rows,
+        out_features,
+        in_features,
+        n_out_blocks,
         x2.stride(0),
         x2.stride(1),
         y.stride(0),
@@ -186,18 +217,40 @@ def spmm_triton(
     meta = {
         "BN": bn,
         "BK": bk,
+        "TRANSPOSED": transposed,
         "HAS_BIAS": bias is not None,
         "ACTIVATION": ACTIVATION_CODES[activation],
-        "INPUT_PRECISION": input_precision(x.dtype),
-        "DOT_IN_FP32": triton_interpreting() and x.dtype == torch.bfloat16,
-        "EVEN_K": k % bk == 0,
+        "INPUT_PRECISION": input_precision(x2.dtype),
+        "DOT_IN_FP32": triton_interpreting() and x2.dtype == torch.bfloat16,
+        "EVEN_IN": in_features % (bn if transposed else bk) == 0,
     }
     if config is None and triton_interpreting():
-        config = _INTERPRETER_CONFIG
+        config = INTERPRETER_CONFIG
     if config is None:
-        grid = lambda chosen: (triton.cdiv(m, chosen["BLOCK_M"]) * n_block_rows,)
-        _spmm_fwd_tuned[grid](*args, **meta)
+        grid = lambda chosen: (triton.cdiv(m, chosen["BLOCK_M"]) * n_out_blocks,)
+        _spmm_tuned[grid](*args, **meta)
     else:
-        grid = (triton.cdiv(m, config["BLOCK_M"]) * n_block_rows,)
-        _spmm_fwd_kernel[grid](*args, **meta, **config)
-    return y.reshape(*x.shape[:-1], n)
+        grid = (triton.cdiv(m, config["BLOCK_M"]) * n_out_blocks,)
+        _spmm_kernel[grid](*args, **meta, **config)
+    return y
+
+
+def spmm_triton(
+    x: torch.Tensor,
+    w: BlockSparseMatrix,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """``act(x · wᵀ + bias)``: x ``(..., K)`` -> ``(..., N)``; inputs are checked by ``ops.spmm``.
+
+    ``config`` (``BLOCK_M``, ``num_warps``, ``num_stages``) skips the autotuner: for tuning scripts.
+    """
+    x2 = x.reshape(-1, w.shape[1])  # a view whenever the strides allow; the kernel takes any strides
+    return _launch(x2, w, False, bias, activation, config).reshape(*x.shape[:-1], w.shape[0])
+
+
+def spmm_input_grad_triton(grad_out: torch.Tensor, w: BlockSparseMatrix, config: dict | None = None) -> torch.Tensor:
+    """``dX = dY · W`` through W's transposed index: grad_out ``(..., N)`` -> ``(..., K)``, no copy of W."""
+    grad2 = grad_out.reshape(-1, w.shape[0])
+    return _launch(grad2, w, True, None, None, config).reshape(*grad_out.shape[:-1], w.shape[1])

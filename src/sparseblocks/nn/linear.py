@@ -8,14 +8,21 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from sparseblocks.format import BlockSparseMatrix, normalize_block_size
+from sparseblocks.format import BlockSparseMatrix, gather_tiles, normalize_block_size
 from sparseblocks.masks import random_block_mask
 from sparseblocks.ops import spmm
 
 # The pattern as saved: with values and bias, the whole state dict.
 _STORED_INDICES = ("crow_indices", "col_indices")
 # Arrays recomputed from crow/col indices whenever the pattern is set: kept out of the state dict.
-_DERIVED_INDICES = ("row_indices_of_block", "ccol_indices", "row_indices", "transpose_perm", "row_order")
+_DERIVED_INDICES = (
+    "row_indices_of_block",
+    "ccol_indices",
+    "row_indices",
+    "transpose_perm",
+    "row_order",
+    "col_order",
+)
 
 
 class BlockSparseLinear(nn.Module):
@@ -92,6 +99,26 @@ class BlockSparseLinear(nn.Module):
         """The weight as a ``BlockSparseMatrix`` sharing this module's parameter and buffers."""
         indices = {name: getattr(self, name) for name in (*_STORED_INDICES, *_DERIVED_INDICES)}
         return BlockSparseMatrix.from_parts(self.values, (self.out_features, self.in_features), indices)
+
+    def set_pattern(self, mask: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Move to another tile pattern mid-training (prune-and-grow): mask is bool ``(ceil(N/bn), ceil(K/bk))``.
+
+        Tiles in both patterns keep their values and, if ``optimizer`` is given, their optimizer state (every state
+        tensor shaped like ``values``, such as Adam's moments); new tiles start at zero with zeroed state. ``values``
+        stays the same ``Parameter`` object, so the optimizer keeps working on it. Under DDP the number of tiles
+        must stay the same (the gradient buckets are sized once), and every rank must pass the same mask.
+        """
+        old_shape = self.values.shape
+        matrix, source = self.matrix.with_pattern(mask)
+        self.values.data = matrix.values
+        self.values.grad = None
+        for name, index in matrix.index_tensors().items():
+            setattr(self, name, index)
+        if optimizer is not None and self.values in optimizer.state:
+            state = optimizer.state[self.values]
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.shape == old_shape:
+                    state[key] = gather_tiles(value, source)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return spmm(x, self.matrix, self.bias)

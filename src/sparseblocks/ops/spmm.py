@@ -28,6 +28,7 @@ INDEX_NAMES = (
     "row_indices",
     "transpose_perm",
     "row_order",
+    "col_order",
 )
 
 
@@ -67,7 +68,12 @@ def _(x, values, index, shape, bias, activation):
 def _spmm_input_grad_op(
     grad_out: torch.Tensor, values: torch.Tensor, index: list[torch.Tensor], shape: list[int]
 ) -> torch.Tensor:
-    return reference.spmm_input_grad(grad_out, _matrix(values, index, shape))
+    w = _matrix(values, index, shape)
+    if use_triton(grad_out):
+        from sparseblocks.kernels.spmm import spmm_input_grad_triton
+
+        return spmm_input_grad_triton(grad_out, w)
+    return reference.spmm_input_grad(grad_out, w)
 
 
 @_spmm_input_grad_op.register_fake
@@ -80,7 +86,12 @@ def _sddmm_op(
     grad_out: torch.Tensor, x: torch.Tensor, values: torch.Tensor, index: list[torch.Tensor], shape: list[int]
 ) -> torch.Tensor:
     """The gradient of ``values``; ``values`` itself only says the tile shape and dtype."""
-    return reference.sddmm(grad_out, x, _matrix(values, index, shape))
+    w = _matrix(values, index, shape)
+    if use_triton(x):
+        from sparseblocks.kernels.sddmm import sddmm_triton
+
+        return sddmm_triton(grad_out, x, w)
+    return reference.sddmm(grad_out, x, w)
 
 
 @_sddmm_op.register_fake
@@ -137,6 +148,10 @@ def check_spmm_inputs(x: torch.Tensor, w: BlockSparseMatrix, bias: torch.Tensor 
         raise ValueError(f"activation must be one of {sorted(a for a in reference.ACTIVATIONS if a)} or None")
 
 
+def _autocasting(device_type: str) -> bool:
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def spmm(
     x: torch.Tensor,
     w: BlockSparseMatrix,
@@ -147,8 +162,15 @@ def spmm(
 
     x: ``(..., K)`` float16/bfloat16/float32, any strides; w: logical ``(N, K)`` of x's dtype and device;
     bias: ``(N,)`` or None; activation: None, "relu", "gelu", "gelu_tanh" or "silu". Returns ``(..., N)``.
-    Differentiable w.r.t. ``x``, ``w.values`` and ``bias``.
+    Differentiable w.r.t. ``x``, ``w.values`` and ``bias``. Under ``torch.autocast`` the three are cast to the
+    autocast dtype first, as ``F.linear`` does (the casts are differentiable, so fp32 master weights get fp32
+    gradients).
     """
+    if isinstance(w, BlockSparseMatrix) and isinstance(x, torch.Tensor) and _autocasting(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x = x.to(dtype) if x.is_floating_point() else x
+        w = BlockSparseMatrix.from_parts(w.values.to(dtype), w.shape, w.index_tensors())
+        bias = None if bias is None else bias.to(dtype)
     check_spmm_inputs(x, w, bias, activation)
     index = [getattr(w, name) for name in INDEX_NAMES]
     return _spmm_op(x, w.values, index, list(w.shape), bias, activation)

@@ -1,0 +1,122 @@
+"""The Triton backward kernels (input gradient, SDDMM weight gradient) against the float64 reference.
+
+Like test_spmm_kernel.py: through the interpreter on the CPU, compiled on a GPU (plus the ``gpu``-marked cases).
+"""
+
+import pytest
+import torch
+
+from conftest import random_sparse, relative_error
+from sparseblocks import BlockSparseMatrix, reference
+from sparseblocks.backend import triton_interpreting
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(
+    DEVICE == "cpu" and not triton_interpreting(), reason="needs a CUDA GPU or TRITON_INTERPRET=1"
+)
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+BLOCKS = [16, 32, 64, 128, (16, 128), (64, 32)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def input_grad(grad_out, w):
+    from sparseblocks.kernels.spmm import spmm_input_grad_triton
+
+    return spmm_input_grad_triton(grad_out, w)
+
+
+def sddmm(grad_out, x, w, split=None):
+    from sparseblocks.kernels.sddmm import sddmm_triton
+
+    return sddmm_triton(grad_out, x, w, split=split)
+
+
+def assert_close(out, ref, dtype):
+    assert out.dtype == dtype and out.shape == ref.shape
+    if ref.norm() == 0:
+        assert torch.equal(out, torch.zeros_like(out))
+    else:
+        assert relative_error(out, ref) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_input_grad_every_block_and_dtype_with_ragged_edges(block, dtype):
+    w, dense = random_sparse(150, 140, block, 0.5, dtype=dtype, seed=4)
+    grad_out = torch.randn(37, 150).to(dtype)
+    out = input_grad(grad_out.to(DEVICE), w.to(DEVICE))
+    assert_close(out, grad_out.double() @ dense, dtype)
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sddmm_every_block_and_dtype_with_ragged_edges(block, dtype):
+    w, _ = random_sparse(150, 140, block, 0.5, dtype=dtype, seed=5)
+    grad_out, x = torch.randn(300, 150).to(dtype), torch.randn(300, 140).to(dtype)
+    out = sddmm(grad_out.to(DEVICE), x.to(DEVICE), w.to(DEVICE))
+    ref = reference.sddmm(grad_out.double(), x.double(), w.to(dtype=torch.float64))
+    assert_close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("split", [1, 2, 3])
+def test_sddmm_split_reduction_and_three_d_non_contiguous_inputs(split):
+    w, _ = random_sparse(64, 96, 32, 0.5, seed=6)
+    w = w.to(DEVICE)
+    grad_out = torch.randn(3, 96, 200, device=DEVICE).transpose(1, 2)[..., :64]  # (3, 200, 64), strided
+    x = torch.randn(3, 200, 96, device=DEVICE)
+    out = sddmm(grad_out, x, w, split=split)
+    ref = reference.sddmm(grad_out.double(), x.double(), w.to(dtype=torch.float64))
+    assert_close(out, ref, torch.float32)
+    assert torch.equal(out, sddmm(grad_out, x, w, split=split)), "not reproducible run to run"
+
+
+@pytest.mark.parametrize("case", ["empty_rows_and_columns", "one_tile", "full", "no_tiles"])
+def test_backward_patterns(case):
+    dense = torch.randn(128, 96)
+    mask = torch.zeros(4, 3, dtype=torch.bool)
+    if case == "empty_rows_and_columns":
+        mask[0, 0] = mask[0, 2] = mask[3, 2] = True  # rows 1, 2 and column 1 empty
+    elif case == "one_tile":
+        mask[2, 1] = True
+    elif case == "full":
+        mask[:] = True
+    w = BlockSparseMatrix.from_dense(dense, 32, mask=mask).to(DEVICE)
+    grad_out, x = torch.randn(33, 128, device=DEVICE), torch.randn(33, 96, device=DEVICE)
+    reference_w = w.to(dtype=torch.float64)
+    assert_close(input_grad(grad_out, w), reference.spmm_input_grad(grad_out.double(), reference_w), torch.float32)
+    assert_close(sddmm(grad_out, x, w), reference.sddmm(grad_out.double(), x.double(), reference_w), torch.float32)
+
+
+def test_single_row_and_empty_batch():
+    w, dense = random_sparse(96, 64, 32, 0.5)
+    w = w.to(DEVICE)
+    grad_out, x = torch.randn(1, 96, device=DEVICE), torch.randn(1, 64, device=DEVICE)
+    assert_close(input_grad(grad_out, w), grad_out.double() @ dense.to(DEVICE), torch.float32)
+    ref = reference.sddmm(grad_out.double(), x.double(), w.to(dtype=torch.float64))
+    assert_close(sddmm(grad_out, x, w), ref, torch.float32)
+    assert input_grad(grad_out[:0], w).shape == (0, 64)
+    assert torch.equal(sddmm(grad_out[:0], x[:0], w), torch.zeros_like(w.values))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(
+    ("m", "n", "k", "block"), [(8192, 8192, 2048, 64), (50432, 768, 3072, 32), (1, 3072, 768, 128)]
+)
+def test_backward_real_sizes_on_gpu(m, n, k, block):
+    w, _ = random_sparse(n, k, block, 0.1, dtype=torch.bfloat16, seed=7)
+    w = w.to("cuda")
+    grad_out = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    reference_w = w.to(dtype=torch.float64)
+    ref = reference.spmm_input_grad(grad_out.double(), reference_w)
+    assert_close(input_grad(grad_out, w), ref, torch.bfloat16)
+    assert_close(sddmm(grad_out, x, w), reference.sddmm(grad_out.double(), x.double(), reference_w), torch.bfloat16)

@@ -1,0 +1,143 @@
+"""Training with BlockSparseLinear: optimizers, autocast, pattern changes, torch.compile and DDP."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from conftest import relative_error
+from sparseblocks import BlockSparseLinear, BlockSparseMatrix, reference
+
+
+def _layer(seed=0, sparsity=0.5, block=16):
+    torch.manual_seed(seed)
+    return BlockSparseLinear(64, 48, sparsity=sparsity, block_size=block)
+
+
+def test_any_optimizer_trains_only_kept_tiles():
+    layer = _layer()
+    mask = layer.matrix.block_mask()
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=1e-2, weight_decay=0.1)
+    x, target = torch.randn(32, 64), torch.randn(32, 48)
+    losses = []
+    for _ in range(20):
+        loss = nn.functional.mse_loss(layer(x), target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+    dense = layer.matrix.to_dense().detach()
+    pruned = ~mask.repeat_interleave(16, 0).repeat_interleave(16, 1)
+    assert torch.equal(dense[pruned], torch.zeros_like(dense[pruned])), "weight decay or a step touched a pruned tile"
+
+
+def test_autocast_casts_like_linear_and_keeps_fp32_gradients():
+    layer = _layer()
+    x = torch.randn(8, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    out.float().square().sum().backward()
+    assert layer.values.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    expected = reference.spmm(x.double(), layer.matrix.to(dtype=torch.float64), layer.bias.double())
+    assert relative_error(out, expected) < 2e-2
+
+
+def test_set_pattern_keeps_surviving_tiles_and_their_optimizer_state():
+    layer = _layer(sparsity=0.5)
+    optimizer = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    x = torch.randn(16, 64)
+    layer(x).square().sum().backward()
+    optimizer.step()
+    old_mask, old_dense = layer.matrix.block_mask(), layer.matrix.to_dense().detach().clone()
+    old_moment = BlockSparseMatrix.from_parts(
+        optimizer.state[layer.values]["exp_avg"], layer.matrix.shape, layer.matrix.index_tensors()
+    ).to_dense()
+    values_param = layer.values
+
+    # Drop two kept tiles, grow three (the tile count changes too).
+    new_mask = old_mask.clone()
+    kept, pruned = old_mask.nonzero(), (~old_mask).nonzero()
+    new_mask[kept[0, 0], kept[0, 1]] = new_mask[kept[1, 0], kept[1, 1]] = False
+    for row, col in pruned[:3]:
+        new_mask[row, col] = True
+    layer.set_pattern(new_mask, optimizer)
+
+    assert layer.values is values_param and torch.equal(layer.matrix.block_mask(), new_mask)
+    tile = new_mask.repeat_interleave(16, 0).repeat_interleave(16, 1)
+    survived = (old_mask & new_mask).repeat_interleave(16, 0).repeat_interleave(16, 1)
+    grown = (new_mask & ~old_mask).repeat_interleave(16, 0).repeat_interleave(16, 1)
+    new_dense = layer.matrix.to_dense().detach()
+    assert torch.equal(new_dense[survived], old_dense[survived])
+    assert torch.equal(new_dense[grown], torch.zeros_like(new_dense[grown]))
+    assert torch.equal(new_dense[~tile], torch.zeros_like(new_dense[~tile]))
+    state = optimizer.state[layer.values]
+    assert state["exp_avg"].shape == layer.values.shape == state["exp_avg_sq"].shape
+    new_moment = BlockSparseMatrix.from_parts(state["exp_avg"], layer.matrix.shape, layer.matrix.index_tensors())
+    new_moment = new_moment.to_dense()
+    assert torch.equal(new_moment[survived], old_moment[survived])
+    assert torch.equal(new_moment[grown], torch.zeros_like(new_moment[grown]))
+
+    layer(x).square().sum().backward()  # and training goes on
+    optimizer.step()
+    with pytest.raises(ValueError, match="mask must be a bool tensor"):
+        layer.set_pattern(new_mask[:1])
+
+
+def test_training_step_compiles_through_the_custom_op():
+    layer = _layer()
+    x = torch.randn(8, 64, requires_grad=True)
+
+    def step(x):
+        out = layer(x)
+        out.square().sum().backward()
+        return out
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=False)
+    compiled(x)
+    grads = (x.grad.clone(), layer.values.grad.clone(), layer.bias.grad.clone())
+    x.grad = layer.values.grad = layer.bias.grad = None
+    step(x)
+    for compiled_grad, eager_grad in zip(grads, (x.grad, layer.values.grad, layer.bias.grad), strict=True):
+        assert torch.allclose(compiled_grad, eager_grad)
+
+
+# ---------------------------------------------------------------------------------------------- DDP
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        layer = _layer(seed=0)  # same seed: same pattern and values on every rank
+        model = nn.parallel.DistributedDataParallel(layer)
+        x = torch.randn(world * 8, 64, generator=torch.Generator().manual_seed(1))
+        model(x[rank * 8 : (rank + 1) * 8]).square().sum().backward()
+        results[rank] = layer.values.grad.clone()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_all_reduces_the_gradient_over_gloo():
+    world = 2
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_ddp_worker, args=(world, _free_port(), results), nprocs=world)
+        grads = [results[rank] for rank in range(world)]
+    layer = _layer(seed=0)
+    x = torch.randn(world * 8, 64, generator=torch.Generator().manual_seed(1))
+    layer(x).square().sum().backward()
+    expected = layer.values.grad / world  # DDP averages the per-rank sums
+    for grad in grads:
+        assert torch.allclose(grad, expected, atol=1e-5)
