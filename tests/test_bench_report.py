@@ -46,3 +46,36 @@ def test_table_and_plots_render(tmp_path):
     table = spmm_table(ROWS)
     assert "| vit_b_fc1 | 50432 | bf16 | 0.9 | 64 | random | 4.00x | 0.80x | 4.00x |" in table
     assert "| — |" in table
+
+
+def _train_row(case, impl, ms, sparsity=0.9, block=64, **extra):
+    return {"case": case, "shape": "vit_b", "M": 50432, "dtype": "bf16", "sparsity": sparsity, "block": block,
+            "impl": impl, "ms": ms, "peak_mem_bytes": 2**30, **extra}  # fmt: skip
+
+
+def test_train_report_renders_tables_and_plots(tmp_path):
+    from sparseblocks.bench.plots import train_report, train_tables
+
+    rows = [
+        _train_row("mlp", "dense", 3.0, sparsity=0.0, block=None),
+        _train_row("mlp", "sparseblocks", 1.0),
+        _train_row("mlp", "stk", None, block=128, error="unsupported"),
+        _train_row("train_step", "dense", 200.0, sparsity=0.0, block=None, mlp_state_bytes=1000),
+        _train_row("train_step", "sparseblocks", 160.0, mlp_state_bytes=110),
+    ]
+    convergence = {
+        "model": "gpt",
+        "steps": 3,
+        "losses": {"triton": [4.0, 3.0, 2.5], "reference": [4.0, 3.1, 2.5]},
+        "final_loss_mean_last_20": {"triton": 3.17, "reference": 3.2},
+        "max_abs_step_difference": 0.1,
+    }
+    payload = {"gpu": "NVIDIA H200", "torch": "2.11", "triton": "3.6", "commit": "abc", "command": "x",
+               "rows": rows, "convergence": convergence}  # fmt: skip
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(payload))
+    assert {p.name for p in train_report(path)} == {"train.md", "train_speedup.png", "train_convergence.png"}
+    tables = train_tables(payload)
+    assert "| mlp | vit_b | 0.9 | 64 | sparseblocks | 1.000 | 3.00x | 1024 |" in tables
+    assert "| 160.0 | 1.25x | 1024 | 0.0 | 0.110x |" in tables
+    assert "largest difference at any single step: 0.1000" in tables

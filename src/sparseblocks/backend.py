@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import logging
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -23,8 +25,27 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+_forced_reference = False
+
+
+@contextlib.contextmanager
+def reference_mode() -> Iterator[None]:
+    """Within the block, every op runs the plain PyTorch reference, on the GPU too (to check a kernel's numerics).
+
+    The switch is read each time an op runs, inside ``torch.compile``d models too (the ops are opaque to it).
+    """
+    global _forced_reference
+    previous, _forced_reference = _forced_reference, True
+    try:
+        yield
+    finally:
+        _forced_reference = previous
+
+
 def use_triton(x: torch.Tensor) -> bool:
     """Whether ops on ``x`` take the Triton path; warns once when they fall back to the reference."""
+    if _forced_reference:
+        return False
     if x.is_cuda and triton_available():
         return True
     _warn_reference_once(x.device.type)

@@ -57,6 +57,23 @@ def _bench_spmm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from sparseblocks.bench import train
+
+    train.run(
+        quick=args.quick,
+        sections=tuple(args.sections.split(",")),
+        steps=args.steps,
+        data=Path(args.data),
+        out_dir=args.out and Path(args.out),
+        name=args.name,
+        command="sparseblocks " + shlex.join(args.argv),
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparseblocks", description="Block-sparse transformers: tools and demo.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -80,6 +97,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench_spmm.add_argument("--name", default="spmm", help="result file stem (default spmm)")
     bench_spmm.add_argument("--out", help="folder for spmm.json and plots (default benchmarks/results/<gpu>)")
     bench_spmm.set_defaults(run=_bench_spmm)
+
+    bench_train = benches.add_parser("train", help="forward+backward of layers and MLPs, a GPT training step")
+    bench_train.add_argument("--quick", action="store_true", help="90%% sparsity, blocks 64/128, a 4-layer GPT")
+    bench_train.add_argument(
+        "--sections", default="linear,mlp,train_step,convergence", help="comma-separated, from the default"
+    )
+    bench_train.add_argument("--steps", type=int, default=300, help="steps of the convergence run (default 300)")
+    bench_train.add_argument(
+        "--data", default="../shared/data/tinyshakespeare.txt", help="text file for the convergence run"
+    )
+    bench_train.add_argument("--name", default="train", help="result file stem (default train)")
+    bench_train.add_argument("--out", help="folder for train.json and plots (default benchmarks/results/<gpu>)")
+    bench_train.set_defaults(run=_bench_train)
     return parser
 
 

@@ -130,3 +130,102 @@ def spmm_report(json_path: Path) -> list[Path]:
         plt.close(fig)
         written.append(folder / f"{stem}_batch.png")
     return written
+
+
+def train_tables(payload: dict) -> str:
+    """Markdown for ``bench train``: layer/MLP speedups, the training step, and the convergence check."""
+    rows = [r for r in payload["rows"] if r["case"] in ("linear", "mlp")]
+    dense = {(r["case"], r["shape"]): r["ms"] for r in rows if r["impl"] == "dense"}
+    lines = [
+        "## Forward + backward of one layer / one MLP (bf16)\n",
+        "| case | shape | sparsity | block | impl | ms | speedup | peak memory (MiB) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        base = dense.get((r["case"], r["shape"]))
+        speedup = _fmt(base / r["ms"] if base and r["ms"] else None)
+        ms = "—" if r["ms"] is None else f"{r['ms']:.3f}"
+        memory = f"{r['peak_mem_bytes'] / 2**20:.0f}" if "peak_mem_bytes" in r else "—"
+        lines.append(f"| {r['case']} | {r['shape']} | {r['sparsity']} | {r['block']} | {r['impl']} | {ms} | "
+                     f"{speedup} | {memory} |")  # fmt: skip
+    steps = [r for r in payload["rows"] if r["case"] == "train_step"]
+    if steps:
+        dense_step = next(r for r in steps if r["impl"] == "dense")
+        lines += [
+            "\n## Training step (forward, backward, AdamW; bf16 autocast, fp32 weights)\n",
+            "| model | sparsity | block | ms | speedup | peak memory (MiB) | MLP weights+grads+AdamW (MiB) "
+            "| vs dense |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in steps:
+            lines.append(
+                f"| {r['shape']} | {r['sparsity']} | {r['block']} | {r['ms']:.1f} | {dense_step['ms'] / r['ms']:.2f}x "
+                f"| {r['peak_mem_bytes'] / 2**20:.0f} | {r['mlp_state_bytes'] / 2**20:.1f} | "
+                f"{r['mlp_state_bytes'] / dense_step['mlp_state_bytes']:.3f}x |"
+            )
+    if "convergence" in payload:
+        c = payload["convergence"]
+        finals = ", ".join(f"{path} {loss:.4f}" for path, loss in c["final_loss_mean_last_20"].items())
+        lines += [
+            "\n## Convergence: Triton kernels vs the PyTorch reference, same mask and batches\n",
+            f"{c['model']}, {c['steps']} steps on tinyshakespeare. Mean loss of the last 20 steps: {finals}; "
+            f"largest difference at any single step: {c['max_abs_step_difference']:.4f}.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def train_report(json_path: Path) -> list[Path]:
+    """Write ``<stem>.md``, ``<stem>_speedup.png`` and (with a convergence run) ``<stem>_convergence.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    payload = json.loads(Path(json_path).read_text())
+    folder, stem = Path(json_path).parent, Path(json_path).stem
+    header = (
+        f"# Sparse training on {payload['gpu']}\n\nMeasured in one run (torch {payload['torch']}, "
+        f"triton {payload['triton']}, commit {payload['commit']}).\n\nCommand: `{payload['command']}`\n\n"
+    )
+    (folder / f"{stem}.md").write_text(header + train_tables(payload))
+    written = [folder / f"{stem}.md"]
+
+    rows = [r for r in payload["rows"] if r["case"] in ("linear", "mlp")]
+    panels = sorted({(r["case"], r["shape"]) for r in rows})
+    if panels:
+        fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), squeeze=False)
+        for ax, (case, shape) in zip(axes[0], panels, strict=True):
+            mine = [r for r in rows if (r["case"], r["shape"]) == (case, shape)]
+            base = next(r["ms"] for r in mine if r["impl"] == "dense")
+            for (impl, block), style in zip(
+                sorted({(r["impl"], r["block"]) for r in mine if r["impl"] != "dense"}),
+                itertools.cycle(["-o", "--s", ":^", "-.d"]),
+            ):
+                points = sorted((r["sparsity"], base / r["ms"]) for r in mine
+                                if (r["impl"], r["block"]) == (impl, block) and r["ms"])  # fmt: skip
+                if points:
+                    ax.plot(*zip(*points, strict=True), style, label=f"{impl} b{block}")
+            ax.axhline(1.0, color="gray", lw=0.8)
+            ax.set_xlabel("sparsity")
+            ax.set_ylabel("speedup over dense (fwd+bwd)")
+            ax.set_title(f"{case} {shape}", fontsize=9)
+            ax.legend(fontsize=7)
+        fig.suptitle(f"forward + backward, bf16 ({payload['gpu']})")
+        fig.tight_layout()
+        fig.savefig(folder / f"{stem}_speedup.png", dpi=110)
+        plt.close(fig)
+        written.append(folder / f"{stem}_speedup.png")
+
+    if "convergence" in payload:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for path, losses in payload["convergence"]["losses"].items():
+            ax.plot(range(1, len(losses) + 1), losses, lw=1, label=path)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss")
+        ax.set_title("90%-sparse MLPs: Triton kernels vs reference ops", fontsize=9)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(folder / f"{stem}_convergence.png", dpi=110)
+        plt.close(fig)
+        written.append(folder / f"{stem}_convergence.png")
+    return written

@@ -86,13 +86,13 @@ def implementations(
     paths = {"sparseblocks": lambda x: spmm(x, w)}
     bsr = w.to_torch_bsr()
     paths["torch_bsr"] = lambda x: F.linear(x, bsr)
-    stk_linear = _stk_linear(w)
-    if stk_linear is not None:
-        paths["stk"] = stk_linear
+    stk_path = stk_linear(w)
+    if stk_path is not None:
+        paths["stk"] = stk_path
     return paths, (lambda x: F.linear(x, dense))
 
 
-def _stk_linear(w: BlockSparseMatrix) -> Callable[[torch.Tensor], torch.Tensor] | None:
+def stk_linear(w: BlockSparseMatrix) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """stk's dense·sparse product (128×128 blocks only), or None where stk does not apply."""
     if w.block_shape != (128, 128) or (w.dtype != torch.bfloat16 and w.dtype != torch.float16):
         return None

@@ -1,0 +1,248 @@
+"""``sparseblocks bench train``: the speed of sparse training, in one run on one GPU.
+
+* ``linear``: forward + backward (dX, dW, db) of one layer;
+* ``mlp``: forward + backward of a whole MLP: ViT-B's GELU MLP at 256 images, Llama-3.2-1B's SwiGLU MLP at 8192
+  tokens; each against dense cuBLAS and (block 128) stk;
+* ``train_step``: forward, backward and AdamW of a GPT-2-small-shaped model (bf16 autocast, fp32 weights), dense
+  against 90%-sparse MLPs, with peak memory and the bytes of the MLPs' weights, gradients and optimizer state;
+* ``convergence``: a few hundred steps of a character GPT on tinyshakespeare with the Triton kernels and with the
+  PyTorch reference on the same mask: the loss curves must agree within bf16 noise.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from sparseblocks import reference
+from sparseblocks.backend import reference_mode
+from sparseblocks.bench.harness import environment, gpu_folder, input_sets, time_ms, write_json
+from sparseblocks.bench.spmm import stk_linear
+from sparseblocks.format import BlockSparseMatrix
+from sparseblocks.masks import random_block_mask
+from sparseblocks.ops import spmm
+
+SECTIONS = ("linear", "mlp", "train_step", "convergence")
+# name -> (tokens, width, hidden, kind); the linear case times the MLP's first layer alone
+MLP_SHAPES = {
+    "vit_b": (50432, 768, 3072, "gelu"),
+    "llama_1b": (8192, 2048, 8192, "swiglu"),
+}
+SPARSITIES = (0.5, 0.8, 0.9, 0.95)
+BLOCKS = (32, 64, 128)
+
+# A linear layer as the timed code sees it: (x, activation) -> y, differentiable w.r.t. x and its weights.
+Linear = Callable[[torch.Tensor, str | None], torch.Tensor]
+
+
+def _random_weight(n: int, k: int, sparsity: float, block: int, generator: torch.Generator) -> BlockSparseMatrix:
+    mask = random_block_mask((math.ceil(n / block), math.ceil(k / block)), 1.0 - sparsity, generator)
+    dense = torch.randn(n, k, generator=generator) / math.sqrt(k)
+    return BlockSparseMatrix.from_dense(dense.to(torch.bfloat16), block, mask=mask).to("cuda")
+
+
+def make_linear(impl: str, w: BlockSparseMatrix, bias: bool) -> Linear | None:
+    """A trainable layer holding w (as dense, as our tiles, or as stk's matrix); None where impl does not apply."""
+    b = torch.zeros(w.shape[0], device="cuda", dtype=w.dtype, requires_grad=True) if bias else None
+    if impl == "dense":
+        dense = w.to_dense().detach().requires_grad_()
+        return lambda x, act: reference.ACTIVATIONS[act](F.linear(x, dense, b))
+    values = w.values.detach().clone().requires_grad_()
+    matrix = BlockSparseMatrix.from_parts(values, w.shape, w.index_tensors())
+    if impl == "sparseblocks":
+        return lambda x, act: spmm(x, matrix, b, act)
+    product = stk_linear(matrix)  # stk: its own autograd through the same tiles
+    if product is None:
+        return None
+    return lambda x, act: reference.ACTIVATIONS[act](product(x) if b is None else product(x) + b)
+
+
+def mlp_forward(kind: str, layers: list[Linear]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``fc2(gelu(fc1 x))`` (biases on) or ``down(silu(gate x) * up x)``; one layer: just that layer."""
+    if len(layers) == 1:
+        return lambda x: layers[0](x, None)
+    if kind == "gelu":
+        fc1, fc2 = layers
+        return lambda x: fc2(fc1(x, "gelu"), None)
+    gate, up, down = layers
+    return lambda x: down(gate(x, "silu") * up(x, None), None)
+
+
+def _layer_shapes(case: str, name: str) -> list[tuple[int, int]]:
+    _, width, hidden, kind = MLP_SHAPES[name]
+    if case == "linear":
+        return [(hidden, width)]
+    return [(hidden, width), (width, hidden)] if kind == "gelu" else [(hidden, width), (hidden, width), (width, hidden)]
+
+
+def _time_forward_backward(forward: Callable[[torch.Tensor], torch.Tensor], tokens: int, width: int) -> dict:
+    """Median ms of forward + backward (cycling input sets), and the peak memory of one such step."""
+    make_x = lambda: torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    x = make_x()
+    grad = torch.randn_like(forward(x))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    forward(x).backward(grad)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    del x
+    ms, timer = time_ms(lambda x: forward(x).backward(grad), input_sets(make_x, tokens * width * 2))
+    return {"ms": ms, "timer": timer, "peak_mem_bytes": peak}
+
+
+def run_layers(rows: list[dict], cases: tuple[str, ...], quick: bool, save: Callable[[], None]) -> None:
+    """The ``linear`` and ``mlp`` sections (``cases``)."""
+    sparsities, blocks = ((0.9,), (64, 128)) if quick else (SPARSITIES, BLOCKS)
+    for case, name in itertools.product(cases, MLP_SHAPES):
+        tokens, width, hidden, kind = MLP_SHAPES[name]
+        base = {"case": case, "shape": name, "M": tokens, "dtype": "bf16"}
+        dense_ms = None
+        for sparsity, block in [(0.0, None), *itertools.product(sparsities, blocks)]:
+            generator = torch.Generator().manual_seed(0)
+            weights = [_random_weight(n, k, sparsity, block or 64, generator) for n, k in _layer_shapes(case, name)]
+            for impl in ("dense",) if block is None else ("sparseblocks", "stk"):
+                layers = [make_linear(impl, w, bias=kind == "gelu") for w in weights]
+                if any(layer is None for layer in layers):
+                    continue
+                row = {**base, "sparsity": sparsity, "block": block, "impl": impl}
+                try:
+                    row |= _time_forward_backward(mlp_forward(kind, layers), tokens, width)
+                except Exception as error:  # a baseline that cannot run this case is recorded, not fatal
+                    row |= {"ms": None, "error": str(error).splitlines()[0][:200]}
+                rows.append(row)
+                dense_ms = row["ms"] if impl == "dense" else dense_ms
+                speedup = f"{dense_ms / row['ms']:.2f}x" if row["ms"] and dense_ms else row.get("error", "")
+                print(
+                    f"{case:<7} {name:<9} s={sparsity:.2f} b={block} {impl:<12} {row['ms']} ms  {speedup}", flush=True
+                )
+                del layers
+                torch.cuda.empty_cache()
+            save()
+
+
+def _mlp_state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes the MLPs hold in training: parameters, their gradients, optimizer state, index buffers."""
+    total = 0
+    for block in model.blocks:
+        for parameter in block.mlp.parameters():
+            tensors = [parameter, parameter.grad, *optimizer.state[parameter].values()]
+            total += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+        total += sum(b.numel() * b.element_size() for b in block.mlp.buffers())
+    return total
+
+
+def _time_train_step(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, tokens: torch.Tensor, repeats: int
+) -> tuple[float, int]:
+    """Median ms of one forward/backward/AdamW step on ``tokens`` ``(B, T + 1)``, and the peak memory."""
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss = model(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)
+
+    for _ in range(3):  # warm-up: autotuning, optimizer state
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times), torch.cuda.max_memory_allocated()
+
+
+def run_train_step(rows: list[dict], quick: bool, save: Callable[[], None]) -> None:
+    """The ``train_step`` section: GPT-2 small (12 x 768, 1024 tokens, vocab 50304), batch 8."""
+    from sparseblocks.gpt import GPT, GPTConfig, sparsify_mlps
+
+    config = GPTConfig(vocab_size=50304, context=1024, layers=4 if quick else 12, heads=12, width=768)
+    batch = 8
+    dense_ms = None
+    for sparsity, block in [(0.0, None), (0.9, 64), (0.9, 32), (0.8, 64)][: 2 if quick else None]:
+        torch.manual_seed(0)
+        model = GPT(config).cuda()
+        if block is not None:
+            sparsify_mlps(model, sparsity, block, torch.Generator().manual_seed(0))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+        tokens = torch.randint(config.vocab_size, (batch, config.context + 1), device="cuda")
+        ms, peak = _time_train_step(model, optimizer, tokens, 5 if quick else 15)
+        dense_ms = dense_ms or ms
+        rows.append({"case": "train_step", "shape": f"gpt2_small_{config.layers}x768_T1024_B{batch}", "dtype": "bf16",
+                     "sparsity": sparsity, "block": block, "impl": "dense" if block is None else "sparseblocks",
+                     "ms": ms, "timer": "eager", "peak_mem_bytes": peak,
+                     "mlp_state_bytes": _mlp_state_bytes(model, optimizer)})  # fmt: skip
+        print(f"train_step s={sparsity} b={block}: {ms:.1f} ms ({dense_ms / ms:.2f}x), "
+              f"MLP state {rows[-1]['mlp_state_bytes'] / 2**20:.0f} MiB", flush=True)  # fmt: skip
+        del model, optimizer
+        torch.cuda.empty_cache()
+        save()
+
+
+def run_convergence(steps: int, data_path: Path) -> dict:
+    """Train the same 90%-sparse character GPT twice, Triton kernels vs reference ops; both loss curves."""
+    from sparseblocks.gpt import GPT, CharData, GPTConfig, sparsify_mlps, train
+
+    data = CharData(data_path)
+    config = GPTConfig(vocab_size=data.vocab_size, context=256, layers=6, heads=6, width=384)
+    curves = {}
+    for path in ("triton", "reference"):
+        torch.manual_seed(0)
+        model = GPT(config).cuda()
+        sparsify_mlps(model, 0.9, 32, torch.Generator().manual_seed(0))
+        if path == "reference":
+            with reference_mode():
+                curves[path] = train(model, data, steps, batch_size=32, lr=1e-3)
+        else:
+            curves[path] = train(model, data, steps, batch_size=32, lr=1e-3)
+    window = 20
+    tail = {path: statistics.fmean(curve[-window:]) for path, curve in curves.items()}
+    return {
+        "model": "gpt 6x384, context 256, batch 32, MLPs 90% sparse, block 32, AdamW lr 1e-3, bf16 autocast",
+        "steps": steps,
+        "losses": curves,
+        "final_loss_mean_last_20": tail,
+        "max_abs_step_difference": max(abs(a - b) for a, b in zip(*curves.values(), strict=True)),
+    }
+
+
+def run(
+    quick: bool,
+    sections: tuple[str, ...],
+    steps: int,
+    data: Path,
+    out_dir: Path | None,
+    name: str,
+    command: str,
+) -> dict:
+    """Run the sections; write ``<out_dir or benchmarks/results/<gpu>>/<name>.json`` and plots."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("bench train times GPU kernels: it needs a CUDA GPU")
+    payload = {**environment(command), "rows": []}
+    folder = out_dir or Path("benchmarks/results") / gpu_folder(payload["gpu"])
+    save = lambda: write_json(folder / f"{name}.json", payload)
+    layer_cases = tuple(case for case in ("linear", "mlp") if case in sections)
+    if layer_cases:
+        run_layers(payload["rows"], layer_cases, quick, save)
+    if "train_step" in sections:
+        run_train_step(payload["rows"], quick, save)
+    if "convergence" in sections:
+        payload["convergence"] = run_convergence(steps, data)
+        print("convergence:", payload["convergence"]["final_loss_mean_last_20"], flush=True)
+        save()
+    from sparseblocks.bench.plots import train_report
+
+    train_report(folder / f"{name}.json")
+    return payload
