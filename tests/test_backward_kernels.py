@@ -53,7 +53,7 @@ def test_input_grad_every_block_and_dtype_with_ragged_edges(block, dtype):
     w, dense = random_sparse(150, 140, block, 0.5, dtype=dtype, seed=4)
     grad_out = torch.randn(37, 150).to(dtype)
     out = input_grad(grad_out.to(DEVICE), w.to(DEVICE))
-    assert_close(out, grad_out.double() @ dense, dtype)
+    assert_close(out, grad_out.double() @ dense.to(DEVICE), dtype)
 
 
 @pytest.mark.parametrize("block", BLOCKS)
@@ -63,6 +63,22 @@ def test_sddmm_every_block_and_dtype_with_ragged_edges(block, dtype):
     grad_out, x = torch.randn(300, 150).to(dtype), torch.randn(300, 140).to(dtype)
     out = sddmm(grad_out.to(DEVICE), x.to(DEVICE), w.to(DEVICE))
     ref = reference.sddmm(grad_out.double(), x.double(), w.to(dtype=torch.float64))
+    assert_close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_activation_grad_recomputes_the_pre_activation(activation, dtype):
+    from sparseblocks.kernels.spmm import spmm_activation_grad_triton
+
+    w, _ = random_sparse(100, 96, (32, 64), 0.5, dtype=dtype, seed=8)
+    w = w.to(DEVICE)
+    x, bias = torch.randn(41, 96, device=DEVICE).to(dtype), torch.randn(100, device=DEVICE).to(dtype)
+    grad_out = torch.randn(41, 100, device=DEVICE).to(dtype)
+    out = spmm_activation_grad_triton(grad_out, x, w, bias, activation)
+    ref = reference.spmm_activation_grad(
+        grad_out.double(), x.double(), w.to(dtype=torch.float64), bias.double(), activation
+    )
     assert_close(out, ref, dtype)
 
 

@@ -27,6 +27,13 @@ def spmm(
     return ACTIVATIONS[activation](F.linear(x, w.to_dense(), bias))
 
 
+def spmm_activation_grad(
+    grad_out: torch.Tensor, x: torch.Tensor, w: BlockSparseMatrix, bias: torch.Tensor | None, activation: str
+) -> torch.Tensor:
+    """The gradient before the activation, ``dY ⊙ act'(x · wᵀ + bias)``: ``(..., N)``."""
+    return grad_out * ACTIVATION_GRADS[activation](F.linear(x, w.to_dense(), bias))
+
+
 def spmm_input_grad(grad_out: torch.Tensor, w: BlockSparseMatrix) -> torch.Tensor:
     """Input gradient ``dY · W``: grad_out ``(..., N)`` -> ``(..., K)``."""
     return grad_out @ w.to_dense()

@@ -95,7 +95,8 @@ def time_ms(fn: Callable[[torch.Tensor], object], inputs: Sequence[torch.Tensor]
             for i in range(calls):
                 fn(inputs[i % len(inputs)])
         torch.cuda.synchronize()
-    except Exception:  # a path that syncs with the host cannot be captured
+    except Exception as error:  # a path that syncs with the host cannot be captured
+        print(f"  (CUDA graph capture failed, timing eagerly: {type(error).__name__}: {str(error)[:160]})", flush=True)
         torch.cuda.synchronize()
         counter = iter(range(10**9))
         ms = triton.testing.do_bench(

@@ -83,9 +83,13 @@ def _layer_shapes(case: str, name: str) -> list[tuple[int, int]]:
 
 def _time_forward_backward(forward: Callable[[torch.Tensor], torch.Tensor], tokens: int, width: int) -> dict:
     """Median ms of forward + backward (cycling input sets), and the peak memory of one such step."""
-    make_x = lambda: torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    # Random data from a CPU generator: a failed graph capture can leave the CUDA generator unusable.
+    generator = torch.Generator().manual_seed(0)
+    make_x = lambda: torch.randn(tokens, width, generator=generator).to("cuda", torch.bfloat16).requires_grad_()
     x = make_x()
-    grad = torch.randn_like(forward(x))
+    out = forward(x)
+    grad = torch.randn(out.shape, generator=generator).to("cuda", out.dtype)
+    del out
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     forward(x).backward(grad)
@@ -177,7 +181,7 @@ def run_train_step(rows: list[dict], quick: bool, save: Callable[[], None]) -> N
         if block is not None:
             sparsify_mlps(model, sparsity, block, torch.Generator().manual_seed(0))
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
-        tokens = torch.randint(config.vocab_size, (batch, config.context + 1), device="cuda")
+        tokens = torch.randint(config.vocab_size, (batch, config.context + 1)).cuda()
         ms, peak = _time_train_step(model, optimizer, tokens, 5 if quick else 15)
         dense_ms = dense_ms or ms
         rows.append({"case": "train_step", "shape": f"gpt2_small_{config.layers}x768_T1024_B{batch}", "dtype": "bf16",

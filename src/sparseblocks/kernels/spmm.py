@@ -44,6 +44,23 @@ def apply_activation(z, ACTIVATION: tl.constexpr):
     return z
 
 
+@triton.jit
+def activation_grad(z, ACTIVATION: tl.constexpr):
+    """d activation / dz on an fp32 tile of pre-activations (``ACTIVATION`` > 0)."""
+    if ACTIVATION == 1:
+        d = tl.where(z > 0, 1.0, 0.0)
+    elif ACTIVATION == 2:
+        d = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476)) + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
+    elif ACTIVATION == 3:
+        tanh = 2.0 * tl.sigmoid(2.0 * 0.7978845608028654 * (z + 0.044715 * z * z * z)) - 1.0
+        slope = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z)
+        d = 0.5 * (1.0 + tanh) + 0.5 * z * (1.0 - tanh * tanh) * slope
+    else:
+        sigmoid = tl.sigmoid(z)
+        d = sigmoid * (1.0 + z * (1.0 - sigmoid))
+    return d
+
+
 @triton.jit(do_not_specialize=["M", "M_BUCKET", "DENSITY_BUCKET"])
 def _spmm_kernel(
     # pointers
@@ -54,6 +71,7 @@ def _spmm_kernel(
     perm_ptr,  # (nnz,) int32: transpose_perm when TRANSPOSED, else unused
     order_ptr,  # (n_out_blocks,) int32: row_order, or col_order when TRANSPOSED
     bias_ptr,  # (OUT,) or unused
+    grad_ptr,  # (M, OUT): dY, read in the GRAD_EPILOGUE mode only
     y_ptr,  # (M, OUT)
     # sizes
     M,
@@ -65,6 +83,8 @@ def _spmm_kernel(
     stride_xk,
     stride_ym,
     stride_yn,
+    stride_gm,
+    stride_gn,
     # autotuning keys only (shape bucket, density bucket)
     M_BUCKET,
     DENSITY_BUCKET,
@@ -75,6 +95,7 @@ def _spmm_kernel(
     BLOCK_M: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,
+    GRAD_EPILOGUE: tl.constexpr,  # write dY ⊙ act'(Z) instead of act(Z): the backward's recompute of Z
     INPUT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
     EVEN_IN: tl.constexpr,  # IN is a multiple of the tile: no column mask on X, so its loads stay 16 bytes wide
@@ -124,9 +145,14 @@ def _spmm_kernel(
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_out, mask=offs_out < OUT, other=0.0).to(tl.float32)[None, :]
-    acc = apply_activation(acc, ACTIVATION)
+    out_mask = row_in_range & (offs_out[None, :] < OUT)
+    if GRAD_EPILOGUE:
+        grad_ptrs = grad_ptr + offs_m[:, None].to(tl.int64) * stride_gm + offs_out[None, :] * stride_gn
+        acc = tl.load(grad_ptrs, mask=out_mask, other=0.0).to(tl.float32) * activation_grad(acc, ACTIVATION)
+    else:
+        acc = apply_activation(acc, ACTIVATION)
     y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_out[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_in_range & (offs_out[None, :] < OUT))
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
 def _prune_configs(configs, named_args, **kwargs):
@@ -160,8 +186,9 @@ _spmm_tuned = triton.autotune(
         "DENSITY_BUCKET",
         "HAS_BIAS",
         "ACTIVATION",
+        "GRAD_EPILOGUE",
         "INPUT_PRECISION",
-    ],  # fmt: skip
+    ],
     prune_configs_by={"early_config_prune": _prune_configs},
     cache_results=True,
 )(_spmm_kernel)
@@ -184,8 +211,10 @@ def _launch(
     bias: torch.Tensor | None,
     activation: str | None,
     config: dict | None,
+    grad2: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Run ``_spmm_kernel`` on a 2-D ``x2`` ``(M, IN)`` and return ``(M, OUT)``."""
+    """Run ``_spmm_kernel`` on a 2-D ``x2`` ``(M, IN)`` and return ``(M, OUT)``; with ``grad2`` ``(M, OUT)``,
+    return ``grad2 ⊙ act'(x2·Wᵀ + b)`` instead."""
     (n, k), (bn, bk), (n_block_rows, n_block_cols) = w.shape, w.block_shape, w.block_grid
     if transposed:
         out_features, in_features, n_out_blocks = k, n, n_block_cols
@@ -202,6 +231,7 @@ def _launch(
         w.values,
         *index,
         bias if bias is not None else y,  # never read without HAS_BIAS
+        grad2 if grad2 is not None else y,  # never read without GRAD_EPILOGUE
         y,
         m,
         out_features,
@@ -211,6 +241,7 @@ def _launch(
         x2.stride(1),
         y.stride(0),
         y.stride(1),
+        *(grad2.stride() if grad2 is not None else y.stride()),
         min(triton.next_power_of_2(m), 1 << 16),
         round(w.density * 20),
     )
@@ -220,6 +251,7 @@ def _launch(
         "TRANSPOSED": transposed,
         "HAS_BIAS": bias is not None,
         "ACTIVATION": ACTIVATION_CODES[activation],
+        "GRAD_EPILOGUE": grad2 is not None,
         "INPUT_PRECISION": input_precision(x2.dtype),
         "DOT_IN_FP32": triton_interpreting() and x2.dtype == torch.bfloat16,
         "EVEN_IN": in_features % (bn if transposed else bk) == 0,
@@ -248,6 +280,18 @@ def spmm_triton(
     """
     x2 = x.reshape(-1, w.shape[1])  # a view whenever the strides allow; the kernel takes any strides
     return _launch(x2, w, False, bias, activation, config).reshape(*x.shape[:-1], w.shape[0])
+
+
+def spmm_activation_grad_triton(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    w: BlockSparseMatrix,
+    bias: torch.Tensor | None,
+    activation: str,
+) -> torch.Tensor:
+    """``dZ = dY ⊙ act'(Z)`` with ``Z = x · wᵀ + bias`` recomputed tile by tile, never stored: ``(..., N)``."""
+    x2, grad2 = x.reshape(-1, w.shape[1]), grad_out.reshape(-1, w.shape[0])
+    return _launch(x2, w, False, bias, activation, None, grad2).reshape(grad_out.shape)
 
 
 def spmm_input_grad_triton(grad_out: torch.Tensor, w: BlockSparseMatrix, config: dict | None = None) -> torch.Tensor:

@@ -4,10 +4,11 @@ Registered as ``torch.library`` custom ops with fake (meta) implementations, so 
 traces around them and CUDA graphs capture them. The backward is written in the same vocabulary:
 
 * ``sparseblocks::spmm``             Y  = act(X Wᵀ + b)     (dense · sparseᵀ -> dense)
+* ``sparseblocks::spmm_activation_grad`` dZ = dY ⊙ act'(X Wᵀ + b)  (Z recomputed tile by tile, never stored)
 * ``sparseblocks::spmm_input_grad``  dX = dZ W             (dense · sparse  -> dense, through W's transposed index)
 * ``sparseblocks::sddmm``            dW = dZᵀ X on W's pattern (dense · dense -> sparse)
 
-where dZ is the gradient before the activation (recomputed in the backward, not stored).
+where dZ is the gradient before the activation.
 Each op runs a Triton kernel on CUDA tensors and the plain PyTorch reference (``sparseblocks.reference``) elsewhere.
 """
 
@@ -64,6 +65,29 @@ def _(x, values, index, shape, bias, activation):
 # ---------------------------------------------------------------------------------------------- backward
 
 
+@torch.library.custom_op("sparseblocks::spmm_activation_grad", mutates_args=())
+def _spmm_activation_grad_op(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    values: torch.Tensor,
+    index: list[torch.Tensor],
+    shape: list[int],
+    bias: torch.Tensor | None,
+    activation: str,
+) -> torch.Tensor:
+    w = _matrix(values, index, shape)
+    if use_triton(x):
+        from sparseblocks.kernels.spmm import spmm_activation_grad_triton
+
+        return spmm_activation_grad_triton(grad_out, x, w, bias, activation)
+    return reference.spmm_activation_grad(grad_out, x, w, bias, activation)
+
+
+@_spmm_activation_grad_op.register_fake
+def _(grad_out, x, values, index, shape, bias, activation):
+    return grad_out.new_empty(grad_out.shape)
+
+
 @torch.library.custom_op("sparseblocks::spmm_input_grad", mutates_args=())
 def _spmm_input_grad_op(
     grad_out: torch.Tensor, values: torch.Tensor, index: list[torch.Tensor], shape: list[int]
@@ -109,8 +133,7 @@ def _backward(ctx, grad_out):
     x, values, bias, *index = ctx.saved_tensors
     shape = ctx.shape
     if ctx.activation is not None:
-        pre_activation = _spmm_op(x, values, index, shape, bias, None)
-        grad_out = grad_out * reference.ACTIVATION_GRADS[ctx.activation](pre_activation)
+        grad_out = _spmm_activation_grad_op(grad_out, x, values, index, shape, bias, ctx.activation)
     needs_x, needs_values, _, _, needs_bias, _ = ctx.needs_input_grad
     grad_x = _spmm_input_grad_op(grad_out, values, index, shape) if needs_x else None
     grad_values = _sddmm_op(grad_out, x, values, index, shape) if needs_values else None
