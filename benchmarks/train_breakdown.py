@@ -1,11 +1,13 @@
 """Time each op of a sparse layer's training step against its dense counterpart (GPU only).
 
-    PYTHONPATH=src python3 benchmarks/train_breakdown.py
+    PYTHONPATH=src python3 benchmarks/train_breakdown.py [SHAPE ...]
 
 Per layer shape at 90% sparsity, block 64, bf16: forward, the activation-gradient recompute, dX and dW (SDDMM,
 for several splits of M), each beside the dense cuBLAS op that does the same job. What was learnt goes to
 benchmarks/NOTES.md.
 """
+
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -43,5 +45,5 @@ def breakdown(shape: str, sparsity: float = 0.9, block: int = 64) -> None:
 
 
 if __name__ == "__main__":
-    for name in SHAPES:
+    for name in sys.argv[1:] or SHAPES:
         breakdown(name)

@@ -65,6 +65,7 @@ def _bench_train(args: argparse.Namespace) -> int:
     train.run(
         quick=args.quick,
         sections=tuple(args.sections.split(",")),
+        shapes=tuple(args.shapes.split(",")),
         steps=args.steps,
         data=Path(args.data),
         out_dir=args.out and Path(args.out),
@@ -103,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_train.add_argument(
         "--sections", default="linear,mlp,train_step,convergence", help="comma-separated, from the default"
     )
+    bench_train.add_argument("--shapes", default="vit_b,llama_1b", help="MLP shapes of the layer sections")
     bench_train.add_argument("--steps", type=int, default=300, help="steps of the convergence run (default 300)")
     bench_train.add_argument(
         "--data", default="../shared/data/tinyshakespeare.txt", help="text file for the convergence run"

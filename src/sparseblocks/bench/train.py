@@ -100,10 +100,12 @@ def _time_forward_backward(forward: Callable[[torch.Tensor], torch.Tensor], toke
     return {"ms": ms, "timer": timer, "peak_mem_bytes": peak}
 
 
-def run_layers(rows: list[dict], cases: tuple[str, ...], quick: bool, save: Callable[[], None]) -> None:
-    """The ``linear`` and ``mlp`` sections (``cases``)."""
+def run_layers(
+    rows: list[dict], cases: tuple[str, ...], shapes: tuple[str, ...], quick: bool, save: Callable[[], None]
+) -> None:
+    """The ``linear`` and ``mlp`` sections (``cases``) on the ``MLP_SHAPES`` named in ``shapes``."""
     sparsities, blocks = ((0.9,), (64, 128)) if quick else (SPARSITIES, BLOCKS)
-    for case, name in itertools.product(cases, MLP_SHAPES):
+    for case, name in itertools.product(cases, shapes):
         tokens, width, hidden, kind = MLP_SHAPES[name]
         base = {"case": case, "shape": name, "M": tokens, "dtype": "bf16"}
         dense_ms = None
@@ -225,6 +227,7 @@ def run_convergence(steps: int, data_path: Path) -> dict:
 def run(
     quick: bool,
     sections: tuple[str, ...],
+    shapes: tuple[str, ...],
     steps: int,
     data: Path,
     out_dir: Path | None,
@@ -239,7 +242,7 @@ def run(
     save = lambda: write_json(folder / f"{name}.json", payload)
     layer_cases = tuple(case for case in ("linear", "mlp") if case in sections)
     if layer_cases:
-        run_layers(payload["rows"], layer_cases, quick, save)
+        run_layers(payload["rows"], layer_cases, shapes, quick, save)
     if "train_step" in sections:
         run_train_step(payload["rows"], quick, save)
     if "convergence" in sections:

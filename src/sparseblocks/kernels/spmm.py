@@ -121,6 +121,11 @@ def _spmm_kernel(
     idx_ptrs = idx_ptr + start
     perm_ptrs = perm_ptr + start
 
+    out_mask = row_in_range & (offs_out[None, :] < OUT)
+    if GRAD_EPILOGUE:  # issued before the loop, so its latency hides behind the products
+        grad_ptrs = grad_ptr + offs_m[:, None].to(tl.int64) * stride_gm + offs_out[None, :] * stride_gn
+        grad_tile = tl.load(grad_ptrs, mask=out_mask, other=0.0)
+
     acc = tl.zeros((BLOCK_M, OUT_B), dtype=tl.float32)
     for _ in range(start, end):
         in_index = tl.load(idx_ptrs) * IN_B + offs_in
@@ -145,10 +150,8 @@ def _spmm_kernel(
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_out, mask=offs_out < OUT, other=0.0).to(tl.float32)[None, :]
-    out_mask = row_in_range & (offs_out[None, :] < OUT)
     if GRAD_EPILOGUE:
-        grad_ptrs = grad_ptr + offs_m[:, None].to(tl.int64) * stride_gm + offs_out[None, :] * stride_gn
-        acc = tl.load(grad_ptrs, mask=out_mask, other=0.0).to(tl.float32) * activation_grad(acc, ACTIVATION)
+        acc = grad_tile.to(tl.float32) * activation_grad(acc, ACTIVATION)
     else:
         acc = apply_activation(acc, ACTIVATION)
     y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_out[None, :] * stride_yn
