@@ -77,5 +77,5 @@ def test_train_report_renders_tables_and_plots(tmp_path):
     assert {p.name for p in train_report(path)} == {"train.md", "train_speedup.png", "train_convergence.png"}
     tables = train_tables(payload)
     assert "| mlp | vit_b | 0.9 | 64 | sparseblocks | 1.000 | 3.00x | 1024 |" in tables
-    assert "| 160.0 | 1.25x | 1024 | 0.0 | 0.110x |" in tables
+    assert "| eager | 0.9 | 64 | 160.0 | 1.25x | 1024 | 0.0 | 0.110x |" in tables
     assert "largest difference at any single step: 0.1000" in tables

@@ -150,18 +150,19 @@ def train_tables(payload: dict) -> str:
                      f"{speedup} | {memory} |")  # fmt: skip
     steps = [r for r in payload["rows"] if r["case"] == "train_step"]
     if steps:
-        dense_step = next(r for r in steps if r["impl"] == "dense")
+        dense_step = {r.get("mode", "eager"): r for r in steps if r["impl"] == "dense"}
         lines += [
             "\n## Training step (forward, backward, AdamW; bf16 autocast, fp32 weights)\n",
-            "| model | sparsity | block | ms | speedup | peak memory (MiB) | MLP weights+grads+AdamW (MiB) "
+            "| model | mode | sparsity | block | ms | speedup | peak memory (MiB) | MLP weights+grads+AdamW (MiB) "
             "| vs dense |",
-            "|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in steps:
+            dense_row = dense_step[r.get("mode", "eager")]
             lines.append(
-                f"| {r['shape']} | {r['sparsity']} | {r['block']} | {r['ms']:.1f} | {dense_step['ms'] / r['ms']:.2f}x "
-                f"| {r['peak_mem_bytes'] / 2**20:.0f} | {r['mlp_state_bytes'] / 2**20:.1f} | "
-                f"{r['mlp_state_bytes'] / dense_step['mlp_state_bytes']:.3f}x |"
+                f"| {r['shape']} | {r.get('mode', 'eager')} | {r['sparsity']} | {r['block']} | {r['ms']:.1f} | "
+                f"{dense_row['ms'] / r['ms']:.2f}x | {r['peak_mem_bytes'] / 2**20:.0f} | "
+                f"{r['mlp_state_bytes'] / 2**20:.1f} | {r['mlp_state_bytes'] / dense_row['mlp_state_bytes']:.3f}x |"
             )
     if "convergence" in payload:
         c = payload["convergence"]

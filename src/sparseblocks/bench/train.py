@@ -144,18 +144,25 @@ def _mlp_state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
 
 
 def _time_train_step(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, tokens: torch.Tensor, repeats: int
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, tokens: torch.Tensor, compiled: bool, repeats: int
 ) -> tuple[float, int]:
-    """Median ms of one forward/backward/AdamW step on ``tokens`` ``(B, T + 1)``, and the peak memory."""
+    """Median ms of one forward/backward/AdamW step on ``tokens`` ``(B, T + 1)``, and the peak memory.
+
+    ``compiled``: forward and backward through ``torch.compile(mode="reduce-overhead")`` (Inductor + CUDA graphs),
+    which removes the per-op launch cost of eager mode on both sides.
+    """
+    forward = torch.compile(model, mode="reduce-overhead") if compiled else model
 
     def step():
+        if compiled:
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            _, loss = model(tokens[:, :-1], tokens[:, 1:])
+            _, loss = forward(tokens[:, :-1], tokens[:, 1:])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=False)
 
-    for _ in range(3):  # warm-up: autotuning, optimizer state
+    for _ in range(5):  # warm-up: compilation, autotuning, graph recording, optimizer state
         step()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -171,28 +178,29 @@ def _time_train_step(
 
 
 def run_train_step(rows: list[dict], quick: bool, save: Callable[[], None]) -> None:
-    """The ``train_step`` section: GPT-2 small (12 x 768, 1024 tokens, vocab 50304), batch 8."""
+    """The ``train_step`` section: GPT-2 small (12 x 768, 1024 tokens, vocab 50304), batch 8, eager and compiled."""
     from sparseblocks.gpt import GPT, GPTConfig, sparsify_mlps
 
     config = GPTConfig(vocab_size=50304, context=1024, layers=4 if quick else 12, heads=12, width=768)
     batch = 8
-    dense_ms = None
-    for sparsity, block in [(0.0, None), (0.9, 64), (0.9, 32), (0.8, 64)][: 2 if quick else None]:
+    dense_ms = {}
+    for mode, (sparsity, block) in itertools.product(("eager", "compiled"), [(0.0, None), (0.9, 64)]):
         torch.manual_seed(0)
         model = GPT(config).cuda()
         if block is not None:
             sparsify_mlps(model, sparsity, block, torch.Generator().manual_seed(0))
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
         tokens = torch.randint(config.vocab_size, (batch, config.context + 1)).cuda()
-        ms, peak = _time_train_step(model, optimizer, tokens, 5 if quick else 15)
-        dense_ms = dense_ms or ms
+        ms, peak = _time_train_step(model, optimizer, tokens, mode == "compiled", 5 if quick else 15)
+        dense_ms.setdefault(mode, ms)
         rows.append({"case": "train_step", "shape": f"gpt2_small_{config.layers}x768_T1024_B{batch}", "dtype": "bf16",
-                     "sparsity": sparsity, "block": block, "impl": "dense" if block is None else "sparseblocks",
-                     "ms": ms, "timer": "eager", "peak_mem_bytes": peak,
-                     "mlp_state_bytes": _mlp_state_bytes(model, optimizer)})  # fmt: skip
-        print(f"train_step s={sparsity} b={block}: {ms:.1f} ms ({dense_ms / ms:.2f}x), "
+                     "mode": mode, "sparsity": sparsity, "block": block,
+                     "impl": "dense" if block is None else "sparseblocks", "ms": ms, "timer": "eager",
+                     "peak_mem_bytes": peak, "mlp_state_bytes": _mlp_state_bytes(model, optimizer)})  # fmt: skip
+        print(f"train_step {mode} s={sparsity} b={block}: {ms:.1f} ms ({dense_ms[mode] / ms:.2f}x), "
               f"MLP state {rows[-1]['mlp_state_bytes'] / 2**20:.0f} MiB", flush=True)  # fmt: skip
         del model, optimizer
+        torch._dynamo.reset()
         torch.cuda.empty_cache()
         save()
 
