@@ -15,8 +15,7 @@ from sparseblocks.kernels.spmm import spmm_triton
 
 CASES = [("llama_1b_up", 0.9, 64), ("vit_b_fc1", 0.9, 64), ("vit_b_fc1", 0.9, 32), ("llama_1b_down", 0.9, 128),
          ("llama_1b_up", 0.5, 64), ("vit_b_fc2", 0.9, 16)]  # fmt: skip
-CONFIGS = [(bm, g, 4, s) for bm in (64, 128) for g in (1, 2, 4, 8) for s in (2, 3)]
-CONFIGS += [(256, g, 8, 3) for g in (1, 2, 4)]
+CONFIGS = [(bm, w, s) for bm in (64, 128) for w in (4, 8) for s in (2, 3, 4)] + [(256, 8, 3), (256, 8, 4)]
 
 
 def tune_case(shape: str, sparsity: float, block: int) -> None:
@@ -26,16 +25,16 @@ def tune_case(shape: str, sparsity: float, block: int) -> None:
     dense = w.to_dense()
     dense_ms, _ = time_ms(lambda x: F.linear(x, dense), xs)
     results = []
-    for block_m, group_m, warps, stages in CONFIGS:
-        config = {"BLOCK_M": block_m, "GROUP_M": group_m, "num_warps": warps, "num_stages": stages}
+    for block_m, warps, stages in CONFIGS:
+        config = {"BLOCK_M": block_m, "num_warps": warps, "num_stages": stages}
         try:
             ms, _ = time_ms(lambda x, config=config: spmm_triton(x, w, config=config), xs)
         except Exception as error:  # e.g. out of shared memory
             print(f"  {config}: {type(error).__name__}")
             continue
-        results.append((ms, block_m, group_m, warps, stages))
+        results.append((ms, block_m, warps, stages))
     results.sort()
-    best = ", ".join(f"M{b}x{g}/w{wp}/s{st} {dense_ms / ms:.2f}x" for ms, b, g, wp, st in results[:4])
+    best = ", ".join(f"M{b}/w{wp}/s{st} {dense_ms / ms:.2f}x" for ms, b, wp, st in results[:4])
     print(f"{shape} s={sparsity} b={block}: dense {dense_ms * 1e3:.0f} us | best {best} | worst "
           f"{dense_ms / results[-1][0]:.2f}x", flush=True)  # fmt: skip
 

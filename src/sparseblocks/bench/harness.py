@@ -118,12 +118,15 @@ def environment(command: str) -> dict:
     """GPU, versions, commit and the command line, for the head of a result file."""
     import triton
 
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):  # a copy of the tree without .git, as on the GPU machine
-        commit = os.environ.get("SPARSEBLOCKS_COMMIT", "unknown")
+    # SPARSEBLOCKS_COMMIT names the commit of a copied tree (the GPU machine's copy has no matching .git)
+    commit = os.environ.get("SPARSEBLOCKS_COMMIT")
+    if commit is None:
+        try:
+            commit = subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+            ).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            commit = "unknown"
     return {
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
         "torch": torch.__version__,

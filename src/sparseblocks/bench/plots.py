@@ -136,11 +136,13 @@ def train_tables(payload: dict) -> str:
     """Markdown for ``bench train``: layer/MLP speedups, the training step, and the convergence check."""
     rows = [r for r in payload["rows"] if r["case"] in ("linear", "mlp")]
     dense = {(r["case"], r["shape"]): r["ms"] for r in rows if r["impl"] == "dense"}
-    lines = [
-        "## Forward + backward of one layer / one MLP (bf16)\n",
-        "| case | shape | sparsity | block | impl | ms | speedup | peak memory (MiB) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    lines = []
+    if rows:
+        lines += [
+            "## Forward + backward of one layer / one MLP (bf16)\n",
+            "| case | shape | sparsity | block | impl | ms | speedup | peak memory (MiB) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
     for r in rows:
         base = dense.get((r["case"], r["shape"]))
         speedup = _fmt(base / r["ms"] if base and r["ms"] else None)
