@@ -10,9 +10,14 @@ traces around them and CUDA graphs capture them. The backward is written in the 
 
 where dZ is the gradient before the activation.
 Each op runs a Triton kernel on CUDA tensors and the plain PyTorch reference (``sparseblocks.reference``) elsewhere.
+Outside ``torch.compile``, :func:`spmm` runs the same implementations through a ``torch.autograd.Function``
+instead: a custom op's dispatch costs more CPU time than the kernels take on small layers.
 """
 
 # No `from __future__ import annotations` here: torch.library reads these annotations at run time.
+
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -37,7 +42,50 @@ def _matrix(values: torch.Tensor, index: list[torch.Tensor], shape: list[int]) -
     return BlockSparseMatrix.from_parts(values, shape, dict(zip(INDEX_NAMES, index, strict=False)))
 
 
-# ---------------------------------------------------------------------------------------------- forward
+def _index(w: BlockSparseMatrix) -> list[torch.Tensor]:
+    return [getattr(w, name) for name in INDEX_NAMES]
+
+
+# ---------------------------------------------------------------------------------------------- implementations
+# Triton on CUDA, the reference elsewhere. Shared by the custom ops (traced by torch.compile) and the eager path,
+# which calls them straight from an autograd.Function: a torch.library dispatch costs ~75 µs of CPU a call.
+
+
+def _forward(x: torch.Tensor, w: BlockSparseMatrix, bias: torch.Tensor | None, activation: str | None) -> torch.Tensor:
+    if use_triton(x):
+        from sparseblocks.kernels.spmm import spmm_triton
+
+        return spmm_triton(x, w, bias, activation)
+    return reference.spmm(x, w, bias, activation)
+
+
+def _activation_grad(
+    grad_out: torch.Tensor, x: torch.Tensor, w: BlockSparseMatrix, bias: torch.Tensor | None, activation: str
+) -> torch.Tensor:
+    if use_triton(x):
+        from sparseblocks.kernels.spmm import spmm_activation_grad_triton
+
+        return spmm_activation_grad_triton(grad_out, x, w, bias, activation)
+    return reference.spmm_activation_grad(grad_out, x, w, bias, activation)
+
+
+def _input_grad(grad_out: torch.Tensor, w: BlockSparseMatrix) -> torch.Tensor:
+    if use_triton(grad_out):
+        from sparseblocks.kernels.spmm import spmm_input_grad_triton
+
+        return spmm_input_grad_triton(grad_out, w)
+    return reference.spmm_input_grad(grad_out, w)
+
+
+def _sddmm(grad_out: torch.Tensor, x: torch.Tensor, w: BlockSparseMatrix) -> torch.Tensor:
+    if use_triton(x):
+        from sparseblocks.kernels.sddmm import sddmm_triton
+
+        return sddmm_triton(grad_out, x, w)
+    return reference.sddmm(grad_out, x, w)
+
+
+# ---------------------------------------------------------------------------------------------- custom ops
 
 
 @torch.library.custom_op("sparseblocks::spmm", mutates_args=())
@@ -49,20 +97,12 @@ def _spmm_op(
     bias: torch.Tensor | None,
     activation: str | None,
 ) -> torch.Tensor:
-    w = _matrix(values, index, shape)
-    if use_triton(x):
-        from sparseblocks.kernels.spmm import spmm_triton
-
-        return spmm_triton(x, w, bias, activation)
-    return reference.spmm(x, w, bias, activation)
+    return _forward(x, _matrix(values, index, shape), bias, activation)
 
 
 @_spmm_op.register_fake
 def _(x, values, index, shape, bias, activation):
     return x.new_empty((*x.shape[:-1], shape[0]))
-
-
-# ---------------------------------------------------------------------------------------------- backward
 
 
 @torch.library.custom_op("sparseblocks::spmm_activation_grad", mutates_args=())
@@ -75,12 +115,7 @@ def _spmm_activation_grad_op(
     bias: torch.Tensor | None,
     activation: str,
 ) -> torch.Tensor:
-    w = _matrix(values, index, shape)
-    if use_triton(x):
-        from sparseblocks.kernels.spmm import spmm_activation_grad_triton
-
-        return spmm_activation_grad_triton(grad_out, x, w, bias, activation)
-    return reference.spmm_activation_grad(grad_out, x, w, bias, activation)
+    return _activation_grad(grad_out, x, _matrix(values, index, shape), bias, activation)
 
 
 @_spmm_activation_grad_op.register_fake
@@ -92,12 +127,7 @@ def _(grad_out, x, values, index, shape, bias, activation):
 def _spmm_input_grad_op(
     grad_out: torch.Tensor, values: torch.Tensor, index: list[torch.Tensor], shape: list[int]
 ) -> torch.Tensor:
-    w = _matrix(values, index, shape)
-    if use_triton(grad_out):
-        from sparseblocks.kernels.spmm import spmm_input_grad_triton
-
-        return spmm_input_grad_triton(grad_out, w)
-    return reference.spmm_input_grad(grad_out, w)
+    return _input_grad(grad_out, _matrix(values, index, shape))
 
 
 @_spmm_input_grad_op.register_fake
@@ -110,17 +140,52 @@ def _sddmm_op(
     grad_out: torch.Tensor, x: torch.Tensor, values: torch.Tensor, index: list[torch.Tensor], shape: list[int]
 ) -> torch.Tensor:
     """The gradient of ``values``; ``values`` itself only says the tile shape and dtype."""
-    w = _matrix(values, index, shape)
-    if use_triton(x):
-        from sparseblocks.kernels.sddmm import sddmm_triton
-
-        return sddmm_triton(grad_out, x, w)
-    return reference.sddmm(grad_out, x, w)
+    return _sddmm(grad_out, x, _matrix(values, index, shape))
 
 
 @_sddmm_op.register_fake
 def _(grad_out, x, values, index, shape):
     return torch.empty_like(values)
+
+
+# ---------------------------------------------------------------------------------------------- autograd
+
+
+class _Backward(NamedTuple):
+    """The three backward computations, called with a ``BlockSparseMatrix``."""
+
+    activation_grad: Callable[..., torch.Tensor]
+    input_grad: Callable[..., torch.Tensor]
+    sddmm: Callable[..., torch.Tensor]
+
+
+_EAGER = _Backward(_activation_grad, _input_grad, _sddmm)
+_CUSTOM_OPS = _Backward(
+    lambda g, x, w, b, act: _spmm_activation_grad_op(g, x, w.values, _index(w), list(w.shape), b, act),
+    lambda g, w: _spmm_input_grad_op(g, w.values, _index(w), list(w.shape)),
+    lambda g, x, w: _sddmm_op(g, x, w.values, _index(w), list(w.shape)),
+)
+
+
+def _gradients(
+    kernels: _Backward,
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    w: BlockSparseMatrix,
+    bias: torch.Tensor | None,
+    activation: str | None,
+    needs: tuple[bool, bool, bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of x, values and bias (None where not needed); dZ first where there is an activation."""
+    needs_x, needs_values, needs_bias = needs
+    if activation is not None:
+        grad_out = kernels.activation_grad(grad_out, x, w, bias, activation)
+    grad_x = kernels.input_grad(grad_out, w) if needs_x else None
+    grad_values = kernels.sddmm(grad_out, x, w) if needs_values else None
+    grad_bias = None
+    if needs_bias:
+        grad_bias = grad_out.reshape(-1, w.shape[0]).sum(0, dtype=torch.float32).to(bias.dtype)
+    return grad_x, grad_values, grad_bias
 
 
 def _setup_context(ctx, inputs, output):
@@ -131,19 +196,31 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     x, values, bias, *index = ctx.saved_tensors
-    shape = ctx.shape
-    if ctx.activation is not None:
-        grad_out = _spmm_activation_grad_op(grad_out, x, values, index, shape, bias, ctx.activation)
-    needs_x, needs_values, _, _, needs_bias, _ = ctx.needs_input_grad
-    grad_x = _spmm_input_grad_op(grad_out, values, index, shape) if needs_x else None
-    grad_values = _sddmm_op(grad_out, x, values, index, shape) if needs_values else None
-    grad_bias = None
-    if needs_bias:
-        grad_bias = grad_out.reshape(-1, shape[0]).sum(0, dtype=torch.float32).to(bias.dtype)
+    needs = ctx.needs_input_grad
+    w = _matrix(values, index, ctx.shape)
+    grads = _gradients(_CUSTOM_OPS, grad_out, x, w, bias, ctx.activation, (needs[0], needs[1], needs[4]))
+    grad_x, grad_values, grad_bias = grads
     return grad_x, grad_values, [None] * len(index), None, grad_bias, None
 
 
 _spmm_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerSpmm(torch.autograd.Function):
+    """The same forward and backward as the custom op, without its dispatch cost: the path outside torch.compile."""
+
+    @staticmethod
+    def forward(ctx, x, values, bias, w, activation):
+        ctx.save_for_backward(x, values, bias)
+        ctx.w, ctx.activation = w, activation
+        return _forward(x, w, bias, activation)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, values, bias = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grads = _gradients(_EAGER, grad_out, x, ctx.w, bias, ctx.activation, (needs[0], needs[1], needs[2]))
+        return (*grads, None, None)
 
 
 # ---------------------------------------------------------------------------------------------- public
@@ -195,5 +272,6 @@ def spmm(
         w = BlockSparseMatrix.from_parts(w.values.to(dtype), w.shape, w.index_tensors())
         bias = None if bias is None else bias.to(dtype)
     check_spmm_inputs(x, w, bias, activation)
-    index = [getattr(w, name) for name in INDEX_NAMES]
-    return _spmm_op(x, w.values, index, list(w.shape), bias, activation)
+    if torch.compiler.is_compiling():
+        return _spmm_op(x, w.values, _index(w), list(w.shape), bias, activation)
+    return _EagerSpmm.apply(x, w.values, bias, w, activation)
