@@ -249,7 +249,9 @@ def check_spmm_inputs(x: torch.Tensor, w: BlockSparseMatrix, bias: torch.Tensor 
 
 
 def _autocasting(device_type: str) -> bool:
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    # A fixed device list rather than torch.amp.is_autocast_available, which torch.compile (2.11) cannot trace:
+    # it broke the graph at every sparse layer.
+    return device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type)
 
 
 def spmm(
