@@ -143,33 +143,51 @@ def _mlp_state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
     return total
 
 
+TRAIN_STEP_MODES = ("eager", "compiled", "cuda_graph")
+
+
 def _time_train_step(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, tokens: torch.Tensor, compiled: bool, repeats: int
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, tokens: torch.Tensor, mode: str, repeats: int
 ) -> tuple[float, int]:
     """Median ms of one forward/backward/AdamW step on ``tokens`` ``(B, T + 1)``, and the peak memory.
 
-    ``compiled``: forward and backward through ``torch.compile`` (Inductor, default mode) on both sides.
-    (``mode="reduce-overhead"`` fails on this model in torch 2.11 even dense: the tied embedding's gradient
-    reads a CUDA-graph output that a later partition overwrote.)
+    Modes, the same on both sides: ``eager``; ``compiled``, forward and backward through ``torch.compile``
+    (Inductor, default mode; ``mode="reduce-overhead"`` fails on this model in torch 2.11 even dense: the tied
+    embedding's gradient reads a CUDA-graph output that a later partition overwrote); ``cuda_graph``, the whole
+    step (forward, backward, AdamW with ``capturable=True``) captured once and replayed, which removes the CPU
+    cost of issuing it.
     """
-    forward = torch.compile(model) if compiled else model
+    forward = torch.compile(model) if mode == "compiled" else model
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             _, loss = forward(tokens[:, :-1], tokens[:, 1:])
         loss.backward()
         optimizer.step()
-        optimizer.zero_grad(set_to_none=False)
 
-    for _ in range(5):  # warm-up: compilation, autotuning, graph recording, optimizer state
-        step()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up off the default stream, as graph capture requires
+        for _ in range(5):  # compilation, autotuning, optimizer state
+            optimizer.zero_grad(set_to_none=mode == "cuda_graph")
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    run = step
+    if mode == "cuda_graph":
+        graph = torch.cuda.CUDAGraph()
+        optimizer.zero_grad(set_to_none=True)  # gradients are allocated inside the graph's memory pool
+        with torch.cuda.graph(graph):
+            step()
+        run = graph.replay
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        step()
+        run()
+        if mode != "cuda_graph":  # the graph's backward overwrites its gradients in place
+            optimizer.zero_grad(set_to_none=False)
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
@@ -177,24 +195,27 @@ def _time_train_step(
 
 
 def run_train_step(rows: list[dict], quick: bool, save: Callable[[], None]) -> None:
-    """The ``train_step`` section: GPT-2 small (12 x 768, 1024 tokens, vocab 50304), batch 8, eager and compiled."""
+    """The ``train_step`` section: GPT-2 small (12 x 768, 1024 tokens, vocab 50304), batch 8, in each mode."""
     from sparseblocks.gpt import GPT, GPTConfig, sparsify_mlps
 
     config = GPTConfig(vocab_size=50304, context=1024, layers=4 if quick else 12, heads=12, width=768)
     batch = 8
     dense_ms = {}
-    for mode, (sparsity, block) in itertools.product(("eager", "compiled"), [(0.0, None), (0.9, 64)]):
+    for mode, (sparsity, block) in itertools.product(TRAIN_STEP_MODES, [(0.0, None), (0.9, 64)]):
         torch.manual_seed(0)
         model = GPT(config).cuda()
         if block is not None:
             sparsify_mlps(model, sparsity, block, torch.Generator().manual_seed(0))
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=1e-4, weight_decay=0.1, fused=True, capturable=mode == "cuda_graph"
+        )
         tokens = torch.randint(config.vocab_size, (batch, config.context + 1)).cuda()
-        ms, peak = _time_train_step(model, optimizer, tokens, mode == "compiled", 5 if quick else 15)
+        ms, peak = _time_train_step(model, optimizer, tokens, mode, 5 if quick else 15)
         dense_ms.setdefault(mode, ms)
         rows.append({"case": "train_step", "shape": f"gpt2_small_{config.layers}x768_T1024_B{batch}", "dtype": "bf16",
                      "mode": mode, "sparsity": sparsity, "block": block,
-                     "impl": "dense" if block is None else "sparseblocks", "ms": ms, "timer": "eager",
+                     "impl": "dense" if block is None else "sparseblocks", "ms": ms,
+                     "timer": "cuda_graph" if mode == "cuda_graph" else "eager",
                      "peak_mem_bytes": peak, "mlp_state_bytes": _mlp_state_bytes(model, optimizer)})  # fmt: skip
         print(f"train_step {mode} s={sparsity} b={block}: {ms:.1f} ms ({dense_ms[mode] / ms:.2f}x), "
               f"MLP state {rows[-1]['mlp_state_bytes'] / 2**20:.0f} MiB", flush=True)  # fmt: skip
