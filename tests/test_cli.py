@@ -2,6 +2,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from sparseblocks.cli import main
 
@@ -26,3 +27,22 @@ def test_console_script_help():
 def test_bad_arguments_exit_with_usage():
     with pytest.raises(SystemExit):
         main(["demo", "--block", "24"])
+
+
+def test_sparsify_command_round_trips_a_hugging_face_folder(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    from sparseblocks.checkpoint import load_hf_sparse
+
+    config = transformers.BertConfig(
+        vocab_size=64, hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=80
+    )
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(tmp_path / "dense")
+    out = tmp_path / "sparse"
+    assert main(["sparsify", str(tmp_path / "dense"), "--sparsity", "0.5", "--block", "16", "--out", str(out)]) == 0
+    assert "4 layers replaced" in capsys.readouterr().out
+    assert (out / "config.json").exists() and not (out / "model.safetensors").exists()
+    model = load_hf_sparse(out)
+    tokens = torch.randint(64, (2, 8))
+    with torch.no_grad():
+        assert model(tokens).last_hidden_state.shape == (2, 8, 48)

@@ -1,13 +1,26 @@
 """sparseblocks: block-sparse transformers in PyTorch and Triton.
 
-Public API: :class:`BlockSparseMatrix` (the format), :func:`sparseblocks.ops.spmm` (the op),
-:class:`BlockSparseLinear` (the module).
+Public API: :class:`BlockSparseMatrix` (the format), :func:`spmm` (the op), :class:`BlockSparseLinear` (the
+module), :func:`sparsify` / :func:`densify` with :class:`SparsityConfig` (whole models), :func:`save_sparse` /
+:func:`load_sparse` (checkpoints).
 """
-
-from sparseblocks.format import BlockSparseMatrix
-from sparseblocks.nn import BlockSparseLinear
-from sparseblocks.ops import spmm
 
 __version__ = "0.1.0"
 
-__all__ = ["BlockSparseLinear", "BlockSparseMatrix", "__version__", "spmm"]
+from sparseblocks.checkpoint import load_sparse, save_sparse
+from sparseblocks.format import BlockSparseMatrix
+from sparseblocks.nn import BlockSparseLinear
+from sparseblocks.ops import spmm
+from sparseblocks.patch import SparsityConfig, densify, sparsify
+
+__all__ = [
+    "BlockSparseLinear",
+    "BlockSparseMatrix",
+    "SparsityConfig",
+    "__version__",
+    "densify",
+    "load_sparse",
+    "save_sparse",
+    "sparsify",
+    "spmm",
+]

@@ -75,6 +75,29 @@ def _bench_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sparsify(args: argparse.Namespace) -> int:
+    import shutil
+    from pathlib import Path
+
+    from transformers import AutoModel
+
+    from sparseblocks import SparsityConfig, save_sparse, sparsify
+
+    source, out = Path(args.model_dir), Path(args.out)
+    model = AutoModel.from_pretrained(source)
+    targets = args.targets.split(",")
+    exclude = args.exclude.split(",") if args.exclude else []
+    report = sparsify(model, SparsityConfig(args.sparsity, args.block, targets, exclude))
+    print(report)
+    save_sparse(model, out)
+    # The rest of the folder (config, tokenizer) comes along, so OUT is a Hugging Face folder again.
+    for path in source.iterdir():
+        if path.is_file() and path.suffix not in (".safetensors", ".bin", ".pt", ".pth"):
+            shutil.copy2(path, out / path.name)
+    print(f"saved to {out}; load it with sparseblocks.checkpoint.load_hf_sparse('{out}')")
+    return 0 if report.layers else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparseblocks", description="Block-sparse transformers: tools and demo.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -83,6 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--sparsity", type=float, default=0.9, help="fraction of blocks pruned (default 0.9)")
     demo.add_argument("--block", type=int, default=32, choices=(16, 32, 64, 128), help="block size (default 32)")
     demo.set_defaults(run=_demo)
+
+    sparsify = commands.add_parser("sparsify", help="sparsify a Hugging Face model folder and save it")
+    sparsify.add_argument("model_dir", help="a Hugging Face model folder (config.json and weights)")
+    sparsify.add_argument("--sparsity", type=float, default=0.9, help="fraction of tiles pruned (default 0.9)")
+    sparsify.add_argument("--block", type=int, default=32, choices=(16, 32, 64, 128), help="block size (default 32)")
+    sparsify.add_argument("--targets", default="mlp", help="comma-separated presets, globs or re:<regex> (default mlp)")
+    sparsify.add_argument("--exclude", default="", help="comma-separated presets, globs or re:<regex> to leave dense")
+    sparsify.add_argument("--out", required=True, help="output folder")
+    sparsify.set_defaults(run=_sparsify)
 
     bench = commands.add_parser("bench", help="GPU benchmarks against dense and the other sparse paths")
     benches = bench.add_subparsers(dest="bench", required=True)

@@ -1,0 +1,187 @@
+"""Save and load sparsified models: safetensors for the tensors, JSON for what the sparse layers are. No pickle.
+
+``save_sparse(model, folder)`` writes ``sparseblocks.safetensors`` (the whole state dict: the sparse layers' tiles
+and indices and every dense tensor, tied weights once) and ``sparseblocks.json`` (library version and, per sparse
+layer, its shape, block, tile count, density and dtype). ``load_sparse(folder, model)`` turns the named linears of
+a freshly built model into ``BlockSparseLinear`` and loads everything. Each tensor read from disk is checked against
+the JSON and each matrix is validated (index bounds, pointer monotonicity, shapes, dtypes) before any kernel can
+see it: a crafted file gets a ``ValueError`` that says what is wrong, never an illegal memory access.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_model
+from torch import nn
+
+from sparseblocks.format import BlockSparseMatrix, normalize_block_size
+from sparseblocks.nn import BlockSparseLinear
+from sparseblocks.patch import sparse_layers
+
+WEIGHTS_FILE = "sparseblocks.safetensors"
+CONFIG_FILE = "sparseblocks.json"
+FORMAT_VERSION = 1
+
+
+def save_sparse(model: nn.Module, folder: str | Path) -> Path:
+    """Write ``model``'s tensors and its sparse layers' description into ``folder`` (created); return the folder."""
+    from sparseblocks import __version__
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    layers = {}
+    for name, layer in sparse_layers(model).items():
+        matrix = layer.matrix
+        layers[name] = {
+            "out_features": layer.out_features,
+            "in_features": layer.in_features,
+            "block": list(matrix.block_shape),
+            "nnz": matrix.nnz,
+            "density": matrix.density,
+            "dtype": str(matrix.dtype).removeprefix("torch."),
+            "bias": layer.bias is not None,
+        }
+    config = {"format": "sparseblocks", "format_version": FORMAT_VERSION, "library_version": __version__}
+    (folder / CONFIG_FILE).write_text(json.dumps({**config, "layers": layers}, indent=1) + "\n")
+    save_model(model, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    return folder
+
+
+def _read_config(folder: Path) -> dict:
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{folder / CONFIG_FILE}: not a readable sparseblocks config ({error})") from error
+    if not isinstance(config, dict) or config.get("format") != "sparseblocks":
+        raise ValueError(f"{folder / CONFIG_FILE}: not a sparseblocks config")
+    if config.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{folder / CONFIG_FILE}: format_version {config.get('format_version')!r} is not supported")
+    layers = config.get("layers")
+    if not isinstance(layers, dict):
+        raise ValueError(f"{folder / CONFIG_FILE}: 'layers' must be a mapping")
+    for name, entry in layers.items():
+        fields = ("out_features", "in_features", "nnz")
+        if not isinstance(entry, dict) or any(not isinstance(entry.get(f), int) or entry[f] < 0 for f in fields):
+            raise ValueError(f"{CONFIG_FILE}: layer {name!r} needs non-negative integers {fields}")
+        if not isinstance(entry.get("bias"), bool):
+            raise ValueError(f"{CONFIG_FILE}: layer {name!r} needs a boolean 'bias'")
+        normalize_block_size(entry.get("block"))
+    return config
+
+
+def _load_layer(name: str, entry: dict, tensors: dict[str, torch.Tensor]) -> BlockSparseLinear:
+    """Check a layer's tensors against its JSON entry and build the module (validating the matrix)."""
+    bn, bk = normalize_block_size(entry["block"])
+    expected = {
+        "values": (entry["nnz"], bn, bk),
+        "crow_indices": (-(-entry["out_features"] // bn) + 1,),
+        "col_indices": (entry["nnz"],),
+    }
+    if entry["bias"]:
+        expected["bias"] = (entry["out_features"],)
+    for part, shape in expected.items():
+        tensor = tensors.get(f"{name}.{part}")
+        if tensor is None:
+            raise ValueError(f"layer {name!r}: the weights file has no tensor {name}.{part}")
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"layer {name!r}: {part} has shape {tuple(tensor.shape)}, expected {shape}")
+    values, bias = tensors[f"{name}.values"], tensors.get(f"{name}.bias") if entry["bias"] else None
+    if not values.is_floating_point() or (bias is not None and bias.dtype != values.dtype):
+        raise ValueError(f"layer {name!r}: values and bias must share one floating dtype")
+    shape = (entry["out_features"], entry["in_features"])
+    try:
+        matrix = BlockSparseMatrix(values, tensors[f"{name}.crow_indices"], tensors[f"{name}.col_indices"], shape)
+    except ValueError as error:
+        raise ValueError(f"layer {name!r}: {error}") from error
+    return BlockSparseLinear.from_matrix(matrix, bias)
+
+
+def _materialize_meta(model: nn.Module) -> None:
+    """Give parameters and persistent buffers on ``meta`` uninitialised CPU storage (tied ones stay tied); the
+    checkpoint fills them. A non-persistent buffer on ``meta`` cannot be recovered from any file: an error."""
+    lost = [
+        f"{name}.{key}" if name else key
+        for name, module in model.named_modules()
+        for key, buffer in module._buffers.items()
+        if buffer is not None and buffer.is_meta and key in module._non_persistent_buffers_set
+    ]
+    if lost:
+        raise ValueError(
+            f"the model has buffers on the meta device that no checkpoint holds ({', '.join(lost[:3])}): "
+            "build it with only its parameters on meta (e.g. accelerate.init_empty_weights()), or on a real device"
+        )
+    materialized: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for store in (module._parameters, module._buffers):
+            for key, tensor in store.items():
+                if tensor is None or not tensor.is_meta:
+                    continue
+                if id(tensor) not in materialized:
+                    empty = torch.empty_like(tensor, device="cpu")
+                    if isinstance(tensor, nn.Parameter):
+                        empty = nn.Parameter(empty, requires_grad=tensor.requires_grad)
+                    materialized[id(tensor)] = empty
+                store[key] = materialized[id(tensor)]
+
+
+def load_sparse(folder: str | Path, model: nn.Module, strict: bool = True) -> nn.Module:
+    """Load a ``save_sparse`` folder into ``model`` (same architecture, freshly built, on any device or on
+    ``meta``): its saved sparse layers become ``BlockSparseLinear`` and every tensor is loaded. Returns ``model``.
+
+    strict: the file and the model must hold the same tensors (tied weights count once).
+    """
+    folder = Path(folder)
+    config = _read_config(folder)
+    try:
+        with safe_open(str(folder / WEIGHTS_FILE), framework="pt", device="cpu") as file:
+            tensors = {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118 (safe_open is no dict)
+    except (OSError, SafetensorError) as error:
+        raise ValueError(f"{folder / WEIGHTS_FILE}: not a readable safetensors file ({error})") from error
+
+    _materialize_meta(model)
+    device = next((t.device for t in model.parameters()), torch.device("cpu"))
+    sparse_keys = set()
+    for name, entry in config["layers"].items():
+        try:
+            current = model.get_submodule(name)
+        except AttributeError as error:
+            raise ValueError(f"layer {name!r} of the checkpoint is not in the model") from error
+        if not isinstance(current, nn.Linear | BlockSparseLinear) or (
+            (current.out_features, current.in_features) != (entry["out_features"], entry["in_features"])
+        ):
+            raise ValueError(
+                f"layer {name!r}: the model has {current!r}, the checkpoint a "
+                f"{entry['out_features']}x{entry['in_features']} linear"
+            )
+        layer = _load_layer(name, entry, tensors).to(device)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
+        sparse_keys.update(f"{name}.{key}" for key in layer.state_dict())
+
+    dense = {key: tensor for key, tensor in tensors.items() if key not in sparse_keys}
+    result = model.load_state_dict(dense, strict=False)
+    if strict:
+        state = model.state_dict()
+        loaded_storage = {state[key].untyped_storage().data_ptr() for key in dense if key in state}
+        missing = [
+            key
+            for key in result.missing_keys
+            if key not in sparse_keys and state[key].untyped_storage().data_ptr() not in loaded_storage
+        ]
+        if missing or result.unexpected_keys:
+            unexpected = result.unexpected_keys[:5]
+            raise ValueError(f"checkpoint and model differ: missing {missing[:5]}, unexpected {unexpected}")
+    return model
+
+
+def load_hf_sparse(folder: str | Path, model_class: type | None = None) -> nn.Module:
+    """A Hugging Face model folder written by ``sparseblocks sparsify``: built from its ``config.json``
+    (``model_class`` defaults to ``transformers.AutoModel``), then :func:`load_sparse`; in eval mode."""
+    from transformers import AutoConfig, AutoModel
+
+    model = (model_class or AutoModel).from_config(AutoConfig.from_pretrained(folder))
+    return load_sparse(folder, model).eval()

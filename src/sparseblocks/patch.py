@@ -1,0 +1,214 @@
+"""One-line sparsification of whole models: ``sparsify(model, SparsityConfig(...))`` and ``densify(model)``.
+
+Which linears a preset means is the one piece of per-architecture knowledge, kept in :data:`PRESETS` (module-name
+patterns for HF Llama/Mistral/Qwen2, BERT and sentence-transformers, HF ViT, timm ViT, torchvision ViT and
+``sparseblocks.gpt``). Module *instances* are replaced, so a model's own forward keeps working unchanged.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from sparseblocks.nn import BlockSparseLinear
+
+logger = logging.getLogger("sparseblocks")
+
+# Regular expressions over full module names (``named_modules``), per preset.
+PRESETS: dict[str, tuple[str, ...]] = {
+    "mlp": (
+        r"(^|\.)mlp\.(gate_proj|up_proj|down_proj)$",  # HF Llama, Mistral, Qwen2
+        r"(^|\.)mlp\.(fc1|fc2)$",  # timm Mlp, HF ViT (transformers 5)
+        r"(^|\.)mlp\.(fc|proj)$",  # sparseblocks.gpt
+        r"(^|\.)mlp\.(0|3)$",  # torchvision MLPBlock (Linear, GELU, Dropout, Linear, Dropout)
+        r"(^|\.)intermediate\.dense$",  # BERT, sentence-transformers, HF ViT (transformers 4)
+        r"(^|\.)layer\.\d+\.output\.dense$",  # their second MLP linear (not attention.output.dense)
+    ),
+    "attention": (
+        r"(^|\.)self_attn\.(q_proj|k_proj|v_proj|o_proj)$",  # HF Llama, Mistral, Qwen2
+        r"(^|\.)attention\.(self|attention)\.(query|key|value)$",  # BERT, HF ViT (transformers 4)
+        r"(^|\.)attention\.output\.dense$",
+        r"(^|\.)attention\.(q_proj|k_proj|v_proj|o_proj)$",  # HF ViT (transformers 5)
+        r"(^|\.)attn\.(qkv|proj)$",  # timm ViT, sparseblocks.gpt
+    ),
+    # every nn.Linear but the output heads, which pruning usually leaves dense
+    "all-linear": (r"^(?!(.*\.)?(lm_head|head|heads|classifier)(\.|$)).+$",),
+}
+
+
+@dataclass
+class SparsityConfig:
+    """What :func:`sparsify` does.
+
+    sparsity: fraction of tiles pruned, one number or ``{pattern: sparsity}`` (first matching pattern wins; a
+    targeted module no pattern matches is an error). block_size: 16, 32, 64, 128 or a ``(bn, bk)`` pair.
+    targets / exclude: preset names (``"mlp"``, ``"attention"``, ``"all-linear"``), shell globs over module names
+    (``"model.layers.*.mlp.up_proj"``) or regular expressions written ``"re:..."``. method: how tiles are chosen;
+    ``"magnitude"`` keeps the tiles of largest L2 norm.
+    """
+
+    sparsity: float | Mapping[str, float] = 0.9
+    block_size: int | tuple[int, int] = 64
+    targets: str | Sequence[str] = "mlp"
+    exclude: str | Sequence[str] = ()
+    method: str = "magnitude"
+
+    def __post_init__(self) -> None:
+        if self.method != "magnitude":
+            raise ValueError(f"method must be 'magnitude' (block L2 norm), got {self.method!r}")
+        values = self.sparsity.values() if isinstance(self.sparsity, Mapping) else [self.sparsity]
+        for value in values:
+            if not 0.0 <= float(value) < 1.0:
+                raise ValueError(f"sparsity must lie in [0, 1), got {value}")
+
+    def sparsity_of(self, name: str) -> float:
+        if not isinstance(self.sparsity, Mapping):
+            return float(self.sparsity)
+        for pattern, value in self.sparsity.items():
+            if _matches(name, [pattern]):
+                return float(value)
+        raise ValueError(f"no entry of the sparsity mapping matches module {name!r}")
+
+
+@dataclass
+class LayerReport:
+    name: str
+    shape: tuple[int, int]  # (out_features, in_features)
+    block: tuple[int, int]
+    density: float
+    params_before: int
+    params_after: int
+    bytes_before: int
+    bytes_after: int
+
+
+@dataclass
+class SparsifyReport:
+    """What :func:`sparsify` replaced; ``str()`` gives a table."""
+
+    layers: list[LayerReport] = field(default_factory=list)
+    model_params_before: int = 0
+    model_params_after: int = 0
+    model_bytes_before: int = 0
+    model_bytes_after: int = 0
+
+    def __str__(self) -> str:
+        lines = [f"{'layer':<48} {'shape':>12} {'block':>7} {'density':>8} {'params':>17} {'bytes':>21}"]
+        for r in self.layers:
+            lines.append(
+                f"{r.name:<48} {f'{r.shape[0]}x{r.shape[1]}':>12} {f'{r.block[0]}x{r.block[1]}':>7} "
+                f"{r.density:>8.3f} {f'{r.params_before:,} -> {r.params_after:,}':>17} "
+                f"{f'{r.bytes_before:,} -> {r.bytes_after:,}':>21}"
+            )
+        lines.append(
+            f"{len(self.layers)} layers replaced; model parameters {self.model_params_before:,} -> "
+            f"{self.model_params_after:,}, bytes {self.model_bytes_before:,} -> {self.model_bytes_after:,} "
+            f"({self.model_bytes_after / max(self.model_bytes_before, 1):.3f}x)"
+        )
+        return "\n".join(lines)
+
+
+def _as_list(patterns: str | Sequence[str]) -> list[str]:
+    return [patterns] if isinstance(patterns, str) else list(patterns)
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    for pattern in patterns:
+        if pattern in PRESETS:
+            if any(re.search(expression, name) for expression in PRESETS[pattern]):
+                return True
+        elif pattern.startswith("re:"):
+            if re.search(pattern[3:], name):
+                return True
+        elif fnmatch.fnmatchcase(name, pattern):
+            return True
+    return False
+
+
+def model_size(model: nn.Module) -> tuple[int, int]:
+    """(parameters, bytes) of a model: every parameter and buffer, each shared tensor counted once."""
+    params = {id(p): p for p in model.parameters()}
+    tensors = {**params, **{id(b): b for b in model.buffers()}}
+    return sum(p.numel() for p in params.values()), sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def sparsify(model: nn.Module, config: SparsityConfig | None = None) -> SparsifyReport:
+    """Replace the targeted ``nn.Linear`` modules of ``model`` by ``BlockSparseLinear`` in place; return a report.
+
+    Shapes that are not a multiple of the block are padded, never skipped. Raises ``ValueError`` for a target
+    whose weight is shared (tied) with another module; leaves ``nn.MultiheadAttention``'s ``out_proj`` dense with a
+    warning (that module reads the weight directly); warns when nothing matched.
+    """
+    config = config or SparsityConfig()
+    targets, exclude = _as_list(config.targets), _as_list(config.exclude)
+    params_before, bytes_before = model_size(model)
+    weight_users: dict[int, int] = {}
+    for module in model.modules():
+        for parameter in module.parameters(recurse=False):
+            weight_users[id(parameter)] = weight_users.get(id(parameter), 0) + 1
+
+    report = SparsifyReport()
+    chosen = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or not _matches(name, targets) or _matches(name, exclude):
+            continue
+        parent_name = name.rpartition(".")[0]
+        if isinstance(model.get_submodule(parent_name) if parent_name else model, nn.MultiheadAttention):
+            # it reads the linear's weight directly, so a swapped module would never run
+            logger.warning("sparsify: %s stays dense: nn.MultiheadAttention does not call its out_proj", name)
+            continue
+        if weight_users[id(module.weight)] > 1:
+            raise ValueError(f"{name}: its weight is shared (tied) with another module; exclude it")
+        chosen.append((name, module))
+
+    for name, linear in chosen:
+        sparse = BlockSparseLinear.from_linear(linear, config.sparsity_of(name), config.block_size)
+        _replace(model, name, sparse)
+        matrix = sparse.matrix
+        before = [t for t in (linear.weight, linear.bias) if t is not None]
+        report.layers.append(
+            LayerReport(
+                name=name,
+                shape=matrix.shape,
+                block=matrix.block_shape,
+                density=matrix.density,
+                params_before=sum(t.numel() for t in before),
+                params_after=model_size(sparse)[0],
+                bytes_before=sum(t.numel() * t.element_size() for t in before),
+                bytes_after=model_size(sparse)[1],
+            )
+        )
+    report.model_params_before, report.model_bytes_before = params_before, bytes_before
+    report.model_params_after, report.model_bytes_after = model_size(model)
+    if not report.layers:
+        message = (
+            f"sparsify: no nn.Linear matched targets={targets} (exclude={exclude}); the model is unchanged. "
+            f"Targets are presets {sorted(PRESETS)}, shell globs over module names, or 're:<regex>'."
+        )
+        logger.warning(message)
+        warnings.warn(message, UserWarning, stacklevel=2)
+    return report
+
+
+def densify(model: nn.Module) -> nn.Module:
+    """Replace every ``BlockSparseLinear`` by an equivalent dense ``nn.Linear`` (zeros where pruned), in place."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BlockSparseLinear):
+            _replace(model, name, module.to_linear())
+    return model
+
+
+def sparse_layers(model: nn.Module) -> dict[str, BlockSparseLinear]:
+    """The ``BlockSparseLinear`` modules of a model, by name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, BlockSparseLinear)}

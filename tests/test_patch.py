@@ -1,0 +1,216 @@
+"""sparsify / densify and save_sparse / load_sparse on tiny random models of every family the presets know."""
+
+import copy
+import json
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import relative_error
+from sparseblocks import BlockSparseLinear, SparsityConfig, densify, load_sparse, save_sparse, sparsify
+from sparseblocks.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+from sparseblocks.gpt import GPT, GPTConfig
+
+logging.getLogger("sparseblocks").setLevel(logging.ERROR)  # the CPU-reference notice
+
+
+def _hf(config_name, model_name, **sizes):
+    transformers = pytest.importorskip("transformers")
+    config = getattr(transformers, config_name)(**sizes)
+    return lambda: getattr(transformers, model_name)(config).eval()
+
+
+TEXT = dict(vocab_size=64, hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=80)
+LLAMA = dict(TEXT, num_key_value_heads=1, tie_word_embeddings=False)
+VIT = dict(TEXT, image_size=16, patch_size=8)
+del VIT["vocab_size"]
+
+
+def _timm():
+    timm = pytest.importorskip("timm")
+    return lambda: timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=16, num_classes=10).eval()
+
+
+def _torchvision():
+    models = pytest.importorskip("torchvision.models")
+    return lambda: models.VisionTransformer(32, 16, 2, 2, 48, 80, num_classes=10).eval()
+
+
+def _gpt():
+    return lambda: GPT(GPTConfig(vocab_size=64, context=16, layers=2, heads=2, width=48)).eval()
+
+
+# family -> (builder, example input, linears per layer that the "mlp" preset takes)
+FAMILIES = {
+    "bert": (lambda: _hf("BertConfig", "BertModel", **TEXT), "tokens", 2),
+    "llama": (lambda: _hf("LlamaConfig", "LlamaForCausalLM", **LLAMA), "tokens", 3),
+    "mistral": (lambda: _hf("MistralConfig", "MistralForCausalLM", **LLAMA), "tokens", 3),
+    "qwen2": (lambda: _hf("Qwen2Config", "Qwen2ForCausalLM", **LLAMA), "tokens", 3),
+    "hf_vit": (lambda: _hf("ViTConfig", "ViTModel", **VIT), "image16", 2),
+    "timm_vit": (_timm, "image32", 2),
+    "torchvision_vit": (_torchvision, "image32", 2),
+    "gpt": (_gpt, "tokens", 2),
+}
+
+
+def _output(model, kind):
+    generator = torch.Generator().manual_seed(1)
+    if kind == "tokens":
+        x = torch.randint(64, (2, 16), generator=generator)
+    else:
+        size = 16 if kind == "image16" else 32
+        x = torch.randn(2, 3, size, size, generator=generator)
+    out = model(x)
+    if isinstance(out, tuple):
+        return out[0]
+    return getattr(out, "logits", None) if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sparsify_matches_masked_dense_and_survives_save_and_load(family, tmp_path):
+    make, kind, per_layer = FAMILIES[family]
+    build = make()
+    torch.manual_seed(0)
+    model = build()
+    report = sparsify(model, SparsityConfig(sparsity=0.5, block_size=16, targets="mlp"))
+    assert len(report.layers) == 2 * per_layer, [r.name for r in report.layers]
+    assert report.model_bytes_after < report.model_bytes_before
+    with torch.no_grad():
+        out = _output(model, kind)
+        masked_dense = _output(densify(copy.deepcopy(model)), kind)
+    assert relative_error(out, masked_dense) < 1e-5
+
+    save_sparse(model, tmp_path)
+    torch.manual_seed(123)  # another random init: everything must come from the file
+    with torch.no_grad():
+        assert torch.equal(out, _output(load_sparse(tmp_path, build()), kind))
+        with torch.device("meta"):
+            skeleton = build()
+        if any(True for _ in skeleton.buffers()):  # derived buffers (positions, rotary tables) need a real init
+            with pytest.raises(ValueError, match="buffers on the meta device"):
+                load_sparse(tmp_path, skeleton)
+            skeleton = _parameters_on_meta(build())
+        assert torch.equal(out, _output(load_sparse(tmp_path, skeleton), kind))
+
+
+def _parameters_on_meta(model):
+    """What accelerate's init_empty_weights() builds: parameters on meta (tied ones stay tied), buffers real."""
+    moved = {}
+    for module in model.modules():
+        for key, parameter in module._parameters.items():
+            if parameter is not None:
+                moved.setdefault(id(parameter), nn.Parameter(parameter.to("meta"), parameter.requires_grad))
+                module._parameters[key] = moved[id(parameter)]
+    return model
+
+
+def test_presets_exclude_and_per_module_sparsity():
+    model = FAMILIES["llama"][0]()()
+    report = sparsify(model, SparsityConfig(0.5, 16, targets="attention", exclude="*.layers.1.*"))
+    assert [r.name.rsplit(".", 1)[1] for r in report.layers] == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    model = FAMILIES["llama"][0]()()
+    report = sparsify(model, SparsityConfig({"*.up_proj": 0.75, "re:.*": 0.25}, 16, targets="all-linear"))
+    names = [r.name for r in report.layers]
+    assert "lm_head" not in names and len(names) == 14
+    densities = {r.name.rsplit(".", 1)[1]: r.density for r in report.layers}
+    # whole tiles: 4 of 15 and 7 of 9
+    assert densities["up_proj"] == pytest.approx(4 / 15) and densities["q_proj"] == pytest.approx(7 / 9)
+
+
+def test_ragged_shapes_are_padded_not_skipped():
+    model = nn.Sequential(nn.Linear(50, 70), nn.ReLU(), nn.Linear(70, 30))
+    report = sparsify(model, SparsityConfig(0.5, 32, targets="all-linear"))
+    assert len(report.layers) == 2 and all(isinstance(m, BlockSparseLinear) for m in (model[0], model[2]))
+
+
+def test_no_match_warns_and_tied_weights_are_refused():
+    model = nn.Sequential(nn.Linear(32, 32))
+    with pytest.warns(UserWarning, match="no nn.Linear matched"):
+        report = sparsify(model, SparsityConfig(targets="mlp"))
+    assert not report.layers and isinstance(model[0], nn.Linear)
+    tied = FAMILIES["llama"][0]()()
+    tied.lm_head.weight = tied.model.embed_tokens.weight
+    with pytest.raises(ValueError, match="shared"):
+        sparsify(tied, SparsityConfig(targets="re:lm_head"))
+    with pytest.raises(ValueError, match="sparsity must lie"):
+        SparsityConfig(sparsity=1.0)
+
+
+def test_multihead_attention_out_proj_stays_dense():
+    model = nn.Sequential(nn.MultiheadAttention(32, 2))
+    with pytest.warns(UserWarning, match="no nn.Linear matched"):
+        sparsify(model, SparsityConfig(targets="all-linear", block_size=16))
+    assert type(model[0].out_proj) is not BlockSparseLinear
+
+
+def test_compiled_sparse_model_matches_eager():
+    torch.manual_seed(0)
+    model = _gpt()()
+    sparsify(model, SparsityConfig(0.5, 16))
+    tokens = torch.randint(64, (2, 16))
+    with torch.no_grad():
+        expected = model(tokens)[0]
+        compiled = torch.compile(model)(tokens)[0]  # Inductor, for real: the custom op inside a compiled graph
+    assert relative_error(compiled, expected) < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------- bad files
+
+
+@pytest.fixture
+def saved(tmp_path):
+    torch.manual_seed(0)
+    model = _gpt()()
+    sparsify(model, SparsityConfig(0.5, 16))
+    save_sparse(model, tmp_path)
+    return tmp_path
+
+
+def _rewrite(folder, change):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / WEIGHTS_FILE)
+    change(tensors)
+    save_file(tensors, folder / WEIGHTS_FILE)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda t: t["blocks.0.mlp.fc.col_indices"].fill_(10**6), "col_indices must lie"),
+        (lambda t: t["blocks.0.mlp.fc.col_indices"].fill_(-1), "col_indices must lie"),
+        (lambda t: t.update({"blocks.0.mlp.fc.crow_indices": t["blocks.0.mlp.fc.crow_indices"].flip(0).contiguous()}),
+         "crow_indices"),
+        (lambda t: t.update({"blocks.0.mlp.fc.values": t["blocks.0.mlp.fc.values"][:-1].contiguous()}), "has shape"),
+        (lambda t: t.update({"blocks.0.mlp.fc.col_indices": t["blocks.0.mlp.fc.col_indices"].long()}), "int32"),
+        (lambda t: t.update({"blocks.0.mlp.fc.values": t["blocks.0.mlp.fc.values"].to(torch.int32)}), "floating"),
+        (lambda t: t.pop("blocks.1.mlp.proj.bias"), "no tensor"),
+    ],
+)  # fmt: skip
+def test_corrupted_weights_are_rejected_clearly(saved, change, message):
+    _rewrite(saved, change)
+    with pytest.raises(ValueError, match=message):
+        load_sparse(saved, _gpt()())
+
+
+def test_truncated_file_and_bad_config_are_rejected(saved):
+    data = (saved / WEIGHTS_FILE).read_bytes()
+    (saved / WEIGHTS_FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        load_sparse(saved, _gpt()())
+    config = json.loads((saved / CONFIG_FILE).read_text())
+    config["layers"]["blocks.0.mlp.fc"]["block"] = [16, 48]
+    (saved / CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="block_size"):
+        load_sparse(saved, _gpt()())
+    (saved / CONFIG_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match="not a readable sparseblocks config"):
+        load_sparse(saved, _gpt()())
+
+
+def test_checkpoint_for_another_model_is_rejected(saved):
+    other = GPT(GPTConfig(vocab_size=64, context=16, layers=2, heads=2, width=32))
+    with pytest.raises(ValueError, match="the checkpoint a"):
+        load_sparse(saved, other)
