@@ -63,9 +63,11 @@ def _output(model, kind):
         size = 16 if kind == "image16" else 32
         x = torch.randn(2, 3, size, size, generator=generator)
     out = model(x)
-    if isinstance(out, tuple):
+    if isinstance(out, torch.Tensor):  # timm, torchvision
+        return out
+    if isinstance(out, tuple):  # sparseblocks.gpt: (logits, loss)
         return out[0]
-    return getattr(out, "logits", None) if getattr(out, "logits", None) is not None else out.last_hidden_state
+    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
 
 
 @pytest.mark.parametrize("family", FAMILIES)
