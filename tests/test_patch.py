@@ -30,7 +30,7 @@ del VIT["vocab_size"]
 
 def _timm():
     timm = pytest.importorskip("timm")
-    return lambda: timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=16, num_classes=10).eval()
+    return lambda: timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=16, num_classes=10, depth=2).eval()
 
 
 def _torchvision():
