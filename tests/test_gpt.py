@@ -1,13 +1,13 @@
 """The small GPT and character data behind the training benchmarks and the tinyshakespeare experiments."""
 
+import copy
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import relative_error
-from sparseblocks import BlockSparseLinear
-from sparseblocks.demo import masked_dense_twin
+from sparseblocks import BlockSparseLinear, densify
 from sparseblocks.gpt import GPT, CharData, GPTConfig, sparsify_mlps, train
 
 TINY = GPTConfig(vocab_size=12, context=16, layers=2, heads=2, width=32)
@@ -22,7 +22,7 @@ def test_sparse_mlps_compute_what_the_masked_dense_model_does():
     assert all(abs(layer.matrix.density - 0.5) < 1e-9 for layer in layers)
     tokens = torch.randint(12, (3, 16))
     logits, loss = model(tokens, tokens)
-    twin_logits, _ = masked_dense_twin(model)(tokens)
+    twin_logits, _ = densify(copy.deepcopy(model))(tokens)
     assert logits.shape == (3, 16, 12) and loss.dim() == 0
     assert relative_error(logits, twin_logits) < 1e-5
 

@@ -216,3 +216,19 @@ def test_checkpoint_for_another_model_is_rejected(saved):
     other = GPT(GPTConfig(vocab_size=64, context=16, layers=2, heads=2, width=32))
     with pytest.raises(ValueError, match="the checkpoint a"):
         load_sparse(saved, other)
+
+
+def test_patched_model_casts_autocasts_and_reloads_its_state_dict():
+    torch.manual_seed(0)
+    model = _gpt()()
+    sparsify(model, SparsityConfig(0.5, 16))
+    tokens = torch.randint(64, (2, 16))
+    with torch.no_grad():
+        expected = model(tokens)[0]
+        assert relative_error(copy.deepcopy(model).to(torch.float64)(tokens)[0], expected) < 1e-5
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert relative_error(model(tokens)[0], expected) < 5e-2
+        other = _gpt()()  # another pattern (another tile count): load_state_dict resizes to the saved one
+        sparsify(other, SparsityConfig(0.75, 16))
+        other.load_state_dict(model.state_dict())
+        assert torch.equal(other(tokens)[0], expected)

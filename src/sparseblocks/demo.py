@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from sparseblocks.backend import describe
-from sparseblocks.nn import BlockSparseLinear
+from sparseblocks.patch import SparsityConfig, densify, model_size, sparsify
 
 
 def minilm_mlp_stack(layers: int = 6, width: int = 384, hidden: int = 1536) -> nn.Sequential:
@@ -21,50 +21,22 @@ def minilm_mlp_stack(layers: int = 6, width: int = 384, hidden: int = 1536) -> n
     )
 
 
-def sparsify_linears(model: nn.Module, sparsity: float, block_size: int) -> list[str]:
-    """Replace every ``nn.Linear`` by a ``BlockSparseLinear`` (block-norm magnitude); return their names."""
-    replaced = []
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(module, child_name, BlockSparseLinear.from_linear(child, sparsity, block_size))
-                replaced.append(f"{name}.{child_name}" if name else child_name)
-    return replaced
-
-
-def masked_dense_twin(model: nn.Module) -> nn.Module:
-    """A copy with each ``BlockSparseLinear`` turned back into a dense ``nn.Linear`` (zeros where pruned)."""
-    twin = copy.deepcopy(model)
-    for module in list(twin.modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, BlockSparseLinear):
-                setattr(module, child_name, child.to_linear())
-    return twin
-
-
-def model_bytes(model: nn.Module) -> tuple[int, int]:
-    """(parameters, bytes) of a model: every parameter and buffer, indices included."""
-    params = sum(p.numel() for p in model.parameters())
-    tensors = [*model.parameters(), *model.buffers()]
-    return params, sum(t.numel() * t.element_size() for t in tensors)
-
-
 def run_demo(sparsity: float = 0.9, block_size: int = 32, tokens: int = 512, seed: int = 0) -> float:
     """Print the demo's report; return the relative error of the sparse model against the masked dense one."""
     torch.manual_seed(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dense = minilm_mlp_stack().to(device)
     sparse = copy.deepcopy(dense)
-    replaced = sparsify_linears(sparse, sparsity, block_size)
-    reference = masked_dense_twin(sparse)
+    report = sparsify(sparse, SparsityConfig(sparsity, block_size, targets="all-linear"))
+    reference = densify(copy.deepcopy(sparse))
 
     x = torch.randn(tokens, 384, device=device)
     with torch.no_grad():
         out, expected = sparse(x), reference(x)
     error = ((out - expected).norm() / expected.norm()).item()
 
-    (dense_params, dense_bytes), (sparse_params, sparse_bytes) = model_bytes(dense), model_bytes(sparse)
-    print(f"sparseblocks demo: MiniLM-L6 MLP stack, {len(replaced)} linears -> BlockSparseLinear")
+    (dense_params, dense_bytes), (sparse_params, sparse_bytes) = model_size(dense), model_size(sparse)
+    print(f"sparseblocks demo: MiniLM-L6 MLP stack, {len(report.layers)} linears -> BlockSparseLinear")
     print(f"  sparsity {sparsity:.0%}, blocks {block_size}x{block_size}, ops: {describe()}")
     print(f"  {'':<10}{'params':>12}{'bytes':>14}")
     print(f"  {'dense':<10}{dense_params:>12,}{dense_bytes:>14,}")
