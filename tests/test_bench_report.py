@@ -79,3 +79,20 @@ def test_train_report_renders_tables_and_plots(tmp_path):
     assert "| mlp | vit_b | 0.9 | 64 | sparseblocks | 1.000 | 3.00x | 1024 |" in tables
     assert "| eager | 0.9 | 64 | 160.0 | 1.25x | 1024 | 0.0 | 0.110x |" in tables
     assert "largest difference at any single step: 0.1000" in tables
+
+
+def test_decode_table_renders(tmp_path):
+    from sparseblocks.bench.decode import _write_table
+
+    rows = [
+        {"shape": "llama_8b_up", "M": 1, "sparsity": 0.0, "block": None, "impl": "dense", "us": 30.0, "floor_us": 25.0},
+        {"shape": "llama_8b_up", "M": 1, "sparsity": 0.9, "block": 64, "impl": "sparseblocks", "us": 6.0,
+         "floor_us": 3.0},
+        {"shape": "llama_8b_up", "M": 1, "sparsity": 0.9, "block": 64, "impl": "torch_bsr", "us": 24.0,
+         "floor_us": 3.0},
+    ]  # fmt: skip
+    path = tmp_path / "decode.json"
+    path.write_text(json.dumps({"gpu": "H200", "torch": "2.11", "triton": "3.6", "commit": "x", "command": "c",
+                                "rows": rows}))  # fmt: skip
+    table = _write_table(path).read_text()
+    assert "| llama_8b_up | 1 | 0.9 | 64 | 30.0 | 6.0 | 5.00x | 1.25x | 10.00x | 50% |" in table

@@ -98,6 +98,15 @@ def _sparsify(args: argparse.Namespace) -> int:
     return 0 if report.layers else 1
 
 
+def _bench_decode(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from sparseblocks.bench import decode
+
+    decode.run(args.quick, args.out and Path(args.out), args.name, "sparseblocks " + shlex.join(args.argv))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparseblocks", description="Block-sparse transformers: tools and demo.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -130,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench_spmm.add_argument("--name", default="spmm", help="result file stem (default spmm)")
     bench_spmm.add_argument("--out", help="folder for spmm.json and plots (default benchmarks/results/<gpu>)")
     bench_spmm.set_defaults(run=_bench_spmm)
+
+    bench_decode = benches.add_parser("decode", help="Y = X·Wᵀ at 1-64 tokens on Llama-1B/8B MLP shapes")
+    bench_decode.add_argument("--quick", action="store_true", help="1 and 16 tokens, 50%% and 90%%, block 64")
+    bench_decode.add_argument("--name", default="decode", help="result file stem (default decode)")
+    bench_decode.add_argument("--out", help="folder for decode.json (default benchmarks/results/<gpu>)")
+    bench_decode.set_defaults(run=_bench_decode)
 
     bench_train = benches.add_parser("train", help="forward+backward of layers and MLPs, a GPT training step")
     bench_train.add_argument("--quick", action="store_true", help="90%% sparsity, blocks 64/128, a 4-layer GPT")
