@@ -11,18 +11,23 @@ import math
 import torch
 
 
-def block_norms(weight: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """L2 norm of each ``(bn, bk)`` tile of a 2-D ``weight``, as float32 ``(ceil(N/bn), ceil(K/bk))``.
+def block_sums(values: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """Sum of a 2-D ``values`` over each ``(bn, bk)`` tile, as float32 ``(ceil(N/bn), ceil(K/bk))``.
 
     Ragged edges count as zero-padded.
     """
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D (N, K), got shape {tuple(weight.shape)}")
+    if values.dim() != 2:
+        raise ValueError(f"weight must be 2-D (N, K), got shape {tuple(values.shape)}")
     bn, bk = block
-    n, k = weight.shape
+    n, k = values.shape
     rows, cols = math.ceil(n / bn), math.ceil(k / bk)
-    padded = torch.nn.functional.pad(weight.detach().float(), (0, cols * bk - k, 0, rows * bn - n))
-    return padded.reshape(rows, bn, cols, bk).square().sum(dim=(1, 3)).sqrt()
+    padded = torch.nn.functional.pad(values.detach().float(), (0, cols * bk - k, 0, rows * bn - n))
+    return padded.reshape(rows, bn, cols, bk).sum(dim=(1, 3))
+
+
+def block_norms(weight: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """L2 norm of each ``(bn, bk)`` tile of a 2-D ``weight``, as float32 ``(ceil(N/bn), ceil(K/bk))``."""
+    return block_sums(weight.detach().float().square(), block).sqrt()
 
 
 def blocks_to_keep(total: int, keep: float) -> int:

@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from sparseblocks.nn import BlockSparseLinear
@@ -143,37 +144,56 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def sparsify(model: nn.Module, config: SparsityConfig | None = None) -> SparsifyReport:
-    """Replace the targeted ``nn.Linear`` modules of ``model`` by ``BlockSparseLinear`` in place; return a report.
+def target_linears(model: nn.Module, config: SparsityConfig) -> list[tuple[str, nn.Linear]]:
+    """The ``nn.Linear`` modules that ``config`` targets, by name, in model order; warns when there are none.
 
-    Shapes that are not a multiple of the block are padded, never skipped. Raises ``ValueError`` for a target
-    whose weight is shared (tied) with another module; leaves ``nn.MultiheadAttention``'s ``out_proj`` dense with a
-    warning (that module reads the weight directly); warns when nothing matched.
+    Raises ``ValueError`` for a target whose weight is shared (tied) with another module; leaves
+    ``nn.MultiheadAttention``'s ``out_proj`` out with a warning (that module reads the weight directly, so a swapped
+    module would never run).
     """
-    config = config or SparsityConfig()
     targets, exclude = _as_list(config.targets), _as_list(config.exclude)
-    params_before, bytes_before = model_size(model)
     weight_users: dict[int, int] = {}
     for module in model.modules():
         for parameter in module.parameters(recurse=False):
             weight_users[id(parameter)] = weight_users.get(id(parameter), 0) + 1
-
-    report = SparsifyReport()
     chosen = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or not _matches(name, targets) or _matches(name, exclude):
             continue
         parent_name = name.rpartition(".")[0]
         if isinstance(model.get_submodule(parent_name) if parent_name else model, nn.MultiheadAttention):
-            # it reads the linear's weight directly, so a swapped module would never run
-            logger.warning("sparsify: %s stays dense: nn.MultiheadAttention does not call its out_proj", name)
+            logger.warning("sparseblocks: %s stays dense: nn.MultiheadAttention does not call its out_proj", name)
             continue
         if weight_users[id(module.weight)] > 1:
             raise ValueError(f"{name}: its weight is shared (tied) with another module; exclude it")
         chosen.append((name, module))
+    if not chosen:
+        message = (
+            f"sparseblocks: no nn.Linear matched targets={targets} (exclude={exclude}). "
+            f"Targets are presets {sorted(PRESETS)}, shell globs over module names, or 're:<regex>'."
+        )
+        logger.warning(message)
+        warnings.warn(message, UserWarning, stacklevel=3)
+    return chosen
 
-    for name, linear in chosen:
-        sparse = BlockSparseLinear.from_linear(linear, config.sparsity_of(name), config.block_size)
+
+def sparsify(
+    model: nn.Module, config: SparsityConfig | None = None, masks: Mapping[str, torch.Tensor] | None = None
+) -> SparsifyReport:
+    """Replace the targeted ``nn.Linear`` modules of ``model`` by ``BlockSparseLinear`` in place; return a report.
+
+    Tiles are chosen by ``config.method``, or given per layer name in ``masks`` (bool block masks, as a pruner
+    leaves them). Shapes that are not a multiple of the block are padded, never skipped. See
+    :func:`target_linears` for what is refused or left dense; warns when nothing matched.
+    """
+    config = config or SparsityConfig()
+    params_before, bytes_before = model_size(model)
+    report = SparsifyReport()
+    for name, linear in target_linears(model, config):
+        if masks is not None and name in masks:
+            sparse = BlockSparseLinear.from_linear(linear, block_size=config.block_size, mask=masks[name])
+        else:
+            sparse = BlockSparseLinear.from_linear(linear, config.sparsity_of(name), config.block_size)
         _replace(model, name, sparse)
         matrix = sparse.matrix
         before = [t for t in (linear.weight, linear.bias) if t is not None]
@@ -191,13 +211,6 @@ def sparsify(model: nn.Module, config: SparsityConfig | None = None) -> Sparsify
         )
     report.model_params_before, report.model_bytes_before = params_before, bytes_before
     report.model_params_after, report.model_bytes_after = model_size(model)
-    if not report.layers:
-        message = (
-            f"sparsify: no nn.Linear matched targets={targets} (exclude={exclude}); the model is unchanged. "
-            f"Targets are presets {sorted(PRESETS)}, shell globs over module names, or 're:<regex>'."
-        )
-        logger.warning(message)
-        warnings.warn(message, UserWarning, stacklevel=2)
     return report
 
 

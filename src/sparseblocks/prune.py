@@ -1,0 +1,209 @@
+"""Choosing the tiles a model keeps: block scores, a sparsity schedule, and a pruner for any training loop.
+
+::
+
+    pruner = Pruner(model, SparsityConfig(0.9, 32, "mlp"), method="magnitude", schedule=CubicSchedule(0, 1000, 50))
+    for tokens, targets in data:
+        loss = model(tokens, targets); loss.backward()
+        pruner.observe_gradients()          # only for method="fisher"
+        optimizer.step(); optimizer.zero_grad()
+        pruner.step()                       # raises sparsity on schedule, keeps pruned tiles at zero
+    report = pruner.finalize()              # BlockSparseLinear modules with the final masks
+
+While pruning, the targeted ``nn.Linear`` stay dense and their pruned tiles are held at zero (masked dense
+training: the pattern still changes). Scores, per ``(bn, bk)`` tile of a weight W:
+
+* ``magnitude``: ‖W_tile‖₂.
+* ``activation_magnitude`` (Wanda-style): ‖W_tile · diag(‖x_j‖₂)‖₂, with input-feature norms from calibration
+  batches run under :meth:`Pruner.observe_inputs`.
+* ``fisher`` (oBERT-style, damped diagonal): Σ_tile w² (F + λ) / 2 with the empirical Fisher F the mean squared
+  gradient over the batches seen by :meth:`Pruner.observe_gradients`: the loss increase of removing the tile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from sparseblocks.format import normalize_block_size
+from sparseblocks.masks import block_norms, block_sums, top_blocks_mask
+from sparseblocks.patch import SparsifyReport, SparsityConfig, sparsify, target_linears
+
+METHODS = ("magnitude", "activation_magnitude", "fisher")
+
+
+@dataclass(frozen=True)
+class CubicSchedule:
+    """Gradual pruning (Zhu & Gupta): ``s_t = s_f + (s_0 - s_f)(1 - p)^3`` with p the progress from ``start`` to
+    ``end`` steps; masks are recomputed every ``every`` steps in between (and at ``end``)."""
+
+    start: int = 0
+    end: int = 0
+    every: int = 1
+    initial: float = 0.0
+
+    def sparsity(self, step: int, final: float) -> float:
+        if step >= self.end:
+            return final
+        progress = max(0.0, (step - self.start) / max(self.end - self.start, 1))
+        return final + (self.initial - final) * (1.0 - progress) ** 3
+
+    def updates_at(self, step: int) -> bool:
+        return step == self.end or (self.start <= step < self.end and (step - self.start) % self.every == 0)
+
+
+def _expand(mask: torch.Tensor, block: tuple[int, int], shape: torch.Size) -> torch.Tensor:
+    """A block mask as an element mask of ``shape`` (ragged edges cut off)."""
+    full = mask.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
+    return full[: shape[0], : shape[1]]
+
+
+class Pruner:
+    """Prunes the linears a :class:`SparsityConfig` targets, in place, by ``method`` (see :data:`METHODS`).
+
+    schedule: a :class:`CubicSchedule` for gradual pruning, or None to prune on the first :meth:`step`.
+    allocation: ``"layer"`` gives each layer its configured sparsity; ``"global"`` ranks tiles across layers
+    (each layer's scores divided by their mean, so layers of different scale compete fairly) to reach the
+    configured sparsity overall. balanced: keep the same number of tiles in every block row (kernels like it).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: SparsityConfig,
+        method: str = "magnitude",
+        schedule: CubicSchedule | None = None,
+        allocation: str = "layer",
+        balanced: bool = False,
+        damping: float = 1e-8,
+    ) -> None:
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if allocation not in ("layer", "global"):
+            raise ValueError(f"allocation must be 'layer' or 'global', got {allocation!r}")
+        if allocation == "global" and balanced:
+            raise ValueError("balanced patterns need allocation='layer'")
+        self.model, self.config, self.method = model, config, method
+        self.schedule = schedule or CubicSchedule()
+        self.allocation, self.balanced, self.damping = allocation, balanced, damping
+        self.block = normalize_block_size(config.block_size)
+        self.layers = dict(target_linears(model, config))
+        self.masks = {
+            name: torch.ones(-(-w.out_features // self.block[0]), -(-w.in_features // self.block[1]),
+                             dtype=torch.bool, device=w.weight.device)
+            for name, w in self.layers.items()
+        }  # fmt: skip
+        self.input_sq: dict[str, torch.Tensor] = {}
+        self.grad_sq: dict[str, torch.Tensor] = {}
+        self.gradient_batches = 0
+        self.step_count = 0
+
+    # ------------------------------------------------------------------ statistics
+
+    @contextlib.contextmanager
+    def observe_inputs(self) -> Iterator[None]:
+        """Within the block, forward passes add each target's squared input features (``activation_magnitude``)."""
+
+        def hook(name):
+            def accumulate(module, args):
+                x = args[0].detach().reshape(-1, module.in_features).float()
+                self.input_sq[name] = self.input_sq.get(name, 0) + x.square().sum(0)
+
+            return accumulate
+
+        handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in self.layers.items()]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def observe_gradients(self) -> None:
+        """Add the targets' squared weight gradients (call after ``backward``; the ``fisher`` method needs it)."""
+        for name, layer in self.layers.items():
+            if layer.weight.grad is not None:
+                self.grad_sq[name] = self.grad_sq.get(name, 0) + layer.weight.grad.detach().float().square()
+        self.gradient_batches += 1
+
+    # ------------------------------------------------------------------ scores and masks
+
+    def scores(self) -> dict[str, torch.Tensor]:
+        """Each target's tile scores ``(N_blocks, K_blocks)`` (higher = keep), pruned tiles at -inf."""
+        out = {}
+        for name, layer in self.layers.items():
+            weight = layer.weight.detach().float()
+            if self.method == "magnitude":
+                score = block_norms(weight, self.block)
+            elif self.method == "activation_magnitude":
+                if name not in self.input_sq:
+                    raise RuntimeError("activation_magnitude needs calibration batches run under observe_inputs()")
+                score = block_norms(weight * self.input_sq[name].sqrt()[None, :], self.block)
+            else:
+                if name not in self.grad_sq:
+                    raise RuntimeError("fisher needs gradients: call observe_gradients() after backward passes")
+                fisher = self.grad_sq[name] / self.gradient_batches + self.damping
+                score = block_sums(weight.square() * fisher / 2, self.block)
+            out[name] = score.masked_fill(~self.masks[name], float("-inf"))
+        return out
+
+    def update_masks(self, step: int | None = None) -> None:
+        """Recompute every mask at the schedule's sparsity for ``step`` (default: the current step)."""
+        step = self.step_count if step is None else step
+        scores = self.scores()
+        keep = {name: 1.0 - self.schedule.sparsity(step, self.config.sparsity_of(name)) for name in self.layers}
+        if self.allocation == "global":
+            total = sum(s.numel() for s in scores.values())
+            wanted = round(sum(keep[n] * scores[n].numel() for n in scores))
+            normalized = {}
+            for name, score in scores.items():
+                alive = score[torch.isfinite(score)]
+                scale = alive.mean() if alive.numel() and alive.mean() > 0 else 1.0
+                normalized[name] = score / scale
+            kept = top_blocks_mask(torch.cat([s.flatten() for s in normalized.values()]), wanted / total)
+            for name, part in zip(normalized, kept.split([s.numel() for s in normalized.values()]), strict=True):
+                self.masks[name] = part.reshape(normalized[name].shape)
+            return
+        for name, score in scores.items():
+            if self.balanced:
+                per_row = round(keep[name] * score.shape[1])
+                top = score.topk(per_row, dim=1).indices
+                self.masks[name] = torch.zeros_like(score, dtype=torch.bool).scatter_(1, top, True)
+            else:
+                self.masks[name] = top_blocks_mask(score, keep[name])
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        """Zero the pruned tiles of every target (after each optimizer step, so pruned tiles stay pruned)."""
+        for name, layer in self.layers.items():
+            layer.weight.mul_(_expand(self.masks[name], self.block, layer.weight.shape).to(layer.weight.dtype))
+
+    def step(self) -> None:
+        """One training step passed: update the masks when the schedule says so; keep pruned tiles at zero."""
+        if self.schedule.updates_at(self.step_count):
+            self.update_masks()
+        self.apply_masks()
+        self.step_count += 1
+
+    def sparsity(self) -> dict[str, float]:
+        """The current fraction of pruned tiles per target."""
+        return {name: 1.0 - mask.float().mean().item() for name, mask in self.masks.items()}
+
+    def finalize(self) -> SparsifyReport:
+        """Replace the targets by ``BlockSparseLinear`` holding exactly the kept tiles; returns the report."""
+        self.apply_masks()
+        return sparsify(self.model, self.config, masks=self.masks)
+
+
+def trainer_callback(pruner: Pruner):
+    """A Hugging Face ``TrainerCallback`` that calls ``pruner.step()`` after every optimizer step."""
+    from transformers import TrainerCallback
+
+    class PrunerCallback(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            pruner.step()
+
+    return PrunerCallback()

@@ -1,0 +1,122 @@
+"""Pruner: block scores, the cubic schedule, allocation, and the hand-over to BlockSparseLinear."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import relative_error
+from sparseblocks import BlockSparseLinear, SparsityConfig, densify
+from sparseblocks.masks import block_norms, top_blocks_mask
+from sparseblocks.prune import CubicSchedule, Pruner
+
+
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 64))
+
+
+CONFIG = SparsityConfig(0.75, 16, targets="all-linear")
+
+
+def test_cubic_schedule():
+    schedule = CubicSchedule(start=10, end=30, every=5, initial=0.0)
+    assert schedule.sparsity(0, 0.9) == 0.0 and schedule.sparsity(10, 0.9) == 0.0
+    assert schedule.sparsity(20, 0.9) == pytest.approx(0.9 - 0.9 * 0.5**3)
+    assert schedule.sparsity(30, 0.9) == schedule.sparsity(99, 0.9) == 0.9
+    assert [s for s in range(40) if schedule.updates_at(s)] == [10, 15, 20, 25, 30]
+
+
+def test_one_shot_magnitude_keeps_the_largest_tiles_and_hands_over_exactly():
+    model = _mlp()
+    expected_mask = top_blocks_mask(block_norms(model[0].weight, (16, 16)), 0.25)
+    pruner = Pruner(model, CONFIG)
+    pruner.step()  # no schedule: prune to the target at once
+    assert torch.equal(pruner.masks["0"], expected_mask)
+    assert all(s == pytest.approx(0.75) for s in pruner.sparsity().values())
+    x = torch.randn(8, 64)
+    with torch.no_grad():
+        masked_dense = model(x)
+    report = pruner.finalize()
+    assert len(report.layers) == 2 and isinstance(model[0], BlockSparseLinear)
+    assert torch.equal(model[0].matrix.block_mask(), expected_mask)
+    with torch.no_grad():
+        assert relative_error(model(x), masked_dense) < 1e-6
+
+
+def test_gradual_pruning_in_a_training_loop_keeps_pruned_tiles_at_zero():
+    model = _mlp()
+    schedule = CubicSchedule(start=0, end=20, every=4)
+    pruner = Pruner(model, CONFIG, schedule=schedule)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x, y = torch.randn(32, 64), torch.randn(32, 64)
+    seen = []
+    for _ in range(25):
+        nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        pruner.step()
+        seen.append(pruner.sparsity()["0"])
+        weight, mask = model[0].weight, pruner.masks["0"]
+        dense_mask = mask.repeat_interleave(16, 0).repeat_interleave(16, 1)
+        assert torch.count_nonzero(weight[~dense_mask]) == 0
+    assert seen == sorted(seen) and seen[0] < 0.75 and seen[-1] == pytest.approx(0.75)
+
+
+def test_activation_aware_scores_follow_the_input_norms():
+    model = nn.Sequential(nn.Linear(64, 32))
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[0].weight[:, :16] = 0.1  # small weights on the first input block...
+    pruner = Pruner(model, SparsityConfig(0.5, 16, targets="all-linear"), method="activation_magnitude")
+    with pytest.raises(RuntimeError, match="observe_inputs"):
+        pruner.step()
+    x = torch.randn(128, 64) * 0.01
+    x[:, :16] *= 1000  # ...that see very large inputs
+    with pruner.observe_inputs():
+        model(x)
+    pruner.update_masks()
+    assert pruner.masks["0"][:, 0].all() and not pruner.masks["0"][:, 3].any()
+    assert not Pruner(model, SparsityConfig(0.5, 16, targets="all-linear")).scores()["0"][:, 0].gt(10).any()
+
+
+def test_fisher_scores_weigh_by_squared_gradients():
+    model = nn.Sequential(nn.Linear(32, 32, bias=False))
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+    pruner = Pruner(model, SparsityConfig(0.5, 16, targets="all-linear"), method="fisher")
+    x = torch.zeros(16, 32)
+    x[:, 16:] = torch.randn(16, 16)  # only the second input block gets gradient
+    model(x).square().sum().backward()
+    pruner.observe_gradients()
+    pruner.update_masks()
+    assert pruner.masks["0"][:, 1].all() and not pruner.masks["0"][:, 0].any()
+
+
+def test_balanced_and_global_allocation():
+    model = _mlp()
+    pruner = Pruner(model, CONFIG, balanced=True)
+    pruner.step()
+    assert pruner.masks["0"].sum(1).unique().numel() == 1  # the same count in every block row
+    model = _mlp()
+    with torch.no_grad():
+        model[2].weight.mul_(100)  # another scale: global ranking normalises it away
+    pruner = Pruner(model, CONFIG, allocation="global")
+    pruner.step()
+    kept = sum(m.sum().item() for m in pruner.masks.values())
+    total = sum(m.numel() for m in pruner.masks.values())
+    assert kept == round(0.25 * total)
+    assert 0 < pruner.masks["2"].sum() < pruner.masks["2"].numel()
+    with pytest.raises(ValueError, match="balanced"):
+        Pruner(_mlp(), CONFIG, allocation="global", balanced=True)
+
+
+def test_pruned_model_equals_densified_finalized_model():
+    model = _mlp(3)
+    pruner = Pruner(model, CONFIG)
+    pruner.step()
+    pruner.finalize()
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        assert relative_error(model(x), densify(copy.deepcopy(model))(x)) < 1e-6
