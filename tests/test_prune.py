@@ -120,3 +120,32 @@ def test_pruned_model_equals_densified_finalized_model():
     x = torch.randn(4, 64)
     with torch.no_grad():
         assert relative_error(model(x), densify(copy.deepcopy(model))(x)) < 1e-6
+
+
+def test_prune_and_grow_swaps_tiles_toward_the_gradient_and_resets_their_state():
+    model = nn.Sequential(nn.Linear(64, 32, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.rand(32, 64) + 0.5)
+        model[0].weight[:, 48:] *= 0.01  # the last input block is pruned first...
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    schedule = CubicSchedule(start=0, end=10, every=2, initial=0.5)
+    config = SparsityConfig(0.5, 16, targets="all-linear")
+    pruner = Pruner(model, config, method="prune_grow", schedule=schedule, regrow_fraction=0.5, optimizer=optimizer)
+    pruner.step()
+    assert not pruner.masks["0"][:, 3].any()
+    x = torch.zeros(8, 64)
+    x[:, 48:] = torch.randn(8, 16)  # ...but the loss only flows through it
+    for _ in range(2):  # the second step() is the first regrowth (every=2)
+        (model(x) - 1.0).square().sum().backward()
+        pruner.observe_gradients()
+        optimizer.step()  # moves pruned weights too (masked dense training); step() zeroes them again
+        optimizer.zero_grad()
+        pruner.step()
+    mask = pruner.masks["0"]
+    assert mask[:, 3].any(), "no tile grew where the gradient is"
+    assert pruner.sparsity()["0"] == pytest.approx(0.5)
+    grown = mask[:, 3].repeat_interleave(16)
+    assert torch.count_nonzero(optimizer.state[model[0].weight]["exp_avg"][grown][:, 48:]) == 0
+    assert torch.count_nonzero(model[0].weight[grown][:, 48:]) == 0  # grown at zero
+    with pytest.raises(ValueError, match="prune_grow"):
+        Pruner(model, config, method="prune_grow", allocation="global")

@@ -18,11 +18,16 @@ training: the pattern still changes). Scores, per ``(bn, bk)`` tile of a weight 
   batches run under :meth:`Pruner.observe_inputs`.
 * ``fisher`` (oBERT-style, damped diagonal): Σ_tile w² (F + λ) / 2 with the empirical Fisher F the mean squared
   gradient over the batches seen by :meth:`Pruner.observe_gradients`: the loss increase of removing the tile.
+* ``prune_grow`` (blocked RigL): magnitude to reach the schedule's sparsity; then at every later update, the
+  ``regrow_fraction`` (decaying with a cosine to zero at the schedule's end) of kept tiles with the smallest
+  magnitude are dropped and as many pruned tiles with the largest dense-gradient norm (from
+  :meth:`Pruner.observe_gradients`) grow back, at zero, with their optimizer state reset.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -33,7 +38,7 @@ from sparseblocks.format import normalize_block_size
 from sparseblocks.masks import block_norms, block_sums, top_blocks_mask
 from sparseblocks.patch import SparsifyReport, SparsityConfig, sparsify, target_linears
 
-METHODS = ("magnitude", "activation_magnitude", "fisher")
+METHODS = ("magnitude", "activation_magnitude", "fisher", "prune_grow")
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,7 @@ class Pruner:
     """Prunes the linears a :class:`SparsityConfig` targets, in place, by ``method`` (see :data:`METHODS`).
 
     schedule: a :class:`CubicSchedule` for gradual pruning, or None to prune on the first :meth:`step`.
+    optimizer: for ``prune_grow``, whose state of regrown tiles is reset.
     allocation: ``"layer"`` gives each layer its configured sparsity; ``"global"`` ranks tiles across layers
     (each layer's scores divided by their mean, so layers of different scale compete fairly) to reach the
     configured sparsity overall. balanced: keep the same number of tiles in every block row (kernels like it).
@@ -80,6 +86,8 @@ class Pruner:
         allocation: str = "layer",
         balanced: bool = False,
         damping: float = 1e-8,
+        regrow_fraction: float = 0.3,
+        optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -89,7 +97,10 @@ class Pruner:
             raise ValueError("balanced patterns need allocation='layer'")
         self.model, self.config, self.method = model, config, method
         self.schedule = schedule or CubicSchedule()
+        if method == "prune_grow" and (allocation != "layer" or balanced):
+            raise ValueError("prune_grow swaps tiles within each layer: use allocation='layer', balanced=False")
         self.allocation, self.balanced, self.damping = allocation, balanced, damping
+        self.regrow_fraction, self.optimizer = regrow_fraction, optimizer
         self.block = normalize_block_size(config.block_size)
         self.layers = dict(target_linears(model, config))
         self.masks = {
@@ -136,7 +147,7 @@ class Pruner:
         out = {}
         for name, layer in self.layers.items():
             weight = layer.weight.detach().float()
-            if self.method == "magnitude":
+            if self.method in ("magnitude", "prune_grow"):
                 score = block_norms(weight, self.block)
             elif self.method == "activation_magnitude":
                 if name not in self.input_sq:
@@ -181,10 +192,45 @@ class Pruner:
         for name, layer in self.layers.items():
             layer.weight.mul_(_expand(self.masks[name], self.block, layer.weight.shape).to(layer.weight.dtype))
 
+    def regrow(self) -> None:
+        """Drop the weakest kept tiles and grow as many pruned ones with the largest gradient norm (prune_grow)."""
+        if not self.grad_sq:
+            raise RuntimeError("prune_grow needs gradients: call observe_gradients() after backward passes")
+        progress = (self.step_count - self.schedule.start) / max(self.schedule.end - self.schedule.start, 1)
+        fraction = self.regrow_fraction * 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+        for name, layer in self.layers.items():
+            mask = self.masks[name]
+            swaps = min(int(fraction * mask.sum().item()), int((~mask).sum().item()))
+            if swaps == 0:
+                continue
+            magnitude = block_norms(layer.weight.detach(), self.block).masked_fill(~mask, float("inf"))
+            growth = block_sums(self.grad_sq[name], self.block).masked_fill(mask, float("-inf"))
+            dropped = magnitude.flatten().topk(swaps, largest=False).indices
+            grown = growth.flatten().topk(swaps).indices
+            flat = mask.flatten().clone()
+            flat[dropped], flat[grown] = False, True
+            self.masks[name] = flat.view_as(mask)
+            self._restart(layer, _expand(~mask & self.masks[name], self.block, layer.weight.shape))
+        self.grad_sq.clear()
+        self.gradient_batches = 0
+
+    @torch.no_grad()
+    def _restart(self, layer: nn.Linear, grown: torch.Tensor) -> None:
+        """Grown weights start at zero, and without the optimizer moments they gathered while pruned."""
+        layer.weight.masked_fill_(grown, 0)
+        if self.optimizer is None or layer.weight not in self.optimizer.state:
+            return
+        for value in self.optimizer.state[layer.weight].values():
+            if isinstance(value, torch.Tensor) and value.shape == layer.weight.shape:
+                value.masked_fill_(grown, 0)
+
     def step(self) -> None:
         """One training step passed: update the masks when the schedule says so; keep pruned tiles at zero."""
         if self.schedule.updates_at(self.step_count):
+            grown_before = self.method == "prune_grow" and self.step_count > self.schedule.start
             self.update_masks()
+            if grown_before:
+                self.regrow()
         self.apply_masks()
         self.step_count += 1
 
