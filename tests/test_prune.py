@@ -149,3 +149,29 @@ def test_prune_and_grow_swaps_tiles_toward_the_gradient_and_resets_their_state()
     assert torch.count_nonzero(model[0].weight[grown][:, 48:]) == 0  # grown at zero
     with pytest.raises(ValueError, match="prune_grow"):
         Pruner(model, config, method="prune_grow", allocation="global")
+
+
+def test_supermask_learns_scores_ramps_sparsity_and_folds():
+    from sparseblocks.nn.supermask import SupermaskLinear
+
+    model = _mlp()
+    schedule = CubicSchedule(start=0, end=10, every=1)
+    pruner = Pruner(model, CONFIG, method="supermask", schedule=schedule)
+    assert isinstance(model[0], SupermaskLinear)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # after the pruner: it trains the scores too
+    scores_before = model[0].scores.detach().clone()
+    x, y = torch.randn(32, 64), torch.randn(32, 64)
+    for _ in range(12):
+        nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        pruner.step()
+    assert not torch.equal(model[0].scores, scores_before), "no gradient reached the scores"
+    assert model[0].sparsity == pytest.approx(0.75)
+    with torch.no_grad():
+        gated = model(x)
+    mask = model[0].block_mask()
+    pruner.finalize()
+    assert isinstance(model[0], BlockSparseLinear) and torch.equal(model[0].matrix.block_mask(), mask)
+    with torch.no_grad():
+        assert relative_error(model(x), gated) < 1e-6

@@ -2,7 +2,7 @@
 
 Public API: :class:`BlockSparseMatrix` (the format), :func:`spmm` (the op), :class:`BlockSparseLinear` (the
 module), :func:`sparsify` / :func:`densify` with :class:`SparsityConfig` (whole models), :func:`save_sparse` /
-:func:`load_sparse` (checkpoints).
+:func:`load_sparse` (checkpoints), :class:`Pruner` with :class:`CubicSchedule` (choosing the tiles).
 """
 
 __version__ = "0.1.0"
@@ -12,10 +12,13 @@ from sparseblocks.format import BlockSparseMatrix
 from sparseblocks.nn import BlockSparseLinear
 from sparseblocks.ops import spmm
 from sparseblocks.patch import SparsityConfig, densify, sparsify
+from sparseblocks.prune import CubicSchedule, Pruner
 
 __all__ = [
     "BlockSparseLinear",
     "BlockSparseMatrix",
+    "CubicSchedule",
+    "Pruner",
     "SparsityConfig",
     "__version__",
     "densify",

@@ -20,7 +20,7 @@ from torch import nn
 
 from sparseblocks.format import BlockSparseMatrix, normalize_block_size
 from sparseblocks.nn import BlockSparseLinear
-from sparseblocks.patch import sparse_layers
+from sparseblocks.patch import replace_module, sparse_layers
 
 WEIGHTS_FILE = "sparseblocks.safetensors"
 CONFIG_FILE = "sparseblocks.json"
@@ -158,8 +158,7 @@ def load_sparse(folder: str | Path, model: nn.Module, strict: bool = True) -> nn
                 f"{entry['out_features']}x{entry['in_features']} linear"
             )
         layer = _load_layer(name, entry, tensors).to(device)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, layer)
+        replace_module(model, name, layer)
         sparse_keys.update(f"{name}.{key}" for key in layer.state_dict())
 
     dense = {key: tensor for key, tensor in tensors.items() if key not in sparse_keys}

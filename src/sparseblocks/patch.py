@@ -139,7 +139,8 @@ def model_size(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params.values()), sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at dotted ``name`` inside ``model`` (the instance is swapped; the model's code is untouched)."""
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
@@ -194,7 +195,7 @@ def sparsify(
             sparse = BlockSparseLinear.from_linear(linear, block_size=config.block_size, mask=masks[name])
         else:
             sparse = BlockSparseLinear.from_linear(linear, config.sparsity_of(name), config.block_size)
-        _replace(model, name, sparse)
+        replace_module(model, name, sparse)
         matrix = sparse.matrix
         before = [t for t in (linear.weight, linear.bias) if t is not None]
         report.layers.append(
@@ -218,7 +219,7 @@ def densify(model: nn.Module) -> nn.Module:
     """Replace every ``BlockSparseLinear`` by an equivalent dense ``nn.Linear`` (zeros where pruned), in place."""
     for name, module in list(model.named_modules()):
         if isinstance(module, BlockSparseLinear):
-            _replace(model, name, module.to_linear())
+            replace_module(model, name, module.to_linear())
     return model
 
 

@@ -22,6 +22,9 @@ training: the pattern still changes). Scores, per ``(bn, bk)`` tile of a weight 
   ``regrow_fraction`` (decaying with a cosine to zero at the schedule's end) of kept tiles with the smallest
   magnitude are dropped and as many pruned tiles with the largest dense-gradient norm (from
   :meth:`Pruner.observe_gradients`) grow back, at zero, with their optimizer state reset.
+* ``supermask`` (superblock): the targets become :class:`~sparseblocks.nn.supermask.SupermaskLinear`, whose
+  trainable block scores (starting at the tile norms) pick the kept tiles in every forward; the schedule ramps
+  their sparsity. Build the optimizer *after* the pruner, so that it trains the scores too.
 """
 
 from __future__ import annotations
@@ -36,9 +39,10 @@ from torch import nn
 
 from sparseblocks.format import normalize_block_size
 from sparseblocks.masks import block_norms, block_sums, top_blocks_mask
-from sparseblocks.patch import SparsifyReport, SparsityConfig, sparsify, target_linears
+from sparseblocks.nn.supermask import SupermaskLinear
+from sparseblocks.patch import SparsifyReport, SparsityConfig, replace_module, sparsify, target_linears
 
-METHODS = ("magnitude", "activation_magnitude", "fisher", "prune_grow")
+METHODS = ("magnitude", "activation_magnitude", "fisher", "prune_grow", "supermask")
 
 
 @dataclass(frozen=True)
@@ -97,8 +101,8 @@ class Pruner:
             raise ValueError("balanced patterns need allocation='layer'")
         self.model, self.config, self.method = model, config, method
         self.schedule = schedule or CubicSchedule()
-        if method == "prune_grow" and (allocation != "layer" or balanced):
-            raise ValueError("prune_grow swaps tiles within each layer: use allocation='layer', balanced=False")
+        if method in ("prune_grow", "supermask") and (allocation != "layer" or balanced):
+            raise ValueError(f"{method} works within each layer: use allocation='layer', balanced=False")
         self.allocation, self.balanced, self.damping = allocation, balanced, damping
         self.regrow_fraction, self.optimizer = regrow_fraction, optimizer
         self.block = normalize_block_size(config.block_size)
@@ -108,6 +112,11 @@ class Pruner:
                              dtype=torch.bool, device=w.weight.device)
             for name, w in self.layers.items()
         }  # fmt: skip
+        if method == "supermask":
+            for name, linear in list(self.layers.items()):
+                initial = self.schedule.sparsity(0, config.sparsity_of(name))
+                self.layers[name] = SupermaskLinear(linear, self.block, initial)
+                replace_module(model, name, self.layers[name])
         self.input_sq: dict[str, torch.Tensor] = {}
         self.grad_sq: dict[str, torch.Tensor] = {}
         self.gradient_batches = 0
@@ -147,6 +156,9 @@ class Pruner:
         out = {}
         for name, layer in self.layers.items():
             weight = layer.weight.detach().float()
+            if self.method == "supermask":
+                out[name] = layer.scores.detach().float()
+                continue
             if self.method in ("magnitude", "prune_grow"):
                 score = block_norms(weight, self.block)
             elif self.method == "activation_magnitude":
@@ -164,6 +176,11 @@ class Pruner:
     def update_masks(self, step: int | None = None) -> None:
         """Recompute every mask at the schedule's sparsity for ``step`` (default: the current step)."""
         step = self.step_count if step is None else step
+        if self.method == "supermask":  # the scores choose the tiles in each forward; the schedule sets how many
+            for name, layer in self.layers.items():
+                layer.sparsity = self.schedule.sparsity(step, self.config.sparsity_of(name))
+                self.masks[name] = layer.block_mask()
+            return
         scores = self.scores()
         keep = {name: 1.0 - self.schedule.sparsity(step, self.config.sparsity_of(name)) for name in self.layers}
         if self.allocation == "global":
@@ -189,6 +206,8 @@ class Pruner:
     @torch.no_grad()
     def apply_masks(self) -> None:
         """Zero the pruned tiles of every target (after each optimizer step, so pruned tiles stay pruned)."""
+        if self.method == "supermask":  # its forward masks; the weights under pruned tiles may come back
+            return
         for name, layer in self.layers.items():
             layer.weight.mul_(_expand(self.masks[name], self.block, layer.weight.shape).to(layer.weight.dtype))
 
@@ -240,6 +259,11 @@ class Pruner:
 
     def finalize(self) -> SparsifyReport:
         """Replace the targets by ``BlockSparseLinear`` holding exactly the kept tiles; returns the report."""
+        if self.method == "supermask":
+            self.update_masks()
+            for name, layer in list(self.layers.items()):
+                self.layers[name] = layer.to_linear()
+                replace_module(self.model, name, self.layers[name])
         self.apply_masks()
         return sparsify(self.model, self.config, masks=self.masks)
 

@@ -1,5 +1,6 @@
 """Drop-in modules with block-sparse weights."""
 
 from sparseblocks.nn.linear import BlockSparseLinear
+from sparseblocks.nn.supermask import SupermaskLinear
 
-__all__ = ["BlockSparseLinear"]
+__all__ = ["BlockSparseLinear", "SupermaskLinear"]
