@@ -27,6 +27,7 @@ class GPTConfig:
     heads: int = 6
     width: int = 384
     mlp_ratio: int = 4
+    mlp_hidden: int | None = None  # overrides mlp_ratio * width (iso-parameter baselines)
     dropout: float = 0.0
 
 
@@ -48,8 +49,9 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.fc = nn.Linear(config.width, config.mlp_ratio * config.width)
-        self.proj = nn.Linear(config.mlp_ratio * config.width, config.width)
+        hidden = config.mlp_hidden or config.mlp_ratio * config.width
+        self.fc = nn.Linear(config.width, hidden)
+        self.proj = nn.Linear(hidden, config.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(F.gelu(self.fc(x)))

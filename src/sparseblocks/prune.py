@@ -182,6 +182,9 @@ class Pruner:
                 self.masks[name] = layer.block_mask()
             return
         scores = self.scores()
+        if self.method == "fisher":  # each update uses the gradients gathered since the previous one
+            self.grad_sq.clear()
+            self.gradient_batches = 0
         keep = {name: 1.0 - self.schedule.sparsity(step, self.config.sparsity_of(name)) for name in self.layers}
         if self.allocation == "global":
             total = sum(s.numel() for s in scores.values())

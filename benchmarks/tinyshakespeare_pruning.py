@@ -1,0 +1,82 @@
+"""Every pruning method on a character GPT trained on tinyshakespeare (issue #7, experiment 1).
+
+    PYTHONPATH=src python3 benchmarks/tinyshakespeare_pruning.py [--steps 3000] [--data FILE]
+
+Runs the grid of ``sparseblocks.experiments`` (dense, iso-parameter dense, and magnitude, activation-aware magnitude,
+Supermask, gradual magnitude, prune-and-grow and Fisher at MLP sparsity 0.5/0.8/0.9/0.95 with block 32, and
+blocks 16/64 at 0.9). Rows already in the result file are skipped, so an interrupted run resumes. Writes
+benchmarks/results/accuracy/tinyshakespeare.json, .md and .png.
+"""
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from sparseblocks.experiments import Experiment, grid, run
+from sparseblocks.gpt import CharData
+
+
+def report(path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    payload = json.loads(path.read_text())
+    rows = payload["rows"]
+    lines = [
+        f"# Pruning methods on tinyshakespeare\n\nCommand: `{payload['command']}` on {payload['device']}; "
+        f"settings {payload['experiment']}.\n",
+        "| method | sparsity | block | val loss |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {r['method']} | {r['sparsity']} | {r['block']} | {r['val_loss']:.4f} |" for r in rows]
+    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for method in sorted({r["method"] for r in rows if r["method"] != "dense"}):
+        mine = [r for r in rows if r["method"] == method and r["block"] in (32, None)]
+        points = sorted((r["sparsity"], r["val_loss"]) for r in mine)
+        ax.plot(*zip(*points, strict=True), "-o", label=method, ms=3)
+    dense = [r["val_loss"] for r in rows if r["method"] == "dense"]
+    if dense:
+        ax.axhline(dense[0], color="black", lw=0.8, ls="--", label="dense")
+    ax.set_xlabel("MLP sparsity (block 32)")
+    ax.set_ylabel("validation loss")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path.with_suffix(".png"), dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="../shared/data/tinyshakespeare.txt")
+    parser.add_argument("--steps", type=int, default=Experiment.steps)
+    parser.add_argument("--out", default="benchmarks/results/accuracy/tinyshakespeare.json")
+    args = parser.parse_args()
+    experiment = Experiment(steps=args.steps)
+    data = CharData(args.data)
+    path = Path(args.out)
+    payload = {"command": "python " + " ".join(sys.argv), "device": torch.cuda.get_device_name() if
+               torch.cuda.is_available() else "cpu", "experiment": asdict(experiment), "rows": []}  # fmt: skip
+    if path.exists():
+        previous = json.loads(path.read_text())
+        if previous.get("experiment") == payload["experiment"]:
+            payload["rows"] = previous["rows"]
+    done = {(r["method"], r["sparsity"], r["block"]) for r in payload["rows"]}
+    for method, sparsity, block in grid((0.5, 0.8, 0.9, 0.95), (32,), extra_blocks=(16, 64)):
+        if (method, sparsity, block) in done:
+            continue
+        payload["rows"].append(run(method, sparsity, block, data, experiment))
+        print(payload["rows"][-1], flush=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload, indent=1) + "\n")
+    report(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""The pruning experiment on real text: a character GPT on tinyshakespeare, every method at the same steps and seed.
+
+Protocol (all methods train ``steps`` steps from the same initialisation on the same batches):
+
+* ``dense``: no pruning. ``dense_iso_params``: a narrower MLP with as many weights as the sparse MLP keeps.
+* ``magnitude`` and ``activation_magnitude``: dense until ``prune_start``, then pruned at once (the latter after
+  ``calibration_batches`` batches of input statistics), then trained masked.
+* ``gradual_magnitude`` and ``fisher``: cubic schedule from ``prune_start`` to ``prune_end``, ten mask updates
+  (fisher from the gradients of the steps since the previous update).
+* ``prune_grow``: magnitude at ``prune_start``, then tile swaps every ``regrow_every`` steps until ``prune_end``.
+* ``supermask``: block scores trained from the first step, sparsity ramped until ``prune_end``.
+
+Pruned models are converted to ``BlockSparseLinear`` at the end; the validation loss is of that converted model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from sparseblocks.gpt import GPT, CharData, GPTConfig
+from sparseblocks.patch import SparsityConfig
+from sparseblocks.prune import CubicSchedule, Pruner
+
+METHODS = (
+    "dense",
+    "dense_iso_params",
+    "magnitude",
+    "activation_magnitude",
+    "supermask",
+    "gradual_magnitude",
+    "prune_grow",
+    "fisher",
+)
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """Model and training settings shared by every run (nanoGPT's shakespeare-char model by default)."""
+
+    layers: int = 6
+    heads: int = 6
+    width: int = 384
+    context: int = 256
+    batch_size: int = 64
+    steps: int = 3000
+    lr: float = 1e-3
+    seed: int = 0
+    eval_batches: int = 40
+    prune_start: float = 0.25
+    prune_end: float = 0.75
+    regrow_every: int = 100
+    calibration_batches: int = 8
+
+
+def _pruner(method: str, model: GPT, sparsity: float, block: int, experiment: Experiment) -> Pruner | None:
+    start, end = round(experiment.prune_start * experiment.steps), round(experiment.prune_end * experiment.steps)
+    config = SparsityConfig(sparsity, block, targets="mlp")
+    if method in ("magnitude", "activation_magnitude"):
+        schedule = CubicSchedule(start=start, end=start)
+        scoring = method
+    elif method in ("gradual_magnitude", "fisher"):
+        schedule = CubicSchedule(start=start, end=end, every=max(1, (end - start) // 10))
+        scoring = "magnitude" if method == "gradual_magnitude" else "fisher"
+    elif method == "prune_grow":
+        schedule = CubicSchedule(start=start, end=end, every=experiment.regrow_every, initial=sparsity)
+        scoring = method
+    else:
+        schedule, scoring = CubicSchedule(start=0, end=end), "supermask"
+    return Pruner(model, config, method=scoring, schedule=schedule)
+
+
+@torch.no_grad()
+def validation_loss(model: GPT, data: CharData, experiment: Experiment, device: torch.device) -> float:
+    """Mean loss over ``eval_batches`` fixed validation windows."""
+    model.eval()
+    generator = torch.Generator().manual_seed(1234)
+    losses = []
+    for _ in range(experiment.eval_batches):
+        tokens, targets = data.batch("val", experiment.batch_size, experiment.context, generator, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            losses.append(model(tokens, targets)[1].item())
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def run(method: str, sparsity: float, block: int | None, data: CharData, experiment: Experiment) -> dict:
+    """Train one model by ``method`` and return its row: validation loss, steps, seed, MLP weights kept."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    hidden = 4 * experiment.width
+    if method == "dense_iso_params":
+        hidden = max(1, round(hidden * (1.0 - sparsity)))
+    config = GPTConfig(vocab_size=data.vocab_size, context=experiment.context, layers=experiment.layers,
+                       heads=experiment.heads, width=experiment.width, mlp_hidden=hidden)  # fmt: skip
+    torch.manual_seed(experiment.seed)
+    model = GPT(config).to(device)
+    pruner = None if method.startswith("dense") else _pruner(method, model, sparsity, block, experiment)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=experiment.lr, weight_decay=0.1)  # after supermask's scores
+    if pruner is not None:
+        pruner.optimizer = optimizer
+    generator = torch.Generator().manual_seed(experiment.seed)
+    warmup = max(1, experiment.steps // 20)
+    for step in range(experiment.steps):
+        for group in optimizer.param_groups:  # linear warm-up, cosine decay to a tenth
+            progress = step / experiment.steps
+            scale = min(1.0, (step + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+            group["lr"] = experiment.lr * scale
+        tokens, targets = data.batch("train", experiment.batch_size, experiment.context, generator, device)
+        if method == "activation_magnitude" and pruner.schedule.updates_at(step):
+            with pruner.observe_inputs(), torch.no_grad():
+                for _ in range(experiment.calibration_batches):
+                    model(*data.batch("train", experiment.batch_size, experiment.context, generator, device))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model(tokens, targets)[1]
+        loss.backward()
+        if method in ("fisher", "prune_grow"):
+            pruner.observe_gradients()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if pruner is not None:
+            pruner.step()
+    if pruner is not None:
+        pruner.finalize()
+    mlp_weights = sum(
+        p.numel() for block_ in model.blocks for n, p in block_.mlp.named_parameters() if not n.endswith("bias")
+    )
+    return {"method": method, "sparsity": sparsity, "block": block,
+            "val_loss": validation_loss(model, data, experiment, device), "train_loss_last": loss.item(),
+            "steps": experiment.steps, "seed": experiment.seed, "mlp_weights": mlp_weights}  # fmt: skip
+
+
+def grid(
+    sparsities: tuple[float, ...], blocks: tuple[int, ...], extra_blocks: tuple[int, ...] = (), extra_at: float = 0.9
+) -> list[tuple[str, float, int | None]]:
+    """The runs, as (method, sparsity, block): dense once; per sparsity, the iso-parameter dense model and every
+    pruning method at each of ``blocks``, plus ``extra_blocks`` at sparsity ``extra_at``."""
+    runs: list[tuple[str, float, int | None]] = [("dense", 0.0, None)]
+    for sparsity in sparsities:
+        runs.append(("dense_iso_params", sparsity, None))
+        sizes = blocks + (extra_blocks if sparsity == extra_at else ())
+        runs += [(method, sparsity, block) for block in sizes for method in METHODS[2:]]
+    return runs
