@@ -56,9 +56,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="../shared/data/tinyshakespeare.txt")
     parser.add_argument("--steps", type=int, default=Experiment.steps)
+    for name in ("layers", "heads", "width", "context", "batch_size"):  # a smaller model for a CPU pilot
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(Experiment, name))
     parser.add_argument("--out", default="benchmarks/results/accuracy/tinyshakespeare.json")
     args = parser.parse_args()
-    experiment = Experiment(steps=args.steps)
+    experiment = Experiment(steps=args.steps, layers=args.layers, heads=args.heads, width=args.width,
+                            context=args.context, batch_size=args.batch_size)  # fmt: skip
     data = CharData(args.data)
     path = Path(args.out)
     payload = {"command": "python " + " ".join(sys.argv), "device": torch.cuda.get_device_name() if

@@ -175,3 +175,13 @@ def test_supermask_learns_scores_ramps_sparsity_and_folds():
     assert isinstance(model[0], BlockSparseLinear) and torch.equal(model[0].matrix.block_mask(), mask)
     with torch.no_grad():
         assert relative_error(model(x), gated) < 1e-6
+
+
+def test_trainer_callback_steps_the_pruner():
+    pytest.importorskip("transformers")
+    from sparseblocks.prune import trainer_callback
+
+    pruner = Pruner(_mlp(), CONFIG)
+    callback = trainer_callback(pruner)
+    callback.on_step_end(args=None, state=None, control=None)
+    assert pruner.step_count == 1 and pruner.sparsity()["0"] == pytest.approx(0.75)
