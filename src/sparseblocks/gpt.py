@@ -29,12 +29,13 @@ class GPTConfig:
     mlp_ratio: int = 4
     mlp_hidden: int | None = None  # overrides mlp_ratio * width (iso-parameter baselines)
     dropout: float = 0.0
+    causal: bool = True  # False: bidirectional attention (the ViT in sparseblocks.vit reuses these blocks)
 
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.heads, self.dropout = config.heads, config.dropout
+        self.heads, self.dropout, self.causal = config.heads, config.dropout, config.causal
         self.qkv = nn.Linear(config.width, 3 * config.width)
         self.proj = nn.Linear(config.width, config.width)
 
@@ -42,7 +43,8 @@ class CausalSelfAttention(nn.Module):
         batch, length, width = x.shape
         q, k, v = self.qkv(x).view(batch, length, 3, self.heads, width // self.heads).unbind(2)
         dropout = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, dropout, True)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, None, dropout, self.causal)
         return self.proj(y.transpose(1, 2).reshape(batch, length, width))
 
 
