@@ -31,6 +31,17 @@ from sparseblocks.masks import block_norms, top_blocks_mask
 
 BLOCK_SIZES = (16, 32, 64, 128)
 INDEX_DTYPE = torch.int32
+# The index arrays a matrix holds, by attribute name: the two stored on disk, then those derived from them.
+STORED_INDEX_NAMES = ("crow_indices", "col_indices")
+DERIVED_INDEX_NAMES = (
+    "row_indices_of_block",
+    "ccol_indices",
+    "row_indices",
+    "transpose_perm",
+    "row_order",
+    "col_order",
+)
+INDEX_NAMES = STORED_INDEX_NAMES + DERIVED_INDEX_NAMES
 
 
 def normalize_block_size(block_size: int | Sequence[int]) -> tuple[int, int]:
@@ -197,16 +208,7 @@ class BlockSparseMatrix:
 
     def index_tensors(self) -> dict[str, torch.Tensor]:
         """Every index array the matrix holds, by name (the stored two and the derived ones)."""
-        return {
-            "crow_indices": self.crow_indices,
-            "col_indices": self.col_indices,
-            "row_indices_of_block": self.row_indices_of_block,
-            "ccol_indices": self.ccol_indices,
-            "row_indices": self.row_indices,
-            "transpose_perm": self.transpose_perm,
-            "row_order": self.row_order,
-            "col_order": self.col_order,
-        }
+        return {name: getattr(self, name) for name in INDEX_NAMES}
 
     @property
     def nbytes(self) -> int:

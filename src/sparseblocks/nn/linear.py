@@ -8,21 +8,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from sparseblocks.format import BlockSparseMatrix, gather_tiles, normalize_block_size
+from sparseblocks.format import INDEX_NAMES, STORED_INDEX_NAMES, BlockSparseMatrix, gather_tiles, normalize_block_size
 from sparseblocks.masks import random_block_mask
 from sparseblocks.ops import spmm
-
-# The pattern as saved: with values and bias, the whole state dict.
-_STORED_INDICES = ("crow_indices", "col_indices")
-# Arrays recomputed from crow/col indices whenever the pattern is set: kept out of the state dict.
-_DERIVED_INDICES = (
-    "row_indices_of_block",
-    "ccol_indices",
-    "row_indices",
-    "transpose_perm",
-    "row_order",
-    "col_order",
-)
 
 
 class BlockSparseLinear(nn.Module):
@@ -63,7 +51,8 @@ class BlockSparseLinear(nn.Module):
         self.out_features, self.in_features = matrix.shape
         self.values = nn.Parameter(matrix.values.detach().clone())
         for name, index in matrix.index_tensors().items():
-            self.register_buffer(name, index, persistent=name not in _DERIVED_INDICES)
+            # Only the stored two go into the state dict; the derived ones are recomputed whenever a pattern is set.
+            self.register_buffer(name, index, persistent=name in STORED_INDEX_NAMES)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
 
     @classmethod
@@ -97,7 +86,7 @@ class BlockSparseLinear(nn.Module):
     @property
     def matrix(self) -> BlockSparseMatrix:
         """The weight as a ``BlockSparseMatrix`` sharing this module's parameter and buffers."""
-        indices = {name: getattr(self, name) for name in (*_STORED_INDICES, *_DERIVED_INDICES)}
+        indices = {name: getattr(self, name) for name in INDEX_NAMES}
         return BlockSparseMatrix.from_parts(self.values, (self.out_features, self.in_features), indices)
 
     def set_pattern(self, mask: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -144,7 +133,7 @@ class BlockSparseLinear(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A checkpoint may carry another pattern (another nnz): validate it, then resize to it before the
         # ordinary copy. Nothing read from outside reaches a kernel unchecked.
-        values, crow, col = (state_dict.get(prefix + name) for name in ("values", *_STORED_INDICES))
+        values, crow, col = (state_dict.get(prefix + name) for name in ("values", *STORED_INDEX_NAMES))
         if values is not None and crow is not None and col is not None:
             incoming = BlockSparseMatrix(values.detach().contiguous(), crow, col, (self.out_features, self.in_features))
             if incoming.values.shape != self.values.shape:

@@ -23,21 +23,10 @@ import torch
 
 from sparseblocks import reference
 from sparseblocks.backend import use_triton
-from sparseblocks.format import BlockSparseMatrix
-
-# The order in which a matrix's index arrays travel through the custom ops (as one list[Tensor]).
-INDEX_NAMES = (
-    "crow_indices",
-    "col_indices",
-    "row_indices_of_block",
-    "ccol_indices",
-    "row_indices",
-    "transpose_perm",
-    "row_order",
-    "col_order",
-)
+from sparseblocks.format import INDEX_NAMES, BlockSparseMatrix
 
 
+# A matrix's index arrays travel through the custom ops as one list[Tensor], in INDEX_NAMES order.
 def _matrix(values: torch.Tensor, index: list[torch.Tensor], shape: list[int]) -> BlockSparseMatrix:
     return BlockSparseMatrix.from_parts(values, shape, dict(zip(INDEX_NAMES, index, strict=False)))
 
