@@ -147,10 +147,16 @@ def test_multihead_attention_out_proj_stays_dense():
     assert type(model[0].out_proj) is not BlockSparseLinear
 
 
-def test_compiled_sparse_model_matches_eager():
+def _sparse_gpt(sparsity=0.5):
+    """A tiny GPT (seed 0) with its MLPs at ``sparsity``, block 16."""
     torch.manual_seed(0)
     model = _gpt()()
-    sparsify(model, SparsityConfig(0.5, 16))
+    sparsify(model, SparsityConfig(sparsity, 16))
+    return model
+
+
+def test_compiled_sparse_model_matches_eager():
+    model = _sparse_gpt()
     tokens = torch.randint(64, (2, 16))
     with torch.no_grad():
         expected = model(tokens)[0]
@@ -163,10 +169,7 @@ def test_compiled_sparse_model_matches_eager():
 
 @pytest.fixture
 def saved(tmp_path):
-    torch.manual_seed(0)
-    model = _gpt()()
-    sparsify(model, SparsityConfig(0.5, 16))
-    save_sparse(model, tmp_path)
+    save_sparse(_sparse_gpt(), tmp_path)
     return tmp_path
 
 
@@ -219,16 +222,13 @@ def test_checkpoint_for_another_model_is_rejected(saved):
 
 
 def test_patched_model_casts_autocasts_and_reloads_its_state_dict():
-    torch.manual_seed(0)
-    model = _gpt()()
-    sparsify(model, SparsityConfig(0.5, 16))
+    model = _sparse_gpt()
     tokens = torch.randint(64, (2, 16))
     with torch.no_grad():
         expected = model(tokens)[0]
         assert relative_error(copy.deepcopy(model).to(torch.float64)(tokens)[0], expected) < 1e-5
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert relative_error(model(tokens)[0], expected) < 5e-2
-        other = _gpt()()  # another pattern (another tile count): load_state_dict resizes to the saved one
-        sparsify(other, SparsityConfig(0.75, 16))
+        other = _sparse_gpt(0.75)  # another tile count: load_state_dict resizes to the saved one
         other.load_state_dict(model.state_dict())
         assert torch.equal(other(tokens)[0], expected)

@@ -13,9 +13,10 @@ from sparseblocks.backend import triton_interpreting
 from sparseblocks.masks import skewed_block_mask
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(
-    DEVICE == "cpu" and not triton_interpreting(), reason="needs a CUDA GPU or TRITON_INTERPRET=1"
-)
+pytestmark = [
+    pytest.mark.skipif(DEVICE == "cpu" and not triton_interpreting(), reason="needs a CUDA GPU or TRITON_INTERPRET=1"),
+    pytest.mark.usefixtures("no_tf32"),
+]
 # ‖out − ref‖ / ‖ref‖ bounds; the output itself is rounded to its dtype.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
@@ -37,14 +38,6 @@ def check(x, w, bias=None, activation=None):
         assert torch.equal(out, torch.zeros_like(out))
     else:
         assert relative_error(out, ref) < tolerance
-
-
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 @pytest.mark.parametrize("block", [16, 32, 64, 128, (16, 128), (64, 32)])
