@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from sparseblocks.bench.harness import environment, gpu_folder, input_sets, measure_ceilings, time_ms, write_json
+from sparseblocks.bench.harness import input_sets, measure_ceilings, start_run, time_ms, write_json
 from sparseblocks.bench.spmm import Case, implementations, sparse_weight
 
 # name -> (K, N)
@@ -29,11 +29,9 @@ BLOCKS = (32, 64, 128)
 
 def run(quick: bool, out_dir: Path | None, name: str, command: str) -> dict:
     """Time every (shape, tokens, sparsity, block); write ``<name>.json`` and a Markdown table; return the payload."""
-    if not torch.cuda.is_available():
-        raise RuntimeError("bench decode times GPU kernels: it needs a CUDA GPU")
+    payload, folder = start_run("decode", command, out_dir)
     ceilings = measure_ceilings()
-    payload = {**environment(command), "ceilings": ceilings.__dict__, "rows": []}
-    folder = out_dir or Path("benchmarks/results") / gpu_folder(payload["gpu"])
+    payload["ceilings"] = ceilings.__dict__
     tokens, sparsities = ((1, 16), (0.5, 0.9)) if quick else (TOKENS, SPARSITIES)
     blocks = (64,) if quick else BLOCKS
     for (shape, (k, n)), m in itertools.product(SHAPES.items(), tokens):

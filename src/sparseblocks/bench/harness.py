@@ -142,6 +142,15 @@ def gpu_folder(gpu_name: str) -> str:
     return gpu_name.lower().replace("nvidia", "").strip().split()[0].replace(" ", "_")
 
 
+def start_run(bench: str, command: str, out_dir: Path | None) -> tuple[dict, Path]:
+    """A result payload headed by the environment, with empty ``rows``, and the folder it goes to
+    (``out_dir`` or ``benchmarks/results/<gpu>``); raises without a CUDA GPU."""
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"bench {bench} times GPU kernels: it needs a CUDA GPU")
+    payload = {**environment(command), "rows": []}
+    return payload, out_dir or Path("benchmarks/results") / gpu_folder(payload["gpu"])
+
+
 def write_json(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=1) + "\n")

@@ -18,10 +18,9 @@ import torch.nn.functional as F
 
 from sparseblocks.bench.harness import (
     Ceilings,
-    environment,
-    gpu_folder,
     input_sets,
     measure_ceilings,
+    start_run,
     time_ms,
     write_json,
 )
@@ -69,13 +68,20 @@ def cases(quick: bool, dtypes: tuple[str, ...], shapes: tuple[str, ...], sweep: 
                 yield Case("vit_b_fc1", 197 * images, k, n, "bf16", 0.9, block)
 
 
+def random_weight(
+    n: int, k: int, sparsity: float, block: int, dtype: torch.dtype, generator: torch.Generator, mask: str = "random"
+) -> BlockSparseMatrix:
+    """An ``(n, k)`` weight on the GPU with exactly the target number of ``block`` tiles, random or skewed rows."""
+    grid = (math.ceil(n / block), math.ceil(k / block))
+    make_mask = skewed_block_mask if mask == "skewed" else random_block_mask
+    block_mask = make_mask(grid, 1.0 - sparsity, generator)
+    dense = torch.randn(n, k, generator=generator) / math.sqrt(k)
+    return BlockSparseMatrix.from_dense(dense.to(dtype), block, mask=block_mask).to("cuda")
+
+
 def sparse_weight(case: Case, dtype: torch.dtype, seed: int = 0) -> BlockSparseMatrix:
     generator = torch.Generator().manual_seed(seed)
-    grid = (math.ceil(case.n / case.block), math.ceil(case.k / case.block))
-    make_mask = skewed_block_mask if case.mask == "skewed" else random_block_mask
-    mask = make_mask(grid, 1.0 - case.sparsity, generator)
-    dense = torch.randn(case.n, case.k, generator=generator) / math.sqrt(case.k)
-    return BlockSparseMatrix.from_dense(dense.to(dtype), case.block, mask=mask).to("cuda")
+    return random_weight(case.n, case.k, case.sparsity, case.block, dtype, generator, case.mask)
 
 
 def implementations(
@@ -132,12 +138,10 @@ def run(
     command: str,
 ) -> dict:
     """Run the cases; write ``<out_dir or benchmarks/results/<gpu>>/<name>.json`` plus plots; return the payload."""
-    if not torch.cuda.is_available():
-        raise RuntimeError("bench spmm times GPU kernels: it needs a CUDA GPU")
+    payload, folder = start_run("spmm", command, out_dir)
     ceilings = measure_ceilings()
-    payload = {**environment(command), "ceilings": ceilings.__dict__, "rows": []}
+    payload["ceilings"] = ceilings.__dict__
     rows = payload["rows"]
-    folder = out_dir or Path("benchmarks/results") / gpu_folder(payload["gpu"])
     dense_ms = {}  # (shape, M, dtype) -> the dense row's time, measured once per run
     for case in cases(quick, dtypes, shapes, sweep):
         dtype = DTYPES[case.dtype]

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import itertools
-import math
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -22,10 +21,9 @@ import torch.nn.functional as F
 
 from sparseblocks import reference
 from sparseblocks.backend import reference_mode
-from sparseblocks.bench.harness import environment, gpu_folder, input_sets, time_ms, write_json
-from sparseblocks.bench.spmm import stk_linear
+from sparseblocks.bench.harness import input_sets, start_run, time_ms, write_json
+from sparseblocks.bench.spmm import random_weight, stk_linear
 from sparseblocks.format import BlockSparseMatrix
-from sparseblocks.masks import random_block_mask
 from sparseblocks.ops import spmm
 
 SECTIONS = ("linear", "mlp", "train_step", "convergence")
@@ -39,12 +37,6 @@ BLOCKS = (32, 64, 128)
 
 # A linear layer as the timed code sees it: (x, activation) -> y, differentiable w.r.t. x and its weights.
 Linear = Callable[[torch.Tensor, str | None], torch.Tensor]
-
-
-def _random_weight(n: int, k: int, sparsity: float, block: int, generator: torch.Generator) -> BlockSparseMatrix:
-    mask = random_block_mask((math.ceil(n / block), math.ceil(k / block)), 1.0 - sparsity, generator)
-    dense = torch.randn(n, k, generator=generator) / math.sqrt(k)
-    return BlockSparseMatrix.from_dense(dense.to(torch.bfloat16), block, mask=mask).to("cuda")
 
 
 def make_linear(impl: str, w: BlockSparseMatrix, bias: bool) -> Linear | None:
@@ -111,7 +103,8 @@ def run_layers(
         dense_ms = None
         for sparsity, block in [(0.0, None), *itertools.product(sparsities, blocks)]:
             generator = torch.Generator().manual_seed(0)
-            weights = [_random_weight(n, k, sparsity, block or 64, generator) for n, k in _layer_shapes(case, name)]
+            weights = [random_weight(n, k, sparsity, block or 64, torch.bfloat16, generator)
+                       for n, k in _layer_shapes(case, name)]  # fmt: skip
             for impl in ("dense",) if block is None else ("sparseblocks", "stk"):
                 layers = [make_linear(impl, w, bias=kind == "gelu") for w in weights]
                 if any(layer is None for layer in layers):
@@ -263,10 +256,7 @@ def run(
     command: str,
 ) -> dict:
     """Run the sections; write ``<out_dir or benchmarks/results/<gpu>>/<name>.json`` and plots."""
-    if not torch.cuda.is_available():
-        raise RuntimeError("bench train times GPU kernels: it needs a CUDA GPU")
-    payload = {**environment(command), "rows": []}
-    folder = out_dir or Path("benchmarks/results") / gpu_folder(payload["gpu"])
+    payload, folder = start_run("train", command, out_dir)
     save = lambda: write_json(folder / f"{name}.json", payload)
     layer_cases = tuple(case for case in ("linear", "mlp") if case in sections)
     if layer_cases:
