@@ -7,6 +7,7 @@ requested sparsity is the sparsity you get.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -28,6 +29,15 @@ def block_sums(values: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
 def block_norms(weight: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     """L2 norm of each ``(bn, bk)`` tile of a 2-D ``weight``, as float32 ``(ceil(N/bn), ceil(K/bk))``."""
     return block_sums(weight.detach().float().square(), block).sqrt()
+
+
+def expand_block_mask(mask: torch.Tensor, block: tuple[int, int], shape: Sequence[int]) -> torch.Tensor:
+    """A block mask ``(N_blocks, K_blocks)`` as an element mask of ``shape`` ``(N, K)`` (ragged edges cut off).
+
+    Differentiable when ``mask`` is a float tensor (Supermask's straight-through scores).
+    """
+    full = mask.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
+    return full[: shape[0], : shape[1]]
 
 
 def blocks_to_keep(total: int, keep: float) -> int:

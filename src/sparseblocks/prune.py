@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from sparseblocks.format import normalize_block_size
-from sparseblocks.masks import block_norms, block_sums, top_blocks_mask
+from sparseblocks.masks import block_norms, block_sums, expand_block_mask, top_blocks_mask
 from sparseblocks.nn.supermask import SupermaskLinear
 from sparseblocks.patch import SparsifyReport, SparsityConfig, replace_module, sparsify, target_linears
 
@@ -63,12 +63,6 @@ class CubicSchedule:
 
     def updates_at(self, step: int) -> bool:
         return step == self.end or (self.start <= step < self.end and (step - self.start) % self.every == 0)
-
-
-def _expand(mask: torch.Tensor, block: tuple[int, int], shape: torch.Size) -> torch.Tensor:
-    """A block mask as an element mask of ``shape`` (ragged edges cut off)."""
-    full = mask.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
-    return full[: shape[0], : shape[1]]
 
 
 class Pruner:
@@ -212,7 +206,8 @@ class Pruner:
         if self.method == "supermask":  # its forward masks; the weights under pruned tiles may come back
             return
         for name, layer in self.layers.items():
-            layer.weight.mul_(_expand(self.masks[name], self.block, layer.weight.shape).to(layer.weight.dtype))
+            kept = expand_block_mask(self.masks[name], self.block, layer.weight.shape)
+            layer.weight.mul_(kept.to(layer.weight.dtype))
 
     def regrow(self) -> None:
         """Drop the weakest kept tiles and grow as many pruned ones with the largest gradient norm (prune_grow)."""
@@ -232,7 +227,7 @@ class Pruner:
             flat = mask.flatten().clone()
             flat[dropped], flat[grown] = False, True
             self.masks[name] = flat.view_as(mask)
-            self._restart(layer, _expand(~mask & self.masks[name], self.block, layer.weight.shape))
+            self._restart(layer, expand_block_mask(~mask & self.masks[name], self.block, layer.weight.shape))
         self.grad_sq.clear()
         self.gradient_batches = 0
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparseblocks.format import normalize_block_size
-from sparseblocks.masks import block_norms, top_blocks_mask
+from sparseblocks.masks import block_norms, expand_block_mask, top_blocks_mask
 
 
 class _TopKStraightThrough(torch.autograd.Function):
@@ -50,20 +50,16 @@ class SupermaskLinear(nn.Module):
         """The tiles kept now: bool ``(N_blocks, K_blocks)``."""
         return top_blocks_mask(self.scores.detach(), 1.0 - self.sparsity)
 
-    def _element_mask(self, mask: torch.Tensor) -> torch.Tensor:
-        full = mask.repeat_interleave(self.block[0], 0).repeat_interleave(self.block[1], 1)
-        return full[: self.out_features, : self.in_features]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mask = _TopKStraightThrough.apply(self.scores, 1.0 - self.sparsity)
-        return F.linear(x, self.weight * self._element_mask(mask), self.bias)
+        return F.linear(x, self.weight * expand_block_mask(mask, self.block, self.weight.shape), self.bias)
 
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` with the mask folded in (zeros where tiles are pruned)."""
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
         linear.to(device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
-            linear.weight.copy_(self.weight * self._element_mask(self.block_mask()))
+            linear.weight.copy_(self.weight * expand_block_mask(self.block_mask(), self.block, self.weight.shape))
             if self.bias is not None:
                 linear.bias.copy_(self.bias)
         return linear
