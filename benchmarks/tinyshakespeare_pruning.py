@@ -1,11 +1,15 @@
 """Every pruning method on a character GPT trained on tinyshakespeare (issue #7, experiment 1).
 
-    PYTHONPATH=src python3 benchmarks/tinyshakespeare_pruning.py [--steps 3000] [--data FILE]
+    PYTHONPATH=src python3 benchmarks/tinyshakespeare_pruning.py [--steps 3000] [--data FILE] [--shard I/N]
 
 Runs the grid of ``sparseblocks.experiments`` (dense, iso-parameter dense, and magnitude, activation-aware magnitude,
 Supermask, gradual magnitude, prune-and-grow and Fisher at MLP sparsity 0.5/0.8/0.9/0.95 with block 32, and
 blocks 16/64 at 0.9). Rows already in the result file are skipped, so an interrupted run resumes. Writes
 benchmarks/results/accuracy/tinyshakespeare.json, .md and .png.
+
+The small model leaves a GPU mostly waiting for kernel launches, so several workers share one: ``--shard I/N``
+runs every N-th grid point from the I-th into ``tinyshakespeare.shardIofN.json``; a run without ``--shard``
+takes the shards' rows as done, runs what is left and writes the merged result.
 """
 
 import argparse
@@ -59,26 +63,39 @@ def main() -> None:
     for name in ("layers", "heads", "width", "context", "batch_size"):  # a smaller model for a CPU pilot
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(Experiment, name))
     parser.add_argument("--out", default="benchmarks/results/accuracy/tinyshakespeare.json")
+    parser.add_argument("--shard", default=None, help="I/N: this worker's share of the grid")
     args = parser.parse_args()
     experiment = Experiment(steps=args.steps, layers=args.layers, heads=args.heads, width=args.width,
                             context=args.context, batch_size=args.batch_size)  # fmt: skip
     data = CharData(args.data)
     path = Path(args.out)
-    payload = {"command": "python " + " ".join(sys.argv), "device": torch.cuda.get_device_name() if
-               torch.cuda.is_available() else "cpu", "experiment": asdict(experiment), "rows": []}  # fmt: skip
-    if path.exists():
-        previous = json.loads(path.read_text())
+    runs = all_runs = grid((0.5, 0.8, 0.9, 0.95), (32,), extra_blocks=(16, 64))
+    sources = sorted(path.parent.glob(f"{path.stem}.shard*.json"))
+    if args.shard:
+        index, count = (int(part) for part in args.shard.split("/"))
+        runs = runs[index::count]
+        path = path.with_name(f"{path.stem}.shard{index}of{count}.json")
+        sources = []
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    payload = {"command": "python " + " ".join(sys.argv), "device": device, "experiment": asdict(experiment),
+               "rows": []}  # fmt: skip
+    for source in [path, *sources]:
+        previous = json.loads(source.read_text()) if source.exists() else {}
         if previous.get("experiment") == payload["experiment"]:
-            payload["rows"] = previous["rows"]
+            payload["rows"] += [r for r in previous["rows"] if r not in payload["rows"]]
     done = {(r["method"], r["sparsity"], r["block"]) for r in payload["rows"]}
-    for method, sparsity, block in grid((0.5, 0.8, 0.9, 0.95), (32,), extra_blocks=(16, 64)):
+    for method, sparsity, block in runs:
         if (method, sparsity, block) in done:
             continue
         payload["rows"].append(run(method, sparsity, block, data, experiment))
         print(payload["rows"][-1], flush=True)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(payload, indent=1) + "\n")
-    report(path)
+    if not args.shard:
+        payload["rows"].sort(key=lambda r: all_runs.index((r["method"], r["sparsity"], r["block"])))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload, indent=1) + "\n")
+        report(path)
 
 
 if __name__ == "__main__":

@@ -90,9 +90,16 @@ def test_decode_table_renders(tmp_path):
          "floor_us": 3.0},
         {"shape": "llama_8b_up", "M": 1, "sparsity": 0.9, "block": 64, "impl": "torch_bsr", "us": 24.0,
          "floor_us": 3.0},
+        {"shape": "llama_8b_up", "M": 1, "sparsity": 0.9, "block": 64, "impl": "sparseblocks_rows", "us": 15.0,
+         "floor_us": 3.0},
+        {"shape": "llama_8b_mlp", "M": 1, "sparsity": 0.0, "block": None, "impl": "dense", "us": 90.0,
+         "floor_us": 80.0},
+        {"shape": "llama_8b_mlp", "M": 1, "sparsity": 0.9, "block": 64, "impl": "sparseblocks", "us": 30.0,
+         "floor_us": 9.0},
     ]  # fmt: skip
     path = tmp_path / "decode.json"
     path.write_text(json.dumps({"gpu": "H200", "torch": "2.11", "triton": "3.6", "commit": "x", "command": "c",
                                 "rows": rows}))  # fmt: skip
     table = _write_table(path).read_text()
-    assert "| llama_8b_up | 1 | 0.9 | 64 | 30.0 | 6.0 | 5.00x | 1.25x | 10.00x | 50% |" in table
+    assert "| llama_8b_up | 1 | 0.9 | 64 | 30.0 | 6.0 | 5.00x | 2.00x | 1.25x | 10.00x | 50% |" in table
+    assert "| llama_8b_mlp | 1 | 0.9 | 64 | 90.0 | 30.0 | 3.00x | — | — | 10.00x | 30% |" in table

@@ -21,18 +21,29 @@ pytestmark = [
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
-def run_kernel(x, w, bias=None, activation=None):
+# A fixed config forces the row kernel; without one, up to MAX_TOKENS rows take the decode kernel.
+ROW_KERNEL_CONFIG = {"BLOCK_M": 16, "num_warps": 4, "num_stages": 2}
+
+
+def run_kernel(x, w, bias=None, activation=None, config=None):
     from sparseblocks.kernels.spmm import spmm_triton
 
-    return spmm_triton(x, w, bias, activation)
+    return spmm_triton(x, w, bias, activation, config)
 
 
 def check(x, w, bias=None, activation=None):
-    out = run_kernel(x, w, bias, activation)
+    """Both kernels that can take x (the row kernel always; the decode kernel for few rows) match float64."""
+    from sparseblocks.kernels.decode import MAX_TOKENS
+
     ref = reference.spmm(x.double(), w.to(dtype=torch.float64), None if bias is None else bias.double(), activation)
-    assert out.shape == ref.shape and out.dtype == x.dtype
-    tolerance = TOLERANCE[x.dtype]
-    if x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and x.is_cuda:
+    for config in [ROW_KERNEL_CONFIG, None] if x[..., 0].numel() <= MAX_TOKENS else [None]:
+        check_output(run_kernel(x, w, bias, activation, config), ref, x.dtype)
+
+
+def check_output(out, ref, dtype):
+    assert out.shape == ref.shape and out.dtype == dtype
+    tolerance = TOLERANCE[dtype]
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and out.is_cuda:
         tolerance = 1e-3
     if ref.norm() == 0:
         assert torch.equal(out, torch.zeros_like(out))
@@ -94,12 +105,70 @@ def test_output_written_everywhere():
     assert torch.equal(out, torch.full_like(out, 3.0))
 
 
+def run_decode(x, w, bias=None, activation=None, tiles_per_program=None):
+    from sparseblocks.kernels.decode import spmm_decode_triton
+
+    return spmm_decode_triton(x, w, bias, activation, tiles_per_program)
+
+
+def reference_float64(x, w, bias=None, activation=None):
+    return reference.spmm(x.double(), w.to(dtype=torch.float64), None if bias is None else bias.double(), activation)
+
+
+@pytest.mark.parametrize("tiles_per_program", [1, 2, 3, 7, 1000])
+@pytest.mark.parametrize("m", [1, 5, 16, 64])
+def test_decode_rows_cut_into_pieces(tiles_per_program, m):
+    """Rows split across 1..many programs (their pieces reduced by the last to arrive), or all in one program."""
+    w, _ = random_sparse(200, 300, 32, 0.6, seed=4)
+    w, x, bias = w.to(DEVICE), torch.randn(m, 300, device=DEVICE), torch.randn(200, device=DEVICE)
+    out = run_decode(x, w, bias, "gelu", tiles_per_program)
+    check_output(out, reference_float64(x, w, bias, "gelu"), torch.float32)
+
+
+@pytest.mark.parametrize("empty_rows", [[0], [3], [5], [0, 1, 4, 5], [1, 2, 3]])
+@pytest.mark.parametrize("tiles_per_program", [1, 2, 5])
+def test_decode_empty_block_rows_anywhere(empty_rows, tiles_per_program):
+    """Empty block rows first, inside, last: each written once (bias through the activation), none skipped."""
+    mask = torch.rand(6, 4) < 0.7
+    mask[:, 0] = True
+    mask[empty_rows] = False
+    w = BlockSparseMatrix.from_dense(torch.randn(6 * 16 - 5, 4 * 16), 16, mask=mask).to(DEVICE)
+    x, bias = torch.randn(3, 64, device=DEVICE), torch.randn(91, device=DEVICE)
+    out = run_decode(x, w, bias, "silu", tiles_per_program)
+    check_output(out, reference_float64(x, w, bias, "silu"), torch.float32)
+
+
+def test_decode_no_tiles_at_all():
+    w, _ = random_sparse(64, 48, 16, 0.0)
+    w, bias = w.to(DEVICE), torch.randn(64, device=DEVICE)
+    out = run_decode(torch.randn(2, 48, device=DEVICE), w, bias, "relu")
+    assert torch.equal(out, torch.relu(bias).expand(2, 64))
+
+
+def test_decode_is_deterministic_and_takes_strided_rows():
+    w, _ = random_sparse(256, 512, 32, 0.3, dtype=torch.bfloat16, seed=5)
+    w = w.to(DEVICE)
+    tokens = torch.randn(4, 9, 512, device=DEVICE).to(torch.bfloat16)[:, -1]  # last token of each sequence
+    first, second = run_decode(tokens, w, tiles_per_program=3), run_decode(tokens, w, tiles_per_program=3)
+    assert torch.equal(first, second)
+    check_output(first, reference_float64(tokens, w), torch.bfloat16)
+
+
+def test_decode_rejects_too_many_rows():
+    w, _ = random_sparse(32, 32, 16, 0.5)
+    with pytest.raises(ValueError, match="1..64 rows"):
+        run_decode(torch.randn(65, 32, device=DEVICE), w.to(DEVICE))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize(
     ("m", "n", "k", "block", "dtype"),
     [
         (1, 3072, 768, 64, torch.bfloat16),
+        (1, 14336, 4096, 64, torch.bfloat16),
+        (16, 2048, 8192, 32, torch.bfloat16),
+        (64, 4096, 14336, 128, torch.float16),
         (4099, 768, 3072, 16, torch.float16),
         (8192, 2048, 8192, 128, torch.bfloat16),
         (50432, 1000, 768, 64, torch.float32),
@@ -125,11 +194,13 @@ def test_huge_m_on_gpu():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_module_on_gpu_compiles_and_captures_in_cuda_graph():
+@pytest.mark.parametrize("tokens", [(4, 197), (1, 1), (3, 5)])
+def test_module_on_gpu_compiles_and_captures_in_cuda_graph(tokens):
+    """Both kernels (the row kernel for 788 rows, the decode kernel for 1 and 15) compile and replay in a graph."""
     from sparseblocks import BlockSparseLinear
 
     layer = BlockSparseLinear(768, 3072, sparsity=0.9, block_size=64, device="cuda", dtype=torch.bfloat16)
-    x = torch.randn(4, 197, 768, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(*tokens, 768, device="cuda", dtype=torch.bfloat16)
     expected = reference.spmm(x.double(), layer.matrix.to(dtype=torch.float64), layer.bias.double())
     compiled = torch.compile(layer, fullgraph=True)
     assert relative_error(compiled(x), expected) < 1e-2

@@ -1,62 +1,133 @@
-"""``sparseblocks bench decode``: ``Y = X·Wᵀ`` at 1–64 tokens, where the time is the weight stream.
+"""``sparseblocks bench decode``: 1–64 tokens through Llama MLP weights, where the time is the weight stream.
 
-In one run: dense ``F.linear`` (cuBLAS), PyTorch's BSR ``F.linear`` and ``sparseblocks.ops.spmm``, each timed as
-CUDA-graph replays, beside the bandwidth floor (weights + indices + activations at the measured copy speed).
-Shapes: the MLP projections of Llama-3.2-1B and Llama-3.1-8B.
+In one run: dense (cuBLAS), PyTorch's BSR ``F.linear`` and ``sparseblocks.ops.spmm`` (the decode kernel, and the
+row kernel it replaces at few tokens), each timed as CUDA-graph replays, beside the bandwidth floor (weights +
+indices + activations at the measured copy speed). Cases: each MLP projection of Llama-3.2-1B and Llama-3.1-8B, and
+each whole SwiGLU MLP (``down(silu(gate(x)) ⊙ up(x))``, unfused: three sparse products).
+
+A model's weights are read once per token, so none is in L2 when its layer runs: every path cycles through
+enough copies of its weights (and inputs) to overflow the L2, and no call reads warm weights.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
-from sparseblocks.bench.harness import input_sets, measure_ceilings, start_run, time_ms, write_json
-from sparseblocks.bench.spmm import Case, implementations, sparse_weight
+from sparseblocks.bench.harness import L2_FLUSH_BYTES, measure_ceilings, start_run, time_ms, write_json
+from sparseblocks.bench.spmm import random_weight
+from sparseblocks.format import BlockSparseMatrix
+from sparseblocks.kernels.spmm import spmm_triton
+from sparseblocks.ops import spmm
 
-# name -> (K, N)
-SHAPES = {
-    "llama_1b_up": (2048, 8192),
-    "llama_1b_down": (8192, 2048),
-    "llama_8b_up": (4096, 14336),
-    "llama_8b_down": (14336, 4096),
-}
+# Llama (hidden, intermediate) sizes
+MODELS = {"llama_1b": (2048, 8192), "llama_8b": (4096, 14336)}
+# case -> the projections it runs, as (K, N) per model
+CASES = ("up", "down", "mlp")
 TOKENS = (1, 4, 16, 64)
 SPARSITIES = (0.5, 0.8, 0.9, 0.95)
 BLOCKS = (32, 64, 128)
 
+Weights = dict[str, torch.Tensor | BlockSparseMatrix]  # projection name -> weight
+
+
+def _shapes(model: str, case: str) -> dict[str, tuple[int, int]]:
+    """Projection name -> (N, K) for one case."""
+    hidden, inner = MODELS[model]
+    up, down = (inner, hidden), (hidden, inner)
+    return {"gate": up, "up": up, "down": down} if case == "mlp" else {case: up if case == "up" else down}
+
+
+def weight_copies(one: Callable[[], Weights], nbytes: int) -> list[Weights]:
+    """Enough independent weight sets that cycling through them overflows the L2 (2 to 64)."""
+    return [one() for _ in range(min(64, max(2, math.ceil(L2_FLUSH_BYTES / nbytes))))]
+
+
+def clone_matrix(w: BlockSparseMatrix) -> BlockSparseMatrix:
+    """A copy in new memory (values and index), so it competes for the L2 like another layer's weight."""
+    index = {name: t.clone() for name, t in w.index_tensors().items()}
+    return BlockSparseMatrix.from_parts(w.values.clone(), w.shape, index)
+
+
+def _mlp(linear: Callable[[torch.Tensor, object, str | None], torch.Tensor]) -> Callable:
+    """``down(silu(gate(x)) ⊙ up(x))`` built from ``linear(x, weight, activation)``."""
+    return lambda x, w: linear(linear(x, w["gate"], "silu") * linear(x, w["up"], None), w["down"], None)
+
+
+def _dense_linear(x: torch.Tensor, weight: torch.Tensor, activation: str | None) -> torch.Tensor:
+    y = F.linear(x, weight)
+    return F.silu(y) if activation == "silu" else y
+
+
+def _paths(case: str) -> dict[str, Callable[[torch.Tensor, Weights], torch.Tensor]]:
+    """impl -> fn(x, weights); each impl keys its own weight copies (dense, torch_bsr, or BlockSparseMatrix)."""
+    linears = {
+        "dense": _dense_linear,
+        "torch_bsr": _dense_linear,  # F.linear dispatches on the BSR layout
+        "sparseblocks": lambda x, w, act: spmm(x, w, activation=act),
+        "sparseblocks_rows": lambda x, w, act: spmm_triton(x, w, activation=act, kernel="rows"),
+    }
+    if case == "mlp":
+        return {impl: _mlp(linear) for impl, linear in linears.items()}
+    return {impl: (lambda x, w, linear=linear: linear(x, w[case], None)) for impl, linear in linears.items()}
+
+
+def time_us(fn: Callable, m: int, in_features: int, weight_sets: list[Weights]) -> float:
+    """Microseconds per call of ``fn(x, weights)``, cycling over the weight sets with a fresh x for each."""
+    inputs = [(torch.randn(m, in_features, device="cuda", dtype=torch.bfloat16), w) for w in weight_sets]
+    return 1e3 * time_ms(lambda pair: fn(*pair), inputs)[0]
+
+
+def dense_weights(shapes: dict[str, tuple[int, int]]) -> Weights:
+    return {p: torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / math.sqrt(k) for p, (n, k) in shapes.items()}
+
 
 def run(quick: bool, out_dir: Path | None, name: str, command: str) -> dict:
-    """Time every (shape, tokens, sparsity, block); write ``<name>.json`` and a Markdown table; return the payload."""
+    """Time every (model, case, tokens, sparsity, block); write ``<name>.json`` and a Markdown table."""
     payload, folder = start_run("decode", command, out_dir)
     ceilings = measure_ceilings()
     payload["ceilings"] = ceilings.__dict__
     tokens, sparsities = ((1, 16), (0.5, 0.9)) if quick else (TOKENS, SPARSITIES)
     blocks = (64,) if quick else BLOCKS
-    for (shape, (k, n)), m in itertools.product(SHAPES.items(), tokens):
-        xs = input_sets(lambda m=m, k=k: torch.randn(m, k, device="cuda", dtype=torch.bfloat16), m * k * 2)
-        base = {"shape": shape, "M": m, "K": k, "N": n, "dtype": "bf16"}
-        dense_us = None
+    generator = torch.Generator().manual_seed(0)
+    for model, case in itertools.product(MODELS, CASES):
+        shapes = _shapes(model, case)
+        in_features = next(iter(shapes.values()))[1]
+        dense_bytes = sum(2 * n * k for n, k in shapes.values())
+        dense_sets = weight_copies(lambda shapes=shapes: dense_weights(shapes), dense_bytes)
+        sparse_sets = {}
         for sparsity, block in itertools.product(sparsities, blocks):
-            w = sparse_weight(Case(shape, m, k, n, "bf16", sparsity, block), torch.bfloat16)
-            paths, dense_path = implementations(w)
-            paths.pop("stk", None)  # stk needs M to be a multiple of 128
-            if dense_us is None:
-                dense_us = 1e3 * time_ms(dense_path, xs)[0]
-                floor = 1e6 * 2 * (n * k + m * (n + k)) / ceilings.copy_bytes_per_s
-                payload["rows"].append({**base, "sparsity": 0.0, "block": None, "impl": "dense", "us": dense_us,
-                                        "floor_us": floor})  # fmt: skip
-            floor = 1e6 * (w.nbytes + 2 * m * (n + k)) / ceilings.copy_bytes_per_s
-            summary = []
-            for impl, fn in paths.items():
-                us = 1e3 * time_ms(fn, xs)[0]
-                payload["rows"].append({**base, "sparsity": sparsity, "block": block, "impl": impl, "us": us,
-                                        "floor_us": floor})  # fmt: skip
-                summary.append(f"{impl} {us:6.1f} us {dense_us / us:5.2f}x")
-            print(f"{shape:<14} M={m:<3} s={sparsity:.2f} b={block:<3} dense {dense_us:6.1f} us | "
-                  f"{' | '.join(summary)} | floor {floor:5.1f} us ({dense_us / floor:.1f}x)", flush=True)  # fmt: skip
-        write_json(folder / f"{name}.json", payload)
+            one = {p: random_weight(n, k, sparsity, block, torch.bfloat16, generator) for p, (n, k) in shapes.items()}
+            nbytes = sum(w.nbytes for w in one.values())
+            ours = weight_copies(lambda one=one: {p: clone_matrix(w) for p, w in one.items()}, nbytes)
+            bsr = [{p: w.to_torch_bsr() for p, w in weights.items()} for weights in ours]
+            sparse_sets[sparsity, block] = ours, bsr, nbytes
+        paths = _paths(case)
+        for m in tokens:
+            base = {"shape": f"{model}_{case}", "M": m, "K": in_features, "dtype": "bf16"}
+            activations = 2 * m * sum(n + k for n, k in shapes.values())
+            dense_us = time_us(paths["dense"], m, in_features, dense_sets)
+            dense_floor = 1e6 * (dense_bytes + activations) / ceilings.copy_bytes_per_s
+            payload["rows"].append({**base, "sparsity": 0.0, "block": None, "impl": "dense", "us": dense_us,
+                                    "floor_us": dense_floor})  # fmt: skip
+            for (sparsity, block), (ours, bsr, nbytes) in sparse_sets.items():
+                floor = 1e6 * (nbytes + activations) / ceilings.copy_bytes_per_s
+                summary = []
+                for impl, weight_sets in [("sparseblocks", ours), ("sparseblocks_rows", ours), ("torch_bsr", bsr)]:
+                    us = time_us(paths[impl], m, in_features, weight_sets)
+                    payload["rows"].append({**base, "sparsity": sparsity, "block": block, "impl": impl, "us": us,
+                                            "floor_us": floor})  # fmt: skip
+                    summary.append(f"{impl} {us:6.1f} us {dense_us / us:5.2f}x")
+                print(f"{base['shape']:<13} M={m:<3} s={sparsity:.2f} b={block:<3} dense {dense_us:6.1f} us | "
+                      f"{' | '.join(summary)} | floor {floor:5.1f} us ({dense_us / floor:.1f}x)",
+                      flush=True)  # fmt: skip
+            write_json(folder / f"{name}.json", payload)
+        del dense_sets, sparse_sets
     _write_table(folder / f"{name}.json")
     return payload
 
@@ -69,20 +140,24 @@ def _write_table(json_path: Path) -> Path:
     rows = payload["rows"]
     dense = {(r["shape"], r["M"]): r["us"] for r in rows if r["impl"] == "dense"}
     lines = [
-        f"# decode spmm on {payload['gpu']}\n",
-        f"CUDA-graph replays, same run (torch {payload['torch']}, triton {payload['triton']}, commit "
-        f"{payload['commit']}). Command: `{payload['command']}`\n",
-        "| shape | M | sparsity | block | dense µs | sparseblocks µs | speedup | torch_bsr | floor | of floor |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"# decode on {payload['gpu']}\n",
+        f"CUDA-graph replays over L2-overflowing weight copies, same run (torch {payload['torch']}, triton "
+        f"{payload['triton']}, commit {payload['commit']}). Command: `{payload['command']}`\n",
+        "`rows kernel` is spmm's row-per-program kernel, which the decode kernel replaces up to 64 tokens.\n",
+        "| case | M | sparsity | block | dense µs | sparseblocks µs | speedup | rows kernel | torch_bsr | floor "
+        "| of floor |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     case = lambda r: (r["shape"], r["M"], r["sparsity"], r["block"])
-    bsr = {case(r): r["us"] for r in rows if r["impl"] == "torch_bsr"}
+    others = {(r["impl"], case(r)): r["us"] for r in rows if r["impl"] in ("torch_bsr", "sparseblocks_rows")}
     for r in (r for r in rows if r["impl"] == "sparseblocks"):
         base = dense[(r["shape"], r["M"])]
-        bsr_cell = f"{base / bsr[case(r)]:.2f}x" if case(r) in bsr else "—"
+        cells = [f"{base / others[impl, case(r)]:.2f}x" if (impl, case(r)) in others else "—"
+                 for impl in ("sparseblocks_rows", "torch_bsr")]  # fmt: skip
         lines.append(
             f"| {r['shape']} | {r['M']} | {r['sparsity']} | {r['block']} | {base:.1f} | {r['us']:.1f} | "
-            f"{base / r['us']:.2f}x | {bsr_cell} | {base / r['floor_us']:.2f}x | {r['floor_us'] / r['us']:.0%} |"
+            f"{base / r['us']:.2f}x | {' | '.join(cells)} | {base / r['floor_us']:.2f}x | "
+            f"{r['floor_us'] / r['us']:.0%} |"
         )
     path = Path(json_path).with_suffix(".md")
     path.write_text("\n".join(lines) + "\n")

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from sparseblocks.backend import triton_interpreting
 from sparseblocks.format import BlockSparseMatrix
-from sparseblocks.kernels.spmm import input_precision
+from sparseblocks.kernels.epilogue import input_precision
 
 # Chunks of M are multiples of this, so that every BLOCK_M in the tuning set divides them.
 _CHUNK_QUANTUM = 256

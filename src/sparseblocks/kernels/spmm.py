@@ -9,6 +9,9 @@ Input gradient (``TRANSPOSED``): the same loop over one block *column* of W (``c
 reading the tiles in place through ``transpose_perm`` and multiplying them untransposed: a ``(BLOCK_M, bk)``
 tile of dX per program, columns heaviest first (``col_order``). No transposed copy of W exists.
 
+A few tokens (M ≤ ``decode.MAX_TOKENS``) take the decode kernel instead (``kernels/decode.py``): with one M tile,
+programs per block row would leave most SMs idle.
+
 Known limits (2026-11):
 * The Triton interpreter multiplies bf16 ``tl.dot`` operands wrongly (triton-lang/triton#11584), so under
   ``TRITON_INTERPRET=1`` bf16 tiles are upcast to fp32 before the dot (exact: bf16 -> fp32 loses nothing).
@@ -18,47 +21,16 @@ Known limits (2026-11):
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import triton
 import triton.language as tl
 
 from sparseblocks.backend import triton_interpreting
 from sparseblocks.format import BlockSparseMatrix
-
-ACTIVATION_CODES = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
-
-
-@triton.jit
-def apply_activation(z, ACTIVATION: tl.constexpr):
-    """Epilogue activation on an fp32 tile; codes as in ``ACTIVATION_CODES``."""
-    if ACTIVATION == 1:
-        z = tl.maximum(z, 0.0)
-    elif ACTIVATION == 2:
-        z = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
-    elif ACTIVATION == 3:
-        # tanh(u) = 2·sigmoid(2u) − 1, written with sigmoid so it needs no libdevice call
-        inner = 0.7978845608028654 * (z + 0.044715 * z * z * z)
-        z = 0.5 * z * (1.0 + (2.0 * tl.sigmoid(2.0 * inner) - 1.0))
-    elif ACTIVATION == 4:
-        z = z * tl.sigmoid(z)
-    return z
-
-
-@triton.jit
-def activation_grad(z, ACTIVATION: tl.constexpr):
-    """d activation / dz on an fp32 tile of pre-activations (``ACTIVATION`` > 0)."""
-    if ACTIVATION == 1:
-        d = tl.where(z > 0, 1.0, 0.0)
-    elif ACTIVATION == 2:
-        d = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476)) + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
-    elif ACTIVATION == 3:
-        tanh = 2.0 * tl.sigmoid(2.0 * 0.7978845608028654 * (z + 0.044715 * z * z * z)) - 1.0
-        slope = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z)
-        d = 0.5 * (1.0 + tanh) + 0.5 * z * (1.0 - tanh * tanh) * slope
-    else:
-        sigmoid = tl.sigmoid(z)
-        d = sigmoid * (1.0 + z * (1.0 - sigmoid))
-    return d
+from sparseblocks.kernels.decode import MAX_TOKENS, spmm_decode_triton
+from sparseblocks.kernels.epilogue import ACTIVATION_CODES, activation_grad, apply_activation, input_precision
 
 
 @triton.jit(do_not_specialize=["M", "M_BUCKET", "DENSITY_BUCKET"])
@@ -200,13 +172,6 @@ _spmm_tuned = triton.autotune(
 INTERPRETER_CONFIG = {"BLOCK_M": 16, "num_warps": 4, "num_stages": 1}
 
 
-def input_precision(dtype: torch.dtype) -> str:
-    """tl.dot precision for fp32 inputs follows ``torch.backends.cuda.matmul.allow_tf32``, as dense does."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
-
-
 def _launch(
     x2: torch.Tensor,
     w: BlockSparseMatrix,
@@ -276,13 +241,22 @@ def spmm_triton(
     bias: torch.Tensor | None = None,
     activation: str | None = None,
     config: dict | None = None,
+    kernel: Literal["auto", "rows"] = "auto",
 ) -> torch.Tensor:
     """``act(x · wᵀ + bias)``: x ``(..., K)`` -> ``(..., N)``; inputs are checked by ``ops.spmm``.
 
-    ``config`` (``BLOCK_M``, ``num_warps``, ``num_stages``) skips the autotuner: for tuning scripts.
+    ``kernel="auto"`` runs the decode kernel (work spread over tiles, not rows) up to ``MAX_TOKENS`` rows and the
+    row kernel above; ``"rows"`` forces the row kernel (benchmarks compare the two). ``config`` (``BLOCK_M``,
+    ``num_warps``, ``num_stages``) also forces the row kernel and skips the autotuner: for tuning scripts.
     """
-    x2 = x.reshape(-1, w.shape[1])  # a view whenever the strides allow; the kernel takes any strides
-    return _launch(x2, w, False, bias, activation, config).reshape(*x.shape[:-1], w.shape[0])
+    if kernel not in ("auto", "rows"):
+        raise ValueError(f"kernel must be 'auto' or 'rows', got {kernel!r}")
+    x2 = x.reshape(-1, w.shape[1])  # a view whenever the strides allow; the kernels take any strides
+    if kernel == "auto" and config is None and 1 <= x2.shape[0] <= MAX_TOKENS:
+        y = spmm_decode_triton(x2, w, bias, activation)
+    else:
+        y = _launch(x2, w, False, bias, activation, config)
+    return y.reshape(*x.shape[:-1], w.shape[0])
 
 
 def spmm_activation_grad_triton(

@@ -1,0 +1,48 @@
+"""Tiles per program and launch config of the decode kernel, on the decode benchmark's weights (H200, bf16).
+
+    PYTHONPATH=src python3 benchmarks/tune_decode.py
+
+Prints, per shape and token count, the time of every (programs per SM, num_warps, num_stages) against dense, with
+weights rotated past the L2 as in ``sparseblocks bench decode``. Chose ``decode.PROGRAMS_PER_SM``.
+"""
+
+import itertools
+import math
+
+import torch
+import torch.nn.functional as F
+
+from sparseblocks.bench.decode import clone_matrix, dense_weights, time_us, weight_copies
+from sparseblocks.bench.spmm import random_weight
+from sparseblocks.kernels.decode import spmm_decode_triton
+
+# name -> (N, K)
+SHAPES = {"llama_8b_up": (14336, 4096), "llama_8b_down": (4096, 14336), "llama_1b_down": (2048, 8192)}
+CONFIGS = [{"num_warps": w, "num_stages": s} for w, s in [(4, 2), (4, 3), (4, 4), (8, 3)]]
+
+
+def main() -> None:
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    generator = torch.Generator().manual_seed(0)
+    print(f"{torch.cuda.get_device_name()}, {sms} SMs")
+    for (shape, (n, k)), sparsity, block in itertools.product(SHAPES.items(), (0.5, 0.9), (32, 64)):
+        one = random_weight(n, k, sparsity, block, torch.bfloat16, generator)
+        sparse_sets = weight_copies(lambda one=one: {"w": clone_matrix(one)}, one.nbytes)
+        dense_sets = weight_copies(lambda n=n, k=k: dense_weights({"w": (n, k)}), 2 * n * k)
+        for m in (1, 16):
+            dense = time_us(lambda x, w: F.linear(x, w["w"]), m, k, dense_sets)
+            results = []
+            for per_sm, config in itertools.product((1, 2, 4, 8), CONFIGS):
+                tiles = max(1, math.ceil(one.nnz / (per_sm * sms)))
+                fn = lambda x, w, tiles=tiles, config=config: spmm_decode_triton(x, w["w"], None, None, tiles, config)
+                results.append((time_us(fn, m, k, sparse_sets), per_sm, config))
+            best = min(results, key=lambda r: r[0])
+            print(f"{shape} s={sparsity} b={block} M={m}: dense {dense:.1f} us; best {best[0]:.1f} us "
+                  f"({dense / best[0]:.2f}x) at {best[1]}/SM {best[2]}", flush=True)  # fmt: skip
+            for per_sm in (1, 2, 4, 8):
+                row = [f"{us:5.1f}" for us, p, _ in results if p == per_sm]
+                print(f"    {per_sm}/SM: {' '.join(row)}  (configs {[tuple(c.values()) for c in CONFIGS]})")
+
+
+if __name__ == "__main__":
+    main()

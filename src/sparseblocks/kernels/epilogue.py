@@ -1,0 +1,49 @@
+"""Pieces every kernel shares: the fused activations (and their derivatives) and the fp32 dot precision."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+ACTIVATION_CODES = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
+
+
+@triton.jit
+def apply_activation(z, ACTIVATION: tl.constexpr):
+    """Epilogue activation on an fp32 tile; codes as in ``ACTIVATION_CODES``."""
+    if ACTIVATION == 1:
+        z = tl.maximum(z, 0.0)
+    elif ACTIVATION == 2:
+        z = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
+    elif ACTIVATION == 3:
+        # tanh(u) = 2·sigmoid(2u) − 1, written with sigmoid so it needs no libdevice call
+        inner = 0.7978845608028654 * (z + 0.044715 * z * z * z)
+        z = 0.5 * z * (1.0 + (2.0 * tl.sigmoid(2.0 * inner) - 1.0))
+    elif ACTIVATION == 4:
+        z = z * tl.sigmoid(z)
+    return z
+
+
+@triton.jit
+def activation_grad(z, ACTIVATION: tl.constexpr):
+    """d activation / dz on an fp32 tile of pre-activations (``ACTIVATION`` > 0)."""
+    if ACTIVATION == 1:
+        d = tl.where(z > 0, 1.0, 0.0)
+    elif ACTIVATION == 2:
+        d = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476)) + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
+    elif ACTIVATION == 3:
+        tanh = 2.0 * tl.sigmoid(2.0 * 0.7978845608028654 * (z + 0.044715 * z * z * z)) - 1.0
+        slope = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z)
+        d = 0.5 * (1.0 + tanh) + 0.5 * z * (1.0 - tanh * tanh) * slope
+    else:
+        sigmoid = tl.sigmoid(z)
+        d = sigmoid * (1.0 + z * (1.0 - sigmoid))
+    return d
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    """tl.dot precision for fp32 inputs follows ``torch.backends.cuda.matmul.allow_tf32``, as dense does."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
