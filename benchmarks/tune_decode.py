@@ -32,14 +32,14 @@ def main() -> None:
         for m in (1, 16):
             dense = time_us(lambda x, w: F.linear(x, w["w"]), m, k, dense_sets)
             results = []
-            for per_sm, config in itertools.product((1, 2, 4, 8), CONFIGS):
+            for per_sm, config in itertools.product((2, 4, 8, 16), CONFIGS):
                 tiles = max(1, math.ceil(one.nnz / (per_sm * sms)))
                 fn = lambda x, w, tiles=tiles, config=config: spmm_decode_triton(x, w["w"], None, None, tiles, config)
                 results.append((time_us(fn, m, k, sparse_sets), per_sm, config))
             best = min(results, key=lambda r: r[0])
             print(f"{shape} s={sparsity} b={block} M={m}: dense {dense:.1f} us; best {best[0]:.1f} us "
                   f"({dense / best[0]:.2f}x) at {best[1]}/SM {best[2]}", flush=True)  # fmt: skip
-            for per_sm in (1, 2, 4, 8):
+            for per_sm in (2, 4, 8, 16):
                 row = [f"{us:5.1f}" for us, p, _ in results if p == per_sm]
                 print(f"    {per_sm}/SM: {' '.join(row)}  (configs {[tuple(c.values()) for c in CONFIGS]})")
 

@@ -5,16 +5,18 @@ stream the whole weight while most SMs idle, and rows of unequal length leave a 
 spreads the *stored tiles* evenly instead: program ``p`` takes tiles ``[p·T, (p+1)·T)`` in storage (row-major)
 order, T tiles each, whatever rows they belong to.
 
-A block row that lies inside one program is finished there (bias, activation, store). A row cut between programs
-("pieces") is reduced in fp32: each piece stores its partial ``(BLOCK_M, bn)`` sum in a scratch slot and counts
-itself in an arrival counter of the row; the last piece to arrive adds the row's slots in a fixed order and writes
-the row. The result therefore does not depend on which piece arrives last: it is deterministic, and the launch is
-one kernel (plus the counters' memset), with no host sync, so CUDA graphs capture it.
+The weight stream then needs no index at all (a program's tiles are consecutive in memory); only the gather of
+x's columns does. A block row that lies inside one program is finished there (bias, activation, store). Only a
+program's first and last rows can be cut between programs ("pieces"); they are reduced in fp32: each piece stores
+its partial ``(BLOCK_M, bn)`` sum in a scratch slot and counts itself in an arrival counter of the row, and the
+last piece to arrive adds the row's slots in a fixed order and writes the row. The result therefore does not
+depend on which piece arrives last: it is deterministic, and the launch is one kernel (plus the counters' memset),
+with no host sync, so CUDA graphs capture it.
 
 Slots need no allocation table: piece ``(program p, row r)`` uses slot ``p + r``, which is unique because programs
 and rows advance together along the tile list, so at most ``programs + rows`` slots exist.
-Empty block rows are written (bias, or zero, through the activation) by the program at whose position in the tile
-list they sit, so every output element is written exactly once.
+Empty block rows (bias, or zero, through the activation) are written by a few extra programs after the tile
+programs, so every output element is written exactly once.
 """
 
 from __future__ import annotations
@@ -29,19 +31,48 @@ from sparseblocks.kernels.epilogue import ACTIVATION_CODES, apply_activation, in
 from sparseblocks.reference import ACTIVATIONS
 
 MAX_TOKENS = 64  # spmm dispatches here for M ≤ MAX_TOKENS
-PROGRAMS_PER_SM = 2  # tiles per program = ceil(nnz / (PROGRAMS_PER_SM · SMs)); see benchmarks/NOTES.md
+EMPTY_ROWS_PER_PROGRAM = 32
+PROGRAMS_PER_SM = 8  # tiles per program = ceil(nnz / (PROGRAMS_PER_SM · SMs)); see benchmarks/NOTES.md
 
 
 @triton.jit
 def _finish_row(acc, row, offs_m, M, N, bias_ptr, y_ptr, stride_ym, stride_yn, BN: tl.constexpr,
-                HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr):  # fmt: skip
-    """Bias, activation and store of one ``(BLOCK_M, BN)`` tile of Y."""
+                HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, write=True):  # fmt: skip
+    """Bias, activation and store of one ``(BLOCK_M, BN)`` tile of Y (a no-op where ``write`` is False)."""
     offs_n = row * BN + tl.arange(0, BN)
+    in_bounds = (offs_n < N) & write
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + offs_n, mask=in_bounds, other=0.0).to(tl.float32)[None, :]
     acc = apply_activation(acc, ACTIVATION)
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & in_bounds[None, :])
+
+
+@triton.jit
+def _store_piece(acc, row, pid, crow_ptr, partial_ptr, arrived_ptr, tiles_per_program, slot_offsets,
+                 BLOCK_M: tl.constexpr, BN: tl.constexpr):  # fmt: skip
+    """Store this program's partial sum of ``row`` and count it; return whether it was the row's last piece."""
+    first_piece = tl.load(crow_ptr + row) // tiles_per_program
+    last_piece = (tl.load(crow_ptr + row + 1) - 1) // tiles_per_program
+    tl.store(partial_ptr + tl.cast(pid + row, tl.int64) * (BLOCK_M * BN) + slot_offsets, acc)
+    tl.debug_barrier()  # every thread's part of the partial is stored before the counter says so (release below)
+    arrived = tl.atomic_add(arrived_ptr + row, 1, sem="acq_rel")
+    return arrived == last_piece - first_piece
+
+
+@triton.jit
+def _reduce_row(row, offs_m, M, N, crow_ptr, bias_ptr, partial_ptr, arrived_ptr, y_ptr, tiles_per_program,
+                slot_offsets, stride_ym, stride_yn, BLOCK_M: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr,
+                ACTIVATION: tl.constexpr):  # fmt: skip
+    """The last piece's program: add the row's partials in piece order (deterministic) and write the row."""
+    first_piece = tl.load(crow_ptr + row) // tiles_per_program
+    last_piece = (tl.load(crow_ptr + row + 1) - 1) // tiles_per_program
+    tl.store(arrived_ptr + row, 0)  # leave the counter as found: re-runs (autotuning) need it zero
+    total = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
+    for piece in range(first_piece, last_piece + 1):
+        slot = partial_ptr + tl.cast(piece + row, tl.int64) * (BLOCK_M * BN) + slot_offsets
+        total += tl.load(slot, cache_modifier=".cg")  # from L2: other SMs wrote it
+    _finish_row(total, row, offs_m, M, N, bias_ptr, y_ptr, stride_ym, stride_yn, BN, HAS_BIAS, ACTIVATION)
 
 
 @triton.jit(do_not_specialize=["M", "tiles_per_program", "DENSITY_BUCKET"])
@@ -52,7 +83,7 @@ def _decode_kernel(
     col_ptr,  # (nnz,) int32
     tile_row_ptr,  # (nnz,) int32: block row of each stored tile
     bias_ptr,  # (N,) or unused
-    partial_ptr,  # (programs + n_rows, BLOCK_M, BN) fp32 scratch
+    partial_ptr,  # (tile programs + n_rows, BLOCK_M, BN) fp32 scratch
     arrived_ptr,  # (n_rows,) int32, zero on entry
     y_ptr,  # (M, N)
     M,
@@ -69,6 +100,7 @@ def _decode_kernel(
     BN: tl.constexpr,
     BK: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    EMPTY_ROWS_PER_PROGRAM: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -76,58 +108,71 @@ def _decode_kernel(
     EVEN_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    tile_programs = tl.cdiv(nnz, tiles_per_program)
+    offs_m = tl.arange(0, BLOCK_M)
+    if pid >= tile_programs:  # the programs after the tile programs write the empty rows
+        first_row = (pid - tile_programs) * EMPTY_ROWS_PER_PROGRAM
+        for row in range(first_row, tl.minimum(first_row + EMPTY_ROWS_PER_PROGRAM, n_rows)):
+            if tl.load(crow_ptr + row) == tl.load(crow_ptr + row + 1):
+                zeros = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
+                _finish_row(zeros, row, offs_m, M, N, bias_ptr, y_ptr, stride_ym, stride_yn, BN, HAS_BIAS,
+                            ACTIVATION)  # fmt: skip
+        return
+
     first = pid * tiles_per_program
     last = tl.minimum(first + tiles_per_program, nnz)
-    offs_m = tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BK)
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm  # x may be a view with a huge row stride
     row_in_range = offs_m[:, None] < M
-    tile_offsets = tl.arange(0, BN)[:, None] * BK + offs_k[None, :]
+    # The program's tiles are consecutive in storage: the weight stream needs no index, only x's columns do.
+    w_ptrs = values_ptr + first.to(tl.int64) * (BN * BK) + tl.arange(0, BN)[:, None] * BK + offs_k[None, :]
     slot_offsets = offs_m[:, None] * BN + tl.arange(0, BN)[None, :]
 
-    # Rows this program writes or contributes to: from the first empty row sitting at `first` (if any) to the
-    # row of its last tile, or to the last row for the last program (empty rows after the last tile).
-    previous_row = tl.load(tile_row_ptr + first - 1, mask=first > 0, other=-1)
-    first_row = tl.minimum(tl.load(tile_row_ptr + first), previous_row + 1)
-    last_row = tl.load(tile_row_ptr + last - 1)
-    if last == nnz:
-        last_row = n_rows - 1
-
-    for row in range(first_row, last_row + 1):
-        row_start = tl.load(crow_ptr + row)
-        row_end = tl.load(crow_ptr + row + 1)
-        acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
-        w_ptrs = values_ptr + tl.maximum(row_start, first).to(tl.int64) * (BN * BK) + tile_offsets
-        for t in range(tl.maximum(row_start, first), tl.minimum(row_end, last)):
-            k_index = tl.load(col_ptr + t) * BK + offs_k
-            if EVEN_K:
-                x_tile = tl.load(x_rows + k_index[None, :] * stride_xk, mask=row_in_range, other=0.0)
-            else:
-                x_mask = row_in_range & (k_index[None, :] < K)
-                x_tile = tl.load(x_rows + k_index[None, :] * stride_xk, mask=x_mask, other=0.0)
-            w_tile = tl.load(w_ptrs)
-            w_ptrs += BN * BK
-            if DOT_IN_FP32:
-                x_tile, w_tile = x_tile.to(tl.float32), w_tile.to(tl.float32)
-            acc = tl.dot(x_tile, tl.trans(w_tile), acc, input_precision=INPUT_PRECISION)
-
-        # Programs that hold a piece of this row: first_piece..last_piece (one, for an empty row).
-        first_piece = row_start // tiles_per_program
-        last_piece = tl.maximum(row_end - 1, row_start) // tiles_per_program
-        if first_piece == last_piece:
-            _finish_row(acc, row, offs_m, M, N, bias_ptr, y_ptr, stride_ym, stride_yn, BN, HAS_BIAS, ACTIVATION)
+    # Only the first and the last row of a program can continue in a neighbour ("pieces"); rows between are whole.
+    # The loop has no branches, so Triton pipelines its loads: a whole row that ends inside it is written by a
+    # masked store, and the head piece is kept aside (head_acc) for after the loop.
+    head_row = tl.load(tile_row_ptr + first)
+    head_is_piece = tl.load(crow_ptr + head_row) < first
+    head_acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
+    for t in range(first, last):
+        row = tl.load(tile_row_ptr + t)
+        next_row = tl.load(tile_row_ptr + t + 1, mask=t + 1 < last, other=row)
+        k_index = tl.load(col_ptr + t) * BK + offs_k
+        if EVEN_K:
+            x_tile = tl.load(x_rows + k_index[None, :] * stride_xk, mask=row_in_range, other=0.0)
         else:
-            tl.store(partial_ptr + tl.cast(pid + row, tl.int64) * (BLOCK_M * BN) + slot_offsets, acc)
-            tl.debug_barrier()  # every thread's partial is stored before the counter says so (release below)
-            arrived = tl.atomic_add(arrived_ptr + row, 1, sem="acq_rel")
-            if arrived == last_piece - first_piece:  # the last piece: sum all of them in piece order
-                tl.store(arrived_ptr + row, 0)  # leave the counter as found: re-runs (autotuning) need it zero
-                total = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
-                for piece in range(first_piece, last_piece + 1):
-                    slot = partial_ptr + tl.cast(piece + row, tl.int64) * (BLOCK_M * BN) + slot_offsets
-                    total += tl.load(slot, cache_modifier=".cg")  # from L2: other SMs wrote it
-                _finish_row(total, row, offs_m, M, N, bias_ptr, y_ptr, stride_ym, stride_yn, BN, HAS_BIAS,
-                            ACTIVATION)  # fmt: skip
+            x_mask = row_in_range & (k_index[None, :] < K)
+            x_tile = tl.load(x_rows + k_index[None, :] * stride_xk, mask=x_mask, other=0.0)
+        w_tile = tl.load(w_ptrs)
+        w_ptrs += BN * BK
+        if DOT_IN_FP32:
+            x_tile, w_tile = x_tile.to(tl.float32), w_tile.to(tl.float32)
+        acc = tl.dot(x_tile, tl.trans(w_tile), acc, input_precision=INPUT_PRECISION)
+        row_ends = next_row != row  # before the program's last tile (that row is settled after the loop)
+        is_head_piece = (row == head_row) & head_is_piece
+        head_acc = tl.where(row_ends & is_head_piece, acc, head_acc)
+        _finish_row(acc, row, offs_m, M, N, bias_ptr, y_ptr, stride_ym, stride_yn, BN, HAS_BIAS, ACTIVATION,
+                    row_ends & ~is_head_piece)  # fmt: skip
+        acc = tl.where(row_ends, 0.0, acc)
+
+    row = tl.load(tile_row_ptr + last - 1)
+    if head_is_piece & (head_row != row):  # the head piece ended inside the loop
+        head_was_last = _store_piece(head_acc, head_row, pid, crow_ptr, partial_ptr, arrived_ptr,
+                                     tiles_per_program, slot_offsets, BLOCK_M, BN)  # fmt: skip
+        if head_was_last:
+            _reduce_row(head_row, offs_m, M, N, crow_ptr, bias_ptr, partial_ptr, arrived_ptr, y_ptr,
+                        tiles_per_program, slot_offsets, stride_ym, stride_yn, BLOCK_M, BN, HAS_BIAS,
+                        ACTIVATION)  # fmt: skip
+    # The last row: whole, or a piece (a tail piece, or a head piece too when the program lies inside one row).
+    last_is_piece = (tl.load(crow_ptr + row + 1) > last) | ((row == head_row) & head_is_piece)
+    if last_is_piece:
+        if _store_piece(acc, row, pid, crow_ptr, partial_ptr, arrived_ptr, tiles_per_program, slot_offsets,
+                        BLOCK_M, BN):  # fmt: skip
+            _reduce_row(row, offs_m, M, N, crow_ptr, bias_ptr, partial_ptr, arrived_ptr, y_ptr, tiles_per_program,
+                        slot_offsets, stride_ym, stride_yn, BLOCK_M, BN, HAS_BIAS, ACTIVATION)  # fmt: skip
+    else:
+        _finish_row(acc, row, offs_m, M, N, bias_ptr, y_ptr, stride_ym, stride_yn, BN, HAS_BIAS, ACTIVATION)
 
 
 TUNING_CONFIGS = [
@@ -170,10 +215,11 @@ def spmm_decode_triton(
         return ACTIVATIONS[activation](y).to(x2.dtype)
     (n, k), (bn, bk), (n_rows, _) = w.shape, w.block_shape, w.block_grid
     tiles = tiles_per_program or default_tiles_per_program(w)
-    programs = triton.cdiv(w.nnz, tiles)
+    tile_programs = triton.cdiv(w.nnz, tiles)
+    programs = tile_programs + triton.cdiv(n_rows, EMPTY_ROWS_PER_PROGRAM)
     block_m = max(16, triton.next_power_of_2(m))
     y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
-    partial = torch.empty((programs + n_rows, block_m, bn), device=x2.device, dtype=torch.float32)
+    partial = torch.empty((tile_programs + n_rows, block_m, bn), device=x2.device, dtype=torch.float32)
     arrived = torch.zeros(n_rows, device=x2.device, dtype=torch.int32)
     args = (
         x2, w.values, w.crow_indices, w.col_indices, w.row_indices_of_block,
@@ -186,6 +232,7 @@ def spmm_decode_triton(
         "BN": bn,
         "BK": bk,
         "BLOCK_M": block_m,
+        "EMPTY_ROWS_PER_PROGRAM": EMPTY_ROWS_PER_PROGRAM,
         "HAS_BIAS": bias is not None,
         "ACTIVATION": ACTIVATION_CODES[activation],
         "INPUT_PRECISION": input_precision(x2.dtype),
