@@ -32,6 +32,7 @@ from sparseblocks.reference import ACTIVATIONS
 
 MAX_TOKENS = 64  # spmm dispatches here for M ≤ MAX_TOKENS
 EMPTY_ROWS_PER_PROGRAM = 32
+SUM_ELEMENTS = 8192  # partials a reducing program holds at once: PIECES_AT_ONCE · BLOCK_M · bn
 PROGRAMS_PER_SM = 8  # tiles per program = ceil(nnz / (PROGRAMS_PER_SM · SMs)); see benchmarks/NOTES.md
 
 
@@ -49,29 +50,34 @@ def _finish_row(acc, row, offs_m, M, N, bias_ptr, y_ptr, stride_ym, stride_yn, B
 
 
 @triton.jit
-def _store_piece(acc, row, pid, crow_ptr, partial_ptr, arrived_ptr, tiles_per_program, slot_offsets,
-                 BLOCK_M: tl.constexpr, BN: tl.constexpr):  # fmt: skip
+def _store_piece(acc, row, row_start, row_end, pid, partial_ptr, arrived_ptr, tiles_per_program, slot_offsets,
+                 slot_mask, BLOCK_M: tl.constexpr, BN: tl.constexpr):  # fmt: skip
     """Store this program's partial sum of ``row`` and count it; return whether it was the row's last piece."""
-    first_piece = tl.load(crow_ptr + row) // tiles_per_program
-    last_piece = (tl.load(crow_ptr + row + 1) - 1) // tiles_per_program
-    tl.store(partial_ptr + tl.cast(pid + row, tl.int64) * (BLOCK_M * BN) + slot_offsets, acc)
+    pieces = (row_end - 1) // tiles_per_program - row_start // tiles_per_program + 1
+    tl.store(partial_ptr + tl.cast(pid + row, tl.int64) * (BLOCK_M * BN) + slot_offsets, acc, mask=slot_mask)
     tl.debug_barrier()  # every thread's part of the partial is stored before the counter says so (release below)
     arrived = tl.atomic_add(arrived_ptr + row, 1, sem="acq_rel")
-    return arrived == last_piece - first_piece
+    return arrived == pieces - 1
 
 
 @triton.jit
-def _reduce_row(row, offs_m, M, N, crow_ptr, bias_ptr, partial_ptr, arrived_ptr, y_ptr, tiles_per_program,
-                slot_offsets, stride_ym, stride_yn, BLOCK_M: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _reduce_row(row, row_start, row_end, offs_m, M, N, bias_ptr, partial_ptr, arrived_ptr, y_ptr,
+                tiles_per_program, slot_offsets, slot_mask, stride_ym, stride_yn, BLOCK_M: tl.constexpr,
+                BN: tl.constexpr, PIECES_AT_ONCE: tl.constexpr, HAS_BIAS: tl.constexpr,
                 ACTIVATION: tl.constexpr):  # fmt: skip
-    """The last piece's program: add the row's partials in piece order (deterministic) and write the row."""
-    first_piece = tl.load(crow_ptr + row) // tiles_per_program
-    last_piece = (tl.load(crow_ptr + row + 1) - 1) // tiles_per_program
+    """The last piece's program: add the row's partials in piece order (deterministic) and write the row.
+
+    ``PIECES_AT_ONCE`` slots are read per step, all in flight together: one round trip to L2, not one per piece.
+    """
+    first_piece = row_start // tiles_per_program
+    last_piece = (row_end - 1) // tiles_per_program
     tl.store(arrived_ptr + row, 0)  # leave the counter as found: re-runs (autotuning) need it zero
     total = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
-    for piece in range(first_piece, last_piece + 1):
-        slot = partial_ptr + tl.cast(piece + row, tl.int64) * (BLOCK_M * BN) + slot_offsets
-        total += tl.load(slot, cache_modifier=".cg")  # from L2: other SMs wrote it
+    for chunk in range(first_piece, last_piece + 1, PIECES_AT_ONCE):
+        pieces = chunk + tl.arange(0, PIECES_AT_ONCE)
+        slots = tl.cast(pieces + row, tl.int64)[:, None, None] * (BLOCK_M * BN) + slot_offsets[None, :, :]
+        mask = (pieces <= last_piece)[:, None, None] & slot_mask[None, :, :]
+        total += tl.sum(tl.load(partial_ptr + slots, mask=mask, other=0.0, cache_modifier=".cg"), axis=0)
     _finish_row(total, row, offs_m, M, N, bias_ptr, y_ptr, stride_ym, stride_yn, BN, HAS_BIAS, ACTIVATION)
 
 
@@ -101,6 +107,7 @@ def _decode_kernel(
     BK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     EMPTY_ROWS_PER_PROGRAM: tl.constexpr,
+    PIECES_AT_ONCE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -127,12 +134,20 @@ def _decode_kernel(
     # The program's tiles are consecutive in storage: the weight stream needs no index, only x's columns do.
     w_ptrs = values_ptr + first.to(tl.int64) * (BN * BK) + tl.arange(0, BN)[:, None] * BK + offs_k[None, :]
     slot_offsets = offs_m[:, None] * BN + tl.arange(0, BN)[None, :]
+    slot_mask = row_in_range & (tl.arange(0, BN)[None, :] < BN)
 
     # Only the first and the last row of a program can continue in a neighbour ("pieces"); rows between are whole.
+    # Their bounds are loaded up front, beside the loop's first loads: every dependent round trip to memory costs
+    # ~0.5 µs, as much as streaming a few tiles.
+    head_row = tl.load(tile_row_ptr + first)
+    tail_row = tl.load(tile_row_ptr + last - 1)
+    head_start = tl.load(crow_ptr + head_row)
+    head_end = tl.load(crow_ptr + head_row + 1)
+    tail_start = tl.load(crow_ptr + tail_row)
+    tail_end = tl.load(crow_ptr + tail_row + 1)
+    head_is_piece = head_start < first
     # The loop has no branches, so Triton pipelines its loads: a whole row that ends inside it is written by a
     # masked store, and the head piece is kept aside (head_acc) for after the loop.
-    head_row = tl.load(tile_row_ptr + first)
-    head_is_piece = tl.load(crow_ptr + head_row) < first
     head_acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
     for t in range(first, last):
@@ -156,23 +171,23 @@ def _decode_kernel(
                     row_ends & ~is_head_piece)  # fmt: skip
         acc = tl.where(row_ends, 0.0, acc)
 
-    row = tl.load(tile_row_ptr + last - 1)
-    if head_is_piece & (head_row != row):  # the head piece ended inside the loop
-        head_was_last = _store_piece(head_acc, head_row, pid, crow_ptr, partial_ptr, arrived_ptr,
-                                     tiles_per_program, slot_offsets, BLOCK_M, BN)  # fmt: skip
+    if head_is_piece & (head_row != tail_row):  # the head piece ended inside the loop
+        head_was_last = _store_piece(head_acc, head_row, head_start, head_end, pid, partial_ptr, arrived_ptr,
+                                     tiles_per_program, slot_offsets, slot_mask, BLOCK_M, BN)  # fmt: skip
         if head_was_last:
-            _reduce_row(head_row, offs_m, M, N, crow_ptr, bias_ptr, partial_ptr, arrived_ptr, y_ptr,
-                        tiles_per_program, slot_offsets, stride_ym, stride_yn, BLOCK_M, BN, HAS_BIAS,
-                        ACTIVATION)  # fmt: skip
+            _reduce_row(head_row, head_start, head_end, offs_m, M, N, bias_ptr, partial_ptr, arrived_ptr, y_ptr,
+                        tiles_per_program, slot_offsets, slot_mask, stride_ym, stride_yn, BLOCK_M, BN,
+                        PIECES_AT_ONCE, HAS_BIAS, ACTIVATION)  # fmt: skip
     # The last row: whole, or a piece (a tail piece, or a head piece too when the program lies inside one row).
-    last_is_piece = (tl.load(crow_ptr + row + 1) > last) | ((row == head_row) & head_is_piece)
-    if last_is_piece:
-        if _store_piece(acc, row, pid, crow_ptr, partial_ptr, arrived_ptr, tiles_per_program, slot_offsets,
-                        BLOCK_M, BN):  # fmt: skip
-            _reduce_row(row, offs_m, M, N, crow_ptr, bias_ptr, partial_ptr, arrived_ptr, y_ptr, tiles_per_program,
-                        slot_offsets, stride_ym, stride_yn, BLOCK_M, BN, HAS_BIAS, ACTIVATION)  # fmt: skip
+    if (tail_end > last) | ((tail_row == head_row) & head_is_piece):
+        tail_was_last = _store_piece(acc, tail_row, tail_start, tail_end, pid, partial_ptr, arrived_ptr,
+                                     tiles_per_program, slot_offsets, slot_mask, BLOCK_M, BN)  # fmt: skip
+        if tail_was_last:
+            _reduce_row(tail_row, tail_start, tail_end, offs_m, M, N, bias_ptr, partial_ptr, arrived_ptr, y_ptr,
+                        tiles_per_program, slot_offsets, slot_mask, stride_ym, stride_yn, BLOCK_M, BN,
+                        PIECES_AT_ONCE, HAS_BIAS, ACTIVATION)  # fmt: skip
     else:
-        _finish_row(acc, row, offs_m, M, N, bias_ptr, y_ptr, stride_ym, stride_yn, BN, HAS_BIAS, ACTIVATION)
+        _finish_row(acc, tail_row, offs_m, M, N, bias_ptr, y_ptr, stride_ym, stride_yn, BN, HAS_BIAS, ACTIVATION)
 
 
 TUNING_CONFIGS = [
@@ -233,6 +248,7 @@ def spmm_decode_triton(
         "BK": bk,
         "BLOCK_M": block_m,
         "EMPTY_ROWS_PER_PROGRAM": EMPTY_ROWS_PER_PROGRAM,
+        "PIECES_AT_ONCE": max(1, SUM_ELEMENTS // (block_m * bn)),
         "HAS_BIAS": bias is not None,
         "ACTIVATION": ACTIVATION_CODES[activation],
         "INPUT_PRECISION": input_precision(x2.dtype),
