@@ -62,11 +62,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=Experiment.steps)
     for name in ("layers", "heads", "width", "context", "batch_size"):  # a smaller model for a CPU pilot
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(Experiment, name))
+    parser.add_argument("--dropout", type=float, default=Experiment.dropout)
     parser.add_argument("--out", default="benchmarks/results/accuracy/tinyshakespeare.json")
     parser.add_argument("--shard", default=None, help="I/N: this worker's share of the grid")
     args = parser.parse_args()
     experiment = Experiment(steps=args.steps, layers=args.layers, heads=args.heads, width=args.width,
-                            context=args.context, batch_size=args.batch_size)  # fmt: skip
+                            context=args.context, batch_size=args.batch_size, dropout=args.dropout)  # fmt: skip
     data = CharData(args.data)
     path = Path(args.out)
     runs = all_runs = grid((0.5, 0.8, 0.9, 0.95), (32,), extra_blocks=(16, 64))

@@ -38,12 +38,17 @@ METHODS = (
 
 @dataclass(frozen=True)
 class Experiment:
-    """Model and training settings shared by every run (nanoGPT's shakespeare-char model by default)."""
+    """Model and training settings shared by every run (nanoGPT's shakespeare-char model by default).
+
+    Without dropout the dense model overfits the 1M training characters within 3000 steps (train loss 0.12,
+    validation 3.33 on an H200), so the default keeps nanoGPT's 0.2.
+    """
 
     layers: int = 6
     heads: int = 6
     width: int = 384
     context: int = 256
+    dropout: float = 0.2
     batch_size: int = 64
     steps: int = 3000
     lr: float = 1e-3
@@ -95,7 +100,8 @@ def run(method: str, sparsity: float, block: int | None, data: CharData, experim
     if method == "dense_iso_params":
         hidden = max(1, round(hidden * (1.0 - sparsity)))
     config = GPTConfig(vocab_size=data.vocab_size, context=experiment.context, layers=experiment.layers,
-                       heads=experiment.heads, width=experiment.width, mlp_hidden=hidden)  # fmt: skip
+                       heads=experiment.heads, width=experiment.width, mlp_hidden=hidden,
+                       dropout=experiment.dropout)  # fmt: skip
     torch.manual_seed(experiment.seed)
     model = GPT(config).to(device)
     pruner = None if method.startswith("dense") else _pruner(method, model, sparsity, block, experiment)
