@@ -2,8 +2,9 @@
 
     PYTHONPATH=src python3 benchmarks/tune_decode.py
 
-Prints, per shape and token count, the time of every (programs per SM, num_warps, num_stages) against dense, with
-weights rotated past the L2 as in ``sparseblocks bench decode``. Chose ``decode.PROGRAMS_PER_SM``.
+Prints, per shape and token count, the time of every (programs per SM, partial sums reduced at once, num_warps,
+num_stages) against dense and the row kernel, with weights rotated past the L2 as in ``sparseblocks bench decode``.
+Chose ``decode.PROGRAMS_PER_SM`` and ``decode.SUM_ELEMENTS``.
 """
 
 import itertools
@@ -15,33 +16,48 @@ import torch.nn.functional as F
 from sparseblocks.bench.decode import clone_matrix, dense_weights, time_us, weight_copies
 from sparseblocks.bench.spmm import random_weight
 from sparseblocks.kernels.decode import spmm_decode_triton
+from sparseblocks.kernels.spmm import spmm_triton
 
 # name -> (N, K)
-SHAPES = {"llama_8b_up": (14336, 4096), "llama_8b_down": (4096, 14336), "llama_1b_down": (2048, 8192)}
+SHAPES = {
+    "llama_8b_up": (14336, 4096),
+    "llama_8b_down": (4096, 14336),
+    "llama_1b_up": (8192, 2048),
+    "llama_1b_down": (2048, 8192),
+}
 CONFIGS = [{"num_warps": w, "num_stages": s} for w, s in [(4, 2), (4, 3), (4, 4), (8, 3)]]
+PROGRAMS_PER_SM = (4, 8, 16)
+PIECES_AT_ONCE = (1, 2, 8)
+CASES = [(0.9, 64), (0.9, 32), (0.5, 64)]  # (sparsity, block)
 
 
 def main() -> None:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     generator = torch.Generator().manual_seed(0)
     print(f"{torch.cuda.get_device_name()}, {sms} SMs")
-    for (shape, (n, k)), sparsity, block in itertools.product(SHAPES.items(), (0.5, 0.9), (32, 64)):
+    for (shape, (n, k)), (sparsity, block) in itertools.product(SHAPES.items(), CASES):
         one = random_weight(n, k, sparsity, block, torch.bfloat16, generator)
         sparse_sets = weight_copies(lambda one=one: {"w": clone_matrix(one)}, one.nbytes)
         dense_sets = weight_copies(lambda n=n, k=k: dense_weights({"w": (n, k)}), 2 * n * k)
-        for m in (1, 16):
+        for m in (1,):
             dense = time_us(lambda x, w: F.linear(x, w["w"]), m, k, dense_sets)
+            rows = time_us(lambda x, w: spmm_triton(x, w["w"], kernel="rows"), m, k, sparse_sets)
             results = []
-            for per_sm, config in itertools.product((2, 4, 8, 16), CONFIGS):
+            for per_sm, pieces, config in itertools.product(PROGRAMS_PER_SM, PIECES_AT_ONCE, CONFIGS):
                 tiles = max(1, math.ceil(one.nnz / (per_sm * sms)))
-                fn = lambda x, w, tiles=tiles, config=config: spmm_decode_triton(x, w["w"], None, None, tiles, config)
-                results.append((time_us(fn, m, k, sparse_sets), per_sm, config))
+
+                def fn(x, w, tiles=tiles, config=config, pieces=pieces):
+                    return spmm_decode_triton(x, w["w"], None, None, tiles, config, pieces)
+
+                results.append((time_us(fn, m, k, sparse_sets), per_sm, pieces, config))
             best = min(results, key=lambda r: r[0])
-            print(f"{shape} s={sparsity} b={block} M={m}: dense {dense:.1f} us; best {best[0]:.1f} us "
-                  f"({dense / best[0]:.2f}x) at {best[1]}/SM {best[2]}", flush=True)  # fmt: skip
-            for per_sm in (2, 4, 8, 16):
-                row = [f"{us:5.1f}" for us, p, _ in results if p == per_sm]
-                print(f"    {per_sm}/SM: {' '.join(row)}  (configs {[tuple(c.values()) for c in CONFIGS]})")
+            print(f"{shape} s={sparsity} b={block} M={m}: dense {dense:.1f} us; rows kernel {rows:.1f} us; best "
+                  f"{best[0]:.1f} us ({dense / best[0]:.2f}x) at {best[1]}/SM, {best[2]} at once, {best[3]}",
+                  flush=True)  # fmt: skip
+            for per_sm, pieces in itertools.product(PROGRAMS_PER_SM, PIECES_AT_ONCE):
+                row = [f"{us:5.1f}" for us, p, q, _ in results if (p, q) == (per_sm, pieces)]
+                print(f"    {per_sm:2}/SM {pieces} at once: {' '.join(row)}  (configs "
+                      f"{[tuple(c.values()) for c in CONFIGS]})")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -215,6 +215,7 @@ def spmm_decode_triton(
     activation: str | None = None,
     tiles_per_program: int | None = None,
     config: dict | None = None,
+    pieces_at_once: int | None = None,
 ) -> torch.Tensor:
     """``act(x2 · wᵀ + bias)`` for a 2-D ``x2`` ``(M, K)`` with ``1 ≤ M ≤ MAX_TOKENS``: ``(M, N)`` of x2's dtype.
 
@@ -248,7 +249,7 @@ def spmm_decode_triton(
         "BK": bk,
         "BLOCK_M": block_m,
         "EMPTY_ROWS_PER_PROGRAM": EMPTY_ROWS_PER_PROGRAM,
-        "PIECES_AT_ONCE": max(1, SUM_ELEMENTS // (block_m * bn)),
+        "PIECES_AT_ONCE": pieces_at_once or max(1, SUM_ELEMENTS // (block_m * bn)),
         "HAS_BIAS": bias is not None,
         "ACTIVATION": ACTIVATION_CODES[activation],
         "INPUT_PRECISION": input_precision(x2.dtype),
