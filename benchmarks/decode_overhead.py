@@ -39,8 +39,7 @@ def main() -> None:
             x, w.values, w.crow_indices, w.col_indices, w.row_indices_of_block, y, scratch, counters, y,
             m, n, k, w.nnz, one.block_grid[0], tiles, x.stride(0), x.stride(1), y.stride(0), y.stride(1), 2,
             BN=64, BK=64, BLOCK_M=16, EMPTY_ROWS_PER_PROGRAM=decode.EMPTY_ROWS_PER_PROGRAM, HAS_BIAS=False,
-            ACTIVATION=0, INPUT_PRECISION="tf32", DOT_IN_FP32=False, EVEN_K=True, PIECES_AT_ONCE=1, num_warps=4,
-            num_stages=3,
+            ACTIVATION=0, INPUT_PRECISION="tf32", DOT_IN_FP32=False, EVEN_K=True, num_warps=4, num_stages=3,
         )  # fmt: skip
         return y
 

@@ -2,9 +2,10 @@
 
     PYTHONPATH=src python3 benchmarks/tune_decode.py
 
-Prints, per shape and token count, the time of every (programs per SM, partial sums reduced at once, num_warps,
-num_stages) against dense and the row kernel, with weights rotated past the L2 as in ``sparseblocks bench decode``.
-Chose ``decode.PROGRAMS_PER_SM`` and ``decode.SUM_ELEMENTS``.
+Prints, per shape, the time of every (programs per SM, num_warps, num_stages) against dense and the row kernel at
+one token, with weights rotated past the L2 as in ``sparseblocks bench decode``. Chose ``decode.PROGRAMS_PER_SM``.
+(``results/h200/tune_decode.txt`` also swept how many partial sums the reducing program loads at once: one was
+best everywhere, so that knob is gone.)
 """
 
 import itertools
@@ -27,7 +28,6 @@ SHAPES = {
 }
 CONFIGS = [{"num_warps": w, "num_stages": s} for w, s in [(4, 2), (4, 3), (4, 4), (8, 3)]]
 PROGRAMS_PER_SM = (4, 8, 16)
-PIECES_AT_ONCE = (1, 2, 8)
 CASES = [(0.9, 64), (0.9, 32), (0.5, 64)]  # (sparsity, block)
 
 
@@ -43,21 +43,20 @@ def main() -> None:
             dense = time_us(lambda x, w: F.linear(x, w["w"]), m, k, dense_sets)
             rows = time_us(lambda x, w: spmm_triton(x, w["w"], kernel="rows"), m, k, sparse_sets)
             results = []
-            for per_sm, pieces, config in itertools.product(PROGRAMS_PER_SM, PIECES_AT_ONCE, CONFIGS):
+            for per_sm, config in itertools.product(PROGRAMS_PER_SM, CONFIGS):
                 tiles = max(1, math.ceil(one.nnz / (per_sm * sms)))
 
-                def fn(x, w, tiles=tiles, config=config, pieces=pieces):
-                    return spmm_decode_triton(x, w["w"], None, None, tiles, config, pieces)
+                def fn(x, w, tiles=tiles, config=config):
+                    return spmm_decode_triton(x, w["w"], None, None, tiles, config)
 
-                results.append((time_us(fn, m, k, sparse_sets), per_sm, pieces, config))
+                results.append((time_us(fn, m, k, sparse_sets), per_sm, config))
             best = min(results, key=lambda r: r[0])
             print(f"{shape} s={sparsity} b={block} M={m}: dense {dense:.1f} us; rows kernel {rows:.1f} us; best "
-                  f"{best[0]:.1f} us ({dense / best[0]:.2f}x) at {best[1]}/SM, {best[2]} at once, {best[3]}",
+                  f"{best[0]:.1f} us ({dense / best[0]:.2f}x) at {best[1]}/SM, {best[2]}",
                   flush=True)  # fmt: skip
-            for per_sm, pieces in itertools.product(PROGRAMS_PER_SM, PIECES_AT_ONCE):
-                row = [f"{us:5.1f}" for us, p, q, _ in results if (p, q) == (per_sm, pieces)]
-                print(f"    {per_sm:2}/SM {pieces} at once: {' '.join(row)}  (configs "
-                      f"{[tuple(c.values()) for c in CONFIGS]})")  # fmt: skip
+            for per_sm in PROGRAMS_PER_SM:
+                row = [f"{us:5.1f}" for us, p, _ in results if p == per_sm]
+                print(f"    {per_sm:2}/SM: {' '.join(row)}  (configs {[tuple(c.values()) for c in CONFIGS]})")
 
 
 if __name__ == "__main__":

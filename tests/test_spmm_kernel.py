@@ -125,8 +125,8 @@ def test_decode_rows_cut_into_pieces(tiles_per_program, m):
     check_output(out, reference_float64(x, w, bias, "gelu"), torch.float32)
 
 
-def test_decode_row_of_more_pieces_than_one_reduction_step_holds():
-    """64 one-tile pieces per row: the last piece sums them over several PIECES_AT_ONCE steps, in order."""
+def test_decode_row_of_many_pieces():
+    """64 one-tile pieces per row: the last piece sums all of them, in order."""
     w, _ = random_sparse(32, 2048, 16, 0.5, seed=6)
     w, x = w.to(DEVICE), torch.randn(2, 2048, device=DEVICE)
     check_output(run_decode(x, w, tiles_per_program=1), reference_float64(x, w), torch.float32)

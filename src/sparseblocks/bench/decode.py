@@ -143,7 +143,7 @@ def _write_table(json_path: Path) -> Path:
         f"# decode on {payload['gpu']}\n",
         f"CUDA-graph replays over L2-overflowing weight copies, same run (torch {payload['torch']}, triton "
         f"{payload['triton']}, commit {payload['commit']}). Command: `{payload['command']}`\n",
-        "`rows kernel` is spmm's row-per-program kernel, which the decode kernel replaces up to 64 tokens.\n",
+        "`sparseblocks` is `spmm` as it dispatched at that commit; `rows kernel` is spmm's row-per-program kernel.\n",
         "| case | M | sparsity | block | dense µs | sparseblocks µs | speedup | rows kernel | torch_bsr | floor "
         "| of floor |",
         "|---|---|---|---|---|---|---|---|---|---|---|",

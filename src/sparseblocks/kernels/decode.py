@@ -30,9 +30,9 @@ from sparseblocks.format import BlockSparseMatrix
 from sparseblocks.kernels.epilogue import ACTIVATION_CODES, apply_activation, input_precision
 from sparseblocks.reference import ACTIVATIONS
 
-MAX_TOKENS = 64  # spmm dispatches here for M ≤ MAX_TOKENS
+MAX_TOKENS = 64  # the most rows of x the kernel takes
+ALWAYS_TOKENS = 16  # up to here it beat the row kernel in nearly every case of `bench decode` (H200)
 EMPTY_ROWS_PER_PROGRAM = 32
-SUM_ELEMENTS = 8192  # partials a reducing program holds at once: PIECES_AT_ONCE · BLOCK_M · bn
 PROGRAMS_PER_SM = 8  # tiles per program = ceil(nnz / (PROGRAMS_PER_SM · SMs)); see benchmarks/NOTES.md
 
 
@@ -63,21 +63,19 @@ def _store_piece(acc, row, row_start, row_end, pid, partial_ptr, arrived_ptr, ti
 @triton.jit
 def _reduce_row(row, row_start, row_end, offs_m, M, N, bias_ptr, partial_ptr, arrived_ptr, y_ptr,
                 tiles_per_program, slot_offsets, slot_mask, stride_ym, stride_yn, BLOCK_M: tl.constexpr,
-                BN: tl.constexpr, PIECES_AT_ONCE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                ACTIVATION: tl.constexpr):  # fmt: skip
+                BN: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr):  # fmt: skip
     """The last piece's program: add the row's partials in piece order (deterministic) and write the row.
 
-    ``PIECES_AT_ONCE`` slots are read per step, all in flight together: one round trip to L2, not one per piece.
+    One slot at a time: loading several at once (a (pieces, BLOCK_M, bn) block) held so many registers that the
+    whole kernel ran at half speed (``benchmarks/tune_decode.py``), and rows have only a few pieces.
     """
     first_piece = row_start // tiles_per_program
     last_piece = (row_end - 1) // tiles_per_program
     tl.store(arrived_ptr + row, 0)  # leave the counter as found: re-runs (autotuning) need it zero
     total = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
-    for chunk in range(first_piece, last_piece + 1, PIECES_AT_ONCE):
-        pieces = chunk + tl.arange(0, PIECES_AT_ONCE)
-        slots = tl.cast(pieces + row, tl.int64)[:, None, None] * (BLOCK_M * BN) + slot_offsets[None, :, :]
-        mask = (pieces <= last_piece)[:, None, None] & slot_mask[None, :, :]
-        total += tl.sum(tl.load(partial_ptr + slots, mask=mask, other=0.0, cache_modifier=".cg"), axis=0)
+    for piece in range(first_piece, last_piece + 1):
+        slot = partial_ptr + tl.cast(piece + row, tl.int64) * (BLOCK_M * BN) + slot_offsets
+        total += tl.load(slot, mask=slot_mask, other=0.0, cache_modifier=".cg")  # from L2: other SMs wrote it
     _finish_row(total, row, offs_m, M, N, bias_ptr, y_ptr, stride_ym, stride_yn, BN, HAS_BIAS, ACTIVATION)
 
 
@@ -107,7 +105,6 @@ def _decode_kernel(
     BK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     EMPTY_ROWS_PER_PROGRAM: tl.constexpr,
-    PIECES_AT_ONCE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -177,7 +174,7 @@ def _decode_kernel(
         if head_was_last:
             _reduce_row(head_row, head_start, head_end, offs_m, M, N, bias_ptr, partial_ptr, arrived_ptr, y_ptr,
                         tiles_per_program, slot_offsets, slot_mask, stride_ym, stride_yn, BLOCK_M, BN,
-                        PIECES_AT_ONCE, HAS_BIAS, ACTIVATION)  # fmt: skip
+                        HAS_BIAS, ACTIVATION)  # fmt: skip
     # The last row: whole, or a piece (a tail piece, or a head piece too when the program lies inside one row).
     if (tail_end > last) | ((tail_row == head_row) & head_is_piece):
         tail_was_last = _store_piece(acc, tail_row, tail_start, tail_end, pid, partial_ptr, arrived_ptr,
@@ -185,7 +182,7 @@ def _decode_kernel(
         if tail_was_last:
             _reduce_row(tail_row, tail_start, tail_end, offs_m, M, N, bias_ptr, partial_ptr, arrived_ptr, y_ptr,
                         tiles_per_program, slot_offsets, slot_mask, stride_ym, stride_yn, BLOCK_M, BN,
-                        PIECES_AT_ONCE, HAS_BIAS, ACTIVATION)  # fmt: skip
+                        HAS_BIAS, ACTIVATION)  # fmt: skip
     else:
         _finish_row(acc, tail_row, offs_m, M, N, bias_ptr, y_ptr, stride_ym, stride_yn, BN, HAS_BIAS, ACTIVATION)
 
@@ -208,6 +205,19 @@ def default_tiles_per_program(w: BlockSparseMatrix) -> int:
     return max(1, triton.cdiv(w.nnz, PROGRAMS_PER_SM * sms))
 
 
+def decode_pays(m: int, w: BlockSparseMatrix) -> bool:
+    """Whether ``m`` rows of x go faster through this kernel than through the row kernel (``bench decode``, H200).
+
+    Up to ``ALWAYS_TOKENS`` they do. Above, the row kernel's wide M tile wins unless ``w`` has fewer block rows
+    than half the SMs (down projections), where the row kernel leaves SMs idle.
+    """
+    if not 1 <= m <= MAX_TOKENS:
+        return False
+    if m <= ALWAYS_TOKENS or triton_interpreting() or not w.values.is_cuda:
+        return True
+    return 2 * w.block_grid[0] < torch.cuda.get_device_properties(w.values.device).multi_processor_count
+
+
 def spmm_decode_triton(
     x2: torch.Tensor,
     w: BlockSparseMatrix,
@@ -215,7 +225,6 @@ def spmm_decode_triton(
     activation: str | None = None,
     tiles_per_program: int | None = None,
     config: dict | None = None,
-    pieces_at_once: int | None = None,
 ) -> torch.Tensor:
     """``act(x2 · wᵀ + bias)`` for a 2-D ``x2`` ``(M, K)`` with ``1 ≤ M ≤ MAX_TOKENS``: ``(M, N)`` of x2's dtype.
 
@@ -249,7 +258,6 @@ def spmm_decode_triton(
         "BK": bk,
         "BLOCK_M": block_m,
         "EMPTY_ROWS_PER_PROGRAM": EMPTY_ROWS_PER_PROGRAM,
-        "PIECES_AT_ONCE": pieces_at_once or max(1, SUM_ELEMENTS // (block_m * bn)),
         "HAS_BIAS": bias is not None,
         "ACTIVATION": ACTIVATION_CODES[activation],
         "INPUT_PRECISION": input_precision(x2.dtype),

@@ -9,8 +9,8 @@ Input gradient (``TRANSPOSED``): the same loop over one block *column* of W (``c
 reading the tiles in place through ``transpose_perm`` and multiplying them untransposed: a ``(BLOCK_M, bk)``
 tile of dX per program, columns heaviest first (``col_order``). No transposed copy of W exists.
 
-A few tokens (M ≤ ``decode.MAX_TOKENS``) take the decode kernel instead (``kernels/decode.py``): with one M tile,
-programs per block row would leave most SMs idle.
+A few tokens take the decode kernel instead (``kernels/decode.py``, chosen by ``decode.decode_pays``): with one M
+tile, programs per block row would leave most SMs idle.
 
 Known limits (2026-11):
 * The Triton interpreter multiplies bf16 ``tl.dot`` operands wrongly (triton-lang/triton#11584), so under
@@ -29,7 +29,7 @@ import triton.language as tl
 
 from sparseblocks.backend import triton_interpreting
 from sparseblocks.format import BlockSparseMatrix
-from sparseblocks.kernels.decode import MAX_TOKENS, spmm_decode_triton
+from sparseblocks.kernels.decode import decode_pays, spmm_decode_triton
 from sparseblocks.kernels.epilogue import ACTIVATION_CODES, activation_grad, apply_activation, input_precision
 
 
@@ -245,14 +245,14 @@ def spmm_triton(
 ) -> torch.Tensor:
     """``act(x · wᵀ + bias)``: x ``(..., K)`` -> ``(..., N)``; inputs are checked by ``ops.spmm``.
 
-    ``kernel="auto"`` runs the decode kernel (work spread over tiles, not rows) up to ``MAX_TOKENS`` rows and the
-    row kernel above; ``"rows"`` forces the row kernel (benchmarks compare the two). ``config`` (``BLOCK_M``,
+    ``kernel="auto"`` runs the decode kernel (work spread over tiles, not rows) where ``decode_pays`` says so and
+    the row kernel otherwise; ``"rows"`` forces the row kernel (benchmarks compare the two). ``config`` (``BLOCK_M``,
     ``num_warps``, ``num_stages``) also forces the row kernel and skips the autotuner: for tuning scripts.
     """
     if kernel not in ("auto", "rows"):
         raise ValueError(f"kernel must be 'auto' or 'rows', got {kernel!r}")
     x2 = x.reshape(-1, w.shape[1])  # a view whenever the strides allow; the kernels take any strides
-    if kernel == "auto" and config is None and 1 <= x2.shape[0] <= MAX_TOKENS:
+    if kernel == "auto" and config is None and decode_pays(x2.shape[0], w):
         y = spmm_decode_triton(x2, w, bias, activation)
     else:
         y = _launch(x2, w, False, bias, activation, config)
