@@ -34,6 +34,7 @@ METHODS = (
     "prune_grow",
     "fisher",
 )
+CURVE_EVERY = 100  # each row's train_curve holds the mean training loss of every CURVE_EVERY steps
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class Experiment:
     batch_size: int = 64
     steps: int = 3000
     lr: float = 1e-3
+    beta2: float = 0.99  # nanoGPT's for this model; AdamW's 0.999 adapts slowly to the jump in gradients at a prune
     seed: int = 0
     eval_batches: int = 40
     prune_start: float = 0.25
@@ -105,11 +107,14 @@ def run(method: str, sparsity: float, block: int | None, data: CharData, experim
     torch.manual_seed(experiment.seed)
     model = GPT(config).to(device)
     pruner = None if method.startswith("dense") else _pruner(method, model, sparsity, block, experiment)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=experiment.lr, weight_decay=0.1)  # after supermask's scores
+    optimizer = torch.optim.AdamW(  # after the pruner: Supermask's scores are parameters too
+        model.parameters(), lr=experiment.lr, betas=(0.9, experiment.beta2), weight_decay=0.1
+    )
     if pruner is not None:
         pruner.optimizer = optimizer
     generator = torch.Generator().manual_seed(experiment.seed)
     warmup = max(1, experiment.steps // 20)
+    losses = torch.zeros(experiment.steps, device=device)  # read once at the end: no sync per step
     for step in range(experiment.steps):
         for group in optimizer.param_groups:  # linear warm-up, cosine decay to a tenth
             progress = step / experiment.steps
@@ -122,6 +127,7 @@ def run(method: str, sparsity: float, block: int | None, data: CharData, experim
                     model(*data.batch("train", experiment.batch_size, experiment.context, generator, device))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = model(tokens, targets)[1]
+        losses[step] = loss.detach()
         loss.backward()
         if method in ("fisher", "prune_grow"):
             pruner.observe_gradients()
@@ -136,6 +142,7 @@ def run(method: str, sparsity: float, block: int | None, data: CharData, experim
     )
     return {"method": method, "sparsity": sparsity, "block": block,
             "val_loss": validation_loss(model, data, experiment, device), "train_loss_last": loss.item(),
+            "train_curve": [round(chunk.mean().item(), 4) for chunk in losses.split(CURVE_EVERY)],
             "steps": experiment.steps, "seed": experiment.seed, "mlp_weights": mlp_weights}  # fmt: skip
 
 
