@@ -29,6 +29,19 @@ def test_bad_arguments_exit_with_usage():
         main(["demo", "--block", "24"])
 
 
+def test_sparsify_command_fuses_llama_mlps(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from sparseblocks import SparseMLP
+    from sparseblocks.checkpoint import load_hf_sparse
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=48, num_hidden_layers=2, num_attention_heads=2,
+                                      num_key_value_heads=1, intermediate_size=80)  # fmt: skip
+    transformers.LlamaModel(config).save_pretrained(tmp_path / "dense")
+    out = tmp_path / "sparse"
+    assert main(["sparsify", str(tmp_path / "dense"), "--block", "16", "--fuse-mlp", "--out", str(out)]) == 0
+    assert sum(isinstance(m, SparseMLP) for m in load_hf_sparse(out).modules()) == 2
+
+
 def test_sparsify_command_round_trips_a_hugging_face_folder(tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
     from sparseblocks.checkpoint import load_hf_sparse

@@ -9,7 +9,16 @@ import torch
 from torch import nn
 
 from conftest import relative_error
-from sparseblocks import BlockSparseLinear, SparsityConfig, densify, load_sparse, save_sparse, sparsify
+from sparseblocks import (
+    BlockSparseLinear,
+    SparseMLP,
+    SparsityConfig,
+    densify,
+    fuse_mlps,
+    load_sparse,
+    save_sparse,
+    sparsify,
+)
 from sparseblocks.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from sparseblocks.gpt import GPT, GPTConfig
 
@@ -42,16 +51,16 @@ def _gpt():
     return lambda: GPT(GPTConfig(vocab_size=64, context=16, layers=2, heads=2, width=48)).eval()
 
 
-# family -> (builder, example input, linears per layer that the "mlp" preset takes)
+# family -> (builder, example input, linears per layer that the "mlp" preset takes, whether its MLP fuses)
 FAMILIES = {
-    "bert": (lambda: _hf("BertConfig", "BertModel", **TEXT), "tokens", 2),
-    "llama": (lambda: _hf("LlamaConfig", "LlamaForCausalLM", **LLAMA), "tokens", 3),
-    "mistral": (lambda: _hf("MistralConfig", "MistralForCausalLM", **LLAMA), "tokens", 3),
-    "qwen2": (lambda: _hf("Qwen2Config", "Qwen2ForCausalLM", **LLAMA), "tokens", 3),
-    "hf_vit": (lambda: _hf("ViTConfig", "ViTModel", **VIT), "image16", 2),
-    "timm_vit": (_timm, "image32", 2),
-    "torchvision_vit": (_torchvision, "image32", 2),
-    "gpt": (_gpt, "tokens", 2),
+    "bert": (lambda: _hf("BertConfig", "BertModel", **TEXT), "tokens", 2, False),
+    "llama": (lambda: _hf("LlamaConfig", "LlamaForCausalLM", **LLAMA), "tokens", 3, True),
+    "mistral": (lambda: _hf("MistralConfig", "MistralForCausalLM", **LLAMA), "tokens", 3, True),
+    "qwen2": (lambda: _hf("Qwen2Config", "Qwen2ForCausalLM", **LLAMA), "tokens", 3, True),
+    "hf_vit": (lambda: _hf("ViTConfig", "ViTModel", **VIT), "image16", 2, False),
+    "timm_vit": (_timm, "image32", 2, True),
+    "torchvision_vit": (_torchvision, "image32", 2, True),
+    "gpt": (_gpt, "tokens", 2, True),
 }
 
 
@@ -72,7 +81,7 @@ def _output(model, kind):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_sparsify_matches_masked_dense_and_survives_save_and_load(family, tmp_path):
-    make, kind, per_layer = FAMILIES[family]
+    make, kind, per_layer, _ = FAMILIES[family]
     build = make()
     torch.manual_seed(0)
     model = build()
@@ -95,6 +104,45 @@ def test_sparsify_matches_masked_dense_and_survives_save_and_load(family, tmp_pa
                 load_sparse(tmp_path, skeleton)
             skeleton = _parameters_on_meta(build())
         assert torch.equal(out, _output(load_sparse(tmp_path, skeleton), kind))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_mlps_compute_the_same_keep_their_keys_and_reload_fused(family, tmp_path):
+    make, kind, _, fuses = FAMILIES[family]
+    build = make()
+    torch.manual_seed(0)
+    unfused = build()
+    sparsify(unfused, SparsityConfig(sparsity=0.5, block_size=16, targets="mlp"))
+    fused = copy.deepcopy(unfused)
+    assert fuse_mlps(fused) == (2 if fuses else 0)
+    assert fused.state_dict().keys() == unfused.state_dict().keys()
+    with torch.no_grad():
+        out = _output(fused, kind)
+        assert relative_error(out, _output(unfused, kind)) < 1e-6
+    if not fuses:
+        return
+    save_sparse(fused, tmp_path)
+    reloaded = load_sparse(tmp_path, build())
+    assert sum(isinstance(m, SparseMLP) for m in reloaded.modules()) == 2
+    dense = densify(fused)
+    assert not any(isinstance(m, SparseMLP | BlockSparseLinear) for m in dense.modules())
+    with torch.no_grad():
+        assert torch.equal(out, _output(reloaded, kind))
+        assert relative_error(out, _output(dense, kind)) < 1e-5
+
+
+def test_sparse_mlp_trains_and_refuses_mismatched_layers():
+    mlp = GPT(GPTConfig(vocab_size=64, context=16, layers=1, heads=2, width=32)).blocks[0].mlp
+    sparsify(mlp, SparsityConfig(sparsity=0.5, block_size=16, targets="all-linear", fuse_mlp=True))
+    assert fuse_mlps(mlp) == 0  # a root module is never replaced
+    fused = SparseMLP(mlp.fc, mlp.proj, activation="gelu")
+    x = torch.randn(3, 32, requires_grad=True)
+    fused(x).square().sum().backward()
+    assert x.grad is not None and fused.layer("up").values.grad is not None
+    with pytest.raises(ValueError, match="hidden sizes"):
+        SparseMLP(mlp.fc, mlp.fc)
+    with pytest.raises(ValueError, match="activation"):
+        SparseMLP(mlp.fc, mlp.proj, activation="tanh")
 
 
 def _parameters_on_meta(model):
@@ -155,8 +203,11 @@ def _sparse_gpt(sparsity=0.5):
     return model
 
 
-def test_compiled_sparse_model_matches_eager():
+@pytest.mark.parametrize("fuse_mlp", [False, True])
+def test_compiled_sparse_model_matches_eager(fuse_mlp):
     model = _sparse_gpt()
+    if fuse_mlp:
+        assert fuse_mlps(model) == 2
     tokens = torch.randint(64, (2, 16))
     with torch.no_grad():
         expected = model(tokens)[0]
@@ -213,6 +264,14 @@ def test_truncated_file_and_bad_config_are_rejected(saved):
     (saved / CONFIG_FILE).write_text("{not json")
     with pytest.raises(ValueError, match="not a readable sparseblocks config"):
         load_sparse(saved, _gpt()())
+
+
+def test_fused_mlp_names_in_a_checkpoint_are_checked(saved):
+    config = json.loads((saved / CONFIG_FILE).read_text())
+    for fused, message in [("blocks.0.mlp", "fused_mlps' must be a list"), (["no.such.module"], "cannot")]:
+        (saved / CONFIG_FILE).write_text(json.dumps({**config, "fused_mlps": fused}))
+        with pytest.raises(ValueError, match=message):
+            load_sparse(saved, _gpt()())
 
 
 def test_checkpoint_for_another_model_is_rejected(saved):

@@ -1,7 +1,8 @@
 """sparseblocks: block-sparse transformers in PyTorch and Triton.
 
 Public API: :class:`BlockSparseMatrix` (the format), :func:`spmm` (the op), :class:`BlockSparseLinear` (the
-module), :func:`sparsify` / :func:`densify` with :class:`SparsityConfig` (whole models), :func:`save_sparse` /
+module), :class:`SparseMLP` and :func:`fuse_mlps` (whole MLPs), :func:`sparsify` / :func:`densify` with
+:class:`SparsityConfig` (whole models), :func:`save_sparse` /
 :func:`load_sparse` (checkpoints), :class:`Pruner` with :class:`CubicSchedule` (choosing the tiles).
 """
 
@@ -9,9 +10,9 @@ __version__ = "0.1.0"
 
 from sparseblocks.checkpoint import load_sparse, save_sparse
 from sparseblocks.format import BlockSparseMatrix
-from sparseblocks.nn import BlockSparseLinear
+from sparseblocks.nn import BlockSparseLinear, SparseMLP
 from sparseblocks.ops import spmm
-from sparseblocks.patch import SparsityConfig, densify, sparsify
+from sparseblocks.patch import SparsityConfig, densify, fuse_mlps, sparsify
 from sparseblocks.prune import CubicSchedule, Pruner
 
 __all__ = [
@@ -19,9 +20,11 @@ __all__ = [
     "BlockSparseMatrix",
     "CubicSchedule",
     "Pruner",
+    "SparseMLP",
     "SparsityConfig",
     "__version__",
     "densify",
+    "fuse_mlps",
     "load_sparse",
     "save_sparse",
     "sparsify",

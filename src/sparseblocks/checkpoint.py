@@ -19,8 +19,8 @@ from safetensors.torch import save_model
 from torch import nn
 
 from sparseblocks.format import BlockSparseMatrix, normalize_block_size
-from sparseblocks.nn import BlockSparseLinear
-from sparseblocks.patch import replace_module, sparse_layers
+from sparseblocks.nn import BlockSparseLinear, SparseMLP
+from sparseblocks.patch import fuse_mlps, replace_module, sparse_layers
 
 WEIGHTS_FILE = "sparseblocks.safetensors"
 CONFIG_FILE = "sparseblocks.json"
@@ -45,8 +45,9 @@ def save_sparse(model: nn.Module, folder: str | Path) -> Path:
             "dtype": str(matrix.dtype).removeprefix("torch."),
             "bias": layer.bias is not None,
         }
+    fused = [name for name, module in model.named_modules() if isinstance(module, SparseMLP)]
     config = {"format": "sparseblocks", "format_version": FORMAT_VERSION, "library_version": __version__}
-    (folder / CONFIG_FILE).write_text(json.dumps({**config, "layers": layers}, indent=1) + "\n")
+    (folder / CONFIG_FILE).write_text(json.dumps({**config, "layers": layers, "fused_mlps": fused}, indent=1) + "\n")
     save_model(model, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     return folder
 
@@ -70,6 +71,9 @@ def _read_config(folder: Path) -> dict:
         if not isinstance(entry.get("bias"), bool):
             raise ValueError(f"{CONFIG_FILE}: layer {name!r} needs a boolean 'bias'")
         normalize_block_size(entry.get("block"))
+    fused = config.setdefault("fused_mlps", [])
+    if not isinstance(fused, list) or not all(isinstance(name, str) for name in fused):
+        raise ValueError(f"{folder / CONFIG_FILE}: 'fused_mlps' must be a list of module names")
     return config
 
 
@@ -130,7 +134,8 @@ def _materialize_meta(model: nn.Module) -> None:
 
 def load_sparse(folder: str | Path, model: nn.Module, strict: bool = True) -> nn.Module:
     """Load a ``save_sparse`` folder into ``model`` (same architecture, freshly built, on any device or on
-    ``meta``): its saved sparse layers become ``BlockSparseLinear`` and every tensor is loaded. Returns ``model``.
+    ``meta``): its saved sparse layers become ``BlockSparseLinear``, every tensor is loaded, and MLPs that ran as
+    ``SparseMLP`` when saved do so again. Returns ``model``.
 
     strict: the file and the model must hold the same tensors (tied weights count once).
     """
@@ -174,6 +179,12 @@ def load_sparse(folder: str | Path, model: nn.Module, strict: bool = True) -> nn
         if missing or result.unexpected_keys:
             unexpected = result.unexpected_keys[:5]
             raise ValueError(f"checkpoint and model differ: missing {missing[:5]}, unexpected {unexpected}")
+    if config["fused_mlps"]:
+        fuse_mlps(model)
+        modules = dict(model.named_modules())
+        unfused = [name for name in config["fused_mlps"] if not isinstance(modules.get(name), SparseMLP)]
+        if unfused:
+            raise ValueError(f"the checkpoint ran these MLPs fused, the model cannot: {unfused[:5]}")
     return model
 
 

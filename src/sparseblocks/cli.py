@@ -87,7 +87,7 @@ def _sparsify(args: argparse.Namespace) -> int:
     model = AutoModel.from_pretrained(source)
     targets = args.targets.split(",")
     exclude = args.exclude.split(",") if args.exclude else []
-    report = sparsify(model, SparsityConfig(args.sparsity, args.block, targets, exclude))
+    report = sparsify(model, SparsityConfig(args.sparsity, args.block, targets, exclude, fuse_mlp=args.fuse_mlp))
     print(report)
     save_sparse(model, out)
     # The rest of the folder (config, tokenizer) comes along, so OUT is a Hugging Face folder again.
@@ -122,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     sparsify.add_argument("--block", type=int, default=32, choices=(16, 32, 64, 128), help="block size (default 32)")
     sparsify.add_argument("--targets", default="mlp", help="comma-separated presets, globs or re:<regex> (default mlp)")
     sparsify.add_argument("--exclude", default="", help="comma-separated presets, globs or re:<regex> to leave dense")
+    sparsify.add_argument("--fuse-mlp", action="store_true", help="run known MLPs as one SparseMLP module")
     sparsify.add_argument("--out", required=True, help="output folder")
     sparsify.set_defaults(run=_sparsify)
 

@@ -1,8 +1,9 @@
 """One-line sparsification of whole models: ``sparsify(model, SparsityConfig(...))`` and ``densify(model)``.
 
-Which linears a preset means is the one piece of per-architecture knowledge, kept in :data:`PRESETS` (module-name
+Per-architecture knowledge is kept in two small tables: :data:`PRESETS` (which linears a preset means: module-name
 patterns for HF Llama/Mistral/Qwen2, BERT and sentence-transformers, HF ViT, timm ViT, torchvision ViT and
-``sparseblocks.gpt``). Module *instances* are replaced, so a model's own forward keeps working unchanged.
+``sparseblocks.gpt``) and :data:`MLP_LAYOUTS` (which MLP modules :func:`fuse_mlps` can run as one
+:class:`~sparseblocks.nn.SparseMLP`). Module *instances* are replaced, so a model's own forward keeps working.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from sparseblocks.nn import BlockSparseLinear
+from sparseblocks.nn import BlockSparseLinear, SparseMLP
 
 logger = logging.getLogger("sparseblocks")
 
@@ -43,6 +44,36 @@ PRESETS: dict[str, tuple[str, ...]] = {
 }
 
 
+@dataclass(frozen=True)
+class MLPLayout:
+    """Where an MLP module keeps its parts: child names of the linears, of the activation module (or a fixed
+    ``activation`` its forward calls), of the dropouts after the activation and after ``down``, and of children
+    that must be ``nn.Identity`` for the module to compute what ``SparseMLP`` does."""
+
+    up: str
+    down: str
+    gate: str | None = None
+    activation_module: str | None = None
+    activation: str | None = None
+    dropouts: tuple[str | None, str | None] = (None, None)
+    identities: tuple[str, ...] = ()
+
+
+# (package, class name) -> layout. BERT and HF ViT split their MLP over two modules (intermediate, output), with
+# the residual and LayerNorm in the second: they stay as separate BlockSparseLinear.
+_SWIGLU = MLPLayout(up="up_proj", down="down_proj", gate="gate_proj", activation_module="act_fn")
+MLP_LAYOUTS: dict[tuple[str, str], MLPLayout] = {
+    ("transformers", "LlamaMLP"): _SWIGLU,
+    ("transformers", "MistralMLP"): _SWIGLU,
+    ("transformers", "Qwen2MLP"): _SWIGLU,
+    ("timm", "Mlp"): MLPLayout(
+        up="fc1", down="fc2", activation_module="act", dropouts=("drop1", "drop2"), identities=("norm",)
+    ),  # fmt: skip
+    ("torchvision", "MLPBlock"): MLPLayout(up="0", down="3", activation_module="1", dropouts=("2", "4")),
+    ("sparseblocks", "MLP"): MLPLayout(up="fc", down="proj", activation="gelu"),  # sparseblocks.gpt
+}
+
+
 @dataclass
 class SparsityConfig:
     """What :func:`sparsify` does.
@@ -51,7 +82,8 @@ class SparsityConfig:
     targeted module no pattern matches is an error). block_size: 16, 32, 64, 128 or a ``(bn, bk)`` pair.
     targets / exclude: preset names (``"mlp"``, ``"attention"``, ``"all-linear"``), shell globs over module names
     (``"model.layers.*.mlp.up_proj"``) or regular expressions written ``"re:..."``. method: how tiles are chosen;
-    ``"magnitude"`` keeps the tiles of largest L2 norm.
+    ``"magnitude"`` keeps the tiles of largest L2 norm. fuse_mlp: run each MLP that :data:`MLP_LAYOUTS` knows
+    as one :class:`~sparseblocks.nn.SparseMLP` (activation fused into the first product) once its linears are sparse.
     """
 
     sparsity: float | Mapping[str, float] = 0.9
@@ -59,6 +91,7 @@ class SparsityConfig:
     targets: str | Sequence[str] = "mlp"
     exclude: str | Sequence[str] = ()
     method: str = "magnitude"
+    fuse_mlp: bool = False
 
     def __post_init__(self) -> None:
         if self.method != "magnitude":
@@ -210,13 +243,70 @@ def sparsify(
                 bytes_after=model_size(sparse)[1],
             )
         )
+    if config.fuse_mlp:
+        fuse_mlps(model)
     report.model_params_before, report.model_bytes_before = params_before, bytes_before
     report.model_params_after, report.model_bytes_after = model_size(model)
     return report
 
 
+def _activation_name(module: nn.Module) -> str | None:
+    """The name ``spmm`` knows for an activation module, or None for one it does not fuse."""
+    if isinstance(module, nn.GELU):
+        return "gelu" if module.approximate == "none" else "gelu_tanh"
+    names = {"SiLU": "silu", "SiLUActivation": "silu", "ReLU": "relu", "GELUActivation": "gelu",
+             "NewGELUActivation": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh", "GELUTanh": "gelu_tanh"}  # fmt: skip
+    return names.get(type(module).__name__)
+
+
+def _sparse_mlp(module: nn.Module) -> SparseMLP | None:
+    """``module`` as a ``SparseMLP`` holding its own linears, or None where its layout is unknown or not sparse."""
+    kind = type(module)
+    layout = MLP_LAYOUTS.get((kind.__module__.partition(".")[0], kind.__name__))
+    if layout is None:
+        return None
+    roles = {role: getattr(layout, role) for role in ("up", "down", "gate") if getattr(layout, role) is not None}
+    layers = {role: module.get_submodule(name) for role, name in roles.items()}
+    if not all(isinstance(layer, BlockSparseLinear) for layer in layers.values()):
+        return None
+    if not all(isinstance(module.get_submodule(name), nn.Identity) for name in layout.identities):
+        return None
+    activation = layout.activation or _activation_name(module.get_submodule(layout.activation_module))
+    if activation is None:
+        logger.info("sparseblocks: %s stays unfused: its activation is not one spmm fuses", kind.__name__)
+        return None
+    own = {id(p) for layer in layers.values() for p in layer.parameters()}
+    if any(id(p) not in own for p in module.parameters()):  # parameters SparseMLP would not compute with
+        return None
+    dropout = tuple(0.0 if name is None else module.get_submodule(name).p for name in layout.dropouts)
+    fused = SparseMLP(activation=activation, dropout=dropout, names=roles, **layers)
+    fused.train(module.training)
+    fused.unfused = (module,)  # a tuple: not registered as a submodule, so state dict keys stay the same
+    return fused
+
+
+def fuse_mlps(model: nn.Module) -> int:
+    """Replace, in place, every MLP module of a :data:`MLP_LAYOUTS` layout whose linears are all
+    ``BlockSparseLinear`` by a :class:`~sparseblocks.nn.SparseMLP` holding the same linears; returns how many.
+    ``model`` itself is never replaced (there is nothing to put it in): pass the model that contains the MLP."""
+    fused = 0
+    for name, module in list(model.named_modules()):
+        sparse = _sparse_mlp(module) if name else None
+        if sparse is not None:
+            replace_module(model, name, sparse)
+            fused += 1
+    return fused
+
+
 def densify(model: nn.Module) -> nn.Module:
-    """Replace every ``BlockSparseLinear`` by an equivalent dense ``nn.Linear`` (zeros where pruned), in place."""
+    """Undo :func:`sparsify` in place: fused MLPs become their original modules again and every
+    ``BlockSparseLinear`` an equivalent dense ``nn.Linear`` (zeros where pruned)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, SparseMLP) and hasattr(module, "unfused"):
+            original = module.unfused[0]
+            for child, layer in module.named_children():  # the linears may have moved or been retrained
+                setattr(original, child, layer)
+            replace_module(model, name, original)
     for name, module in list(model.named_modules()):
         if isinstance(module, BlockSparseLinear):
             replace_module(model, name, module.to_linear())
