@@ -139,6 +139,11 @@ def test_sparse_mlp_trains_and_refuses_mismatched_layers():
     x = torch.randn(3, 32, requires_grad=True)
     fused(x).square().sum().backward()
     assert x.grad is not None and fused.layer("up").values.grad is not None
+    one_kernel = SparseMLP(mlp.fc, mlp.proj, activation="gelu", fused=True).eval()
+    with torch.no_grad():  # the fused op (its reference on the CPU), also inside a compiled graph
+        expected = fused.eval()(x)
+        assert relative_error(one_kernel(x), expected) < 1e-6
+        assert relative_error(torch.compile(one_kernel, fullgraph=True)(x), expected) < 1e-5
     with pytest.raises(ValueError, match="hidden sizes"):
         SparseMLP(mlp.fc, mlp.fc)
     with pytest.raises(ValueError, match="activation"):

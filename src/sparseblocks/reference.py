@@ -75,3 +75,22 @@ ACTIVATION_GRADS = {
     "gelu_tanh": _gelu_tanh_grad,
     "silu": _silu_grad,
 }
+
+
+def mlp(
+    x: torch.Tensor,
+    up: BlockSparseMatrix,
+    down: BlockSparseMatrix,
+    gate: BlockSparseMatrix | None = None,
+    up_bias: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None,
+    gate_bias: torch.Tensor | None = None,
+    activation: str = "gelu",
+) -> torch.Tensor:
+    """A block-sparse MLP, plain ``down(act(up(x)))`` or gated ``down(act(gate(x)) ⊙ up(x))``: x ``(..., K)``,
+    up and gate logical ``(H, K)``, down ``(N, H)`` -> ``(..., N)``."""
+    if gate is None:
+        hidden = spmm(x, up, up_bias, activation)
+    else:
+        hidden = spmm(x, gate, gate_bias, activation) * spmm(x, up, up_bias)
+    return spmm(hidden, down, down_bias)

@@ -5,8 +5,9 @@ Two forms, for x ``(..., d)``:
 * plain (ViT, BERT, GPT): ``drop(down(drop(act(up(x)))))``, the activation fused into the up projection's epilogue;
 * gated (SwiGLU: Llama, Mistral, Qwen2): ``down(act(gate(x)) ⊙ up(x))``, the activation fused into the gate's.
 
-The hidden activation still goes through memory between the products (the one-kernel fused MLP of issue #5 is
-not written yet). What the module saves today is the activation's own pass over the hidden tensor.
+With ``fused=True`` inference runs as one kernel (``kernels/fused_mlp.py``), the hidden activation kept on chip;
+training, and ``fused=False``, run three products with the activation fused into the first one's epilogue.
+``fused`` is off by default until the kernel's speed is measured on a GPU.
 
 The linears are registered under the names the dense module gave them (``gate_proj``, ``fc1``, ``0`` ...), so a
 model's state dict keeps its keys; ``sparseblocks.patch.fuse_mlps`` builds these from a sparsified model.
@@ -19,14 +20,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparseblocks.nn.linear import BlockSparseLinear
-from sparseblocks.ops import spmm
+from sparseblocks.ops import sparse_mlp
 from sparseblocks.reference import ACTIVATIONS
 
 
 class SparseMLP(nn.Module):
     """``up``, ``down`` and (gated form) ``gate`` are ``BlockSparseLinear``; ``activation`` one of relu, gelu,
     gelu_tanh, silu; ``dropout`` the probabilities after the activation and after ``down``; ``names`` the
-    attribute name of each role (default: the role itself)."""
+    attribute name of each role (default: the role itself); ``fused``: inference in one kernel (see above)."""
 
     def __init__(
         self,
@@ -36,6 +37,7 @@ class SparseMLP(nn.Module):
         activation: str = "gelu",
         dropout: tuple[float, float] = (0.0, 0.0),
         names: dict[str, str] | None = None,
+        fused: bool = False,
     ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS or activation is None:
@@ -49,21 +51,29 @@ class SparseMLP(nn.Module):
         for role, layer in (("gate", gate), ("up", up), ("down", down)):
             if layer is not None:
                 self.add_module(self.names[role], layer)
-        self.gated, self.activation, self.dropout = gate is not None, activation, dropout
+        self.gated, self.activation, self.dropout, self.fused = gate is not None, activation, dropout, fused
 
     def layer(self, role: str) -> BlockSparseLinear:
         """The linear playing ``role`` ("up", "down" or "gate")."""
         return self.get_submodule(self.names[role])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gated:
-            gate, up = self.layer("gate"), self.layer("up")
-            hidden = spmm(x, gate.matrix, gate.bias, self.activation) * up(x)
-        else:
-            up = self.layer("up")
-            hidden = spmm(x, up.matrix, up.bias, self.activation)
-        hidden = F.dropout(hidden, self.dropout[0], self.training)
-        return F.dropout(self.layer("down")(hidden), self.dropout[1], self.training)
+        up, down = self.layer("up"), self.layer("down")
+        gate = self.layer("gate") if self.gated else None
+        y = sparse_mlp(
+            x,
+            up.matrix,
+            down.matrix,
+            None if gate is None else gate.matrix,
+            up.bias,
+            down.bias,
+            None if gate is None else gate.bias,
+            self.activation,
+            hidden_dropout=self.dropout[0] if self.training else 0.0,
+            fused=self.fused,
+        )
+        return F.dropout(y, self.dropout[1], self.training)
 
     def extra_repr(self) -> str:
-        return f"{'gated' if self.gated else 'plain'}, activation={self.activation}, dropout={self.dropout}"
+        form = "gated" if self.gated else "plain"
+        return f"{form}, activation={self.activation}, dropout={self.dropout}, fused={self.fused}"

@@ -243,6 +243,19 @@ def _autocasting(device_type: str) -> bool:
     return device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type)
 
 
+def autocast_inputs(
+    x: torch.Tensor, matrices: list[BlockSparseMatrix], biases: list[torch.Tensor | None]
+) -> tuple[torch.Tensor, list[BlockSparseMatrix], list[torch.Tensor | None]]:
+    """Under ``torch.autocast``, the inputs cast to the autocast dtype, as ``F.linear`` casts its own (the casts
+    are differentiable, so fp32 master weights get fp32 gradients); unchanged otherwise."""
+    if not _autocasting(x.device.type):
+        return x, matrices, biases
+    dtype = torch.get_autocast_dtype(x.device.type)
+    x = x.to(dtype) if x.is_floating_point() else x
+    matrices = [BlockSparseMatrix.from_parts(w.values.to(dtype), w.shape, w.index_tensors()) for w in matrices]
+    return x, matrices, [None if b is None else b.to(dtype) for b in biases]
+
+
 def spmm(
     x: torch.Tensor,
     w: BlockSparseMatrix,
@@ -257,11 +270,8 @@ def spmm(
     autocast dtype first, as ``F.linear`` does (the casts are differentiable, so fp32 master weights get fp32
     gradients).
     """
-    if isinstance(w, BlockSparseMatrix) and isinstance(x, torch.Tensor) and _autocasting(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x = x.to(dtype) if x.is_floating_point() else x
-        w = BlockSparseMatrix.from_parts(w.values.to(dtype), w.shape, w.index_tensors())
-        bias = None if bias is None else bias.to(dtype)
+    if isinstance(w, BlockSparseMatrix) and isinstance(x, torch.Tensor):
+        x, (w,), (bias,) = autocast_inputs(x, [w], [bias])
     check_spmm_inputs(x, w, bias, activation)
     if torch.compiler.is_compiling():
         return _spmm_op(x, w.values, _index(w), list(w.shape), bias, activation)

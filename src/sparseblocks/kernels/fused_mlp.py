@@ -1,0 +1,207 @@
+"""Triton kernel for a whole block-sparse MLP in one launch, the hidden activation never written to memory.
+
+    plain:  Y = act(X·W1ᵀ + b1)·W2ᵀ + b2                       (GELU MLP: ViT, BERT, GPT)
+    gated:  Y = (act(X·Wgᵀ + bg) ⊙ (X·W1ᵀ + b1))·W2ᵀ + b2      (SwiGLU: act = silu, W1 the up projection)
+
+One program per (M tile, block row n of W2). For every stored tile (n, h) of W2 it computes hidden tile h (X
+times block row h of W1, and of Wg, then the activation) and multiplies it into its output tile straight away.
+A hidden tile is recomputed for each W2 block row that stores a tile in its column, so the first product costs
+(W2 block rows × W2 density) times the unfused one: 1.2x for a ViT-B MLP at 90% with blocks of 64, but 6x at 50%.
+The fused kernel is for high sparsity; in exchange the 4x-wide hidden tensor never goes through memory.
+
+W1's (and Wg's) block rows and W2's block columns must have the same width (the hidden tile).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from sparseblocks.backend import triton_interpreting
+from sparseblocks.format import BlockSparseMatrix
+from sparseblocks.kernels.epilogue import ACTIVATION_CODES, apply_activation, input_precision
+
+
+@triton.jit
+def _project_rows(x_rows, row_in_range, offs_k, K, stride_xk, values_ptr, crow_ptr, col_ptr, h,
+                  BH: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                  DOT_IN_FP32: tl.constexpr, EVEN_K: tl.constexpr):  # fmt: skip
+    """X (BLOCK_M rows) times block row ``h`` of a ``(H, K)`` block-sparse weight: an fp32 ``(BLOCK_M, BH)`` tile."""
+    start = tl.load(crow_ptr + h)
+    end = tl.load(crow_ptr + h + 1)
+    w_ptrs = values_ptr + start.to(tl.int64) * (BH * BK) + tl.arange(0, BH)[:, None] * BK + tl.arange(0, BK)[None, :]
+    acc = tl.zeros((BLOCK_M, BH), dtype=tl.float32)
+    for t in range(start, end):
+        k_index = tl.load(col_ptr + t) * BK + offs_k
+        if EVEN_K:
+            x_tile = tl.load(x_rows + k_index[None, :] * stride_xk, mask=row_in_range, other=0.0)
+        else:
+            x_mask = row_in_range & (k_index[None, :] < K)
+            x_tile = tl.load(x_rows + k_index[None, :] * stride_xk, mask=x_mask, other=0.0)
+        w_tile = tl.load(w_ptrs)
+        if DOT_IN_FP32:
+            x_tile, w_tile = x_tile.to(tl.float32), w_tile.to(tl.float32)
+        acc = tl.dot(x_tile, tl.trans(w_tile), acc, input_precision=INPUT_PRECISION)
+        w_ptrs += BH * BK
+    return acc
+
+
+@triton.jit(do_not_specialize=["M"])
+def _fused_mlp_kernel(
+    x_ptr,  # (M, K)
+    w1_ptr,
+    w1_crow_ptr,
+    w1_col_ptr,
+    b1_ptr,  # (H, K): up (gated) or the first linear  # fmt: skip
+    wg_ptr,
+    wg_crow_ptr,
+    wg_col_ptr,
+    bg_ptr,  # (H, K): gate, read when GATED  # fmt: skip
+    w2_ptr,
+    w2_crow_ptr,
+    w2_col_ptr,
+    w2_order_ptr,
+    b2_ptr,  # (N, H)  # fmt: skip
+    y_ptr,  # (M, N)
+    M,
+    K,
+    H,
+    N,
+    n_out_blocks,  # fmt: skip
+    stride_xm,
+    stride_xk,
+    stride_ym,
+    stride_yn,  # fmt: skip
+    BK: tl.constexpr,
+    BH: tl.constexpr,
+    BN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    GATED: tl.constexpr,
+    HAS_B1: tl.constexpr,
+    HAS_BG: tl.constexpr,
+    HAS_B2: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_m = pid // n_out_blocks
+    n = tl.load(w2_order_ptr + pid % n_out_blocks)  # heaviest W2 block rows first
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BK)
+    offs_bh = tl.arange(0, BH)
+    offs_n = n * BN + tl.arange(0, BN)
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+    row_in_range = offs_m[:, None] < M
+    w2_tile_offsets = tl.arange(0, BN)[:, None] * BH + offs_bh[None, :]
+
+    acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
+    for j in range(tl.load(w2_crow_ptr + n), tl.load(w2_crow_ptr + n + 1)):
+        h = tl.load(w2_col_ptr + j)
+        offs_h = h * BH + offs_bh
+        hidden = _project_rows(x_rows, row_in_range, offs_k, K, stride_xk, w1_ptr, w1_crow_ptr, w1_col_ptr, h, BH,
+                               BK, BLOCK_M, INPUT_PRECISION, DOT_IN_FP32, EVEN_K)  # fmt: skip
+        if HAS_B1:
+            hidden += tl.load(b1_ptr + offs_h, mask=offs_h < H, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            gate = _project_rows(x_rows, row_in_range, offs_k, K, stride_xk, wg_ptr, wg_crow_ptr, wg_col_ptr, h,
+                                 BH, BK, BLOCK_M, INPUT_PRECISION, DOT_IN_FP32, EVEN_K)  # fmt: skip
+            if HAS_BG:
+                gate += tl.load(bg_ptr + offs_h, mask=offs_h < H, other=0.0).to(tl.float32)[None, :]
+            # rounded where the unfused path stores act(gate) and up, so both give the same numbers
+            gate = apply_activation(gate, ACTIVATION).to(y_ptr.dtype.element_ty).to(tl.float32)
+            hidden = gate * hidden.to(y_ptr.dtype.element_ty).to(tl.float32)
+        else:
+            hidden = apply_activation(hidden, ACTIVATION)
+        # hidden units past H (the padding of a ragged hidden size) must not leak into the output
+        hidden = tl.where(offs_h[None, :] < H, hidden, 0.0).to(y_ptr.dtype.element_ty)
+        w2_tile = tl.load(w2_ptr + tl.cast(j, tl.int64) * (BN * BH) + w2_tile_offsets)
+        if DOT_IN_FP32:
+            hidden, w2_tile = hidden.to(tl.float32), w2_tile.to(tl.float32)
+        acc = tl.dot(hidden, tl.trans(w2_tile), acc, input_precision=INPUT_PRECISION)
+
+    if HAS_B2:
+        acc += tl.load(b2_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_in_range & (offs_n[None, :] < N))
+
+
+TUNING_CONFIGS = [
+    triton.Config({"BLOCK_M": block_m}, num_warps=warps, num_stages=stages)
+    for block_m, warps, stages in [(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 2), (128, 8, 3)]
+]
+_fused_mlp_tuned = triton.autotune(
+    configs=TUNING_CONFIGS,
+    key=["K", "H", "N", "BK", "BH", "BN", "GATED", "ACTIVATION", "INPUT_PRECISION"],
+    cache_results=True,
+)(_fused_mlp_kernel)
+INTERPRETER_CONFIG = {"BLOCK_M": 16, "num_warps": 4, "num_stages": 1}
+
+
+def check_fused_mlp_shapes(up: BlockSparseMatrix, down: BlockSparseMatrix, gate: BlockSparseMatrix | None) -> None:
+    """Raise a ``ValueError`` unless ``up`` (and ``gate``) ``(H, K)`` and ``down`` ``(N, H)`` chain with one hidden
+    tile width."""
+    hidden, hidden_tile = up.shape[0], up.block_shape[0]
+    if down.shape[1] != hidden or down.block_shape[1] != hidden_tile:
+        raise ValueError(
+            f"down {tuple(down.shape)} with blocks {down.block_shape} must take up's {hidden} hidden units in "
+            f"tiles of {hidden_tile}"
+        )
+    if gate is not None and (gate.shape != up.shape or gate.block_shape != up.block_shape):
+        raise ValueError(
+            f"gate {tuple(gate.shape)}/{gate.block_shape} must match up {tuple(up.shape)}/{up.block_shape}"
+        )
+
+
+def fused_mlp_triton(
+    x2: torch.Tensor,
+    up: BlockSparseMatrix,
+    down: BlockSparseMatrix,
+    gate: BlockSparseMatrix | None = None,
+    up_bias: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None,
+    gate_bias: torch.Tensor | None = None,
+    activation: str = "gelu",
+    config: dict | None = None,
+) -> torch.Tensor:
+    """The MLP of the module docstring on a 2-D ``x2`` ``(M, K)``: ``(M, N)`` of x2's dtype.
+
+    ``activation`` applies to the up projection (plain) or to the gate (gated). ``config`` (``BLOCK_M``,
+    ``num_warps``, ``num_stages``) skips the autotuner.
+    """
+    check_fused_mlp_shapes(up, down, gate)
+    (hidden, k), (n, _) = up.shape, down.shape
+    m = x2.shape[0]
+    y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
+    if m == 0:
+        return y
+    gate_parts = (gate.values, gate.crow_indices, gate.col_indices) if gate is not None else (up.values,) * 3
+    args = (
+        x2, up.values, up.crow_indices, up.col_indices, up_bias if up_bias is not None else y,
+        *gate_parts, gate_bias if gate_bias is not None else y,
+        down.values, down.crow_indices, down.col_indices, down.row_order, down_bias if down_bias is not None else y,
+        y, m, k, hidden, n, down.block_grid[0],
+        x2.stride(0), x2.stride(1), y.stride(0), y.stride(1),
+    )  # fmt: skip
+    meta = {
+        "BK": up.block_shape[1],
+        "BH": up.block_shape[0],
+        "BN": down.block_shape[0],
+        "GATED": gate is not None,
+        "HAS_B1": up_bias is not None,
+        "HAS_BG": gate_bias is not None,
+        "HAS_B2": down_bias is not None,
+        "ACTIVATION": ACTIVATION_CODES[activation],
+        "INPUT_PRECISION": input_precision(x2.dtype),
+        "DOT_IN_FP32": triton_interpreting() and x2.dtype == torch.bfloat16,
+        "EVEN_K": k % up.block_shape[1] == 0,
+    }
+    if config is None and triton_interpreting():
+        config = INTERPRETER_CONFIG
+    if config is None:
+        _fused_mlp_tuned[lambda chosen: (triton.cdiv(m, chosen["BLOCK_M"]) * down.block_grid[0],)](*args, **meta)
+    else:
+        _fused_mlp_kernel[(triton.cdiv(m, config["BLOCK_M"]) * down.block_grid[0],)](*args, **meta, **config)
+    return y

@@ -1,0 +1,93 @@
+"""``sparse_mlp``: a whole block-sparse MLP; for inference one kernel, ``sparseblocks::fused_mlp`` (torch.compile
+traces it), which runs ``kernels/fused_mlp.py`` on CUDA and ``reference.mlp`` elsewhere.
+
+The fused op has no backward of its own: while gradients are needed (or with dropout on the hidden activation),
+:func:`sparse_mlp` computes through :func:`~sparseblocks.ops.spmm` (three products, differentiable).
+"""
+
+# No `from __future__ import annotations` here: torch.library reads these annotations at run time.
+
+import torch
+import torch.nn.functional as F
+
+from sparseblocks import reference
+from sparseblocks.backend import use_triton
+from sparseblocks.format import INDEX_NAMES, BlockSparseMatrix
+from sparseblocks.ops.spmm import _index, _matrix, autocast_inputs, check_spmm_inputs, spmm
+
+
+@torch.library.custom_op("sparseblocks::fused_mlp", mutates_args=())
+def _fused_mlp_op(
+    x: torch.Tensor,
+    values: list[torch.Tensor],  # up, down[, gate]
+    indices: list[torch.Tensor],  # each matrix's INDEX_NAMES arrays, one after the other
+    shapes: list[int],  # (rows, columns) of each matrix, one after the other
+    biases: list[torch.Tensor | None],  # up, down, gate
+    activation: str,
+) -> torch.Tensor:
+    per = len(INDEX_NAMES)
+    matrices = [_matrix(v, indices[i * per : (i + 1) * per], shapes[2 * i : 2 * i + 2]) for i, v in enumerate(values)]
+    up, down, gate = (*matrices, None)[:3]
+    x2 = x.reshape(-1, up.shape[1])
+    if use_triton(x):
+        from sparseblocks.kernels.fused_mlp import fused_mlp_triton
+
+        y = fused_mlp_triton(x2, up, down, gate, *biases, activation)
+    else:
+        y = reference.mlp(x2, up, down, gate, *biases, activation)
+    return y.reshape(*x.shape[:-1], down.shape[0])
+
+
+@_fused_mlp_op.register_fake
+def _(x, values, indices, shapes, biases, activation):
+    return x.new_empty((*x.shape[:-1], shapes[2]))
+
+
+def sparse_mlp(
+    x: torch.Tensor,
+    up: BlockSparseMatrix,
+    down: BlockSparseMatrix,
+    gate: BlockSparseMatrix | None = None,
+    up_bias: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None,
+    gate_bias: torch.Tensor | None = None,
+    activation: str = "gelu",
+    hidden_dropout: float = 0.0,
+    fused: bool = True,
+) -> torch.Tensor:
+    """``down(drop(act(up(x))))``, or gated ``down(drop(act(gate(x)) ⊙ up(x)))``, with biases: x ``(..., K)`` ->
+    ``(..., N)``.
+
+    up and gate: logical ``(H, K)``; down: ``(N, H)`` whose block columns are as wide as up's block rows.
+    hidden_dropout: the dropout probability on the hidden activation (pass 0 in eval mode). With ``fused`` and
+    neither gradients nor dropout to compute, one kernel does it all, the hidden activation kept on chip;
+    otherwise three differentiable :func:`~sparseblocks.ops.spmm` calls do.
+    """
+    from sparseblocks.kernels.fused_mlp import check_fused_mlp_shapes
+
+    x, (up, down, *gates), (up_bias, down_bias, gate_bias) = autocast_inputs(
+        x, [up, down] + ([gate] if gate is not None else []), [up_bias, down_bias, gate_bias]
+    )
+    gate = gates[0] if gates else None
+    check_spmm_inputs(x, up, up_bias, activation)
+    check_spmm_inputs(x.new_empty((1, down.shape[1])), down, down_bias, None)
+    if gate is not None:
+        check_spmm_inputs(x, gate, gate_bias, activation)
+    check_fused_mlp_shapes(up, down, gate)
+    matrices = [up, down] if gate is None else [up, down, gate]
+    tensors = [x, *(w.values for w in matrices), *(b for b in (up_bias, down_bias, gate_bias) if b is not None)]
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    if fused and not needs_grad and hidden_dropout == 0.0:
+        return _fused_mlp_op(
+            x,
+            [w.values for w in matrices],
+            [index for w in matrices for index in _index(w)],
+            [size for w in matrices for size in w.shape],
+            [up_bias, down_bias, gate_bias],
+            activation,
+        )
+    if gate is None:
+        hidden = spmm(x, up, up_bias, activation)
+    else:
+        hidden = spmm(x, gate, gate_bias, activation) * spmm(x, up, up_bias)
+    return spmm(F.dropout(hidden, hidden_dropout, hidden_dropout > 0.0), down, down_bias)

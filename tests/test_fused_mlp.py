@@ -1,0 +1,77 @@
+"""The fused MLP kernel against the float64 reference (``reference.mlp``), through Triton's interpreter on the CPU."""
+
+import pytest
+import torch
+
+from conftest import random_sparse, relative_error
+from sparseblocks import reference
+from sparseblocks.backend import triton_interpreting
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = [
+    pytest.mark.skipif(DEVICE == "cpu" and not triton_interpreting(), reason="needs a CUDA GPU or TRITON_INTERPRET=1"),
+    pytest.mark.usefixtures("no_tf32"),
+]
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def _mlp(k, hidden, n, up_block, down_block, density=0.5, gated=False, dtype=torch.float32, seed=0):
+    up, _ = random_sparse(hidden, k, up_block, density, dtype, seed)
+    down, _ = random_sparse(n, hidden, down_block, density, dtype, seed + 1)
+    gate = random_sparse(hidden, k, up_block, density, dtype, seed + 2)[0] if gated else None
+    return up.to(DEVICE), down.to(DEVICE), None if gate is None else gate.to(DEVICE)
+
+
+def _check(x, up, down, gate=None, biases=(None, None, None), activation="gelu"):
+    from sparseblocks.kernels.fused_mlp import fused_mlp_triton
+
+    out = fused_mlp_triton(x, up, down, gate, *biases, activation)
+    as64 = [None if t is None else t.double() for t in biases]
+    double = [None if w is None else w.to(dtype=torch.float64) for w in (up, down, gate)]
+    ref = reference.mlp(x.double(), *double, *as64, activation)
+    assert out.shape == ref.shape and out.dtype == x.dtype
+    assert relative_error(out, ref) < TOLERANCE[x.dtype]
+
+
+@pytest.mark.parametrize(("up_block", "down_block"), [(16, 16), (32, 32), (64, 64), ((32, 16), (16, 32))])
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_block_both_forms_ragged_sizes(up_block, down_block, gated, dtype):
+    up, down, gate = _mlp(70, 100, 50, up_block, down_block, gated=gated, dtype=dtype)
+    x = torch.randn(37, 70, device=DEVICE).to(dtype)
+    biases = [torch.randn(size, device=DEVICE).to(dtype) for size in (100, 50, 100)]
+    _check(x, up, down, gate, biases if gated else (biases[0], biases[1], None), "silu" if gated else "gelu")
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu"])
+@pytest.mark.parametrize("m", [1, 5, 40])
+def test_activations_and_row_counts_without_bias(activation, m):
+    up, down, _ = _mlp(48, 64, 32, 16, 16, seed=3)
+    _check(torch.randn(m, 48, device=DEVICE), up, down, activation=activation)
+
+
+@pytest.mark.parametrize("density", [0.0, 0.1, 1.0])
+def test_empty_and_full_patterns(density):
+    up, down, gate = _mlp(32, 64, 48, 16, 16, density=density, gated=True, seed=4)
+    _check(torch.randn(9, 32, device=DEVICE), up, down, gate, activation="silu")
+
+
+def test_padding_of_a_ragged_hidden_size_never_leaks():
+    """Nonzero values in the padded rows of up and padded columns of down must not reach the output."""
+    up, down, _ = _mlp(32, 40, 16, 16, 16, density=1.0, seed=5)
+    up.values[up.crow_indices[-2] :, 8:, :] = 5.0  # hidden units 40..47 of the last block row are padding
+    down_last = (down.col_indices == 2).nonzero().flatten()
+    down.values[down_last, :, 8:] = 7.0
+    _check(torch.randn(3, 32, device=DEVICE), up, down, activation="relu")
+
+
+def test_mismatched_hidden_tiles_are_refused():
+    from sparseblocks.kernels.fused_mlp import fused_mlp_triton
+
+    up, down, _ = _mlp(32, 64, 32, 16, (16, 32))
+    with pytest.raises(ValueError, match="hidden units in tiles of 16"):
+        fused_mlp_triton(torch.randn(2, 32, device=DEVICE), up, down)
+    up, down, _ = _mlp(32, 64, 32, 16, 16)
+    narrow_gate = random_sparse(48, 32, 16, 0.5)[0].to(DEVICE)
+    with pytest.raises(ValueError, match="must match up"):
+        fused_mlp_triton(torch.randn(2, 32, device=DEVICE), up, down, narrow_gate)
