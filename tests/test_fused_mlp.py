@@ -75,3 +75,20 @@ def test_mismatched_hidden_tiles_are_refused():
     narrow_gate = random_sparse(48, 32, 16, 0.5)[0].to(DEVICE)
     with pytest.raises(ValueError, match="must match up"):
         fused_mlp_triton(torch.randn(2, 32, device=DEVICE), up, down, narrow_gate)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(
+    ("m", "k", "hidden", "block", "gated"),
+    [
+        (512, 768, 3072, 64, False),
+        (256, 2048, 8192, 64, True),
+        (4, 4096, 14336, 128, True),
+        (1000, 768, 3072, 32, False),
+    ],
+)
+def test_real_sizes_on_gpu(m, k, hidden, block, gated):
+    up, down, gate = _mlp(k, hidden, k, block, block, density=0.1, gated=gated, dtype=torch.bfloat16, seed=7)
+    x = torch.randn(m, k, device=DEVICE).to(torch.bfloat16)
+    _check(x, up, down, gate, activation="silu" if gated else "gelu")
