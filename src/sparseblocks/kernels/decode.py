@@ -27,7 +27,7 @@ import triton.language as tl
 
 from sparseblocks.backend import triton_interpreting
 from sparseblocks.format import BlockSparseMatrix
-from sparseblocks.kernels.epilogue import ACTIVATION_CODES, apply_activation, input_precision
+from sparseblocks.kernels.epilogue import ACTIVATION_CODES, apply_activation, input_precision, load_x_columns
 from sparseblocks.reference import ACTIVATIONS
 
 MAX_TOKENS = 64  # the most rows of x the kernel takes
@@ -151,11 +151,7 @@ def _decode_kernel(
         row = tl.load(tile_row_ptr + t)
         next_row = tl.load(tile_row_ptr + t + 1, mask=t + 1 < last, other=row)
         k_index = tl.load(col_ptr + t) * BK + offs_k
-        if EVEN_K:
-            x_tile = tl.load(x_rows + k_index[None, :] * stride_xk, mask=row_in_range, other=0.0)
-        else:
-            x_mask = row_in_range & (k_index[None, :] < K)
-            x_tile = tl.load(x_rows + k_index[None, :] * stride_xk, mask=x_mask, other=0.0)
+        x_tile = load_x_columns(x_rows, row_in_range, k_index, K, stride_xk, EVEN_K)
         w_tile = tl.load(w_ptrs)
         w_ptrs += BN * BK
         if DOT_IN_FP32:

@@ -1,4 +1,5 @@
-"""Pieces every kernel shares: the fused activations (and their derivatives) and the fp32 dot precision."""
+"""Pieces every kernel shares: the gather of x's columns, the fused activations (and their derivatives) and the
+fp32 dot precision."""
 
 from __future__ import annotations
 
@@ -7,6 +8,17 @@ import triton
 import triton.language as tl
 
 ACTIVATION_CODES = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
+
+
+@triton.jit
+def load_x_columns(x_rows, row_in_range, columns, width, stride_xk, EVEN: tl.constexpr):
+    """x at ``columns`` (one tile's ``(BK,)`` column numbers) of the rows ``x_rows`` ``(BLOCK_M, 1)``, zero outside.
+
+    ``EVEN``: ``width`` is a multiple of the tile, so no column mask: the loads stay 16 bytes wide.
+    """
+    if EVEN:
+        return tl.load(x_rows + columns[None, :] * stride_xk, mask=row_in_range, other=0.0)
+    return tl.load(x_rows + columns[None, :] * stride_xk, mask=row_in_range & (columns[None, :] < width), other=0.0)
 
 
 @triton.jit

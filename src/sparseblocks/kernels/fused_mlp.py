@@ -20,7 +20,7 @@ import triton.language as tl
 
 from sparseblocks.backend import triton_interpreting
 from sparseblocks.format import BlockSparseMatrix
-from sparseblocks.kernels.epilogue import ACTIVATION_CODES, apply_activation, input_precision
+from sparseblocks.kernels.epilogue import ACTIVATION_CODES, apply_activation, input_precision, load_x_columns
 
 
 @triton.jit
@@ -34,11 +34,7 @@ def _project_rows(x_rows, row_in_range, offs_k, K, stride_xk, values_ptr, crow_p
     acc = tl.zeros((BLOCK_M, BH), dtype=tl.float32)
     for t in range(start, end):
         k_index = tl.load(col_ptr + t) * BK + offs_k
-        if EVEN_K:
-            x_tile = tl.load(x_rows + k_index[None, :] * stride_xk, mask=row_in_range, other=0.0)
-        else:
-            x_mask = row_in_range & (k_index[None, :] < K)
-            x_tile = tl.load(x_rows + k_index[None, :] * stride_xk, mask=x_mask, other=0.0)
+        x_tile = load_x_columns(x_rows, row_in_range, k_index, K, stride_xk, EVEN_K)
         w_tile = tl.load(w_ptrs)
         if DOT_IN_FP32:
             x_tile, w_tile = x_tile.to(tl.float32), w_tile.to(tl.float32)

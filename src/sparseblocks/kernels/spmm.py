@@ -30,7 +30,13 @@ import triton.language as tl
 from sparseblocks.backend import triton_interpreting
 from sparseblocks.format import BlockSparseMatrix
 from sparseblocks.kernels.decode import decode_pays, spmm_decode_triton
-from sparseblocks.kernels.epilogue import ACTIVATION_CODES, activation_grad, apply_activation, input_precision
+from sparseblocks.kernels.epilogue import (
+    ACTIVATION_CODES,
+    activation_grad,
+    apply_activation,
+    input_precision,
+    load_x_columns,
+)
 
 
 @triton.jit(do_not_specialize=["M", "M_BUCKET", "DENSITY_BUCKET"])
@@ -101,11 +107,7 @@ def _spmm_kernel(
     acc = tl.zeros((BLOCK_M, OUT_B), dtype=tl.float32)
     for _ in range(start, end):
         in_index = tl.load(idx_ptrs) * IN_B + offs_in
-        if EVEN_IN:
-            x_tile = tl.load(x_rows + in_index[None, :] * stride_xk, mask=row_in_range, other=0.0)
-        else:
-            x_mask = row_in_range & (in_index[None, :] < IN)
-            x_tile = tl.load(x_rows + in_index[None, :] * stride_xk, mask=x_mask, other=0.0)
+        x_tile = load_x_columns(x_rows, row_in_range, in_index, IN, stride_xk, EVEN_IN)
         if TRANSPOSED:
             w_tile = tl.load(values_ptr + tl.load(perm_ptrs).to(tl.int64) * (BN * BK) + tile_offsets)
             perm_ptrs += 1
