@@ -66,15 +66,15 @@ def test_padding_of_a_ragged_hidden_size_never_leaks():
 
 
 def test_mismatched_hidden_tiles_are_refused():
-    from sparseblocks.kernels.fused_mlp import fused_mlp_triton
+    from sparseblocks.ops import sparse_mlp
 
     up, down, _ = _mlp(32, 64, 32, 16, (16, 32))
     with pytest.raises(ValueError, match="hidden units in tiles of 16"):
-        fused_mlp_triton(torch.randn(2, 32, device=DEVICE), up, down)
+        sparse_mlp(torch.randn(2, 32, device=DEVICE), up, down)
     up, down, _ = _mlp(32, 64, 32, 16, 16)
     narrow_gate = random_sparse(48, 32, 16, 0.5)[0].to(DEVICE)
     with pytest.raises(ValueError, match="must match up"):
-        fused_mlp_triton(torch.randn(2, 32, device=DEVICE), up, down, narrow_gate)
+        sparse_mlp(torch.randn(2, 32, device=DEVICE), up, down, narrow_gate)
 
 
 @pytest.mark.gpu

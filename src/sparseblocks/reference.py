@@ -6,6 +6,8 @@ to the dense BLAS, which on a CPU beats any gather-based formulation at the size
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -86,11 +88,16 @@ def mlp(
     down_bias: torch.Tensor | None = None,
     gate_bias: torch.Tensor | None = None,
     activation: str = "gelu",
+    hidden_dropout: float = 0.0,
+    product: Callable[..., torch.Tensor] = spmm,
 ) -> torch.Tensor:
-    """A block-sparse MLP, plain ``down(act(up(x)))`` or gated ``down(act(gate(x)) ⊙ up(x))``: x ``(..., K)``,
-    up and gate logical ``(H, K)``, down ``(N, H)`` -> ``(..., N)``."""
+    """A block-sparse MLP, plain ``down(drop(act(up(x))))`` or gated ``down(drop(act(gate(x)) ⊙ up(x)))``: x
+    ``(..., K)``, up and gate logical ``(H, K)``, down ``(N, H)`` -> ``(..., N)``.
+
+    ``product`` computes each ``act(x · wᵀ + b)`` (``ops.spmm`` makes this the differentiable unfused path).
+    """
     if gate is None:
-        hidden = spmm(x, up, up_bias, activation)
+        hidden = product(x, up, up_bias, activation)
     else:
-        hidden = spmm(x, gate, gate_bias, activation) * spmm(x, up, up_bias)
-    return spmm(hidden, down, down_bias)
+        hidden = product(x, gate, gate_bias, activation) * product(x, up, up_bias)
+    return product(F.dropout(hidden, hidden_dropout, hidden_dropout > 0.0), down, down_bias)

@@ -136,21 +136,6 @@ _fused_mlp_tuned = triton.autotune(
 INTERPRETER_CONFIG = {"BLOCK_M": 16, "num_warps": 4, "num_stages": 1}
 
 
-def check_fused_mlp_shapes(up: BlockSparseMatrix, down: BlockSparseMatrix, gate: BlockSparseMatrix | None) -> None:
-    """Raise a ``ValueError`` unless ``up`` (and ``gate``) ``(H, K)`` and ``down`` ``(N, H)`` chain with one hidden
-    tile width."""
-    hidden, hidden_tile = up.shape[0], up.block_shape[0]
-    if down.shape[1] != hidden or down.block_shape[1] != hidden_tile:
-        raise ValueError(
-            f"down {tuple(down.shape)} with blocks {down.block_shape} must take up's {hidden} hidden units in "
-            f"tiles of {hidden_tile}"
-        )
-    if gate is not None and (gate.shape != up.shape or gate.block_shape != up.block_shape):
-        raise ValueError(
-            f"gate {tuple(gate.shape)}/{gate.block_shape} must match up {tuple(up.shape)}/{up.block_shape}"
-        )
-
-
 def fused_mlp_triton(
     x2: torch.Tensor,
     up: BlockSparseMatrix,
@@ -162,12 +147,12 @@ def fused_mlp_triton(
     activation: str = "gelu",
     config: dict | None = None,
 ) -> torch.Tensor:
-    """The MLP of the module docstring on a 2-D ``x2`` ``(M, K)``: ``(M, N)`` of x2's dtype.
+    """The MLP of the module docstring on a 2-D ``x2`` ``(M, K)``: ``(M, N)`` of x2's dtype; inputs are checked
+    by ``ops.sparse_mlp``.
 
     ``activation`` applies to the up projection (plain) or to the gate (gated). ``config`` (``BLOCK_M``,
     ``num_warps``, ``num_stages``) skips the autotuner.
     """
-    check_fused_mlp_shapes(up, down, gate)
     (hidden, k), (n, _) = up.shape, down.shape
     m = x2.shape[0]
     y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)

@@ -8,12 +8,26 @@ The fused op has no backward of its own: while gradients are needed (or with dro
 # No `from __future__ import annotations` here: torch.library reads these annotations at run time.
 
 import torch
-import torch.nn.functional as F
 
 from sparseblocks import reference
 from sparseblocks.backend import use_triton
 from sparseblocks.format import INDEX_NAMES, BlockSparseMatrix
 from sparseblocks.ops.spmm import _index, _matrix, autocast_inputs, check_spmm_inputs, spmm
+
+
+def check_fused_mlp_shapes(up: BlockSparseMatrix, down: BlockSparseMatrix, gate: BlockSparseMatrix | None) -> None:
+    """Raise a ``ValueError`` unless ``up`` (and ``gate``) ``(H, K)`` and ``down`` ``(N, H)`` chain with one hidden
+    tile width."""
+    hidden, hidden_tile = up.shape[0], up.block_shape[0]
+    if down.shape[1] != hidden or down.block_shape[1] != hidden_tile:
+        raise ValueError(
+            f"down {tuple(down.shape)} with blocks {down.block_shape} must take up's {hidden} hidden units in "
+            f"tiles of {hidden_tile}"
+        )
+    if gate is not None and (gate.shape != up.shape or gate.block_shape != up.block_shape):
+        raise ValueError(
+            f"gate {tuple(gate.shape)}/{gate.block_shape} must match up {tuple(up.shape)}/{up.block_shape}"
+        )
 
 
 @torch.library.custom_op("sparseblocks::fused_mlp", mutates_args=())
@@ -63,8 +77,6 @@ def sparse_mlp(
     neither gradients nor dropout to compute, one kernel does it all, the hidden activation kept on chip;
     otherwise three differentiable :func:`~sparseblocks.ops.spmm` calls do.
     """
-    from sparseblocks.kernels.fused_mlp import check_fused_mlp_shapes
-
     x, (up, down, *gates), (up_bias, down_bias, gate_bias) = autocast_inputs(
         x, [up, down] + ([gate] if gate is not None else []), [up_bias, down_bias, gate_bias]
     )
@@ -86,8 +98,5 @@ def sparse_mlp(
             [up_bias, down_bias, gate_bias],
             activation,
         )
-    if gate is None:
-        hidden = spmm(x, up, up_bias, activation)
-    else:
-        hidden = spmm(x, gate, gate_bias, activation) * spmm(x, up, up_bias)
-    return spmm(F.dropout(hidden, hidden_dropout, hidden_dropout > 0.0), down, down_bias)
+    biases = (up_bias, down_bias, gate_bias)
+    return reference.mlp(x, up, down, gate, *biases, activation, hidden_dropout=hidden_dropout, product=spmm)
