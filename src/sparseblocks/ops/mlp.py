@@ -82,7 +82,7 @@ def sparse_mlp(
     )
     gate = gates[0] if gates else None
     check_spmm_inputs(x, up, up_bias, activation)
-    check_spmm_inputs(x.new_empty((1, down.shape[1])), down, down_bias, None)
+    check_spmm_inputs(x.new_empty((0, down.shape[1])), down, down_bias, None)  # no elements: no allocation
     if gate is not None:
         check_spmm_inputs(x, gate, gate_bias, activation)
     check_fused_mlp_shapes(up, down, gate)
