@@ -107,6 +107,19 @@ def _bench_decode(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_mlp(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from sparseblocks.bench import mlp
+
+    shapes = tuple(s for s in args.shapes.split(",") if s)
+    unknown = set(shapes) - set(mlp.SHAPES)
+    if unknown:
+        raise SystemExit(f"unknown MLP shapes {sorted(unknown)}; known: {', '.join(mlp.SHAPES)}")
+    mlp.run(args.quick, shapes, args.out and Path(args.out), args.name, "sparseblocks " + shlex.join(args.argv))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparseblocks", description="Block-sparse transformers: tools and demo.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -146,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench_decode.add_argument("--name", default="decode", help="result file stem (default decode)")
     bench_decode.add_argument("--out", help="folder for decode.json (default benchmarks/results/<gpu>)")
     bench_decode.set_defaults(run=_bench_decode)
+
+    bench_mlp = benches.add_parser("mlp", help="whole ViT-B and Llama MLPs, fused and unfused, 1 to 50k tokens")
+    bench_mlp.add_argument("--quick", action="store_true", help="fewest and most tokens, 50%% and 90%%, block 64")
+    bench_mlp.add_argument("--shapes", default="vit_b,llama_1b,llama_8b", help="comma-separated MLP shapes")
+    bench_mlp.add_argument("--name", default="mlp", help="result file stem (default mlp)")
+    bench_mlp.add_argument("--out", help="folder for mlp.json (default benchmarks/results/<gpu>)")
+    bench_mlp.set_defaults(run=_bench_mlp)
 
     bench_train = benches.add_parser("train", help="forward+backward of layers and MLPs, a GPT training step")
     bench_train.add_argument("--quick", action="store_true", help="90%% sparsity, blocks 64/128, a 4-layer GPT")

@@ -10,7 +10,7 @@ The fused op has no backward of its own: while gradients are needed (or with dro
 import torch
 
 from sparseblocks import reference
-from sparseblocks.backend import use_triton
+from sparseblocks.backend import triton_interpreting, use_triton
 from sparseblocks.format import INDEX_NAMES, BlockSparseMatrix
 from sparseblocks.ops.spmm import _index, _matrix, autocast_inputs, check_spmm_inputs, spmm
 
@@ -28,6 +28,25 @@ def check_fused_mlp_shapes(up: BlockSparseMatrix, down: BlockSparseMatrix, gate:
         raise ValueError(
             f"gate {tuple(gate.shape)}/{gate.block_shape} must match up {tuple(up.shape)}/{up.block_shape}"
         )
+
+
+# The fused kernel recomputes each hidden tile once per W2 block row that stores a tile in its column: the first
+# product costs (W2 block rows x W2 density) times the unfused one. Past this factor the unfused path wins.
+MAX_RECOMPUTE = 2.0
+FUSED_MIN_TOKENS = 65  # below, the unfused products' decode kernel streams the weights faster
+
+
+def fused_pays(m: int, up: BlockSparseMatrix, down: BlockSparseMatrix) -> bool:
+    """Whether the fused kernel beats three ``spmm`` calls for ``m`` tokens (``bench mlp``, H200).
+
+    At few tokens the unfused products take the decode kernel, which spreads the weight stream over every SM;
+    above, the fused kernel pays unless its recomputation of hidden tiles costs more than the hidden tensor's
+    round trip through memory. Under the interpreter (tests) it always runs.
+    """
+    if triton_interpreting():
+        return True
+    recompute = down.nnz / down.block_grid[1]  # W2 block rows x W2 density
+    return m >= FUSED_MIN_TOKENS and recompute <= MAX_RECOMPUTE
 
 
 @torch.library.custom_op("sparseblocks::fused_mlp", mutates_args=())
@@ -74,8 +93,8 @@ def sparse_mlp(
 
     up and gate: logical ``(H, K)``; down: ``(N, H)`` whose block columns are as wide as up's block rows.
     hidden_dropout: the dropout probability on the hidden activation (pass 0 in eval mode). With ``fused`` and
-    neither gradients nor dropout to compute, one kernel does it all, the hidden activation kept on chip;
-    otherwise three differentiable :func:`~sparseblocks.ops.spmm` calls do.
+    neither gradients nor dropout to compute, one kernel does it all where it pays (:func:`fused_pays`), the
+    hidden activation kept on chip; otherwise three differentiable :func:`~sparseblocks.ops.spmm` calls do.
     """
     x, (up, down, *gates), (up_bias, down_bias, gate_bias) = autocast_inputs(
         x, [up, down] + ([gate] if gate is not None else []), [up_bias, down_bias, gate_bias]
@@ -89,7 +108,7 @@ def sparse_mlp(
     matrices = [up, down] if gate is None else [up, down, gate]
     tensors = [x, *(w.values for w in matrices), *(b for b in (up_bias, down_bias, gate_bias) if b is not None)]
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    if fused and not needs_grad and hidden_dropout == 0.0:
+    if fused and not needs_grad and hidden_dropout == 0.0 and fused_pays(x.numel() // x.shape[-1], up, down):
         return _fused_mlp_op(
             x,
             [w.values for w in matrices],

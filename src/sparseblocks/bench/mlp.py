@@ -1,0 +1,211 @@
+"""``sparseblocks bench mlp``: whole transformer MLPs, from one decode token to a full prefill batch.
+
+In one run, for each MLP shape, token count, sparsity and block: dense cuBLAS linears (eager, and the MLP under
+``torch.compile``), PyTorch's BSR ``F.linear``, our three-product path (``sparse_mlp(fused=False)``: each product
+through ``spmm``, which takes its decode kernel at few tokens) and the fused kernel (one launch, hidden activation
+on chip). The ``sparseblocks`` rows repeat the time of whichever of our two paths ``sparse_mlp`` dispatches to at
+that commit (``dispatch`` names it). Each path is timed as CUDA-graph replays cycling over enough copies of its
+weights and inputs to overflow the L2 (a model's weights are read once per token, never warm).
+
+Floors: the MLP's flops at the measured matmul rate or its bytes at the measured copy speed, whichever is longer;
+the bytes are x, y and the weights (values and indices) once — the hidden activation stays on chip.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from sparseblocks import reference
+from sparseblocks.bench.decode import clone_matrix, weight_copies
+from sparseblocks.bench.harness import Ceilings, measure_ceilings, start_run, time_ms, write_json
+from sparseblocks.bench.spmm import random_weight
+from sparseblocks.format import BlockSparseMatrix
+from sparseblocks.kernels.fused_mlp import fused_mlp_triton
+from sparseblocks.ops import sparse_mlp
+from sparseblocks.ops.mlp import fused_pays
+
+
+@dataclass(frozen=True)
+class MLPShape:
+    width: int  # K = N
+    hidden: int  # H
+    gated: bool  # SwiGLU (gate, up, down; no biases) or GELU (fc1, fc2, with biases)
+    tokens: tuple[int, ...]
+
+    @property
+    def activation(self) -> str:
+        return "silu" if self.gated else "gelu"
+
+    def matrices(self) -> dict[str, tuple[int, int]]:
+        """Weight name -> (rows, columns)."""
+        up, down = (self.hidden, self.width), (self.width, self.hidden)
+        return {"up": up, "down": down, "gate": up} if self.gated else {"up": up, "down": down}
+
+
+SHAPES = {
+    "vit_b": MLPShape(768, 3072, gated=False, tokens=(256 * 197,)),  # 256 images of 197 tokens
+    "llama_1b": MLPShape(2048, 8192, gated=True, tokens=(1, 4, 16, 64, 8192)),
+    "llama_8b": MLPShape(4096, 14336, gated=True, tokens=(1, 4, 16, 64, 8192)),
+}
+SPARSITIES = (0.5, 0.8, 0.9, 0.95)
+BLOCKS = (32, 64, 128)
+IMPLS = ("dense", "dense_compiled", "torch_bsr", "sparseblocks_unfused", "sparseblocks_fused")
+
+Weights = dict[str, torch.Tensor | BlockSparseMatrix | None]  # up, down, gate, up_bias, down_bias
+
+
+def _dense_product(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None):
+    return reference.ACTIVATIONS[activation](F.linear(x, w, bias))  # F.linear also takes a BSR weight
+
+
+def mlp_paths(shape: MLPShape) -> dict[str, Callable[[torch.Tensor, Weights], torch.Tensor]]:
+    """impl -> fn(x, weights), each the whole MLP of ``shape``."""
+    act = shape.activation
+
+    def dense(x, w):
+        return reference.mlp(x, w["up"], w["down"], w["gate"], w["up_bias"], w["down_bias"], None, act,
+                             product=_dense_product)  # fmt: skip
+
+    def ours(fused: bool):
+        return lambda x, w: sparse_mlp(x, w["up"], w["down"], w["gate"], w["up_bias"], w["down_bias"],
+                                       activation=act, fused=fused)  # fmt: skip
+
+    return {
+        "dense": dense,
+        "dense_compiled": torch.compile(dense),
+        "torch_bsr": dense,
+        "sparseblocks_unfused": ours(False),
+        # the kernel itself, whatever sparse_mlp would dispatch to
+        "sparseblocks_fused": lambda x, w: fused_mlp_triton(
+            x, w["up"], w["down"], w["gate"], w["up_bias"], w["down_bias"], None, act
+        ),  # fmt: skip
+    }
+
+
+def _weights(shape: MLPShape, make: Callable[[int, int], torch.Tensor | BlockSparseMatrix]) -> Weights:
+    """The MLP's weights made by ``make(rows, columns)``; zero biases for the GELU form."""
+    weights = {"gate": None, "up_bias": None, "down_bias": None}
+    for name, (rows, columns) in shape.matrices().items():
+        weights[name] = make(rows, columns)
+        if not shape.gated and name != "gate":
+            weights[f"{name}_bias"] = torch.zeros(rows, device="cuda", dtype=torch.bfloat16)
+    return weights
+
+
+def _copy(weights: Weights) -> Weights:
+    """The same weights in new memory, competing for the L2 like another layer's."""
+    return {k: clone_matrix(w) if isinstance(w, BlockSparseMatrix) else w if w is None else w.clone()
+            for k, w in weights.items()}  # fmt: skip
+
+
+def _nbytes(weights: Weights) -> int:
+    return sum(w.nbytes if isinstance(w, BlockSparseMatrix) else w.numel() * w.element_size()
+               for w in weights.values() if w is not None)  # fmt: skip
+
+
+def floor_ms(ceilings: Ceilings, shape: MLPShape, m: int, weights: Weights) -> float:
+    """Flops of the stored weights at the bf16 rate, or x + y + weight bytes at the copy speed."""
+    stored = sum(w.nnz * math.prod(w.block_shape) if isinstance(w, BlockSparseMatrix) else w.numel()
+                 for name, w in weights.items() if name in shape.matrices())  # fmt: skip
+    activations = 2 * 2 * m * shape.width
+    return ceilings.floor_ms(2 * m * stored, activations + _nbytes(weights), torch.bfloat16)
+
+
+def _time(fn: Callable, m: int, width: int, weight_sets: list[Weights]) -> tuple[float, str]:
+    """Milliseconds per call of ``fn(x, weights)``, cycling over the weight sets with a fresh x for each."""
+    inputs = [(torch.randn(m, width, device="cuda", dtype=torch.bfloat16), w) for w in weight_sets]
+    return time_ms(lambda pair: fn(*pair), inputs)
+
+
+def run(quick: bool, shapes: tuple[str, ...], out_dir: Path | None, name: str, command: str) -> dict:
+    """Time every (shape, tokens, sparsity, block, impl); write ``<name>.json`` and ``<name>.md``."""
+    payload, folder = start_run("mlp", command, out_dir)
+    ceilings = measure_ceilings()
+    payload["ceilings"] = ceilings.__dict__
+    sparsities, blocks = ((0.5, 0.9), (64,)) if quick else (SPARSITIES, BLOCKS)
+    generator = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for shape_name in shapes:
+            shape = SHAPES[shape_name]
+            tokens = (shape.tokens[0], shape.tokens[-1]) if quick else shape.tokens
+            paths = mlp_paths(shape)
+            dense_one = _weights(shape, lambda n, k: torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5)
+            dense_sets = weight_copies(lambda one=dense_one: _copy(one), _nbytes(dense_one))
+            for m in tokens:
+                base = {"shape": shape_name, "M": m, "K": shape.width, "H": shape.hidden, "dtype": "bf16"}
+                dense_floor = floor_ms(ceilings, shape, m, dense_one)
+                dense_ms = {}
+                for impl in ("dense", "dense_compiled"):
+                    dense_ms[impl], timer = _time(paths[impl], m, shape.width, dense_sets)
+                    payload["rows"].append({**base, "sparsity": 0.0, "block": None, "impl": impl,
+                                            "ms": dense_ms[impl], "floor_ms": dense_floor, "timer": timer})  # fmt: skip
+                print(f"{shape_name} M={m}: dense {dense_ms['dense']:.4f} ms, compiled {dense_ms['dense_compiled']:.4f}"
+                      f" ms, floor {dense_floor:.4f} ms", flush=True)  # fmt: skip
+                for sparsity, block in itertools.product(sparsities, blocks):
+                    one = _weights(shape, lambda n, k, s=sparsity, b=block: random_weight(n, k, s, b, torch.bfloat16,
+                                                                                         generator))  # fmt: skip
+                    ours = weight_copies(lambda one=one: _copy(one), _nbytes(one))
+                    bsr = [{k: v.to_torch_bsr() if isinstance(v, BlockSparseMatrix) else v for k, v in w.items()}
+                           for w in ours]  # fmt: skip
+                    floor = floor_ms(ceilings, shape, m, one)
+                    measured = {}
+                    for impl, weight_sets in [("torch_bsr", bsr), ("sparseblocks_unfused", ours),
+                                              ("sparseblocks_fused", ours)]:  # fmt: skip
+                        measured[impl], timer = _time(paths[impl], m, shape.width, weight_sets)
+                        payload["rows"].append({**base, "sparsity": sparsity, "block": block, "impl": impl,
+                                                "ms": measured[impl], "floor_ms": floor, "timer": timer})  # fmt: skip
+                    dispatch = "fused" if fused_pays(m, one["up"], one["down"]) else "unfused"
+                    payload["rows"].append({**base, "sparsity": sparsity, "block": block, "impl": "sparseblocks",
+                                            "ms": measured[f"sparseblocks_{dispatch}"], "floor_ms": floor,
+                                            "dispatch": dispatch})  # fmt: skip
+                    print(f"  s={sparsity:.2f} b={block:<3} " + " | ".join(
+                        f"{impl} {ms:.4f} ms {dense_ms['dense'] / ms:5.2f}x" for impl, ms in measured.items())
+                        + f" | floor {dense_ms['dense'] / floor:5.2f}x", flush=True)  # fmt: skip
+                    del ours, bsr
+                write_json(folder / f"{name}.json", payload)
+            del dense_sets
+            torch.cuda.empty_cache()
+    write_table(folder / f"{name}.json")
+    return payload
+
+
+def write_table(json_path: Path) -> Path:
+    """``<stem>.md``: per case, each path's speedup over the eager dense MLP, and ours against the floor."""
+    payload = json.loads(Path(json_path).read_text())
+    rows = payload["rows"]
+    key = lambda r: (r["shape"], r["M"], r["sparsity"], r["block"])
+    ms = {(r["impl"], key(r)): r["ms"] for r in rows}
+    dense = {(r["shape"], r["M"]): r["ms"] for r in rows if r["impl"] == "dense"}
+    compiled = {(r["shape"], r["M"]): r["ms"] for r in rows if r["impl"] == "dense_compiled"}
+    lines = [
+        f"# Block-sparse MLPs on {payload['gpu']}\n",
+        f"bf16, CUDA-graph replays over L2-overflowing weight copies, one run (torch {payload['torch']}, triton "
+        f"{payload['triton']}, commit {payload['commit']}). Command: `{payload['command']}`\n",
+        "Speedups are over the eager dense MLP (cuBLAS linears). `sparseblocks` is what `sparse_mlp` dispatches "
+        "to (`dispatch`); `of floor` is the floor's time over that path's.\n",
+        "| shape | M | sparsity | block | dense ms | compiled | torch_bsr | unfused | fused | sparseblocks | dispatch "
+        "| floor | of floor |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in (r for r in rows if r["impl"] == "sparseblocks"):
+        base = dense[r["shape"], r["M"]]
+        cells = [base / compiled[r["shape"], r["M"]]] + [
+            base / ms[impl, key(r)] for impl in ("torch_bsr", "sparseblocks_unfused", "sparseblocks_fused")
+        ]
+        lines.append(
+            f"| {r['shape']} | {r['M']} | {r['sparsity']} | {r['block']} | {base:.4f} | "
+            + " | ".join(f"{c:.2f}x" for c in cells)
+            + f" | **{base / r['ms']:.2f}x** | {r['dispatch']} | {base / r['floor_ms']:.2f}x | "
+            f"{r['floor_ms'] / r['ms']:.0%} |"
+        )
+    path = Path(json_path).with_suffix(".md")
+    path.write_text("\n".join(lines) + "\n")
+    return path
