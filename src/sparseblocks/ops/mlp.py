@@ -45,8 +45,12 @@ def fused_pays(m: int, up: BlockSparseMatrix, down: BlockSparseMatrix) -> bool:
     """
     if triton_interpreting():
         return True
-    recompute = down.nnz / down.block_grid[1]  # W2 block rows x W2 density
-    return m >= FUSED_MIN_TOKENS and recompute <= MAX_RECOMPUTE
+    return m >= FUSED_MIN_TOKENS and recompute_factor(down) <= MAX_RECOMPUTE
+
+
+def recompute_factor(down: BlockSparseMatrix) -> float:
+    """How many times the fused kernel computes each hidden tile: W2's block rows x W2's density."""
+    return down.nnz / down.block_grid[1]
 
 
 @torch.library.custom_op("sparseblocks::fused_mlp", mutates_args=())
