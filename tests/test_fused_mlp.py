@@ -65,16 +65,27 @@ def test_padding_of_a_ragged_hidden_size_never_leaks():
     _check(torch.randn(3, 32, device=DEVICE), up, down, activation="relu")
 
 
-def test_mismatched_hidden_tiles_are_refused():
+def test_hidden_tiles_that_do_not_chain_run_unfused():
+    """down's block columns narrower than up's block rows: the fused kernel cannot take it, three products can."""
     from sparseblocks.ops import sparse_mlp
+    from sparseblocks.ops.mlp import fused_pays
 
     up, down, _ = _mlp(32, 64, 32, 16, (16, 32))
-    with pytest.raises(ValueError, match="hidden units in tiles of 16"):
-        sparse_mlp(torch.randn(2, 32, device=DEVICE), up, down)
+    assert not fused_pays(8, up, down, None)
+    x = torch.randn(8, 32, device=DEVICE)
+    expected = reference.mlp(x.double(), up.to(dtype=torch.float64), down.to(dtype=torch.float64))
+    assert relative_error(sparse_mlp(x, up, down), expected) < TOLERANCE[torch.float32]
+
+
+def test_weights_that_do_not_chain_are_refused():
+    from sparseblocks.ops import sparse_mlp
+
     up, down, _ = _mlp(32, 64, 32, 16, 16)
-    narrow_gate = random_sparse(48, 32, 16, 0.5)[0].to(DEVICE)
+    x = torch.randn(2, 32, device=DEVICE)
+    with pytest.raises(ValueError, match="must take up's 48 hidden units"):
+        sparse_mlp(x, random_sparse(48, 32, 16, 0.5)[0].to(DEVICE), down)
     with pytest.raises(ValueError, match="must match up"):
-        sparse_mlp(torch.randn(2, 32, device=DEVICE), up, down, narrow_gate)
+        sparse_mlp(x, up, down, random_sparse(48, 32, 16, 0.5)[0].to(DEVICE))
 
 
 @pytest.mark.gpu

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from sparseblocks import reference
 from sparseblocks.bench.decode import clone_matrix, weight_copies
 from sparseblocks.bench.harness import Ceilings, measure_ceilings, start_run, time_ms, write_json
+from sparseblocks.bench.plots import mlp_plot
 from sparseblocks.bench.spmm import random_weight
 from sparseblocks.format import BlockSparseMatrix
 from sparseblocks.kernels.fused_mlp import fused_mlp_triton
@@ -167,7 +168,7 @@ def run(quick: bool, shapes: tuple[str, ...], out_dir: Path | None, name: str, c
                         measured[impl], timer = _time(paths[impl], m, shape.width, weight_sets)
                         payload["rows"].append({**base, "sparsity": sparsity, "block": block, "impl": impl,
                                                 "ms": measured[impl], "floor_ms": floor, "timer": timer})  # fmt: skip
-                    dispatch = "fused" if fused_pays(m, one["up"], one["down"]) else "unfused"
+                    dispatch = "fused" if fused_pays(m, one["up"], one["down"], one["gate"]) else "unfused"
                     payload["rows"].append({**base, "sparsity": sparsity, "block": block, "impl": "sparseblocks",
                                             "ms": measured[f"sparseblocks_{dispatch}"], "floor_ms": floor,
                                             "dispatch": dispatch})  # fmt: skip
@@ -179,6 +180,7 @@ def run(quick: bool, shapes: tuple[str, ...], out_dir: Path | None, name: str, c
             del dense_sets
             torch.cuda.empty_cache()
     write_table(folder / f"{name}.json")
+    mlp_plot(folder / f"{name}.json")
     return payload
 
 

@@ -232,3 +232,48 @@ def train_report(json_path: Path) -> list[Path]:
         plt.close(fig)
         written.append(folder / f"{stem}_convergence.png")
     return written
+
+
+def mlp_plot(json_path: Path) -> Path:
+    """``<stem>.png`` beside a ``bench mlp`` file: speedup over dense against sparsity at each shape's largest
+    token count (blocks 64 and 128), and against tokens at 90% with blocks of 64."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    payload = json.loads(Path(json_path).read_text())
+    rows = [r for r in payload["rows"] if r["ms"]]
+    dense = {(r["shape"], r["M"]): r["ms"] for r in rows if r["impl"] == "dense"}
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    swept = [s for s in shapes if len({m for shape, m in dense if shape == s}) > 1]
+    fig, axes = plt.subplots(1, len(shapes) + len(swept), figsize=(4 * (len(shapes) + len(swept)), 3.6), squeeze=False)
+    impls = ("torch_bsr", "sparseblocks_unfused", "sparseblocks_fused")
+    for ax, shape in zip(axes[0], shapes, strict=False):
+        m = max(m for s, m in dense if s == shape)
+        for (impl, block), style in zip(itertools.product(impls, (64, 128)), itertools.cycle(["-o", "--s"])):
+            points = sorted((r["sparsity"], dense[shape, m] / r["ms"]) for r in rows
+                            if (r["shape"], r["M"], r["impl"], r["block"]) == (shape, m, impl, block))  # fmt: skip
+            if points:
+                ax.plot(*zip(*points, strict=True), style, label=f"{impl} b{block}")
+        floor = sorted({(r["sparsity"], dense[shape, m] / r["floor_ms"]) for r in rows
+                        if (r["shape"], r["M"], r["impl"], r["block"]) == (shape, m, "sparseblocks", 64)})  # fmt: skip
+        ax.plot(*zip(*floor, strict=True), ":", color="gray", label="floor b64")
+        ax.set(xlabel="sparsity", ylabel="speedup over dense MLP", yscale="log", title=f"{shape}, {m} tokens")
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.legend(fontsize=7)
+    for ax, shape in zip(axes[0][len(shapes) :], swept, strict=True):
+        for impl, style in zip(("torch_bsr", "sparseblocks"), ("-o", "-s"), strict=True):
+            case = (shape, impl, 0.9, 64)
+            points = sorted((r["M"], dense[shape, r["M"]] / r["ms"]) for r in rows
+                            if (r["shape"], r["impl"], r["sparsity"], r["block"]) == case)  # fmt: skip
+            ax.plot(*zip(*points, strict=True), style, label=impl)
+        ax.set(xlabel="tokens", ylabel="speedup over dense MLP", xscale="log", title=f"{shape}, 90%, block 64")
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"whole MLPs, bf16 ({payload['gpu']})")
+    fig.tight_layout()
+    path = Path(json_path).with_suffix(".png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

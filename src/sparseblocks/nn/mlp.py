@@ -5,9 +5,9 @@ Two forms, for x ``(..., d)``:
 * plain (ViT, BERT, GPT): ``drop(down(drop(act(up(x)))))``, the activation fused into the up projection's epilogue;
 * gated (SwiGLU: Llama, Mistral, Qwen2): ``down(act(gate(x)) ⊙ up(x))``, the activation fused into the gate's.
 
-With ``fused=True`` inference runs as one kernel (``kernels/fused_mlp.py``), the hidden activation kept on chip;
-training, and ``fused=False``, run three products with the activation fused into the first one's epilogue.
-``fused`` is off by default until the kernel's speed is measured on a GPU.
+With ``fused=True`` (the default) inference runs as one kernel (``kernels/fused_mlp.py``, the hidden activation
+kept on chip) where ``ops.mlp.fused_pays`` says it is faster; training, ``fused=False`` and everywhere else run
+three products with the activation fused into the first one's epilogue.
 
 The linears are registered under the names the dense module gave them (``gate_proj``, ``fc1``, ``0`` ...), so a
 model's state dict keeps its keys; ``sparseblocks.patch.fuse_mlps`` builds these from a sparsified model.
@@ -37,7 +37,7 @@ class SparseMLP(nn.Module):
         activation: str = "gelu",
         dropout: tuple[float, float] = (0.0, 0.0),
         names: dict[str, str] | None = None,
-        fused: bool = False,
+        fused: bool = True,
     ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS or activation is None:

@@ -15,37 +15,38 @@ from sparseblocks.format import INDEX_NAMES, BlockSparseMatrix
 from sparseblocks.ops.spmm import _index, _matrix, autocast_inputs, check_spmm_inputs, spmm
 
 
-def check_fused_mlp_shapes(up: BlockSparseMatrix, down: BlockSparseMatrix, gate: BlockSparseMatrix | None) -> None:
-    """Raise a ``ValueError`` unless ``up`` (and ``gate``) ``(H, K)`` and ``down`` ``(N, H)`` chain with one hidden
-    tile width."""
-    hidden, hidden_tile = up.shape[0], up.block_shape[0]
-    if down.shape[1] != hidden or down.block_shape[1] != hidden_tile:
-        raise ValueError(
-            f"down {tuple(down.shape)} with blocks {down.block_shape} must take up's {hidden} hidden units in "
-            f"tiles of {hidden_tile}"
-        )
-    if gate is not None and (gate.shape != up.shape or gate.block_shape != up.block_shape):
-        raise ValueError(
-            f"gate {tuple(gate.shape)}/{gate.block_shape} must match up {tuple(up.shape)}/{up.block_shape}"
-        )
+def check_mlp_shapes(up: BlockSparseMatrix, down: BlockSparseMatrix, gate: BlockSparseMatrix | None) -> None:
+    """Raise a ``ValueError`` unless ``up`` (and ``gate``) ``(H, K)`` and ``down`` ``(N, H)`` chain."""
+    if down.shape[1] != up.shape[0]:
+        raise ValueError(f"down {tuple(down.shape)} must take up's {up.shape[0]} hidden units")
+    if gate is not None and gate.shape != up.shape:
+        raise ValueError(f"gate {tuple(gate.shape)} must match up {tuple(up.shape)}")
+
+
+def tiles_chain(up: BlockSparseMatrix, down: BlockSparseMatrix, gate: BlockSparseMatrix | None) -> bool:
+    """Whether the fused kernel can take these weights: up's (and gate's) block rows as tall as down's block
+    columns are wide (one hidden tile), gate tiled like up."""
+    return down.block_shape[1] == up.block_shape[0] and (gate is None or gate.block_shape == up.block_shape)
 
 
 # The fused kernel recomputes each hidden tile once per W2 block row that stores a tile in its column: the first
 # product costs (W2 block rows x W2 density) times the unfused one. Past this factor the unfused path wins.
-MAX_RECOMPUTE = 2.0
-FUSED_MIN_TOKENS = 65  # below, the unfused products' decode kernel streams the weights faster
+# Past a factor of 1 the unfused path was as fast or faster in `bench mlp` (H200: benchmarks/results/h200/mlp.md).
+MAX_RECOMPUTE = 1.0
+FUSED_MIN_TOKENS = 65  # below, the unfused products' decode kernel streams the weights faster (4x at one token)
 
 
-def fused_pays(m: int, up: BlockSparseMatrix, down: BlockSparseMatrix) -> bool:
+def fused_pays(m: int, up: BlockSparseMatrix, down: BlockSparseMatrix, gate: BlockSparseMatrix | None) -> bool:
     """Whether the fused kernel beats three ``spmm`` calls for ``m`` tokens (``bench mlp``, H200).
 
     At few tokens the unfused products take the decode kernel, which spreads the weight stream over every SM;
     above, the fused kernel pays unless its recomputation of hidden tiles costs more than the hidden tensor's
-    round trip through memory. Under the interpreter (tests) it always runs.
+    round trip through memory: at 95% sparsity with blocks of 64 or 128, and at 90% with blocks of 128 on
+    ViT-B-sized MLPs. Under the interpreter (tests) it runs wherever it can.
     """
-    if triton_interpreting():
-        return True
-    return m >= FUSED_MIN_TOKENS and recompute_factor(down) <= MAX_RECOMPUTE
+    if not tiles_chain(up, down, gate):
+        return False
+    return triton_interpreting() or (m >= FUSED_MIN_TOKENS and recompute_factor(down) <= MAX_RECOMPUTE)
 
 
 def recompute_factor(down: BlockSparseMatrix) -> float:
@@ -108,11 +109,11 @@ def sparse_mlp(
     check_spmm_inputs(x.new_empty((0, down.shape[1])), down, down_bias, None)  # no elements: no allocation
     if gate is not None:
         check_spmm_inputs(x, gate, gate_bias, activation)
-    check_fused_mlp_shapes(up, down, gate)
+    check_mlp_shapes(up, down, gate)
     matrices = [up, down] if gate is None else [up, down, gate]
     tensors = [x, *(w.values for w in matrices), *(b for b in (up_bias, down_bias, gate_bias) if b is not None)]
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    if fused and not needs_grad and hidden_dropout == 0.0 and fused_pays(x.numel() // x.shape[-1], up, down):
+    if fused and not needs_grad and hidden_dropout == 0.0 and fused_pays(x.numel() // x.shape[-1], up, down, gate):
         return _fused_mlp_op(
             x,
             [w.values for w in matrices],
