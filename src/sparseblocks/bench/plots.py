@@ -277,3 +277,55 @@ def mlp_plot(json_path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def e2e_plot(json_path: Path) -> Path:
+    """``<stem>.png`` beside a ``bench e2e`` file: images/s speedup over dense against batch size, one line per
+    block, a panel per (dtype, mode, targets) at the highest sparsity; or tokens/s of each path per sparsity, a
+    panel per decode batch size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    payload = json.loads(Path(json_path).read_text())
+    rows = [r for r in payload["rows"] if r["value"] and r["metric"] != "prefill_ms"]
+    dense = {(r["mode"], r["dtype"], r["batch"], r["metric"]): r["value"] for r in rows if r["impl"] == "dense"}
+    sparse = [r for r in rows if r["impl"] != "dense"]
+    if rows and rows[0]["metric"] == "images_per_s":
+        top = max(r["sparsity"] for r in sparse)
+        panels = sorted({(r["dtype"], r["mode"], r["targets"]) for r in sparse})
+        fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), squeeze=False)
+        for ax, (dtype, mode, targets) in zip(axes[0], panels, strict=True):
+            for (impl, block), style in zip(sorted({(r["impl"], r["block"]) for r in sparse}),
+                                            itertools.cycle(["-o", "--s", ":^"])):  # fmt: skip
+                case = (dtype, mode, targets, impl, block, top)
+                points = sorted((r["batch"], r["value"] / dense[r["mode"], r["dtype"], r["batch"], r["metric"]])
+                                for r in sparse if (r["dtype"], r["mode"], r["targets"], r["impl"], r["block"],
+                                                    r["sparsity"]) == case)  # fmt: skip
+                if points:
+                    ax.plot(*zip(*points, strict=True), style, label=f"{impl} b{block}")
+            ax.axhline(1.0, color="gray", lw=0.8)
+            ax.set(xscale="log", xlabel="batch (images)", ylabel="images/s over dense",
+                   title=f"{dtype} {mode}, {targets} {top:.0%} sparse")  # fmt: skip
+            ax.legend(fontsize=7)
+    else:
+        batches = sorted({r["batch"] for r in rows})
+        fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 3.6), squeeze=False)
+        for ax, batch in zip(axes[0], batches, strict=True):
+            cases = sorted({(r["sparsity"], r["block"]) for r in sparse if r["batch"] == batch})
+            for offset, impl in enumerate(("torch_bsr", "sparseblocks")):
+                value = {(r["sparsity"], r["block"]): r["value"] for r in sparse
+                         if r["batch"] == batch and r["impl"] == impl}  # fmt: skip
+                ax.bar([i + 0.4 * offset - 0.2 for i in range(len(cases))], [value.get(c, 0) for c in cases],
+                       width=0.4, label=impl)  # fmt: skip
+            ax.axhline(next(v for (_, _, b, _), v in dense.items() if b == batch), color="black", label="dense")
+            ax.set_xticks(range(len(cases)), [f"{s:.0%} b{b}" for s, b in cases], fontsize=7)
+            ax.set(ylabel="tokens/s", title=f"decode, batch {batch}")
+            ax.legend(fontsize=7)
+    fig.suptitle(f"{payload['model']} ({payload['gpu']})")
+    fig.tight_layout()
+    path = Path(json_path).with_suffix(".png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

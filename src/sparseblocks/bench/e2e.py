@@ -1,0 +1,328 @@
+"""``sparseblocks bench e2e``: whole models, dense against PyTorch's BSR path and ours, in one run.
+
+Models (random weights from their configs unless a folder holds weights):
+
+* ``vit_b_16``: Hugging Face ``ViTForImageClassification`` with ``ViTConfig()`` — ViT-B/16 at 224 px, the shapes
+  of torchvision's ``vit_b_16``. (torchvision's own attention packs q, k and v into ``nn.MultiheadAttention``,
+  which the patcher cannot make sparse; this one has a linear per projection.) Metric: images/s per batch.
+* ``llama-3.2-1b``, ``llama-3.1-8b`` (or a Hugging Face folder of a causal LM): decode tokens/s at batch 1 and 8
+  (one step with a static KV cache, captured in a CUDA graph), and the time of a 2048-token prefill.
+
+Each side runs in the same mode: ``eager``, ``compiled`` (``torch.compile`` of the whole model) or ``cuda_graph``.
+Sparse models are made by the patcher (magnitude, MLPs fused where ``SparseMLP`` knows them); the BSR model is
+the same tiles as ``torch.sparse_bsr`` weights under ``F.linear``.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparseblocks.bench.harness import environment, gpu_folder, time_ms, write_json
+from sparseblocks.bench.plots import e2e_plot
+from sparseblocks.nn import BlockSparseLinear
+from sparseblocks.patch import SparsityConfig, fuse_mlps, model_size, replace_module, sparsify
+
+IMPLS = ("dense", "torch_bsr", "sparseblocks")
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Grid:
+    """What one run covers; the defaults are issue #8's grid."""
+
+    batches: tuple[int, ...]
+    dtypes: tuple[str, ...]
+    sparsities: tuple[float, ...]
+    blocks: tuple[int, ...]
+    targets: tuple[str, ...]  # each a "+"-joined list of patcher presets, e.g. "mlp" or "mlp+attention"
+    modes: tuple[str, ...]
+    context: int = 512  # decode: tokens already in the KV cache
+    prefill_tokens: int = 2048
+
+
+DEFAULT_GRIDS = {
+    "vit": Grid(
+        (1, 16, 64, 256, 512),
+        ("bf16", "fp32"),
+        (0.7, 0.8, 0.9),
+        (16, 32, 64),
+        ("mlp", "mlp+attention"),
+        ("eager", "compiled"),
+    ),  # fmt: skip
+    "causal_lm": Grid((1, 8), ("bf16",), (0.8, 0.9, 0.95), (64,), ("mlp",), ("cuda_graph",)),
+}
+DRY_RUN = {"batches": (1, 2), "context": 8, "prefill_tokens": 16}
+
+
+def model_config(name: str):
+    """A transformers config for a preset name, or the ``config.json`` of a folder."""
+    from transformers import AutoConfig, LlamaConfig, ViTConfig
+
+    llama = dict(num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0)
+    presets = {
+        "vit_b_16": lambda: ViTConfig(),
+        "llama-3.2-1b": lambda: LlamaConfig(
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            head_dim=64,
+            tie_word_embeddings=True,
+            **llama,
+        ),  # fmt: skip
+        "llama-3.1-8b": lambda: LlamaConfig(
+            hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, head_dim=128, **llama
+        ),  # fmt: skip
+    }
+    if name in presets:
+        return presets[name]()
+    if not (Path(name) / "config.json").is_file():
+        raise ValueError(f"--model must be one of {', '.join(presets)} or a Hugging Face folder, got {name!r}")
+    return AutoConfig.from_pretrained(name, local_files_only=True)
+
+
+def build_model(name: str, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, str]:
+    """(model in eval mode, kind): kind ``"vit"`` (image classifier) or ``"causal_lm"``."""
+    from transformers import AutoModelForCausalLM, ViTForImageClassification
+
+    config = model_config(name)
+    kind = "vit" if config.model_type == "vit" else "causal_lm"
+    model_class = ViTForImageClassification if kind == "vit" else AutoModelForCausalLM
+    if any(Path(name).glob("*.safetensors")):
+        model = model_class.from_pretrained(name, dtype=dtype, local_files_only=True).to(device)
+    else:
+        with torch.device(device):
+            model = (model_class(config) if kind == "vit" else model_class.from_config(config)).to(dtype)
+    return model.eval(), kind
+
+
+class TorchBSRLinear(nn.Module):
+    """``F.linear`` with a ``torch.sparse_bsr`` weight: PyTorch's own block-sparse path, for comparison."""
+
+    def __init__(self, layer: BlockSparseLinear) -> None:
+        super().__init__()
+        self.register_buffer("weight", layer.matrix.to_torch_bsr())
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias)  # the BSR product takes 2-D inputs
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def nbytes(model: nn.Module) -> int:
+    """Parameter and buffer bytes, a BSR weight counted as its values and indices."""
+    total = model_size(model)[1]
+    for module in model.modules():
+        if isinstance(module, TorchBSRLinear):
+            w = module.weight
+            total += sum(t.numel() * t.element_size() for t in (w.values(), w.crow_indices(), w.col_indices()))
+    return total
+
+
+def sparse_models(dense: nn.Module, sparsity: float, block: int, targets: str) -> tuple[dict[str, nn.Module], dict]:
+    """impl -> model for ``torch_bsr`` and ``sparseblocks`` (same tiles), and the bytes of the targeted layers
+    before and after."""
+    config = SparsityConfig(sparsity, block, targets=targets.split("+"))
+    ours = copy.deepcopy(dense)
+    report = sparsify(ours, config)
+    bsr = copy.deepcopy(ours)
+    for name, module in list(bsr.named_modules()):
+        if isinstance(module, BlockSparseLinear):
+            replace_module(bsr, name, TorchBSRLinear(module))
+    fuse_mlps(ours)  # after the BSR copy: that one keeps separate linears
+    layer_bytes = {"before": sum(r.bytes_before for r in report.layers),
+                   "after": sum(r.bytes_after for r in report.layers)}  # fmt: skip
+    return {"torch_bsr": bsr, "sparseblocks": ours}, layer_bytes
+
+
+def _time_eager_ms(fn: Callable[[torch.Tensor], object], inputs: list[torch.Tensor], repeats: int) -> float:
+    """Median wall time of one call (CUDA events on a GPU), cycling over ``inputs``, after a warm-up."""
+    for x in inputs:
+        fn(x)
+    times = []
+    for i in range(repeats):
+        if inputs[0].is_cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(inputs[i % len(inputs)])
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            start_s = time.perf_counter()
+            fn(inputs[i % len(inputs)])
+            times.append(1e3 * (time.perf_counter() - start_s))
+    return statistics.median(times)
+
+
+def time_mode_ms(fn: Callable[[torch.Tensor], object], inputs: list[torch.Tensor], mode: str, repeats: int) -> float:
+    """Milliseconds per call in ``mode``: eager or compiled (``fn`` already compiled) calls, or graph replays."""
+    if mode == "cuda_graph" and inputs[0].is_cuda:
+        ms, timer = time_ms(fn, inputs)
+        if timer != "cuda_graph":
+            raise RuntimeError("the model could not be captured in a CUDA graph")
+        return ms
+    return _time_eager_ms(fn, inputs, repeats)
+
+
+def _peak_bytes(fn: Callable[[torch.Tensor], object], x: torch.Tensor) -> int | None:
+    if not x.is_cuda:
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn(x)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated()
+
+
+def vit_measurements(model: nn.Module, batch: int, dtype: torch.dtype, mode: str, repeats: int) -> list[dict]:
+    """images/s of a forward over ``batch`` random images."""
+    config = model.config
+    device = next(model.parameters()).device
+    shape = (batch, config.num_channels, config.image_size, config.image_size)
+    inputs = [torch.randn(shape, device=device, dtype=dtype) for _ in range(2)]
+    forward = model if mode != "compiled" else torch.compile(model)
+    fn = lambda x: forward(pixel_values=x).logits
+    ms = time_mode_ms(fn, inputs, mode, repeats)
+    return [{"metric": "images_per_s", "value": batch / (ms * 1e-3), "ms": ms,
+             "peak_mem_bytes": _peak_bytes(fn, inputs[0])}]  # fmt: skip
+
+
+def decode_measurements(model: nn.Module, batch: int, grid: Grid, mode: str, repeats: int) -> list[dict]:
+    """tokens/s of one decode step after ``grid.context`` cached tokens."""
+    from transformers import StaticCache
+
+    device = next(model.parameters()).device
+    vocab = model.config.vocab_size
+    cache = StaticCache(config=model.config, max_cache_len=grid.context + 1)
+    prompt = torch.randint(vocab, (batch, grid.context), device=device)
+    model(prompt, past_key_values=cache, cache_position=torch.arange(grid.context, device=device), use_cache=True)
+    position = torch.tensor([grid.context], device=device)
+    tokens = [torch.randint(vocab, (batch, 1), device=device) for _ in range(2)]
+    step = model if mode != "compiled" else torch.compile(model)
+
+    def fn(token: torch.Tensor) -> torch.Tensor:
+        # Every timed step decodes the same position: newer transformers keep the cache's length on the device
+        # and advance it per call, older ones read cache_position; both are set here, inside any graph.
+        for layer in getattr(cache, "layers", ()):
+            if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor):
+                layer.cumulative_length.fill_(grid.context)
+        return step(token, past_key_values=cache, cache_position=position, use_cache=True, logits_to_keep=1).logits
+
+    ms = time_mode_ms(fn, tokens, mode, repeats)
+    return [{"metric": "tokens_per_s", "value": batch / (ms * 1e-3), "ms": ms,
+             "peak_mem_bytes": _peak_bytes(fn, tokens[0])}]  # fmt: skip
+
+
+def prefill_measurement(model: nn.Module, grid: Grid, repeats: int) -> dict:
+    """Milliseconds of one eager forward over ``grid.prefill_tokens`` tokens (batch 1, last position's logits)."""
+    device = next(model.parameters()).device
+    ids = [torch.randint(model.config.vocab_size, (1, grid.prefill_tokens), device=device) for _ in range(2)]
+    prefill = lambda t: model(t, use_cache=False, logits_to_keep=1).logits
+    ms = _time_eager_ms(prefill, ids, repeats)
+    return {"metric": "prefill_ms", "value": ms, "ms": ms, "mode": "eager", "batch": 1,
+            "tokens": grid.prefill_tokens, "peak_mem_bytes": _peak_bytes(prefill, ids[0])}  # fmt: skip
+
+
+def run(model_name: str, grid: Grid | None, dry_run: bool, out_dir: Path | None, name: str, command: str) -> dict:
+    """Time every case of ``grid`` (the model kind's default grid when None); write ``<name>.json`` and ``.md``.
+
+    ``dry_run``: tiny inputs and two repeats, on the CPU when there is no GPU (for tests of the whole path).
+    """
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and not dry_run:
+        raise RuntimeError("bench e2e times GPU kernels: it needs a CUDA GPU (or --dry-run)")
+    payload = {**environment(command), "model": model_name, "rows": []}
+    folder = out_dir or Path("benchmarks/results") / gpu_folder(payload["gpu"])
+    repeats = 2 if dry_run else 20
+    kind = "vit" if model_config(model_name).model_type == "vit" else "causal_lm"
+    grid = grid or DEFAULT_GRIDS[kind]
+    if dry_run:
+        grid = Grid(**{**grid.__dict__, **DRY_RUN})
+
+    def measure(model: nn.Module, base: dict) -> None:
+        """Every (mode, batch) of one model into the payload; a case that fails is recorded with its error."""
+        with torch.no_grad():  # not inference_mode: PyTorch's BSR F.linear fails on inference tensors
+            cases = [(mode, batch) for mode, batch in itertools.product(grid.modes, grid.batches)]
+            for mode, batch in cases + ([("prefill", 1)] if kind == "causal_lm" else []):
+                try:
+                    if mode == "prefill":
+                        rows = [prefill_measurement(model, grid, repeats)]
+                    elif kind == "vit":
+                        rows = vit_measurements(model, batch, DTYPES[base["dtype"]], mode, repeats)
+                    else:
+                        rows = decode_measurements(model, batch, grid, mode, repeats)
+                except Exception as error:  # e.g. a path that does not compile: recorded, the run goes on
+                    rows = [{"metric": None, "value": None, "error": f"{type(error).__name__}: {str(error)[:200]}"}]
+                for row in rows:
+                    payload["rows"].append({**base, "mode": mode, "batch": batch, **row})
+                    shown = f"{row['value']:.1f} {row['metric']}" if row["value"] else row["error"]
+                    print(f"{base['impl']:<12} {base['dtype']} {mode:<10} batch {batch:<4} s={base['sparsity']} "
+                          f"b={base['block']} {base['targets']:<14} {shown}", flush=True)  # fmt: skip
+                torch._dynamo.reset()  # compiled graphs hold their model alive
+        write_json(folder / f"{name}.json", payload)
+
+    for dtype_name in grid.dtypes:
+        dense, _ = build_model(model_name, DTYPES[dtype_name], device)
+        base = {"model": model_name, "dtype": dtype_name}
+        measure(dense, {**base, "sparsity": 0.0, "block": None, "targets": "", "impl": "dense",
+                        "model_bytes": nbytes(dense)})  # fmt: skip
+        for sparsity, block, targets in itertools.product(grid.sparsities, grid.blocks, grid.targets):
+            models, layer_bytes = sparse_models(dense, sparsity, block, targets)
+            for impl, model in models.items():
+                measure(model, {**base, "sparsity": sparsity, "block": block, "targets": targets, "impl": impl,
+                                "model_bytes": nbytes(model), "target_layer_bytes": layer_bytes})  # fmt: skip
+            del models
+        del dense
+    write_table(folder / f"{name}.json")
+    e2e_plot(folder / f"{name}.json")
+    return payload
+
+
+def speedup(row: dict, dense: dict) -> float:
+    """How many times faster ``row`` is than the ``dense`` row of the same case (prefill rows are times)."""
+    return dense["value"] / row["value"] if row["metric"] == "prefill_ms" else row["value"] / dense["value"]
+
+
+def write_table(json_path: Path) -> Path:
+    """``<stem>.md``: each sparse case's metric and its ratio to dense in the same mode, dtype and batch."""
+    payload = json.loads(Path(json_path).read_text())
+    rows = [r for r in payload["rows"] if r["value"]]
+    key = lambda r: (r["mode"], r["dtype"], r["batch"], r["metric"])
+    dense = {key(r): r for r in rows if r["impl"] == "dense"}
+    bsr = {(*key(r), r["sparsity"], r["block"], r["targets"]): r for r in rows if r["impl"] == "torch_bsr"}
+    lines = [
+        f"# {payload['model']} end to end on {payload['gpu']}\n",
+        f"One run (torch {payload['torch']}, triton {payload['triton']}, commit {payload['commit']}). "
+        f"Command: `{payload['command']}`\n",
+        "Speedup: the sparse model's images/s or tokens/s over dense's (prefill: dense's time over its), same "
+        "mode, dtype and batch. Bytes: the whole model's, ours over dense; and the targeted layers', after over "
+        "before (indices included).\n",
+        "| metric | mode | dtype | batch | targets | sparsity | block | dense | torch_bsr | sparseblocks | BSR "
+        "speedup | our speedup | model bytes | targeted layers' bytes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in (r for r in rows if r["impl"] == "sparseblocks" and key(r) in dense):
+        base = dense[key(r)]
+        theirs = bsr.get((*key(r), r["sparsity"], r["block"], r["targets"]))
+        layers = r["target_layer_bytes"]
+        cells = [
+            r["metric"], r["mode"], r["dtype"], r["batch"], r["targets"], r["sparsity"], r["block"],
+            f"{base['value']:.1f}", f"{theirs['value']:.1f}" if theirs else "—", f"{r['value']:.1f}",
+            f"{speedup(theirs, base):.2f}x" if theirs else "—", f"**{speedup(r, base):.2f}x**",
+            f"{r['model_bytes'] / base['model_bytes']:.3f}", f"{layers['after'] / layers['before']:.3f}",
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    path = Path(json_path).with_suffix(".md")
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,68 @@
+"""``sparseblocks bench e2e --dry-run`` end to end on tiny random-weight models (CPU: the reference ops)."""
+
+import json
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("matplotlib")
+
+from transformers import LlamaConfig, ViTConfig  # noqa: E402
+
+from sparseblocks.cli import main  # noqa: E402
+
+TINY = {
+    "llama": LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=100,
+    ),  # fmt: skip
+    "vit": ViTConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+        num_labels=10,
+    ),  # fmt: skip
+}
+
+
+@pytest.mark.parametrize(("kind", "metrics", "targets"), [
+    ("llama", {"tokens_per_s", "prefill_ms"}, "mlp"),
+    ("vit", {"images_per_s"}, "mlp,mlp+attention"),
+])  # fmt: skip
+def test_dry_run_times_every_path_and_writes_tables(tmp_path, kind, metrics, targets):
+    TINY[kind].save_pretrained(tmp_path / kind)
+    argv = ["bench", "e2e", "--model", str(tmp_path / kind), "--dry-run", "--dtypes", "fp32", "--modes", "eager",
+            "--sparsities", "0.75", "--blocks", "16", "--targets", targets, "--out", str(tmp_path / "out")]  # fmt: skip
+    assert main(argv) == 0
+    payload = json.loads((tmp_path / "out" / "e2e.json").read_text())
+    rows = payload["rows"]
+    assert all(r["value"] and r["value"] > 0 for r in rows), [r.get("error") for r in rows]
+    assert {r["metric"] for r in rows} == metrics
+    target_sets = targets.split(",")
+    for metric in metrics:
+        for impl in ("dense", "torch_bsr", "sparseblocks"):
+            found = {(r["batch"], r["targets"]) for r in rows if (r["metric"], r["impl"]) == (metric, impl)}
+            batches = {1} if metric == "prefill_ms" else {1, 2}
+            expected = {(b, "") for b in batches} if impl == "dense" else {(b, t) for b in batches for t in target_sets}
+            assert found == expected, (metric, impl)
+    sparse = next(r for r in rows if r["impl"] == "sparseblocks")
+    dense = next(r for r in rows if r["impl"] == "dense")
+    # 25% of the targeted tiles kept (plus indices): the targeted layers shrink about 4x, the model less
+    assert 0.24 < sparse["target_layer_bytes"]["after"] / sparse["target_layer_bytes"]["before"] < 0.3
+    assert sparse["model_bytes"] < dense["model_bytes"]
+    table = (tmp_path / "out" / "e2e.md").read_text()
+    assert table.count("| eager | fp32 |") == len([r for r in rows if r["impl"] == "sparseblocks"])
+    assert (tmp_path / "out" / "e2e.png").stat().st_size > 0
+
+
+def test_unknown_model_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="vit_b_16, llama-3.2-1b"):
+        main(["bench", "e2e", "--model", str(tmp_path / "missing"), "--dry-run"])
