@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -13,10 +14,23 @@ def test_info(capsys):
     assert "torch" in out and "ops run" in out
 
 
-def test_demo_checks_sparse_model_against_masked_dense(capsys):
-    assert main(["demo", "--sparsity", "0.8", "--block", "64"]) == 0
+def test_demo_trains_converts_checks_saves_and_plots(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    from sparseblocks import BlockSparseLinear
+    from sparseblocks.recipes import load_recipe_model
+
+    assert main(["demo", "--sparsity", "0.8", "--block", "32", "--epochs", "1", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "[OK]" in out and "12 linears" in out
+    assert "[OK]" in out and "Supermask 80%" in out
+    results = json.loads((tmp_path / "demo.json").read_text())
+    dense, sparse = results["models"]["dense"], results["models"]["sparse"]
+    assert len(dense["epoch_loss"]) == len(sparse["epoch_loss"]) == 1  # (learning: tests/test_recipes.py)
+    assert sparse["mlp_bytes"] / dense["mlp_bytes"] < 0.25  # 20% of the tiles, with their indices
+    assert results["twin_error"] < 1e-5 and results["reload_error"] < 1e-5
+    assert (tmp_path / "demo.png").stat().st_size > 10_000
+    model = load_recipe_model(tmp_path / "model")
+    assert all(isinstance(block.mlp.fc, BlockSparseLinear) for block in model.blocks)
 
 
 def test_console_script_help():

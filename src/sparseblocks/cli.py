@@ -36,8 +36,45 @@ def _info(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from sparseblocks.demo import run_demo
 
-    error = run_demo(sparsity=args.sparsity, block_size=args.block)
+    try:
+        import matplotlib  # noqa: F401
+        import sklearn  # noqa: F401
+    except ImportError as error:
+        raise SystemExit(f"sparseblocks demo needs scikit-learn and matplotlib ({error}): pip install scikit-learn "
+                         "matplotlib, or `make demo`") from error  # fmt: skip
+    error = run_demo(sparsity=args.sparsity, block_size=args.block, epochs=args.epochs, out=args.out)
     return 0 if error < 1e-4 else 1
+
+
+_GPT_SETTINGS = {"steps": int, "layers": int, "heads": int, "width": int, "context": int, "batch_size": int,
+                 "dropout": float, "lr": float, "seed": int}  # fmt: skip
+_VIT_SETTINGS = {"epochs": int, "lr": float, "batch_size": int, "layers": int, "heads": int, "width": int,
+                 "patch_size": int, "seed": int}  # fmt: skip
+
+
+def _train_gpt(args: argparse.Namespace) -> int:
+    from sparseblocks.experiments import Experiment
+    from sparseblocks.recipes import ResumeError, train_gpt
+
+    settings = {name: getattr(args, name) for name in _GPT_SETTINGS if getattr(args, name) is not None}
+    try:
+        train_gpt(args.data, args.out, args.method, args.sparsity, args.block, Experiment(**settings),
+                  args.checkpoint_every, args.resume, args.stop_after)  # fmt: skip
+    except (ResumeError, OSError) as error:
+        raise SystemExit(f"sparseblocks train gpt: {error}") from error
+    return 0
+
+
+def _train_vit(args: argparse.Namespace) -> int:
+    from sparseblocks.recipes import ResumeError, ViTRecipe, train_vit
+
+    settings = {name: getattr(args, name) for name in _VIT_SETTINGS if getattr(args, name) is not None}
+    recipe = ViTRecipe(sparsity=args.sparsity, block=args.block, **settings)
+    try:
+        train_vit(args.data, args.out, recipe, args.image_size, args.resume, args.stop_after)
+    except (ResumeError, OSError, ValueError, ImportError) as error:  # a folder without images, no scikit-learn
+        raise SystemExit(f"sparseblocks train vit: {error}") from error
+    return 0
 
 
 def _bench_spmm(args: argparse.Namespace) -> int:
@@ -75,27 +112,77 @@ def _bench_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _save_hf_folder(model, report, source, out, model_class: str = "") -> int:
+    """Print the report, save ``model`` as the sparse Hugging Face folder ``out`` (with ``source``'s config and
+    tokenizer) and say how to load it; exit status 1 when nothing was sparsified."""
+    from sparseblocks.pretrained import save_hf_sparse
+
+    print(report)
+    save_hf_sparse(model, source, out)
+    loader = f"'{out}', transformers.{model_class}" if model_class else f"'{out}'"
+    print(f"saved to {out}; load it with sparseblocks.checkpoint.load_hf_sparse({loader})")
+    return 0 if report.layers else 1
+
+
 def _sparsify(args: argparse.Namespace) -> int:
-    import shutil
     from pathlib import Path
 
     from transformers import AutoModel
 
-    from sparseblocks import SparsityConfig, save_sparse, sparsify
+    from sparseblocks import SparsityConfig, sparsify
 
     source, out = Path(args.model_dir), Path(args.out)
     model = AutoModel.from_pretrained(source)
     targets = args.targets.split(",")
     exclude = args.exclude.split(",") if args.exclude else []
     report = sparsify(model, SparsityConfig(args.sparsity, args.block, targets, exclude, fuse_mlp=args.fuse_mlp))
-    print(report)
-    save_sparse(model, out)
-    # The rest of the folder (config, tokenizer) comes along, so OUT is a Hugging Face folder again.
-    for path in source.iterdir():
-        if path.is_file() and path.suffix not in (".safetensors", ".bin", ".pt", ".pth"):
-            shutil.copy2(path, out / path.name)
-    print(f"saved to {out}; load it with sparseblocks.checkpoint.load_hf_sparse('{out}')")
-    return 0 if report.layers else 1
+    return _save_hf_folder(model, report, source, out)
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from sparseblocks import SparsityConfig
+    from sparseblocks.pretrained import MODEL_CLASSES, calibration_tokens, load_pretrained, prune_pretrained
+
+    source, out = Path(args.model_dir), Path(args.out)
+    text = None
+    if args.method != "magnitude":  # read before the model loads: a wrong path fails at once
+        if args.calibration is None:
+            raise SystemExit(f"sparseblocks prune: --method {args.method} needs --calibration FILE (plain text)")
+        try:
+            text = Path(args.calibration).read_text(encoding="utf-8", errors="replace")
+        except OSError as error:
+            raise SystemExit(f"sparseblocks prune: cannot read --calibration {args.calibration}: {error}") from error
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    exclude = args.exclude.split(",") if args.exclude else []
+    try:
+        config = SparsityConfig(args.sparsity, args.block, args.targets.split(","), exclude, fuse_mlp=args.fuse_mlp)
+        model, tokenizer, head = load_pretrained(source, device)
+        tokens = None
+        if text is not None:
+            vocab = model.config.vocab_size
+            tokens = calibration_tokens(text, tokenizer, vocab, args.samples, args.seq_len, args.seed)
+            origin = args.calibration if tokenizer is not None else "random token ids (no tokenizer)"
+            print(f"calibration: {len(tokens)} windows of {tokens.shape[1]} tokens from {origin}")
+        report = prune_pretrained(model, config, args.method, tokens, head, tokenizer, args.seed)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"sparseblocks prune: {error}") from error
+    return _save_hf_folder(model.cpu(), report, source, out, MODEL_CLASSES[head])
+
+
+def _report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from sparseblocks.report import write
+
+    results = Path(args.results)
+    if not results.is_dir():
+        raise SystemExit(f"sparseblocks report: {results}: no such results folder")
+    print(f"wrote {write(results, Path(args.out) if args.out else results / 'REPORT.md')}")
+    return 0
 
 
 def _bench_decode(args: argparse.Namespace) -> int:
@@ -120,14 +207,71 @@ def _bench_mlp(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_e2e(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from sparseblocks.bench import e2e
+
+    numbers = lambda text, kind: tuple(kind(v) for v in text.split(",") if v)
+    options = {"batches": (args.batches, int), "dtypes": (args.dtypes, str), "sparsities": (args.sparsities, float),
+               "blocks": (args.blocks, int), "targets": (args.targets, str), "modes": (args.modes, str),
+               "impls": (args.impls, str)}  # fmt: skip
+    grid = None
+    if any(text is not None for text, _ in options.values()):
+        kind = "vit" if e2e.model_config(args.model).model_type == "vit" else "causal_lm"
+        default = e2e.DEFAULT_GRIDS[kind].__dict__
+        grid = e2e.Grid(**{**default, **{k: numbers(t, f) for k, (t, f) in options.items() if t is not None}})
+    command = "sparseblocks " + shlex.join(args.argv)
+    e2e.run(args.model, grid, args.dry_run, args.out and Path(args.out), args.name, command)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparseblocks", description="Block-sparse transformers: tools and demo.")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions, GPU and which path the ops take").set_defaults(run=_info)
-    demo = commands.add_parser("demo", help="sparsify a small real-shaped model and check it")
-    demo.add_argument("--sparsity", type=float, default=0.9, help="fraction of blocks pruned (default 0.9)")
-    demo.add_argument("--block", type=int, default=32, choices=(16, 32, 64, 128), help="block size (default 32)")
+    demo = commands.add_parser("demo", help="train a small ViT dense and sparse on digits, convert, compare, plot")
+    demo.add_argument("--sparsity", type=float, default=0.9, help="fraction of MLP tiles pruned (default 0.9)")
+    demo.add_argument("--block", type=int, default=16, choices=(16, 32, 64, 128), help="block size (default 16)")
+    demo.add_argument("--epochs", type=int, default=30, help="training epochs of each model (default 30)")
+    demo.add_argument("--out", default="sparseblocks-demo", help="folder for the plot, numbers and model")
     demo.set_defaults(run=_demo)
+
+    from sparseblocks.experiments import METHODS, Experiment  # torch is loaded with the package: cheap here
+    from sparseblocks.recipes import ViTRecipe
+
+    train = commands.add_parser("train", help="training recipes: prune while training, convert, save; resumable")
+    recipes = train.add_subparsers(dest="recipe", required=True)
+    resumable = argparse.ArgumentParser(add_help=False)
+    resumable.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    resumable.add_argument("--stop-after", type=int, metavar="STEPS", help="stop after this step (then --resume)")
+    train_gpt = recipes.add_parser(
+        "gpt", parents=[resumable], help="a character GPT pruned by one method (the tinyshakespeare experiment)"
+    )
+    train_gpt.add_argument("--data", required=True, metavar="FILE", help="text file, e.g. tinyshakespeare.txt")
+    train_gpt.add_argument("--method", default="fisher", choices=METHODS, help="pruning method (default fisher)")
+    train_gpt.add_argument("--sparsity", type=float, default=0.9, help="fraction of MLP tiles pruned (default 0.9)")
+    train_gpt.add_argument("--block", type=int, default=32, choices=(16, 32, 64, 128), help="block size (default 32)")
+    train_gpt.add_argument("--out", default="sparseblocks-gpt", help="checkpoints and model (default %(default)s)")
+    train_gpt.add_argument("--checkpoint-every", type=int, default=500, metavar="STEPS", help="(default 500)")
+    for name, kind in _GPT_SETTINGS.items():
+        train_gpt.add_argument(f"--{name.replace('_', '-')}", type=kind, help=f"default {getattr(Experiment, name)}")
+    train_gpt.set_defaults(run=_train_gpt)
+    train_vit = recipes.add_parser(
+        "vit", parents=[resumable], help="a small ViT from scratch with Supermask on its MLPs (superblock)"
+    )
+    train_vit.add_argument(
+        "--data", default="digits", help="digits, or imagefolder:PATH (PATH/<class>/<image>; train/ and test/ if split)"
+    )
+    train_vit.add_argument("--sparsity", type=float, default=0.9, help="fraction of MLP tiles pruned, 0: dense")
+    train_vit.add_argument("--block", type=int, default=16, choices=(16, 32, 64, 128), help="block size (default 16)")
+    train_vit.add_argument("--out", default="sparseblocks-vit", help="checkpoints and model (default %(default)s)")
+    train_vit.add_argument("--image-size", type=int, help="side images are resized to (imagefolder; default 32)")
+    for name, kind in _VIT_SETTINGS.items():
+        default = getattr(ViTRecipe, name)
+        default = "a quarter of the image side" if default is None else default
+        train_vit.add_argument(f"--{name.replace('_', '-')}", type=kind, help=f"default {default}")
+    train_vit.set_defaults(run=_train_vit)
 
     sparsify = commands.add_parser("sparsify", help="sparsify a Hugging Face model folder and save it")
     sparsify.add_argument("model_dir", help="a Hugging Face model folder (config.json and weights)")
@@ -138,6 +282,32 @@ def build_parser() -> argparse.ArgumentParser:
     sparsify.add_argument("--fuse-mlp", action="store_true", help="run known MLPs as one SparseMLP module")
     sparsify.add_argument("--out", required=True, help="output folder")
     sparsify.set_defaults(run=_sparsify)
+
+    prune = commands.add_parser("prune", help="prune a Hugging Face model folder from calibration text and save it")
+    prune.add_argument("model_dir", help="a Hugging Face model folder (config.json, weights, tokenizer)")
+    prune.add_argument(
+        "--method",
+        default="magnitude",
+        choices=("magnitude", "activation_magnitude", "fisher"),
+        help="tile scores: weights, weights x input norms, or weights^2 x Fisher (default magnitude)",
+    )
+    prune.add_argument("--sparsity", type=float, default=0.9, help="fraction of tiles pruned (default 0.9)")
+    prune.add_argument("--block", type=int, default=32, choices=(16, 32, 64, 128), help="block size (default 32)")
+    prune.add_argument("--targets", default="mlp", help="comma-separated presets, globs or re:<regex> (default mlp)")
+    prune.add_argument("--exclude", default="", help="comma-separated presets, globs or re:<regex> to leave dense")
+    prune.add_argument("--fuse-mlp", action="store_true", help="run known MLPs as one SparseMLP module")
+    prune.add_argument("--calibration", metavar="FILE", help="plain text for activation_magnitude and fisher")
+    prune.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
+    prune.add_argument("--seq-len", type=int, default=128, help="tokens per window (default 128)")
+    prune.add_argument("--seed", type=int, default=0, help="seed of masking, random directions, random ids")
+    prune.add_argument("--device", help="where to run the calibration (default cuda when there is one, else cpu)")
+    prune.add_argument("--out", required=True, help="output folder")
+    prune.set_defaults(run=_prune)
+
+    report = commands.add_parser("report", help="one Markdown page of the stored benchmark and accuracy results")
+    report.add_argument("--results", default="benchmarks/results", help="results folder (default benchmarks/results)")
+    report.add_argument("--out", help="the page to write (default RESULTS/REPORT.md)")
+    report.set_defaults(run=_report)
 
     bench = commands.add_parser("bench", help="GPU benchmarks against dense and the other sparse paths")
     benches = bench.add_subparsers(dest="bench", required=True)
@@ -166,6 +336,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench_mlp.add_argument("--name", default="mlp", help="result file stem (default mlp)")
     bench_mlp.add_argument("--out", help="folder for mlp.json (default benchmarks/results/<gpu>)")
     bench_mlp.set_defaults(run=_bench_mlp)
+
+    bench_e2e = benches.add_parser("e2e", help="whole models: ViT-B/16 images/s, Llama decode tokens/s and prefill")
+    bench_e2e.add_argument("--model", required=True, help="vit_b_16, llama-3.2-1b, llama-3.1-8b or a HF folder")
+    for option, what in [("batches", "batch sizes"), ("dtypes", "bf16,fp32"), ("sparsities", "sparsities"),
+                         ("blocks", "block sizes"), ("targets", "target sets, each presets joined by +"),
+                         ("modes", "eager,compiled,cuda_graph,compiled_graph"),
+                         ("impls", "sparse paths: torch_bsr,sparseblocks")]:  # fmt: skip
+        bench_e2e.add_argument(f"--{option}", help=f"comma-separated {what} (default: the issue's grid)")
+    bench_e2e.add_argument("--dry-run", action="store_true", help="tiny inputs, two repeats; runs on a CPU")
+    bench_e2e.add_argument("--name", default="e2e", help="result file stem (default e2e)")
+    bench_e2e.add_argument("--out", help="folder for e2e.json (default benchmarks/results/<gpu>)")
+    bench_e2e.set_defaults(run=_bench_e2e)
 
     bench_train = benches.add_parser("train", help="forward+backward of layers and MLPs, a GPT training step")
     bench_train.add_argument("--quick", action="store_true", help="90%% sparsity, blocks 64/128, a 4-layer GPT")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from sparseblocks.gpt import GPT, CharData, GPTConfig
-from sparseblocks.patch import SparsityConfig
+from sparseblocks.patch import SparsifyReport, SparsityConfig
 from sparseblocks.prune import CubicSchedule, Pruner
 
 METHODS = (
@@ -93,57 +93,98 @@ def validation_loss(model: GPT, data: CharData, experiment: Experiment, device: 
     return sum(losses) / len(losses)
 
 
-def run(method: str, sparsity: float, block: int | None, data: CharData, experiment: Experiment) -> dict:
-    """Train one model by ``method`` and return its row: validation loss, steps, seed, MLP weights kept."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    hidden = 4 * experiment.width
-    if method == "dense_iso_params":
-        hidden = max(1, round(hidden * (1.0 - sparsity)))
-    config = GPTConfig(vocab_size=data.vocab_size, context=experiment.context, layers=experiment.layers,
-                       heads=experiment.heads, width=experiment.width, mlp_hidden=hidden,
-                       dropout=experiment.dropout)  # fmt: skip
-    torch.manual_seed(experiment.seed)
-    model = GPT(config).to(device)
-    pruner = None if method.startswith("dense") else _pruner(method, model, sparsity, block, experiment)
-    optimizer = torch.optim.AdamW(  # after the pruner: Supermask's scores are parameters too
-        model.parameters(), lr=experiment.lr, betas=(0.9, experiment.beta2), weight_decay=0.1
-    )
-    if pruner is not None:
-        pruner.optimizer = optimizer
-    generator = torch.Generator().manual_seed(experiment.seed)
-    warmup = max(1, experiment.steps // 20)
-    losses = torch.zeros(experiment.steps, device=device)  # read once at the end: no sync per step
-    for step in range(experiment.steps):
+class PruningRun:
+    """One method's training run, a step at a time: :func:`run` drives it to the end; ``sparseblocks train gpt``
+    also checkpoints it between steps (:meth:`state` names every object that changes while it trains).
+
+    ``device`` defaults to CUDA when available. After ``experiment.steps`` calls of :meth:`train_step`,
+    :meth:`finish` converts the pruned MLPs to ``BlockSparseLinear`` and returns the result row.
+    """
+
+    def __init__(
+        self, method: str, sparsity: float, block: int | None, data: CharData, experiment: Experiment,
+        device: torch.device | None = None,
+    ) -> None:  # fmt: skip
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        self.method, self.sparsity, self.block, self.data, self.experiment = method, sparsity, block, data, experiment
+        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        hidden = 4 * experiment.width
+        if method == "dense_iso_params":
+            hidden = max(1, round(hidden * (1.0 - sparsity)))
+        self.config = GPTConfig(vocab_size=data.vocab_size, context=experiment.context, layers=experiment.layers,
+                                heads=experiment.heads, width=experiment.width, mlp_hidden=hidden,
+                                dropout=experiment.dropout)  # fmt: skip
+        torch.manual_seed(experiment.seed)
+        self.model = GPT(self.config).to(self.device)
+        self.pruner = None if method.startswith("dense") else _pruner(method, self.model, sparsity, block, experiment)
+        self.optimizer = torch.optim.AdamW(  # after the pruner: Supermask's scores are parameters too
+            self.model.parameters(), lr=experiment.lr, betas=(0.9, experiment.beta2), weight_decay=0.1
+        )
+        if self.pruner is not None:
+            self.pruner.optimizer = self.optimizer
+        self.generator = torch.Generator().manual_seed(experiment.seed)
+        self.losses = torch.zeros(experiment.steps, device=self.device)  # read once at the end: no sync per step
+        self.step, self.steps = 0, experiment.steps
+        self.report: SparsifyReport | None = None
+
+    def state(self) -> dict[str, object]:
+        """What changes during training (the global RNG aside, which dropout draws from), by name."""
+        return {"model": self.model, "optimizer": self.optimizer, "pruner": self.pruner,
+                "batches": self.generator, "losses": self.losses}  # fmt: skip
+
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step (and pruner step); returns the batch's loss, a detached scalar tensor (no sync)."""
+        experiment, data, device, step = self.experiment, self.data, self.device, self.step
+        model, optimizer, pruner = self.model, self.optimizer, self.pruner
+        warmup = max(1, experiment.steps // 20)
         for group in optimizer.param_groups:  # linear warm-up, cosine decay to a tenth
             progress = step / experiment.steps
             scale = min(1.0, (step + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
             group["lr"] = experiment.lr * scale
-        tokens, targets = data.batch("train", experiment.batch_size, experiment.context, generator, device)
-        if method == "activation_magnitude" and pruner.schedule.updates_at(step):
+        tokens, targets = data.batch("train", experiment.batch_size, experiment.context, self.generator, device)
+        if self.method == "activation_magnitude" and pruner.schedule.updates_at(step):
             with pruner.observe_inputs(), torch.no_grad():
                 for _ in range(experiment.calibration_batches):
-                    model(*data.batch("train", experiment.batch_size, experiment.context, generator, device))
+                    model(*data.batch("train", experiment.batch_size, experiment.context, self.generator, device))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = model(tokens, targets)[1]
-        losses[step] = loss.detach()
+        self.losses[step] = loss.detach()
         loss.backward()
-        if method in ("fisher", "prune_grow"):
+        if self.method in ("fisher", "prune_grow"):
             pruner.observe_gradients()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if pruner is not None:
             pruner.step()
-    if pruner is not None:
-        pruner.finalize()
-    mlp_weights = sum(
-        p.numel() for block_ in model.blocks for n, p in block_.mlp.named_parameters() if not n.endswith("bias")
-    )
-    return {"method": method, "sparsity": sparsity, "block": block,
-            "val_loss": validation_loss(model, data, experiment, device), "train_loss_last": loss.item(),
-            "train_curve": [round(chunk.mean().item(), 4) for chunk in losses.split(CURVE_EVERY)],
-            "steps": experiment.steps, "seed": experiment.seed, "mlp_weights": mlp_weights}  # fmt: skip
+        self.step += 1
+        return self.losses[step]
+
+    def finish(self) -> dict:
+        """Convert the pruned MLPs to ``BlockSparseLinear`` (the report lands in :attr:`report`) and return the row:
+        validation loss of the converted model, steps, seed, MLP weights kept."""
+        if self.pruner is not None:
+            self.report = self.pruner.finalize()
+        mlp_weights = sum(
+            p.numel()
+            for block_ in self.model.blocks
+            for n, p in block_.mlp.named_parameters()
+            if not n.endswith("bias")
+        )
+        experiment = self.experiment
+        return {"method": self.method, "sparsity": self.sparsity, "block": self.block,
+                "val_loss": validation_loss(self.model, self.data, experiment, self.device),
+                "train_loss_last": self.losses[self.step - 1].item(),
+                "train_curve": [round(chunk.mean().item(), 4) for chunk in self.losses.split(CURVE_EVERY)],
+                "steps": experiment.steps, "seed": experiment.seed, "mlp_weights": mlp_weights}  # fmt: skip
+
+
+def run(method: str, sparsity: float, block: int | None, data: CharData, experiment: Experiment) -> dict:
+    """Train one model by ``method`` and return its row: validation loss, steps, seed, MLP weights kept."""
+    training = PruningRun(method, sparsity, block, data, experiment)
+    while training.step < training.steps:
+        training.train_step()
+    return training.finish()
 
 
 def grid(

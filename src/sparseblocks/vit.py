@@ -67,6 +67,51 @@ def digits(seed: int = 0, test_fraction: float = 0.25) -> tuple[torch.Tensor, to
     return images[train], labels[train], images[test], labels[test]
 
 
+class ClassifierTraining:
+    """AdamW with a one-cycle cosine schedule over ``epochs`` of shuffled batches, a step at a time;
+    ``pruner.step()`` after each update. :func:`train_classifier` drives it to the end; ``sparseblocks train vit``
+    also checkpoints it between steps (:meth:`state` names every object that changes while it trains).
+
+    images: ``(N, C, H, W)`` float32 where the model is; labels: ``(N,)`` int64 class ids.
+    """
+
+    def __init__(
+        self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, epochs: int, batch_size: int = 64,
+        lr: float = 1e-3, seed: int = 0, pruner=None,
+    ) -> None:  # fmt: skip
+        self.model, self.images, self.labels, self.batch_size, self.pruner = model, images, labels, batch_size, pruner
+        self.generator = torch.Generator().manual_seed(seed)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+        self.steps_per_epoch = -(-len(labels) // batch_size)
+        self.step, self.steps = 0, epochs * self.steps_per_epoch
+        self.schedule = torch.optim.lr_scheduler.OneCycleLR(
+            self.optimizer, max_lr=lr, total_steps=self.steps, pct_start=0.1
+        )
+        self.order = torch.zeros(len(labels), dtype=torch.long)  # this epoch's shuffle, drawn at its first step
+
+    def state(self) -> dict[str, object]:
+        """What changes during training, by name."""
+        return {"model": self.model, "optimizer": self.optimizer, "schedule": self.schedule,
+                "pruner": self.pruner, "shuffle": self.generator, "order": self.order}  # fmt: skip
+
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step on the next batch; returns its loss, a detached scalar tensor."""
+        within = self.step % self.steps_per_epoch
+        if within == 0:
+            self.order.copy_(torch.randperm(len(self.labels), generator=self.generator))
+        batch = self.order[within * self.batch_size : (within + 1) * self.batch_size]
+        self.model.train()
+        loss = nn.functional.cross_entropy(self.model(self.images[batch]), self.labels[batch], label_smoothing=0.1)
+        loss.backward()
+        self.optimizer.step()
+        self.schedule.step()
+        self.optimizer.zero_grad()
+        if self.pruner is not None:
+            self.pruner.step()
+        self.step += 1
+        return loss.detach()
+
+
 def train_classifier(
     model: nn.Module,
     images: torch.Tensor,
@@ -77,21 +122,11 @@ def train_classifier(
     seed: int = 0,
     pruner=None,
 ) -> None:
-    """AdamW with a cosine schedule over ``epochs`` of shuffled batches; ``pruner.step()`` after each update."""
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    steps = epochs * -(-len(labels) // batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
-    model.train()
-    for _ in range(epochs):
-        for batch in torch.randperm(len(labels), generator=generator).split(batch_size):
-            loss = nn.functional.cross_entropy(model(images[batch]), labels[batch], label_smoothing=0.1)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad()
-            if pruner is not None:
-                pruner.step()
+    """AdamW with a cosine schedule over ``epochs`` of shuffled batches; ``pruner.step()`` after each update
+    (:class:`ClassifierTraining` to the end); leaves the model in eval mode."""
+    training = ClassifierTraining(model, images, labels, epochs, batch_size, lr, seed, pruner)
+    while training.step < training.steps:
+        training.train_step()
     model.eval()
 
 

@@ -8,7 +8,9 @@ Models (random weights from their configs unless a folder holds weights):
 * ``llama-3.2-1b``, ``llama-3.1-8b`` (or a Hugging Face folder of a causal LM): decode tokens/s at batch 1 and 8
   (one step with a static KV cache, captured in a CUDA graph), and the time of a 2048-token prefill.
 
-Each side runs in the same mode: ``eager``, ``compiled`` (``torch.compile`` of the whole model) or ``cuda_graph``.
+Each side runs in the same mode: ``eager``, ``compiled`` (``torch.compile`` of the whole model), ``cuda_graph``
+(eager modules replayed from a CUDA graph) or ``compiled_graph`` (the compiled model replayed from a CUDA graph:
+a lean decode loop, small kernels fused and no launch cost).
 Sparse models are made by the patcher (magnitude, MLPs fused where ``SparseMLP`` knows them); the BSR model is
 the same tiles as ``torch.sparse_bsr`` weights under ``F.linear``.
 """
@@ -34,6 +36,7 @@ from sparseblocks.nn import BlockSparseLinear
 from sparseblocks.patch import SparsityConfig, fuse_mlps, model_size, replace_module, sparsify
 
 IMPLS = ("dense", "torch_bsr", "sparseblocks")
+MODES = ("eager", "compiled", "cuda_graph", "compiled_graph")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -49,6 +52,13 @@ class Grid:
     modes: tuple[str, ...]
     context: int = 512  # decode: tokens already in the KV cache
     prefill_tokens: int = 2048
+    impls: tuple[str, ...] = IMPLS[1:]  # the sparse paths timed beside dense
+
+    def __post_init__(self) -> None:
+        for field, allowed in [("modes", MODES), ("dtypes", tuple(DTYPES)), ("impls", IMPLS[1:])]:
+            unknown = set(getattr(self, field)) - set(allowed)
+            if unknown:
+                raise ValueError(f"unknown {field} {sorted(unknown)}; known: {', '.join(allowed)}")
 
 
 DEFAULT_GRIDS = {
@@ -167,7 +177,7 @@ def _time_eager_ms(fn: Callable[[torch.Tensor], object], inputs: list[torch.Tens
 
 def time_mode_ms(fn: Callable[[torch.Tensor], object], inputs: list[torch.Tensor], mode: str, repeats: int) -> float:
     """Milliseconds per call in ``mode``: eager or compiled (``fn`` already compiled) calls, or graph replays."""
-    if mode == "cuda_graph" and inputs[0].is_cuda:
+    if mode.endswith("graph") and inputs[0].is_cuda:
         ms, timer = time_ms(fn, inputs)
         if timer != "cuda_graph":
             raise RuntimeError("the model could not be captured in a CUDA graph")
@@ -175,14 +185,16 @@ def time_mode_ms(fn: Callable[[torch.Tensor], object], inputs: list[torch.Tensor
     return _time_eager_ms(fn, inputs, repeats)
 
 
-def _peak_bytes(fn: Callable[[torch.Tensor], object], x: torch.Tensor) -> int | None:
+def _call_bytes(fn: Callable[[torch.Tensor], object], x: torch.Tensor) -> int | None:
+    """GPU memory one call allocates at its peak beyond what was allocated before it (activations, workspaces)."""
     if not x.is_cuda:
         return None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
     fn(x)
     torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated()
+    return torch.cuda.max_memory_allocated() - before
 
 
 def vit_measurements(model: nn.Module, batch: int, dtype: torch.dtype, mode: str, repeats: int) -> list[dict]:
@@ -191,11 +203,11 @@ def vit_measurements(model: nn.Module, batch: int, dtype: torch.dtype, mode: str
     device = next(model.parameters()).device
     shape = (batch, config.num_channels, config.image_size, config.image_size)
     inputs = [torch.randn(shape, device=device, dtype=dtype) for _ in range(2)]
-    forward = model if mode != "compiled" else torch.compile(model)
+    forward = torch.compile(model) if mode.startswith("compiled") else model
     fn = lambda x: forward(pixel_values=x).logits
     ms = time_mode_ms(fn, inputs, mode, repeats)
     return [{"metric": "images_per_s", "value": batch / (ms * 1e-3), "ms": ms,
-             "peak_mem_bytes": _peak_bytes(fn, inputs[0])}]  # fmt: skip
+             "call_bytes": _call_bytes(fn, inputs[0])}]  # fmt: skip
 
 
 def decode_measurements(model: nn.Module, batch: int, grid: Grid, mode: str, repeats: int) -> list[dict]:
@@ -209,7 +221,7 @@ def decode_measurements(model: nn.Module, batch: int, grid: Grid, mode: str, rep
     model(prompt, past_key_values=cache, cache_position=torch.arange(grid.context, device=device), use_cache=True)
     position = torch.tensor([grid.context], device=device)
     tokens = [torch.randint(vocab, (batch, 1), device=device) for _ in range(2)]
-    step = model if mode != "compiled" else torch.compile(model)
+    step = torch.compile(model) if mode.startswith("compiled") else model
 
     def fn(token: torch.Tensor) -> torch.Tensor:
         # Every timed step decodes the same position: newer transformers keep the cache's length on the device
@@ -221,7 +233,7 @@ def decode_measurements(model: nn.Module, batch: int, grid: Grid, mode: str, rep
 
     ms = time_mode_ms(fn, tokens, mode, repeats)
     return [{"metric": "tokens_per_s", "value": batch / (ms * 1e-3), "ms": ms,
-             "peak_mem_bytes": _peak_bytes(fn, tokens[0])}]  # fmt: skip
+             "call_bytes": _call_bytes(fn, tokens[0])}]  # fmt: skip
 
 
 def prefill_measurement(model: nn.Module, grid: Grid, repeats: int) -> dict:
@@ -231,7 +243,7 @@ def prefill_measurement(model: nn.Module, grid: Grid, repeats: int) -> dict:
     prefill = lambda t: model(t, use_cache=False, logits_to_keep=1).logits
     ms = _time_eager_ms(prefill, ids, repeats)
     return {"metric": "prefill_ms", "value": ms, "ms": ms, "mode": "eager", "batch": 1,
-            "tokens": grid.prefill_tokens, "peak_mem_bytes": _peak_bytes(prefill, ids[0])}  # fmt: skip
+            "tokens": grid.prefill_tokens, "call_bytes": _call_bytes(prefill, ids[0])}  # fmt: skip
 
 
 def run(model_name: str, grid: Grid | None, dry_run: bool, out_dir: Path | None, name: str, command: str) -> dict:
@@ -265,7 +277,10 @@ def run(model_name: str, grid: Grid | None, dry_run: bool, out_dir: Path | None,
                 except Exception as error:  # e.g. a path that does not compile: recorded, the run goes on
                     rows = [{"metric": None, "value": None, "error": f"{type(error).__name__}: {str(error)[:200]}"}]
                 for row in rows:
-                    payload["rows"].append({**base, "mode": mode, "batch": batch, **row})
+                    # the model's own bytes and its call's peak: other models resident in the run do not count
+                    call_bytes = row.pop("call_bytes", None)
+                    peak = None if call_bytes is None else base["model_bytes"] + call_bytes
+                    payload["rows"].append({**base, "mode": mode, "batch": batch, "peak_mem_bytes": peak, **row})
                     shown = f"{row['value']:.1f} {row['metric']}" if row["value"] else row["error"]
                     print(f"{base['impl']:<12} {base['dtype']} {mode:<10} batch {batch:<4} s={base['sparsity']} "
                           f"b={base['block']} {base['targets']:<14} {shown}", flush=True)  # fmt: skip
@@ -279,7 +294,8 @@ def run(model_name: str, grid: Grid | None, dry_run: bool, out_dir: Path | None,
                         "model_bytes": nbytes(dense)})  # fmt: skip
         for sparsity, block, targets in itertools.product(grid.sparsities, grid.blocks, grid.targets):
             models, layer_bytes = sparse_models(dense, sparsity, block, targets)
-            for impl, model in models.items():
+            for impl in grid.impls:
+                model = models[impl]
                 measure(model, {**base, "sparsity": sparsity, "block": block, "targets": targets, "impl": impl,
                                 "model_bytes": nbytes(model), "target_layer_bytes": layer_bytes})  # fmt: skip
             del models

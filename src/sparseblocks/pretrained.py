@@ -1,0 +1,209 @@
+"""Pretrained Hugging Face model folders: prune one with calibration text (``sparseblocks prune``), save it sparse.
+
+::
+
+    model, tokenizer, head = load_pretrained("path/to/folder")
+    tokens = calibration_tokens(Path("calibration.txt").read_text(), tokenizer, model.config.vocab_size, 128, 128)
+    report = prune_pretrained(model, SparsityConfig(0.9, 32, "mlp"), "fisher", tokens, head, tokenizer)
+    save_hf_sparse(model, "path/to/folder", "out/")  # load_hf_sparse("out/", model_class(head)) reads it back
+
+The folder's ``config.json`` ``architectures`` name its head, and the model is loaded with it, so that a language
+model keeps its output layer and its own loss: ``*ForCausalLM`` (``causal_lm``), ``*ForMaskedLM`` (``masked_lm``),
+anything else (a bare encoder such as sentence-transformers' ``BertModel``) with ``AutoModel`` (``base``).
+
+Scores (see :mod:`sparseblocks.prune`), from ``samples`` windows of ``seq_len`` tokens spread evenly over the text:
+
+* ``magnitude``: the weights alone; no calibration.
+* ``activation_magnitude``: each target's input-feature norms over the windows.
+* ``fisher``: squared weight gradients, one window at a time (the empirical Fisher is a mean of per-sample
+  squared gradients; the square of a batch's mean gradient would average most of it away). The loss: a causal
+  LM's next-token loss; a masked LM's loss on 15% of the non-special tokens, masked. A bare encoder has no loss of
+  its own, and distillation toward the dense model has zero gradient at the dense weights, so it gets the Fisher of a
+  unit Gaussian model of its output h: the gradient of ⟨h, v⟩ with v ~ N(0, I) drawn per window, whose square has
+  expectation diag(JᵀJ), the curvature of the distillation loss ½‖h(w) − h(w₀)‖² at the dense weights w₀.
+
+Without a tokenizer in the folder (tests, or weights copied alone), the windows are random token ids of the
+vocabulary, with a warning: the statistics then describe no real text.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sparseblocks.checkpoint import save_sparse
+from sparseblocks.patch import SparsifyReport, SparsityConfig
+from sparseblocks.prune import Pruner
+
+logger = logging.getLogger("sparseblocks")
+
+PRUNE_METHODS = ("magnitude", "activation_magnitude", "fisher")  # the one-shot methods (no training loop)
+# head -> the transformers class that loads (and reloads) a folder with that head
+MODEL_CLASSES = {"causal_lm": "AutoModelForCausalLM", "masked_lm": "AutoModelForMaskedLM", "base": "AutoModel"}
+_HEAD_SUFFIXES = {"ForCausalLM": "causal_lm", "ForMaskedLM": "masked_lm"}
+# files whose presence means the folder has a tokenizer (AutoTokenizer would otherwise guess one from the config)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
+MASKED_FRACTION = 0.15  # BERT's masked-LM rate
+ACTIVATION_BATCH = 8  # windows per forward pass while gathering input norms (a sum: the batch changes no number)
+
+
+def model_head(config) -> str:
+    """``causal_lm``, ``masked_lm`` or ``base``, from a transformers config's ``architectures``."""
+    for architecture in getattr(config, "architectures", None) or ():
+        for suffix, head in _HEAD_SUFFIXES.items():
+            if architecture.endswith(suffix):
+                return head
+    return "base"
+
+
+def model_class(head: str) -> type:
+    """The transformers auto class for a head of :data:`MODEL_CLASSES`."""
+    import transformers
+
+    return getattr(transformers, MODEL_CLASSES[head])
+
+
+def load_pretrained(folder: str | Path, device: str | torch.device = "cpu"):
+    """(model in eval mode, tokenizer or None, head) of a local Hugging Face folder; never touches the network."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such model folder")
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder}: not a Hugging Face model folder (no config.json)")
+    head = model_head(AutoConfig.from_pretrained(folder, local_files_only=True))
+    model = model_class(head).from_pretrained(folder, local_files_only=True).to(device).eval()
+    tokenizer = None
+    if any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    return model, tokenizer, head
+
+
+def calibration_tokens(
+    text: str | None, tokenizer, vocab_size: int, samples: int, seq_len: int, seed: int = 0
+) -> torch.Tensor:
+    """``(samples, seq_len)`` token ids: windows of ``text`` spread evenly over it, each tokenized with the
+    tokenizer's own special tokens (``[CLS] … [SEP]``, ``<s> …``); random ids of the vocabulary without a tokenizer
+    (with a warning). Raises ``ValueError`` when the text holds fewer than ``seq_len`` tokens."""
+    if samples < 1 or seq_len < 2:
+        raise ValueError(f"need at least 1 sample of at least 2 tokens, got {samples} of {seq_len}")
+    if tokenizer is None:
+        message = (
+            f"sparseblocks: the model folder has no tokenizer; calibrating on {samples} windows of random token "
+            "ids, which describe no real text"
+        )
+        logger.warning(message)
+        warnings.warn(message, UserWarning, stacklevel=2)
+        return torch.randint(vocab_size, (samples, seq_len), generator=torch.Generator().manual_seed(seed))
+    if not text or not text.strip():
+        raise ValueError("the calibration text is empty")
+
+    def encode(piece: str) -> list[int]:
+        return tokenizer(piece, truncation=True, max_length=seq_len, verbose=False)["input_ids"]
+
+    # Characters per token from a sample of the text, so that each window's text is cut long enough (1.5x margin).
+    probe = text[:20_000]
+    per_token = len(probe) / max(len(tokenizer(probe, add_special_tokens=False, verbose=False)["input_ids"]), 1)
+    span = int(per_token * seq_len * 1.5) + 64
+    last = max(len(text) - span, 0)
+    windows = []
+    for i in range(samples):
+        start = round(i * last / max(samples - 1, 1))
+        space = text.find(" ", start, start + 64) if start else -1
+        start = space + 1 if space >= 0 else start  # begin at a word: a cut word tokenizes as an odd fragment
+        ids = encode(text[start : start + span])
+        if len(ids) < seq_len:  # more characters per token here than in the probe (runs of spaces, long words)
+            ids = encode(text[start : start + 4 * span])
+        if len(ids) < seq_len:  # then the window ran into the end of the text: the text's end instead
+            ids = encode(text[-4 * span :])
+        if len(ids) < seq_len:
+            raise ValueError(f"the calibration text holds fewer than {seq_len} tokens (--seq-len): {len(ids)}")
+        windows.append(ids)
+    return torch.tensor(windows)
+
+
+def _fisher_loss(model: nn.Module, ids: torch.Tensor, head: str, tokenizer, generator: torch.Generator) -> torch.Tensor:
+    """The loss whose squared gradients make the Fisher of one window (see the module docstring)."""
+    if head == "causal_lm":
+        return model(input_ids=ids, labels=ids).loss
+    if head == "masked_lm":
+        special = torch.zeros_like(ids, dtype=torch.bool)
+        if tokenizer is not None:
+            special = torch.tensor([tokenizer.get_special_tokens_mask(row, already_has_special_tokens=True)
+                                    for row in ids.tolist()], dtype=torch.bool, device=ids.device)  # fmt: skip
+        chosen = (torch.rand(ids.shape, generator=generator, device=ids.device) < MASKED_FRACTION) & ~special
+        if not chosen.any():  # a short window may draw no position: mask its first ordinary token
+            chosen[0, (~special[0]).nonzero()[0]] = True
+        mask_id = getattr(tokenizer, "mask_token_id", None)
+        if mask_id is not None:
+            fill = torch.full_like(ids, mask_id)
+        else:  # BERT's other corruption: a random token in its place
+            fill = torch.randint(model.config.vocab_size, ids.shape, generator=generator, device=ids.device)
+        return model(input_ids=torch.where(chosen, fill, ids), labels=ids.masked_fill(~chosen, -100)).loss
+    outputs = model(input_ids=ids)
+    hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
+    direction = torch.randn(hidden.shape, generator=generator, device=hidden.device, dtype=hidden.dtype)
+    return (hidden * direction).sum()
+
+
+def prune_pretrained(
+    model: nn.Module,
+    config: SparsityConfig,
+    method: str,
+    tokens: torch.Tensor | None = None,
+    head: str = "base",
+    tokenizer=None,
+    seed: int = 0,
+) -> SparsifyReport:
+    """Prune ``model``'s targets in one shot by ``method`` (:data:`PRUNE_METHODS`) from calibration ``tokens``
+    ``(samples, seq_len)`` (unused by magnitude), and replace them by ``BlockSparseLinear``; returns the report."""
+    if method not in PRUNE_METHODS:
+        raise ValueError(f"method must be one of {PRUNE_METHODS}, got {method!r}")
+    if head not in MODEL_CLASSES:
+        raise ValueError(f"head must be one of {tuple(MODEL_CLASSES)}, got {head!r}")
+    if method != "magnitude" and tokens is None:
+        raise ValueError(f"{method} needs calibration tokens")
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if tokens is not None and positions and tokens.shape[1] > positions:
+        raise ValueError(f"windows of {tokens.shape[1]} tokens exceed the model's {positions} positions (--seq-len)")
+    pruner = Pruner(model, config, method=method)
+    device = next(model.parameters()).device
+    if method == "activation_magnitude":
+        with pruner.observe_inputs(), torch.no_grad():
+            for batch in tokens.split(ACTIVATION_BATCH):
+                model(input_ids=batch.to(device))
+    elif method == "fisher":
+        generator = torch.Generator(device).manual_seed(seed)
+        # gradients of the targets' weights only: no memory for the others' (embeddings can be the largest)
+        trainable = {p: p.requires_grad for p in model.parameters()}
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        for layer in pruner.layers.values():
+            layer.weight.requires_grad_(True)
+        try:
+            for window in tokens.split(1):
+                _fisher_loss(model, window.to(device), head, tokenizer, generator).backward()
+                pruner.observe_gradients()
+                model.zero_grad(set_to_none=True)
+        finally:
+            for parameter, flag in trainable.items():
+                parameter.requires_grad_(flag)
+    pruner.step()  # no schedule: the masks are chosen at the first step, at the configured sparsity
+    return pruner.finalize()
+
+
+def save_hf_sparse(model: nn.Module, source: str | Path, out: str | Path) -> Path:
+    """``save_sparse(model, out)`` plus the other files of the ``source`` folder (config, tokenizer), so that ``out``
+    is a Hugging Face folder again; weight files and shard indexes are not copied. Returns ``out``."""
+    out = save_sparse(model, out)
+    for path in Path(source).iterdir():
+        if path.is_file() and path.suffix not in _WEIGHT_SUFFIXES and not path.name.endswith(".index.json"):
+            shutil.copy2(path, out / path.name)
+    return out

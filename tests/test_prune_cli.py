@@ -1,0 +1,202 @@
+"""``sparseblocks prune`` on tiny random-weight Hugging Face folders: a BERT encoder and a BERT masked LM with a tiny
+word-level tokenizer, a Llama causal LM without one (random-id calibration); every method, saved and reloaded."""
+
+import contextlib
+import random
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from sparseblocks import BlockSparseLinear  # noqa: E402
+from sparseblocks.checkpoint import load_hf_sparse  # noqa: E402
+from sparseblocks.cli import build_parser, main  # noqa: E402
+from sparseblocks.masks import expand_block_mask  # noqa: E402
+from sparseblocks.patch import SparsityConfig, sparse_layers  # noqa: E402
+from sparseblocks.pretrained import (  # noqa: E402
+    PRUNE_METHODS,
+    calibration_tokens,
+    load_pretrained,
+    model_class,
+    prune_pretrained,
+    save_hf_sparse,
+)
+
+WORDS = ("the king and queen of a castle were in their hall when he spoke to his men at night for she had come "
+         "from far away with gold on her hands but no one knew why it was so").split()  # fmt: skip
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+ARGS = ["--sparsity", "0.5", "--block", "16", "--samples", "6", "--seq-len", "16"]
+SIZES = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2}
+
+
+def _text(words: int = 600) -> str:
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(12)) + "." for _ in range(words // 12)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run faster on one thread: with two xdist workers of two threads each on two cores, a tiny Llama's
+    forward and backward took 1 s instead of 3 ms (OpenMP threads waiting on each other)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, one_thread):
+    """Model folders by name, and the calibration text file."""
+    root = tmp_path_factory.mktemp("models")
+    vocab = root / "vocab.txt"
+    vocab.write_text("\n".join(SPECIALS + sorted(set(WORDS)) + ["."]) + "\n")
+    tokenizer = transformers.BertTokenizer(vocab=str(vocab))
+    bert = transformers.BertConfig(vocab_size=len(tokenizer), max_position_embeddings=32, **SIZES)
+    llama = transformers.LlamaConfig(vocab_size=97, num_key_value_heads=1, **SIZES)
+    torch.manual_seed(0)
+    built = {
+        "bert": transformers.BertModel(bert),  # a bare encoder, as sentence-transformers ships
+        "bert_mlm": transformers.BertForMaskedLM(bert),
+        "llama": transformers.LlamaForCausalLM(llama),
+    }
+    for name, model in built.items():
+        model.save_pretrained(root / name)
+        if name.startswith("bert"):
+            tokenizer.save_pretrained(root / name)
+    (root / "calibration.txt").write_text(_text())
+    return {name: root / name for name in built} | {"calibration": root / "calibration.txt"}
+
+
+CASES = [(arch, method) for arch in ("bert", "llama") for method in PRUNE_METHODS] + [("bert_mlm", "fisher")]
+
+
+@pytest.fixture(scope="module")
+def pruned(folders, tmp_path_factory):
+    """Each case's output folder, made through the command line."""
+    out = tmp_path_factory.mktemp("pruned")
+    done = {}
+    for arch, method in CASES:
+        done[arch, method] = out / f"{arch}_{method}"
+        argv = ["prune", str(folders[arch]), "--method", method, "--calibration", str(folders["calibration"]), *ARGS]
+        random_ids = arch == "llama" and method != "magnitude"
+        with pytest.warns(UserWarning, match="no tokenizer") if random_ids else contextlib.nullcontext():
+            assert main([*argv, "--out", str(done[arch, method])]) == 0
+    return done
+
+
+def _masks(folder, arch) -> dict[str, torch.Tensor]:
+    head = {"bert": "base", "bert_mlm": "masked_lm", "llama": "causal_lm"}[arch]
+    model = load_hf_sparse(folder, model_class(head))
+    return {name: layer.matrix.block_mask() for name, layer in sparse_layers(model).items()}
+
+
+@pytest.mark.parametrize(("arch", "method"), CASES)
+def test_reloads_as_the_dense_model_with_the_pruned_tiles_zeroed(folders, pruned, arch, method):
+    model, _, head = load_pretrained(folders[arch])
+    sparse = load_hf_sparse(pruned[arch, method], model_class(head))
+    layers = sparse_layers(sparse)
+    assert len(layers) == 4 if arch.startswith("bert") else 6
+    with torch.no_grad():
+        for name, layer in layers.items():
+            assert layer.matrix.density == pytest.approx(0.5)
+            dense = model.get_submodule(name)
+            dense.weight.mul_(expand_block_mask(layer.matrix.block_mask(), (16, 16), dense.weight.shape))
+        tokens = torch.randint(model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+        expected, got = model(input_ids=tokens)[0], sparse(input_ids=tokens)[0]
+    assert expected.shape == got.shape
+    assert (got - expected).abs().max().item() <= 1e-4 * expected.abs().max().item()
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_each_method_chooses_other_tiles(pruned, arch):
+    masks = {method: _masks(pruned[arch, method], arch) for method in PRUNE_METHODS}
+    for i, first in enumerate(PRUNE_METHODS):
+        for second in PRUNE_METHODS[i + 1 :]:
+            differing = sum(not torch.equal(masks[first][n], masks[second][n]) for n in masks[first])
+            assert differing > 0, f"{first} and {second} kept the same tiles everywhere"
+
+
+def test_magnitude_keeps_the_tiles_sparsify_keeps(folders, pruned, tmp_path):
+    out = tmp_path / "sparsified"
+    assert main(["sparsify", str(folders["bert"]), "--sparsity", "0.5", "--block", "16", "--out", str(out)]) == 0
+    ours, theirs = _masks(pruned["bert", "magnitude"], "bert"), _masks(out, "bert")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[n], theirs[n]) for n in ours)
+
+
+def test_output_folder_has_the_tokenizer_and_no_dense_weights(pruned):
+    names = {p.name for p in pruned["bert", "fisher"].iterdir()}
+    assert {"config.json", "tokenizer.json", "sparseblocks.json", "sparseblocks.safetensors"} <= names
+    assert "model.safetensors" not in names
+
+
+def test_calibration_windows_are_tokenized_text_spread_over_the_file(folders):
+    tokenizer = load_pretrained(folders["bert"])[1]
+    tokens = calibration_tokens(_text(), tokenizer, 100, samples=5, seq_len=16)
+    assert tokens.shape == (5, 16)
+    assert (tokens[:, 0] == tokenizer.cls_token_id).all() and (tokens[:, -1] == tokenizer.sep_token_id).all()
+    assert (tokens[:, 1:-1] != tokenizer.unk_token_id).all()
+    assert len({tuple(row) for row in tokens.tolist()}) == 5
+    words = tokenizer(_text(), add_special_tokens=False)["input_ids"]
+    assert tokens[0, 1:-1].tolist() == words[:14]  # the first window opens the text
+    # a long run of spaces where windows start: they read on past it, or take the end of the text
+    gappy = calibration_tokens(_text(60) + " " * 3000 + _text(60), tokenizer, 100, samples=4, seq_len=16)
+    assert gappy.shape == (4, 16) and (gappy[:, -1] == tokenizer.sep_token_id).all()
+    with pytest.raises(ValueError, match="fewer than 16 tokens"):
+        calibration_tokens("the king spoke", tokenizer, 100, samples=2, seq_len=16)
+
+
+def test_without_a_tokenizer_calibration_is_random_ids_with_a_warning():
+    with pytest.warns(UserWarning, match="no tokenizer"):
+        first = calibration_tokens("ignored", None, 50, samples=3, seq_len=8, seed=4)
+    with pytest.warns(UserWarning):
+        again = calibration_tokens("ignored", None, 50, samples=3, seq_len=8, seed=4)
+    assert first.shape == (3, 8) and first.max() < 50 and torch.equal(first, again)
+
+
+def test_parser_offers_the_library_methods():
+    prune = build_parser()._subparsers._group_actions[0].choices["prune"]
+    method = next(a for a in prune._actions if a.dest == "method")
+    assert tuple(method.choices) == PRUNE_METHODS
+
+
+def test_save_hf_sparse_leaves_weights_and_shard_indexes_behind(tmp_path):
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("config.json", "tokenizer.json", "model.safetensors", "model.safetensors.index.json", "x.bin"):
+        (source / name).write_text("{}")
+    model = torch.nn.Sequential(BlockSparseLinear.from_linear(torch.nn.Linear(32, 32), sparsity=0.5, block_size=16))
+    out = save_hf_sparse(model, source, tmp_path / "out")
+    assert {p.name for p in out.iterdir()} == {"config.json", "tokenizer.json", "sparseblocks.json",
+                                               "sparseblocks.safetensors"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["prune", "{missing}", "--out", "{out}"], "no such model folder"),
+        (["prune", "{empty}", "--out", "{out}"], "no config.json"),
+        (["prune", "{bert}", "--method", "fisher", "--out", "{out}"], "needs --calibration"),
+        (["prune", "{bert}", "--method", "fisher", "--calibration", "{missing}", "--out", "{out}"], "cannot read"),
+        (["prune", "{bert}", "--method", "fisher", "--calibration", "{text}", "--seq-len", "64", "--out", "{out}"],
+         "exceed the model's 32 positions"),
+        (["prune", "{bert}", "--sparsity", "1.5", "--out", "{out}"], "sparsity must lie in"),
+    ],
+)  # fmt: skip
+def test_bad_input_gives_a_clear_error(folders, tmp_path, argv, message):
+    (tmp_path / "empty").mkdir()
+    paths = {"missing": tmp_path / "missing", "empty": tmp_path / "empty", "out": tmp_path / "out",
+             "bert": folders["bert"], "text": folders["calibration"]}  # fmt: skip
+    with pytest.raises(SystemExit, match=message):
+        main([part.format(**paths) for part in argv])
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_method_is_refused_by_the_parser_and_the_library(folders, capsys):
+    with pytest.raises(SystemExit):
+        main(["prune", str(folders["bert"]), "--method", "supermask", "--out", "unused"])
+    assert "invalid choice: 'supermask'" in capsys.readouterr().err
+    model = load_pretrained(folders["bert"])[0]
+    with pytest.raises(ValueError, match="method must be one of"):
+        prune_pretrained(model, SparsityConfig(0.5, 16), "supermask")
