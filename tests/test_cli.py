@@ -73,3 +73,23 @@ def test_sparsify_command_round_trips_a_hugging_face_folder(tmp_path, capsys):
     tokens = torch.randint(64, (2, 8))
     with torch.no_grad():
         assert model(tokens).last_hidden_state.shape == (2, 8, 48)
+
+
+def test_sparsify_keeps_a_causal_lm_head_and_reloads_it_without_naming_the_class(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    from sparseblocks.checkpoint import load_hf_sparse
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=48, num_hidden_layers=2, num_attention_heads=2,
+                                      num_key_value_heads=1, intermediate_size=80)  # fmt: skip
+    torch.manual_seed(0)
+    dense = transformers.LlamaForCausalLM(config).eval()
+    dense.save_pretrained(tmp_path / "dense")
+    out = tmp_path / "sparse"
+    assert main(["sparsify", str(tmp_path / "dense"), "--sparsity", "0.5", "--block", "16", "--out", str(out)]) == 0
+    assert f"load_hf_sparse('{out}')" in capsys.readouterr().out
+    model = load_hf_sparse(out)
+    assert isinstance(model, transformers.LlamaForCausalLM)
+    assert torch.equal(model.lm_head.weight, dense.lm_head.weight)  # the head came back, not a fresh init
+    tokens = torch.randint(64, (2, 8))
+    with torch.no_grad():
+        assert model(tokens).logits.shape == (2, 8, 64)

@@ -189,9 +189,14 @@ def load_sparse(folder: str | Path, model: nn.Module, strict: bool = True) -> nn
 
 
 def load_hf_sparse(folder: str | Path, model_class: type | None = None) -> nn.Module:
-    """A Hugging Face model folder written by ``sparseblocks sparsify``: built from its ``config.json``
-    (``model_class`` defaults to ``transformers.AutoModel``), then :func:`load_sparse`; in eval mode."""
-    from transformers import AutoConfig, AutoModel
+    """A Hugging Face model folder written by ``sparseblocks sparsify`` or ``prune``: built from its
+    ``config.json`` (``model_class`` defaults to the auto class of the head its ``architectures`` name: causal LM,
+    masked LM, or the bare model), then :func:`load_sparse`; in eval mode."""
+    from transformers import AutoConfig
 
-    model = (model_class or AutoModel).from_config(AutoConfig.from_pretrained(folder))
+    from sparseblocks.pretrained import model_class as head_class
+    from sparseblocks.pretrained import model_head
+
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    model = (model_class or head_class(model_head(config))).from_config(config)
     return load_sparse(folder, model).eval()

@@ -112,27 +112,25 @@ def _bench_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _save_hf_folder(model, report, source, out, model_class: str = "") -> int:
+def _save_hf_folder(model, report, source, out) -> int:
     """Print the report, save ``model`` as the sparse Hugging Face folder ``out`` (with ``source``'s config and
     tokenizer) and say how to load it; exit status 1 when nothing was sparsified."""
     from sparseblocks.pretrained import save_hf_sparse
 
     print(report)
     save_hf_sparse(model, source, out)
-    loader = f"'{out}', transformers.{model_class}" if model_class else f"'{out}'"
-    print(f"saved to {out}; load it with sparseblocks.checkpoint.load_hf_sparse({loader})")
+    print(f"saved to {out}; load it with sparseblocks.checkpoint.load_hf_sparse('{out}')")
     return 0 if report.layers else 1
 
 
 def _sparsify(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from transformers import AutoModel
-
     from sparseblocks import SparsityConfig, sparsify
+    from sparseblocks.pretrained import load_pretrained
 
     source, out = Path(args.model_dir), Path(args.out)
-    model = AutoModel.from_pretrained(source)
+    model = load_pretrained(source)[0]  # with its head (a causal LM keeps lm_head)
     targets = args.targets.split(",")
     exclude = args.exclude.split(",") if args.exclude else []
     report = sparsify(model, SparsityConfig(args.sparsity, args.block, targets, exclude, fuse_mlp=args.fuse_mlp))
@@ -145,7 +143,7 @@ def _prune(args: argparse.Namespace) -> int:
     import torch
 
     from sparseblocks import SparsityConfig
-    from sparseblocks.pretrained import MODEL_CLASSES, calibration_tokens, load_pretrained, prune_pretrained
+    from sparseblocks.pretrained import calibration_tokens, load_pretrained, prune_pretrained
 
     source, out = Path(args.model_dir), Path(args.out)
     text = None
@@ -170,7 +168,7 @@ def _prune(args: argparse.Namespace) -> int:
         report = prune_pretrained(model, config, args.method, tokens, head, tokenizer, args.seed)
     except (OSError, ValueError) as error:
         raise SystemExit(f"sparseblocks prune: {error}") from error
-    return _save_hf_folder(model.cpu(), report, source, out, MODEL_CLASSES[head])
+    return _save_hf_folder(model.cpu(), report, source, out)
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -5,7 +5,7 @@
     model, tokenizer, head = load_pretrained("path/to/folder")
     tokens = calibration_tokens(Path("calibration.txt").read_text(), tokenizer, model.config.vocab_size, 128, 128)
     report = prune_pretrained(model, SparsityConfig(0.9, 32, "mlp"), "fisher", tokens, head, tokenizer)
-    save_hf_sparse(model, "path/to/folder", "out/")  # load_hf_sparse("out/", model_class(head)) reads it back
+    save_hf_sparse(model, "path/to/folder", "out/")  # load_hf_sparse("out/") reads it back, head included
 
 The folder's ``config.json`` ``architectures`` name its head, and the model is loaded with it, so that a language
 model keeps its output layer and its own loss: ``*ForCausalLM`` (``causal_lm``), ``*ForMaskedLM`` (``masked_lm``),
