@@ -200,3 +200,20 @@ def test_unknown_method_is_refused_by_the_parser_and_the_library(folders, capsys
     model = load_pretrained(folders["bert"])[0]
     with pytest.raises(ValueError, match="method must be one of"):
         prune_pretrained(model, SparsityConfig(0.5, 16), "supermask")
+
+
+def test_reconstruction_keeps_the_tiles_and_moves_outputs_toward_the_dense_model(folders):
+    dense, tokenizer, head = load_pretrained(folders["bert"])
+    tokens = calibration_tokens(folders["calibration"].read_text(), tokenizer, dense.config.vocab_size, 6, 16)
+    config = SparsityConfig(0.5, 16, "mlp")
+    errors, masks = {}, {}
+    for refit in (False, True):
+        model = load_pretrained(folders["bert"])[0]
+        prune_pretrained(model, config, "activation_magnitude", tokens, head, tokenizer, reconstruct=refit)
+        masks[refit] = {name: layer.matrix.block_mask() for name, layer in sparse_layers(model).items()}
+        with torch.no_grad():
+            errors[refit] = (model(input_ids=tokens)[0] - dense(input_ids=tokens)[0]).norm().item()
+    assert all(torch.equal(masks[False][name], masks[True][name]) for name in masks[False])
+    assert errors[True] < 0.8 * errors[False]
+    with pytest.raises(ValueError, match="with reconstruction needs calibration tokens"):
+        prune_pretrained(load_pretrained(folders["bert"])[0], config, "magnitude", None, head, reconstruct=True)

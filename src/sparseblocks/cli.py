@@ -147,9 +147,10 @@ def _prune(args: argparse.Namespace) -> int:
 
     source, out = Path(args.model_dir), Path(args.out)
     text = None
-    if args.method != "magnitude":  # read before the model loads: a wrong path fails at once
+    if args.method != "magnitude" or args.reconstruct:  # read before the model loads: a wrong path fails at once
         if args.calibration is None:
-            raise SystemExit(f"sparseblocks prune: --method {args.method} needs --calibration FILE (plain text)")
+            what = "--reconstruct" if args.reconstruct else f"--method {args.method}"
+            raise SystemExit(f"sparseblocks prune: {what} needs --calibration FILE (plain text)")
         try:
             text = Path(args.calibration).read_text(encoding="utf-8", errors="replace")
         except OSError as error:
@@ -165,7 +166,7 @@ def _prune(args: argparse.Namespace) -> int:
             tokens = calibration_tokens(text, tokenizer, vocab, args.samples, args.seq_len, args.seed)
             origin = args.calibration if tokenizer is not None else "random token ids (no tokenizer)"
             print(f"calibration: {len(tokens)} windows of {tokens.shape[1]} tokens from {origin}")
-        report = prune_pretrained(model, config, args.method, tokens, head, tokenizer, args.seed)
+        report = prune_pretrained(model, config, args.method, tokens, head, tokenizer, args.seed, args.reconstruct)
     except (OSError, ValueError) as error:
         raise SystemExit(f"sparseblocks prune: {error}") from error
     return _save_hf_folder(model.cpu(), report, source, out)
@@ -298,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
     prune.add_argument("--seq-len", type=int, default=128, help="tokens per window (default 128)")
     prune.add_argument("--seed", type=int, default=0, help="seed of masking, random directions, random ids")
+    prune.add_argument("--reconstruct", action="store_true",
+                       help="refit the kept weights layer by layer on the calibration text")  # fmt: skip
     prune.add_argument("--device", help="where to run the calibration (default cuda when there is one, else cpu)")
     prune.add_argument("--out", required=True, help="output folder")
     prune.set_defaults(run=_prune)

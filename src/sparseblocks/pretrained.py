@@ -161,24 +161,33 @@ def prune_pretrained(
     head: str = "base",
     tokenizer=None,
     seed: int = 0,
+    reconstruct: bool = False,
 ) -> SparsifyReport:
     """Prune ``model``'s targets in one shot by ``method`` (:data:`PRUNE_METHODS`) from calibration ``tokens``
-    ``(samples, seq_len)`` (unused by magnitude), and replace them by ``BlockSparseLinear``; returns the report."""
+    ``(samples, seq_len)`` (unused by magnitude), and replace them by ``BlockSparseLinear``; returns the report.
+
+    reconstruct: then refit the kept weights layer by layer to reproduce the dense layers' outputs on the
+    calibration tokens (:func:`sparseblocks.reconstruct.reconstruct`)."""
     if method not in PRUNE_METHODS:
         raise ValueError(f"method must be one of {PRUNE_METHODS}, got {method!r}")
     if head not in MODEL_CLASSES:
         raise ValueError(f"head must be one of {tuple(MODEL_CLASSES)}, got {head!r}")
-    if method != "magnitude" and tokens is None:
-        raise ValueError(f"{method} needs calibration tokens")
+    if (method != "magnitude" or reconstruct) and tokens is None:
+        raise ValueError(f"{method}{' with reconstruction' if reconstruct else ''} needs calibration tokens")
     positions = getattr(model.config, "max_position_embeddings", None)
     if tokens is not None and positions and tokens.shape[1] > positions:
         raise ValueError(f"windows of {tokens.shape[1]} tokens exceed the model's {positions} positions (--seq-len)")
     pruner = Pruner(model, config, method=method)
     device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def calibrate() -> None:
+        for batch in tokens.split(ACTIVATION_BATCH):
+            model(input_ids=batch.to(device))
+
     if method == "activation_magnitude":
-        with pruner.observe_inputs(), torch.no_grad():
-            for batch in tokens.split(ACTIVATION_BATCH):
-                model(input_ids=batch.to(device))
+        with pruner.observe_inputs():
+            calibrate()
     elif method == "fisher":
         generator = torch.Generator(device).manual_seed(seed)
         # gradients of the targets' weights only: no memory for the others' (embeddings can be the largest)
@@ -195,8 +204,12 @@ def prune_pretrained(
         finally:
             for parameter, flag in trainable.items():
                 parameter.requires_grad_(flag)
-    pruner.step()  # no schedule: the masks are chosen at the first step, at the configured sparsity
-    return pruner.finalize()
+    pruner.update_masks()  # at the configured sparsity
+    if reconstruct:
+        from sparseblocks.reconstruct import reconstruct as refit
+
+        refit(model, pruner.masks, pruner.block, calibrate)
+    return pruner.finalize()  # applies the masks, then BlockSparseLinear
 
 
 def save_hf_sparse(model: nn.Module, source: str | Path, out: str | Path) -> Path:
