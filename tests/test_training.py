@@ -141,3 +141,48 @@ def test_ddp_all_reduces_the_gradient_over_gloo():
     expected = layer.values.grad / world  # DDP averages the per-rank sums
     for grad in grads:
         assert torch.allclose(grad, expected, atol=1e-5)
+
+
+def _sparse_gpt():
+    """A tiny GPT whose MLPs (and attention) the patcher made block-sparse, MLPs fused: the same on every rank."""
+    from sparseblocks import SparsityConfig, sparsify
+    from sparseblocks.gpt import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=17, context=8, layers=2, heads=2, width=32))
+    sparsify(model, SparsityConfig(0.5, 16, targets=["mlp", "attention"], fuse_mlp=True))
+    return model
+
+
+def _train_steps(model, tokens, steps=2):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        model(tokens[:, :-1], tokens[:, 1:])[1].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def _ddp_model_worker(rank: int, world: int, port: int, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = _sparse_gpt()
+        tokens = torch.randint(17, (world * 4, 9), generator=torch.Generator().manual_seed(1))
+        _train_steps(nn.parallel.DistributedDataParallel(model), tokens[rank * 4 : (rank + 1) * 4])
+        results[rank] = {name: p.detach().clone() for name, p in model.named_parameters()}
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_trains_a_sparsified_model_like_one_process_on_the_whole_batch():
+    """Whole-model DDP: BlockSparseLinear and fused SparseMLP parameters all-reduce like any other."""
+    world = 2
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_ddp_model_worker, args=(world, _free_port(), results), nprocs=world)
+        ranks = [dict(results[rank]) for rank in range(world)]
+    model = _sparse_gpt()
+    _train_steps(model, torch.randint(17, (world * 4, 9), generator=torch.Generator().manual_seed(1)))
+    for name, parameter in model.named_parameters():
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+        assert torch.allclose(ranks[0][name], parameter, atol=1e-5), name

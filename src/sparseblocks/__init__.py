@@ -3,7 +3,8 @@
 Public API: :class:`BlockSparseMatrix` (the format), :func:`spmm` (the op), :class:`BlockSparseLinear` (the
 module), :class:`SparseMLP` and :func:`fuse_mlps` (whole MLPs), :func:`sparsify` / :func:`densify` with
 :class:`SparsityConfig` (whole models), :func:`save_sparse` /
-:func:`load_sparse` (checkpoints), :class:`Pruner` with :class:`CubicSchedule` (choosing the tiles).
+:func:`load_sparse` (checkpoints), :class:`Pruner` with :class:`CubicSchedule` (choosing the tiles),
+:func:`reconstruct` (refitting the kept weights to calibration data).
 """
 
 __version__ = "0.1.0"
@@ -14,6 +15,7 @@ from sparseblocks.nn import BlockSparseLinear, SparseMLP
 from sparseblocks.ops import spmm
 from sparseblocks.patch import SparsityConfig, densify, fuse_mlps, sparsify
 from sparseblocks.prune import CubicSchedule, Pruner
+from sparseblocks.reconstruct import reconstruct
 
 __all__ = [
     "BlockSparseLinear",
@@ -26,6 +28,7 @@ __all__ = [
     "densify",
     "fuse_mlps",
     "load_sparse",
+    "reconstruct",
     "save_sparse",
     "sparsify",
     "spmm",
