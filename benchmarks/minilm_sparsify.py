@@ -88,7 +88,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="../shared/data/tinyshakespeare.txt")
     parser.add_argument("--held-out", type=int, default=300)
-    parser.add_argument("--recovery-steps", type=int, default=300)
+    parser.add_argument("--recovery-steps", type=int, default=300, help="0: one-shot rows only")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--method", default="magnitude", choices=("magnitude", "activation_magnitude"))
@@ -123,7 +123,7 @@ def main() -> None:
     # the issue asks 0.5-0.9; 0.1 and 0.3 show where it breaks
     for sparsity in (float(s) for s in args.sparsities.split(",")):
         for block in (int(b) for b in args.blocks.split(",")):
-            trainings = ("none", "recovery") if sparsity >= 0.5 else ("none",)
+            trainings = ("none", "recovery") if sparsity >= 0.5 and args.recovery_steps else ("none",)
             for training in trainings:
                 model = copy.deepcopy(dense)
                 pruner = Pruner(model, SparsityConfig(sparsity, block, targets="mlp"), method=args.method)
