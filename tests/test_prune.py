@@ -185,3 +185,37 @@ def test_trainer_callback_steps_the_pruner():
     callback = trainer_callback(pruner)
     callback.on_step_end(args=None, state=None, control=None)
     assert pruner.step_count == 1 and pruner.sparsity()["0"] == pytest.approx(0.75)
+
+
+def test_state_dict_round_trip_continues_the_same_pruning():
+    """A pruner restored from its state dict updates its masks exactly as the original does."""
+
+    def setup():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32))
+        return model, Pruner(model, SparsityConfig(0.75, 16, targets="all-linear"), "fisher", CubicSchedule(0, 4, 1))
+
+    def train(model, pruner, steps):
+        for _ in range(steps):
+            model(torch.randn(8, 32)).square().sum().backward()
+            pruner.observe_gradients()
+            model.zero_grad()
+            pruner.step()
+
+    torch.manual_seed(1)
+    model, pruner = setup()
+    train(model, pruner, 2)
+    model2, pruner2 = setup()
+    model2.load_state_dict(model.state_dict())
+    pruner2.load_state_dict(pruner.state_dict())
+    state = torch.get_rng_state()
+    train(model, pruner, 3)
+    torch.set_rng_state(state)
+    train(model2, pruner2, 3)
+    assert pruner2.step_count == pruner.step_count == 5
+    for name in pruner.masks:
+        assert torch.equal(pruner.masks[name], pruner2.masks[name])
+    with pytest.raises(ValueError, match="the state prunes"):
+        Pruner(nn.Sequential(nn.Linear(32, 64)), SparsityConfig(0.5, 16, targets="all-linear")).load_state_dict(
+            pruner.state_dict()
+        )

@@ -255,6 +255,31 @@ class Pruner:
         """The current fraction of pruned tiles per target."""
         return {name: 1.0 - mask.float().mean().item() for name, mask in self.masks.items()}
 
+    def state_dict(self) -> dict:
+        """What the pruner has learned while training (masks, input and gradient statistics, step count, Supermask's
+        current sparsities), for checkpoints: tensors and plain values."""
+        state = {
+            "step_count": self.step_count,
+            "gradient_batches": self.gradient_batches,
+            "masks": dict(self.masks),
+            "input_sq": dict(self.input_sq),
+            "grad_sq": dict(self.grad_sq),
+        }
+        if self.method == "supermask":
+            state["sparsity"] = {name: layer.sparsity for name, layer in self.layers.items()}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict`; raises ``ValueError`` when it prunes other layers."""
+        if set(state["masks"]) != set(self.layers):
+            raise ValueError(f"the state prunes {sorted(state['masks'])}, this pruner {sorted(self.layers)}")
+        devices = {name: layer.weight.device for name, layer in self.layers.items()}
+        self.step_count, self.gradient_batches = state["step_count"], state["gradient_batches"]
+        for field in ("masks", "input_sq", "grad_sq"):
+            setattr(self, field, {name: t.to(devices[name]) for name, t in state[field].items()})
+        for name, sparsity in state.get("sparsity", {}).items():
+            self.layers[name].sparsity = sparsity
+
     def finalize(self) -> SparsifyReport:
         """Replace the targets by ``BlockSparseLinear`` holding exactly the kept tiles; returns the report."""
         if self.method == "supermask":

@@ -42,7 +42,6 @@ from torch import nn
 from sparseblocks.checkpoint import load_sparse, save_sparse
 from sparseblocks.experiments import Experiment, PruningRun
 from sparseblocks.gpt import GPT, CharData, GPTConfig
-from sparseblocks.nn.supermask import SupermaskLinear
 from sparseblocks.patch import SparsityConfig, model_size
 from sparseblocks.prune import CubicSchedule, Pruner
 from sparseblocks.vit import ClassifierTraining, ViT, ViTConfig, accuracy
@@ -102,45 +101,17 @@ def _decode(value: object, tensors: dict[str, torch.Tensor]) -> object:
     return {k: _decode(v, tensors) for k, v in value.items()}
 
 
-def _pruner_state(pruner: Pruner) -> dict:
-    """What a pruner learns while training: masks, statistics, step, and Supermask's current sparsities."""
-    state = {
-        "step_count": pruner.step_count,
-        "gradient_batches": pruner.gradient_batches,
-        "masks": dict(pruner.masks),
-        "input_sq": dict(pruner.input_sq),
-        "grad_sq": dict(pruner.grad_sq),
-    }
-    if pruner.method == "supermask":
-        state["sparsity"] = {name: layer.sparsity for name, layer in pruner.layers.items()}
-    return state
-
-
-def _load_pruner_state(pruner: Pruner, state: dict) -> None:
-    if set(state["masks"]) != set(pruner.layers):
-        raise ResumeError(f"the checkpoint prunes {sorted(state['masks'])}, this run {sorted(pruner.layers)}")
-    devices = {name: layer.weight.device for name, layer in pruner.layers.items()}
-    pruner.step_count, pruner.gradient_batches = state["step_count"], state["gradient_batches"]
-    for field in ("masks", "input_sq", "grad_sq"):
-        setattr(pruner, field, {name: t.to(devices[name]) for name, t in state[field].items()})
-    for name, sparsity in state.get("sparsity", {}).items():
-        layer = pruner.layers[name]
-        assert isinstance(layer, SupermaskLinear)
-        layer.sparsity = sparsity
-
-
 def capture_state(parts: dict[str, object]) -> dict:
-    """The state of a training's ``parts`` (modules, optimizers, schedulers, pruners, generators, tensors; None
-    skipped) and of the global RNGs, as nested dicts of tensors and plain values."""
+    """The state of a training's ``parts`` (modules, optimizers, schedulers, pruners: anything with a
+    ``state_dict``; generators, tensors; None skipped) and of the global RNGs, as nested dicts of tensors and plain
+    values."""
     state: dict[str, object] = {"rng": torch.get_rng_state()}  # dropout draws from it
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
     for name, part in parts.items():
         if part is None:
             continue
-        if isinstance(part, Pruner):
-            state[name] = _pruner_state(part)
-        elif isinstance(part, torch.Generator):
+        if isinstance(part, torch.Generator):
             state[name] = part.get_state()
         elif isinstance(part, torch.Tensor):
             state[name] = part
@@ -160,14 +131,15 @@ def restore_state(parts: dict[str, object], state: dict) -> None:
     for name, part in parts.items():
         if part is None:
             continue
-        if isinstance(part, Pruner):
-            _load_pruner_state(part, state[name])
-        elif isinstance(part, torch.Generator):
+        if isinstance(part, torch.Generator):
             part.set_state(state[name])
         elif isinstance(part, torch.Tensor):
             part.copy_(state[name])
         else:
-            part.load_state_dict(state[name])
+            try:
+                part.load_state_dict(state[name])
+            except (RuntimeError, ValueError) as error:  # a model or pruner of another shape than the checkpoint's
+                raise ResumeError(f"the checkpoint's {name} does not fit this run: {error}") from error
 
 
 def save_training_state(path: str | Path, step: int, recipe: dict, parts: dict[str, object]) -> None:
