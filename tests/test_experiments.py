@@ -25,12 +25,13 @@ def test_every_method_trains_and_reports(method, data):
     dense_weights = 2 * 32 * 128
     if method == "dense":
         assert row["mlp_weights"] == dense_weights
-    else:  # iso-parameter dense or a sparse model: about half the MLP weights (whole tiles)
+    else:  # iso-parameter dense or a sparse model: about half the MLP weights (whole tiles, or 2 of 4)
         assert row["mlp_weights"] == pytest.approx(dense_weights / 2, rel=0.05)
 
 
 def test_grid_has_every_method_and_the_extra_blocks():
     runs = grid((0.5, 0.9), (32,), extra_blocks=(16, 64))
     assert runs[0] == ("dense", 0.0, None)
-    assert len(runs) == 1 + 2 * (1 + 6) + 2 * 6
+    assert len(runs) == 1 + 2 * (1 + 6) + 2 * 6 + 2
     assert ("fisher", 0.9, 64) in runs and ("fisher", 0.5, 64) not in runs
+    assert ("magnitude_2_4", 0.5, None) in runs and ("magnitude_2_4", 0.9, None) not in runs

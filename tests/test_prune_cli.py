@@ -9,7 +9,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from sparseblocks import BlockSparseLinear  # noqa: E402
+from sparseblocks import BlockSparseLinear, SemiStructuredLinear  # noqa: E402
 from sparseblocks.checkpoint import load_hf_sparse  # noqa: E402
 from sparseblocks.cli import build_parser, main  # noqa: E402
 from sparseblocks.masks import expand_block_mask  # noqa: E402
@@ -217,3 +217,24 @@ def test_reconstruction_keeps_the_tiles_and_moves_outputs_toward_the_dense_model
     assert errors[True] < 0.8 * errors[False]
     with pytest.raises(ValueError, match="with reconstruction needs calibration tokens"):
         prune_pretrained(load_pretrained(folders["bert"])[0], config, "magnitude", None, head, reconstruct=True)
+
+
+def test_two_of_four_from_the_command_line_with_reconstruction(folders, tmp_path):
+    dense, tokenizer, head = load_pretrained(folders["bert"])
+    tokens = calibration_tokens(folders["calibration"].read_text(), tokenizer, dense.config.vocab_size, 6, 16)
+    errors = {}
+    for refit in (False, True):
+        out = tmp_path / f"refit_{refit}"
+        argv = ["prune", str(folders["bert"]), "--pattern", "2:4", "--method", "activation_magnitude", "--calibration",
+                str(folders["calibration"]), "--samples", "6", "--seq-len", "16", "--out", str(out)]  # fmt: skip
+        assert main(argv + ["--reconstruct"] * refit) == 0
+        model = load_hf_sparse(out, model_class(head))
+        layers = sparse_layers(model)
+        assert len(layers) == 4 and all(isinstance(layer, SemiStructuredLinear) for layer in layers.values())
+        for layer in layers.values():
+            assert (layer.mask().reshape(layer.out_features, -1, 4).sum(-1) == 2).all()
+        with torch.no_grad():
+            errors[refit] = (model(input_ids=tokens)[0] - dense(input_ids=tokens)[0]).norm().item()
+    assert errors[True] < 0.8 * errors[False]
+    with pytest.raises(SystemExit, match="sparsity must be 0.5"):
+        main(["sparsify", str(folders["bert"]), "--pattern", "2:4", "--sparsity", "0.9", "--out", str(tmp_path / "x")])

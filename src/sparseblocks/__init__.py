@@ -1,8 +1,8 @@
 """sparseblocks: block-sparse transformers in PyTorch and Triton.
 
 Public API: :class:`BlockSparseMatrix` (the format), :func:`spmm` (the op), :class:`BlockSparseLinear` (the
-module), :class:`SparseMLP` and :func:`fuse_mlps` (whole MLPs), :func:`sparsify` / :func:`densify` with
-:class:`SparsityConfig` (whole models), :func:`save_sparse` /
+module), :class:`SemiStructuredLinear` (2:4 weights), :class:`SparseMLP` and :func:`fuse_mlps` (whole MLPs),
+:func:`sparsify` / :func:`densify` with :class:`SparsityConfig` (whole models), :func:`save_sparse` /
 :func:`load_sparse` (checkpoints), :class:`Pruner` with :class:`CubicSchedule` (choosing the tiles),
 :func:`reconstruct` (refitting the kept weights to calibration data).
 """
@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 from sparseblocks.checkpoint import load_sparse, save_sparse
 from sparseblocks.format import BlockSparseMatrix
-from sparseblocks.nn import BlockSparseLinear, SparseMLP
+from sparseblocks.nn import BlockSparseLinear, SemiStructuredLinear, SparseMLP
 from sparseblocks.ops import spmm
 from sparseblocks.patch import SparsityConfig, densify, fuse_mlps, sparsify
 from sparseblocks.prune import CubicSchedule, Pruner
@@ -22,6 +22,7 @@ __all__ = [
     "BlockSparseMatrix",
     "CubicSchedule",
     "Pruner",
+    "SemiStructuredLinear",
     "SparseMLP",
     "SparsityConfig",
     "__version__",

@@ -1,10 +1,11 @@
 """Save and load sparsified models: safetensors for the tensors, JSON for what the sparse layers are. No pickle.
 
 ``save_sparse(model, folder)`` writes ``sparseblocks.safetensors`` (the whole state dict: the sparse layers' tiles
-and indices and every dense tensor, tied weights once) and ``sparseblocks.json`` (library version and, per sparse
-layer, its shape, block, tile count, density and dtype). ``load_sparse(folder, model)`` turns the named linears of
-a freshly built model into ``BlockSparseLinear`` and loads everything. Each tensor read from disk is checked against
-the JSON and each matrix is validated (index bounds, pointer monotonicity, shapes, dtypes) before any kernel can
+and indices, or 2:4 values and group masks, and every dense tensor, tied weights once) and ``sparseblocks.json``
+(library version and, per sparse layer, its pattern, shape, block, tile count, density and dtype).
+``load_sparse(folder, model)`` turns the named linears of a freshly built model into sparse layers and loads
+everything. Each tensor read from disk is checked against the JSON and each matrix or 2:4 mask is validated (index
+bounds, pointer monotonicity, shapes, dtypes, two of four kept) before any kernel can
 see it: a crafted file gets a ``ValueError`` that says what is wrong, never an illegal memory access.
 """
 
@@ -19,8 +20,9 @@ from safetensors.torch import save_model
 from torch import nn
 
 from sparseblocks.format import BlockSparseMatrix, normalize_block_size
-from sparseblocks.nn import BlockSparseLinear, SparseMLP
-from sparseblocks.patch import fuse_mlps, replace_module, sparse_layers
+from sparseblocks.nn import BlockSparseLinear, SemiStructuredLinear, SparseMLP
+from sparseblocks.nn.semi_structured import GROUP, KEPT
+from sparseblocks.patch import PATTERNS, fuse_mlps, replace_module, sparse_layers
 
 WEIGHTS_FILE = "sparseblocks.safetensors"
 CONFIG_FILE = "sparseblocks.json"
@@ -35,14 +37,15 @@ def save_sparse(model: nn.Module, folder: str | Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     layers = {}
     for name, layer in sparse_layers(model).items():
-        matrix = layer.matrix
+        entry = {"out_features": layer.out_features, "in_features": layer.in_features}
+        if isinstance(layer, SemiStructuredLinear):
+            entry.update(pattern="2:4", density=KEPT / GROUP)
+        else:
+            matrix = layer.matrix
+            entry.update(block=list(matrix.block_shape), nnz=matrix.nnz, density=matrix.density)
         layers[name] = {
-            "out_features": layer.out_features,
-            "in_features": layer.in_features,
-            "block": list(matrix.block_shape),
-            "nnz": matrix.nnz,
-            "density": matrix.density,
-            "dtype": str(matrix.dtype).removeprefix("torch."),
+            **entry,
+            "dtype": str(layer.values.dtype).removeprefix("torch."),
             "bias": layer.bias is not None,
         }
     fused = [name for name, module in model.named_modules() if isinstance(module, SparseMLP)]
@@ -65,26 +68,37 @@ def _read_config(folder: Path) -> dict:
     if not isinstance(layers, dict):
         raise ValueError(f"{folder / CONFIG_FILE}: 'layers' must be a mapping")
     for name, entry in layers.items():
-        fields = ("out_features", "in_features", "nnz")
-        if not isinstance(entry, dict) or any(not isinstance(entry.get(f), int) or entry[f] < 0 for f in fields):
+        if not isinstance(entry, dict) or entry.setdefault("pattern", "block") not in PATTERNS:
+            raise ValueError(f"{CONFIG_FILE}: layer {name!r} needs a mapping with a pattern of {PATTERNS}")
+        fields = (
+            ("out_features", "in_features", "nnz") if entry["pattern"] == "block" else ("out_features", "in_features")
+        )
+        if any(not isinstance(entry.get(f), int) or entry[f] < 0 for f in fields):
             raise ValueError(f"{CONFIG_FILE}: layer {name!r} needs non-negative integers {fields}")
         if not isinstance(entry.get("bias"), bool):
             raise ValueError(f"{CONFIG_FILE}: layer {name!r} needs a boolean 'bias'")
-        normalize_block_size(entry.get("block"))
+        if entry["pattern"] == "block":
+            normalize_block_size(entry.get("block"))
+        elif entry["in_features"] % GROUP:
+            raise ValueError(f"{CONFIG_FILE}: 2:4 layer {name!r} needs in_features divisible by {GROUP}")
     fused = config.setdefault("fused_mlps", [])
     if not isinstance(fused, list) or not all(isinstance(name, str) for name in fused):
         raise ValueError(f"{folder / CONFIG_FILE}: 'fused_mlps' must be a list of module names")
     return config
 
 
-def _load_layer(name: str, entry: dict, tensors: dict[str, torch.Tensor]) -> BlockSparseLinear:
-    """Check a layer's tensors against its JSON entry and build the module (validating the matrix)."""
-    bn, bk = normalize_block_size(entry["block"])
-    expected = {
-        "values": (entry["nnz"], bn, bk),
-        "crow_indices": (-(-entry["out_features"] // bn) + 1,),
-        "col_indices": (entry["nnz"],),
-    }
+def _load_layer(name: str, entry: dict, tensors: dict[str, torch.Tensor]) -> BlockSparseLinear | SemiStructuredLinear:
+    """Check a layer's tensors against its JSON entry and build the module (validating the matrix or 2:4 masks)."""
+    n, k = entry["out_features"], entry["in_features"]
+    if entry["pattern"] == "2:4":
+        expected = {"values": (n, k * KEPT // GROUP), "groups": (n, k // GROUP)}
+    else:
+        bn, bk = normalize_block_size(entry["block"])
+        expected = {
+            "values": (entry["nnz"], bn, bk),
+            "crow_indices": (-(-n // bn) + 1,),
+            "col_indices": (entry["nnz"],),
+        }
     if entry["bias"]:
         expected["bias"] = (entry["out_features"],)
     for part, shape in expected.items():
@@ -96,9 +110,10 @@ def _load_layer(name: str, entry: dict, tensors: dict[str, torch.Tensor]) -> Blo
     values, bias = tensors[f"{name}.values"], tensors.get(f"{name}.bias") if entry["bias"] else None
     if not values.is_floating_point() or (bias is not None and bias.dtype != values.dtype):
         raise ValueError(f"layer {name!r}: values and bias must share one floating dtype")
-    shape = (entry["out_features"], entry["in_features"])
     try:
-        matrix = BlockSparseMatrix(values, tensors[f"{name}.crow_indices"], tensors[f"{name}.col_indices"], shape)
+        if entry["pattern"] == "2:4":
+            return SemiStructuredLinear(values, tensors[f"{name}.groups"], bias)
+        matrix = BlockSparseMatrix(values, tensors[f"{name}.crow_indices"], tensors[f"{name}.col_indices"], (n, k))
     except ValueError as error:
         raise ValueError(f"layer {name!r}: {error}") from error
     return BlockSparseLinear.from_matrix(matrix, bias)
@@ -155,7 +170,7 @@ def load_sparse(folder: str | Path, model: nn.Module, strict: bool = True) -> nn
             current = model.get_submodule(name)
         except AttributeError as error:
             raise ValueError(f"layer {name!r} of the checkpoint is not in the model") from error
-        if not isinstance(current, nn.Linear | BlockSparseLinear) or (
+        if not isinstance(current, nn.Linear | BlockSparseLinear | SemiStructuredLinear) or (
             (current.out_features, current.in_features) != (entry["out_features"], entry["in_features"])
         ):
             raise ValueError(

@@ -123,18 +123,29 @@ def _save_hf_folder(model, report, source, out) -> int:
     return 0 if report.layers else 1
 
 
+def _sparsity_config(args: argparse.Namespace):
+    """The ``SparsityConfig`` of ``sparsify`` and ``prune``'s options (2:4 implies sparsity 0.5)."""
+    from sparseblocks import SparsityConfig
+
+    sparsity = args.sparsity if args.sparsity is not None else (0.5 if args.pattern == "2:4" else 0.9)
+    exclude = args.exclude.split(",") if args.exclude else []
+    targets = args.targets.split(",")
+    return SparsityConfig(sparsity, args.block, targets, exclude, fuse_mlp=args.fuse_mlp, pattern=args.pattern)
+
+
 def _sparsify(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from sparseblocks import SparsityConfig, sparsify
+    from sparseblocks import sparsify
     from sparseblocks.pretrained import load_pretrained
 
     source, out = Path(args.model_dir), Path(args.out)
+    try:
+        config = _sparsity_config(args)
+    except ValueError as error:
+        raise SystemExit(f"sparseblocks sparsify: {error}") from error
     model = load_pretrained(source)[0]  # with its head (a causal LM keeps lm_head)
-    targets = args.targets.split(",")
-    exclude = args.exclude.split(",") if args.exclude else []
-    report = sparsify(model, SparsityConfig(args.sparsity, args.block, targets, exclude, fuse_mlp=args.fuse_mlp))
-    return _save_hf_folder(model, report, source, out)
+    return _save_hf_folder(model, sparsify(model, config), source, out)
 
 
 def _prune(args: argparse.Namespace) -> int:
@@ -142,7 +153,6 @@ def _prune(args: argparse.Namespace) -> int:
 
     import torch
 
-    from sparseblocks import SparsityConfig
     from sparseblocks.pretrained import calibration_tokens, load_pretrained, prune_pretrained
 
     source, out = Path(args.model_dir), Path(args.out)
@@ -156,9 +166,8 @@ def _prune(args: argparse.Namespace) -> int:
         except OSError as error:
             raise SystemExit(f"sparseblocks prune: cannot read --calibration {args.calibration}: {error}") from error
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    exclude = args.exclude.split(",") if args.exclude else []
     try:
-        config = SparsityConfig(args.sparsity, args.block, args.targets.split(","), exclude, fuse_mlp=args.fuse_mlp)
+        config = _sparsity_config(args)
         model, tokenizer, head = load_pretrained(source, device)
         tokens = None
         if text is not None:
@@ -237,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_demo)
 
     from sparseblocks.experiments import METHODS, Experiment  # torch is loaded with the package: cheap here
+    from sparseblocks.patch import PATTERNS
     from sparseblocks.recipes import ViTRecipe
 
     train = commands.add_parser("train", help="training recipes: prune while training, convert, save; resumable")
@@ -274,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sparsify = commands.add_parser("sparsify", help="sparsify a Hugging Face model folder and save it")
     sparsify.add_argument("model_dir", help="a Hugging Face model folder (config.json and weights)")
-    sparsify.add_argument("--sparsity", type=float, default=0.9, help="fraction of tiles pruned (default 0.9)")
+    sparsify.add_argument("--sparsity", type=float, help="fraction of tiles pruned (default 0.9; 0.5 for 2:4)")
+    sparsify.add_argument("--pattern", default="block", choices=PATTERNS, help="tiles, or 2 of every 4 weights (2:4)")
     sparsify.add_argument("--block", type=int, default=32, choices=(16, 32, 64, 128), help="block size (default 32)")
     sparsify.add_argument("--targets", default="mlp", help="comma-separated presets, globs or re:<regex> (default mlp)")
     sparsify.add_argument("--exclude", default="", help="comma-separated presets, globs or re:<regex> to leave dense")
@@ -290,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("magnitude", "activation_magnitude", "fisher"),
         help="tile scores: weights, weights x input norms, or weights^2 x Fisher (default magnitude)",
     )
-    prune.add_argument("--sparsity", type=float, default=0.9, help="fraction of tiles pruned (default 0.9)")
+    prune.add_argument("--sparsity", type=float, help="fraction of tiles pruned (default 0.9; 0.5 for 2:4)")
+    prune.add_argument("--pattern", default="block", choices=PATTERNS, help="tiles, or 2 of every 4 weights (2:4)")
     prune.add_argument("--block", type=int, default=32, choices=(16, 32, 64, 128), help="block size (default 32)")
     prune.add_argument("--targets", default="mlp", help="comma-separated presets, globs or re:<regex> (default mlp)")
     prune.add_argument("--exclude", default="", help="comma-separated presets, globs or re:<regex> to leave dense")

@@ -9,6 +9,8 @@ Protocol (all methods train ``steps`` steps from the same initialisation on the 
   (fisher from the gradients of the steps since the previous update).
 * ``prune_grow``: magnitude at ``prune_start``, then tile swaps every ``regrow_every`` steps until ``prune_end``.
 * ``supermask``: block scores trained from the first step, sparsity ramped until ``prune_end``.
+* ``magnitude_2_4`` and ``activation_magnitude_2_4`` (sparsity 0.5 only): the 2:4 pattern, chosen per weight at
+  ``prune_start`` as the one-shot methods do, then trained masked (NVIDIA's ASP recipe).
 
 Pruned models are converted to ``BlockSparseLinear`` at the end; the validation loss is of that converted model.
 """
@@ -33,7 +35,10 @@ METHODS = (
     "gradual_magnitude",
     "prune_grow",
     "fisher",
+    "magnitude_2_4",
+    "activation_magnitude_2_4",
 )
+TWO_OF_FOUR = ("magnitude_2_4", "activation_magnitude_2_4")  # sparsity 0.5 only, no block
 CURVE_EVERY = 100  # each row's train_curve holds the mean training loss of every CURVE_EVERY steps
 
 
@@ -64,6 +69,9 @@ class Experiment:
 
 def _pruner(method: str, model: GPT, sparsity: float, block: int, experiment: Experiment) -> Pruner | None:
     start, end = round(experiment.prune_start * experiment.steps), round(experiment.prune_end * experiment.steps)
+    if method in TWO_OF_FOUR:
+        config = SparsityConfig(0.5, targets="mlp", pattern="2:4")
+        return Pruner(model, config, method=method.removesuffix("_2_4"), schedule=CubicSchedule(start, start))
     config = SparsityConfig(sparsity, block, targets="mlp")
     if method in ("magnitude", "activation_magnitude"):
         schedule = CubicSchedule(start=start, end=start)
@@ -143,7 +151,7 @@ class PruningRun:
             scale = min(1.0, (step + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
             group["lr"] = experiment.lr * scale
         tokens, targets = data.batch("train", experiment.batch_size, experiment.context, self.generator, device)
-        if self.method == "activation_magnitude" and pruner.schedule.updates_at(step):
+        if self.method.startswith("activation_magnitude") and pruner.schedule.updates_at(step):
             with pruner.observe_inputs(), torch.no_grad():
                 for _ in range(experiment.calibration_batches):
                     model(*data.batch("train", experiment.batch_size, experiment.context, self.generator, device))
@@ -191,10 +199,12 @@ def grid(
     sparsities: tuple[float, ...], blocks: tuple[int, ...], extra_blocks: tuple[int, ...] = (), extra_at: float = 0.9
 ) -> list[tuple[str, float, int | None]]:
     """The runs, as (method, sparsity, block): dense once; per sparsity, the iso-parameter dense model and every
-    pruning method at each of ``blocks``, plus ``extra_blocks`` at sparsity ``extra_at``."""
+    pruning method at each of ``blocks``, plus ``extra_blocks`` at sparsity ``extra_at``; the 2:4 methods at 0.5."""
     runs: list[tuple[str, float, int | None]] = [("dense", 0.0, None)]
     for sparsity in sparsities:
         runs.append(("dense_iso_params", sparsity, None))
         sizes = blocks + (extra_blocks if sparsity == extra_at else ())
-        runs += [(method, sparsity, block) for block in sizes for method in METHODS[2:]]
+        runs += [(method, sparsity, block) for block in sizes for method in METHODS[2:] if method not in TWO_OF_FOUR]
+        if sparsity == 0.5:
+            runs += [(method, sparsity, None) for method in TWO_OF_FOUR]
     return runs

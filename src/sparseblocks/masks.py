@@ -57,6 +57,17 @@ def top_blocks_mask(scores: torch.Tensor, keep: float) -> torch.Tensor:
     return mask.view_as(scores)
 
 
+def n_of_m_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Bool mask of a 2-D ``scores`` ``(N, K)`` keeping the ``n`` largest of every ``m`` consecutive entries of a
+    row (``n=2, m=4``: the 2:4 pattern of sparse tensor cores); K must be a multiple of ``m``."""
+    rows, k = scores.shape
+    if k % m:
+        raise ValueError(f"an {n}:{m} mask needs a multiple of {m} columns, got {k}")
+    groups = scores.detach().float().reshape(rows, k // m, m)
+    top = groups.topk(n, dim=-1).indices
+    return torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, top, True).reshape(rows, k)
+
+
 def random_block_mask(grid: tuple[int, int], density: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Uniformly random bool mask over ``grid`` with exactly ``round(density * blocks)`` kept blocks."""
     return top_blocks_mask(torch.rand(grid, generator=generator), density)

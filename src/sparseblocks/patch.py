@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from sparseblocks.nn import BlockSparseLinear, SparseMLP
+from sparseblocks.nn import BlockSparseLinear, SemiStructuredLinear, SparseMLP
+from sparseblocks.nn.semi_structured import GROUP, KEPT
 
 logger = logging.getLogger("sparseblocks")
 
@@ -74,6 +75,9 @@ MLP_LAYOUTS: dict[tuple[str, str], MLPLayout] = {
 }
 
 
+PATTERNS = ("block", "2:4")
+
+
 @dataclass
 class SparsityConfig:
     """What :func:`sparsify` does.
@@ -84,6 +88,8 @@ class SparsityConfig:
     (``"model.layers.*.mlp.up_proj"``) or regular expressions written ``"re:..."``. method: how tiles are chosen;
     ``"magnitude"`` keeps the tiles of largest L2 norm. fuse_mlp: run each MLP that :data:`MLP_LAYOUTS` knows
     as one :class:`~sparseblocks.nn.SparseMLP` (activation fused into the first product) once its linears are sparse.
+    pattern: ``"block"`` (tiles of ``block_size``, :class:`~sparseblocks.nn.BlockSparseLinear`) or ``"2:4"`` (2 of
+    every 4 weights along a row, :class:`~sparseblocks.nn.SemiStructuredLinear`; sparsity 0.5, block_size unused).
     """
 
     sparsity: float | Mapping[str, float] = 0.9
@@ -92,14 +98,19 @@ class SparsityConfig:
     exclude: str | Sequence[str] = ()
     method: str = "magnitude"
     fuse_mlp: bool = False
+    pattern: str = "block"
 
     def __post_init__(self) -> None:
         if self.method != "magnitude":
             raise ValueError(f"method must be 'magnitude' (block L2 norm), got {self.method!r}")
+        if self.pattern not in PATTERNS:
+            raise ValueError(f"pattern must be one of {PATTERNS}, got {self.pattern!r}")
         values = self.sparsity.values() if isinstance(self.sparsity, Mapping) else [self.sparsity]
         for value in values:
             if not 0.0 <= float(value) < 1.0:
                 raise ValueError(f"sparsity must lie in [0, 1), got {value}")
+            if self.pattern == "2:4" and float(value) != 0.5:
+                raise ValueError(f"2:4 keeps 2 of every 4 weights: sparsity must be 0.5, got {value}")
 
     def sparsity_of(self, name: str) -> float:
         if not isinstance(self.sparsity, Mapping):
@@ -214,29 +225,32 @@ def target_linears(model: nn.Module, config: SparsityConfig) -> list[tuple[str, 
 def sparsify(
     model: nn.Module, config: SparsityConfig | None = None, masks: Mapping[str, torch.Tensor] | None = None
 ) -> SparsifyReport:
-    """Replace the targeted ``nn.Linear`` modules of ``model`` by ``BlockSparseLinear`` in place; return a report.
+    """Replace the targeted ``nn.Linear`` modules of ``model`` by ``BlockSparseLinear`` (or, for the 2:4 pattern,
+    ``SemiStructuredLinear``) in place; return a report.
 
-    Tiles are chosen by ``config.method``, or given per layer name in ``masks`` (bool block masks, as a pruner
-    leaves them). Shapes that are not a multiple of the block are padded, never skipped. See
+    Tiles are chosen by ``config.method``, or given per layer name in ``masks`` (bool block masks, or element masks
+    for 2:4, as a pruner leaves them). Shapes that are not a multiple of the block are padded, never skipped. See
     :func:`target_linears` for what is refused or left dense; warns when nothing matched.
     """
     config = config or SparsityConfig()
     params_before, bytes_before = model_size(model)
     report = SparsifyReport()
     for name, linear in target_linears(model, config):
-        if masks is not None and name in masks:
-            sparse = BlockSparseLinear.from_linear(linear, block_size=config.block_size, mask=masks[name])
+        mask = masks.get(name) if masks is not None else None
+        if config.pattern == "2:4":
+            sparse = SemiStructuredLinear.from_linear(linear, mask)
+            block, density = (1, GROUP), KEPT / GROUP
         else:
-            sparse = BlockSparseLinear.from_linear(linear, config.sparsity_of(name), config.block_size)
+            sparse = BlockSparseLinear.from_linear(linear, config.sparsity_of(name), config.block_size, mask)
+            block, density = sparse.matrix.block_shape, sparse.matrix.density
         replace_module(model, name, sparse)
-        matrix = sparse.matrix
         before = [t for t in (linear.weight, linear.bias) if t is not None]
         report.layers.append(
             LayerReport(
                 name=name,
-                shape=matrix.shape,
-                block=matrix.block_shape,
-                density=matrix.density,
+                shape=(sparse.out_features, sparse.in_features),
+                block=block,
+                density=density,
                 params_before=sum(t.numel() for t in before),
                 params_after=model_size(sparse)[0],
                 bytes_before=sum(t.numel() * t.element_size() for t in before),
@@ -300,7 +314,7 @@ def fuse_mlps(model: nn.Module) -> int:
 
 def densify(model: nn.Module) -> nn.Module:
     """Undo :func:`sparsify` in place: fused MLPs become their original modules again and every
-    ``BlockSparseLinear`` an equivalent dense ``nn.Linear`` (zeros where pruned)."""
+    ``BlockSparseLinear`` or ``SemiStructuredLinear`` an equivalent dense ``nn.Linear`` (zeros where pruned)."""
     for name, module in list(model.named_modules()):
         if isinstance(module, SparseMLP) and hasattr(module, "unfused"):
             original = module.unfused[0]
@@ -308,11 +322,11 @@ def densify(model: nn.Module) -> nn.Module:
                 setattr(original, child, layer)
             replace_module(model, name, original)
     for name, module in list(model.named_modules()):
-        if isinstance(module, BlockSparseLinear):
+        if isinstance(module, BlockSparseLinear | SemiStructuredLinear):
             replace_module(model, name, module.to_linear())
     return model
 
 
-def sparse_layers(model: nn.Module) -> dict[str, BlockSparseLinear]:
-    """The ``BlockSparseLinear`` modules of a model, by name."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, BlockSparseLinear)}
+def sparse_layers(model: nn.Module) -> dict[str, BlockSparseLinear | SemiStructuredLinear]:
+    """The sparse linears (``BlockSparseLinear`` and ``SemiStructuredLinear``) of a model, by name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, BlockSparseLinear | SemiStructuredLinear)}

@@ -25,6 +25,10 @@ training: the pattern still changes). Scores, per ``(bn, bk)`` tile of a weight 
 * ``supermask`` (superblock): the targets become :class:`~sparseblocks.nn.supermask.SupermaskLinear`, whose
   trainable block scores (starting at the tile norms) pick the kept tiles in every forward; the schedule ramps
   their sparsity. Build the optimizer *after* the pruner, so that it trains the scores too.
+
+With ``SparsityConfig(0.5, pattern="2:4")`` the magnitude, activation and Fisher scores are taken per weight and the
+mask keeps the 2 best of every 4 along a row (NVIDIA's ASP recipe: prune once, at the schedule's first update,
+then train with the mask held fixed); :meth:`Pruner.finalize` leaves :class:`~sparseblocks.nn.SemiStructuredLinear`.
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ import torch
 from torch import nn
 
 from sparseblocks.format import normalize_block_size
-from sparseblocks.masks import block_norms, block_sums, expand_block_mask, top_blocks_mask
+from sparseblocks.masks import block_norms, block_sums, expand_block_mask, n_of_m_mask, top_blocks_mask
+from sparseblocks.nn.semi_structured import GROUP, KEPT
 from sparseblocks.nn.supermask import SupermaskLinear
 from sparseblocks.patch import SparsifyReport, SparsityConfig, replace_module, sparsify, target_linears
 
@@ -99,7 +104,11 @@ class Pruner:
             raise ValueError(f"{method} works within each layer: use allocation='layer', balanced=False")
         self.allocation, self.balanced, self.damping = allocation, balanced, damping
         self.regrow_fraction, self.optimizer = regrow_fraction, optimizer
-        self.block = normalize_block_size(config.block_size)
+        self.two_of_four = config.pattern == "2:4"
+        if self.two_of_four and (method in ("prune_grow", "supermask") or allocation != "layer" or balanced):
+            raise ValueError("the 2:4 pattern takes magnitude, activation_magnitude or fisher, per layer, unbalanced")
+        # 2:4 scores and masks are per weight: blocks of one element
+        self.block = (1, 1) if self.two_of_four else normalize_block_size(config.block_size)
         self.layers = dict(target_linears(model, config))
         self.masks = {
             name: torch.ones(-(-w.out_features // self.block[0]), -(-w.in_features // self.block[1]),
@@ -193,7 +202,9 @@ class Pruner:
                 self.masks[name] = part.reshape(normalized[name].shape)
             return
         for name, score in scores.items():
-            if self.balanced:
+            if self.two_of_four:
+                self.masks[name] = n_of_m_mask(score, KEPT, GROUP)
+            elif self.balanced:
                 per_row = round(keep[name] * score.shape[1])
                 top = score.topk(per_row, dim=1).indices
                 self.masks[name] = torch.zeros_like(score, dtype=torch.bool).scatter_(1, top, True)
@@ -281,7 +292,8 @@ class Pruner:
             self.layers[name].sparsity = sparsity
 
     def finalize(self) -> SparsifyReport:
-        """Replace the targets by ``BlockSparseLinear`` holding exactly the kept tiles; returns the report."""
+        """Replace the targets by ``BlockSparseLinear`` (2:4: ``SemiStructuredLinear``) holding exactly the kept
+        weights; returns the report."""
         if self.method == "supermask":
             self.update_masks()
             for name, layer in list(self.layers.items()):

@@ -2,6 +2,7 @@
 
 from sparseblocks.nn.linear import BlockSparseLinear
 from sparseblocks.nn.mlp import SparseMLP
+from sparseblocks.nn.semi_structured import SemiStructuredLinear
 from sparseblocks.nn.supermask import SupermaskLinear
 
-__all__ = ["BlockSparseLinear", "SparseMLP", "SupermaskLinear"]
+__all__ = ["BlockSparseLinear", "SemiStructuredLinear", "SparseMLP", "SupermaskLinear"]

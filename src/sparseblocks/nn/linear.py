@@ -13,6 +13,17 @@ from sparseblocks.masks import random_block_mask
 from sparseblocks.ops import spmm
 
 
+def dense_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """An ``nn.Linear`` holding copies of ``weight`` ``(N, K)`` and ``bias`` ``(N,)``, on their device and dtype."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    linear.to(device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    return linear
+
+
 class BlockSparseLinear(nn.Module):
     """``y = x · Wᵀ + b`` with W block-sparse: only the kept ``(bn, bk)`` tiles are stored and multiplied.
 
@@ -114,14 +125,7 @@ class BlockSparseLinear(nn.Module):
 
     def to_linear(self) -> nn.Linear:
         """A dense ``nn.Linear`` with the same function (zeros where tiles are pruned)."""
-        weight = self.matrix.to_dense().detach()
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
-        linear.to(device=weight.device, dtype=weight.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(weight)
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear
+        return dense_linear(self.matrix.to_dense(), self.bias)
 
     def extra_repr(self) -> str:
         matrix = self.matrix
