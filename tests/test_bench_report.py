@@ -23,6 +23,7 @@ ROWS = [
     _row("sparseblocks", 0.2, sparsity=0.5, block=128),
     _row("torch_bsr", None, sparsity=0.5, block=128),
     _row("sparseblocks", 0.2, mask="skewed"),
+    _row("torch_2_4", 0.25, sparsity=0.5, block=None, mask="2:4"),
     _row("dense", 0.1, m=3152, floor=0.05),
     _row("sparseblocks", 0.05, m=3152),
 ]
@@ -44,7 +45,8 @@ def test_table_and_plots_render(tmp_path):
     written = spmm_report(path)
     assert {p.name for p in written} == {"spmm.md", "spmm_heatmap.png", "spmm_batch.png"}
     table = spmm_table(ROWS)
-    assert "| vit_b_fc1 | 50432 | bf16 | 0.9 | 64 | random | 4.00x | 0.80x | 4.00x |" in table
+    assert "| vit_b_fc1 | 50432 | bf16 | 0.9 | 64 | random | 4.00x | 0.80x |  | 4.00x |" in table
+    assert "| vit_b_fc1 | 50432 | bf16 | 0.5 | None | 2:4 |  |  | 1.60x | 4.00x |" in table
     assert "| — |" in table
 
 

@@ -32,10 +32,10 @@ def _fmt(value: float | None) -> str:
 def spmm_table(rows: list[dict]) -> str:
     """Markdown: one line per case, speedup over dense of each path and of the floor."""
     table = speedups(rows)
-    impls = [i for i in ("sparseblocks", "torch_bsr", "stk") if any(r["impl"] == i for r in table)]
+    impls = [i for i in ("sparseblocks", "torch_bsr", "stk", "torch_2_4") if any(r["impl"] == i for r in table)]
     cases = sorted(
         {(r["shape"], r["M"], r["dtype"], r["sparsity"], r["block"], r["mask"]) for r in table},
-        key=lambda c: (c[2], c[0], c[1], c[5], c[3], c[4]),
+        key=lambda c: (c[2], c[0], c[1], c[5], c[3], c[4] or 0),  # 2:4 rows have no block
     )
     lines = [
         "| shape | M | dtype | sparsity | block | mask | " + " | ".join(impls) + " | floor |",

@@ -1,8 +1,9 @@
 """``sparseblocks bench spmm``: Y = X·Wᵀ on real layer shapes, ours against every path a user could pick.
 
 In one run on one GPU: dense ``F.linear`` (cuBLAS), PyTorch's BSR ``F.linear``, stk's ``dds`` (block 128, when
-stk imports) and ``sparseblocks.ops.spmm``, beside each case's physical floor. Masks are random with exactly the
-target number of blocks, plus one skewed mask (rows of very unequal nnz) per shape.
+stk imports) and ``sparseblocks.ops.spmm``, beside each case's physical floor; per shape in bf16/fp16 also
+PyTorch's 2:4 sparse tensor cores (``torch_2_4``, sparsity 0.5, the other way to halve a layer). Masks are random
+with exactly the target number of blocks, plus one skewed mask (rows of very unequal nnz) per shape.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from sparseblocks.bench.harness import (
 )
 from sparseblocks.format import BlockSparseMatrix
 from sparseblocks.masks import random_block_mask, skewed_block_mask
+from sparseblocks.nn import SemiStructuredLinear
 from sparseblocks.ops import spmm
 
 # (M, K, N) of real layers: ViT-B/16 at 256 images of 197 tokens, Llama-3.2-1B at 8192 tokens.
@@ -116,6 +118,20 @@ def stk_linear(w: BlockSparseMatrix) -> Callable[[torch.Tensor], torch.Tensor] |
     return lambda x: stk.ops.dds(x, transposed)
 
 
+def two_of_four_linear(n: int, k: int, dtype: torch.dtype, generator: torch.Generator):
+    """PyTorch's 2:4 sparse tensor-core ``F.linear`` on a random ``(n, k)`` 2:4 weight, and the bytes our format
+    stores it in (values and group masks); None for dtypes the sparse tensor cores do not take."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return None
+    linear = torch.nn.Linear(k, n, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(n, k, generator=generator) / math.sqrt(k))
+    layer = SemiStructuredLinear.from_linear(linear.to("cuda", dtype))
+    nbytes = layer.values.nbytes + layer.groups.nbytes
+    weight = layer.compressed_weight()
+    return (lambda x: F.linear(x, weight)), nbytes
+
+
 def _floor_ms(ceilings: Ceilings, case: Case, dtype: torch.dtype, w: BlockSparseMatrix | None) -> float:
     size = torch.finfo(dtype).bits // 8
     tf32 = torch.backends.cuda.matmul.allow_tf32
@@ -126,6 +142,25 @@ def _floor_ms(ceilings: Ceilings, case: Case, dtype: torch.dtype, w: BlockSparse
     # w.nbytes: the stored tiles plus every index array the kernel may read
     bytes_moved = size * (case.m * case.k + case.m * case.n) + w.nbytes
     return ceilings.floor_ms(2 * case.m * case.k * case.n * w.density, bytes_moved, dtype, tf32)
+
+
+def _time_two_of_four(rows: list, base: dict, case: Case, dtype: torch.dtype, xs, ceilings: Ceilings) -> str:
+    """Time PyTorch's 2:4 path on the case's shape (one row, sparsity 0.5); returns its speedup as text."""
+    made = two_of_four_linear(case.n, case.k, dtype, torch.Generator().manual_seed(0))
+    if made is None:
+        return ""
+    fn, nbytes = made
+    size = torch.finfo(dtype).bits // 8
+    bytes_moved = size * (case.m * case.k + case.m * case.n) + nbytes
+    floor = ceilings.floor_ms(case.m * case.k * case.n, bytes_moved, dtype, False)
+    row = {**base, "sparsity": 0.5, "block": None, "mask": "2:4", "impl": "torch_2_4", "floor_ms": floor}
+    try:
+        ms, timer = time_ms(fn, xs)
+    except Exception as error:  # recorded, not fatal, as for the other baselines
+        rows.append({**row, "ms": None, "error": str(error).splitlines()[0][:200]})
+        return "torch_2_4 error"
+    rows.append({**row, "ms": ms, "timer": timer})
+    return f"torch_2_4 (s=0.5) {ms:.3f} ms"
 
 
 def run(
@@ -160,6 +195,8 @@ def run(
             dense_floor = _floor_ms(ceilings, case, dtype, None)
             rows.append({**base, "sparsity": 0.0, "block": None, "mask": None, "impl": "dense", "ms": ms,
                          "floor_ms": dense_floor, "timer": timer})  # fmt: skip
+            print(f"{case.shape:<14} M={case.m:<6} {case.dtype} dense {ms:.3f} ms  "
+                  f"{_time_two_of_four(rows, base, case, dtype, xs, ceilings)}", flush=True)  # fmt: skip
         floor = _floor_ms(ceilings, case, dtype, w)
         sparse_base = {**base, "sparsity": case.sparsity, "block": case.block, "mask": case.mask, "floor_ms": floor}
         summary = []
