@@ -152,5 +152,5 @@ def test_sparse_tensor_core_path_matches_the_reference(tokens):
         fast = layer(x)
         reference = nn.functional.linear(x.double(), layer.weight().double(), layer.bias.double())
         assert relative_error(fast, reference) < 1e-2
-        compiled = torch.compile(layer, fullgraph=True)
+        compiled = torch.compile(layer, fullgraph=True)  # the masked dense product: traceable
         assert relative_error(compiled(x), reference) < 1e-2

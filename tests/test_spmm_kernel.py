@@ -125,22 +125,24 @@ def test_decode_rows_cut_into_pieces(tiles_per_program, m):
     check_output(out, reference_float64(x, w, bias, "gelu"), torch.float32)
 
 
-def test_decode_row_of_many_pieces():
-    """64 one-tile pieces per row: the last piece sums all of them, in order."""
+@pytest.mark.parametrize("m", [1, 2])
+def test_decode_row_of_many_pieces(m):
+    """64 one-tile pieces per row: the last piece sums all of them (one token: in chunks of 16), in order."""
     w, _ = random_sparse(32, 2048, 16, 0.5, seed=6)
-    w, x = w.to(DEVICE), torch.randn(2, 2048, device=DEVICE)
+    w, x = w.to(DEVICE), torch.randn(m, 2048, device=DEVICE)
     check_output(run_decode(x, w, tiles_per_program=1), reference_float64(x, w), torch.float32)
 
 
 @pytest.mark.parametrize("empty_rows", [[0], [3], [5], [0, 1, 4, 5], [1, 2, 3]])
 @pytest.mark.parametrize("tiles_per_program", [1, 2, 5])
-def test_decode_empty_block_rows_anywhere(empty_rows, tiles_per_program):
+@pytest.mark.parametrize("m", [1, 3])
+def test_decode_empty_block_rows_anywhere(empty_rows, tiles_per_program, m):
     """Empty block rows first, inside, last: each written once (bias through the activation), none skipped."""
     mask = torch.rand(6, 4) < 0.7
     mask[:, 0] = True
     mask[empty_rows] = False
     w = BlockSparseMatrix.from_dense(torch.randn(6 * 16 - 5, 4 * 16), 16, mask=mask).to(DEVICE)
-    x, bias = torch.randn(3, 64, device=DEVICE), torch.randn(91, device=DEVICE)
+    x, bias = torch.randn(m, 64, device=DEVICE), torch.randn(91, device=DEVICE)
     out = run_decode(x, w, bias, "silu", tiles_per_program)
     check_output(out, reference_float64(x, w, bias, "silu"), torch.float32)
 
@@ -156,6 +158,9 @@ def test_decode_is_deterministic_and_takes_strided_rows():
     w, _ = random_sparse(256, 512, 32, 0.3, dtype=torch.bfloat16, seed=5)
     w = w.to(DEVICE)
     tokens = torch.randn(4, 9, 512, device=DEVICE).to(torch.bfloat16)[:, -1]  # last token of each sequence
+    one = tokens[:1]
+    assert torch.equal(run_decode(one, w, tiles_per_program=1), run_decode(one, w, tiles_per_program=1))
+    check_output(run_decode(one, w, tiles_per_program=1), reference_float64(one, w), torch.bfloat16)
     first, second = run_decode(tokens, w, tiles_per_program=3), run_decode(tokens, w, tiles_per_program=3)
     assert torch.equal(first, second)
     check_output(first, reference_float64(tokens, w), torch.bfloat16)

@@ -17,6 +17,10 @@ Slots need no allocation table: piece ``(program p, row r)`` uses slot ``p + r``
 and rows advance together along the tile list, so at most ``programs + rows`` slots exist.
 Empty block rows (bias, or zero, through the activation) are written by a few extra programs after the tile
 programs, so every output element is written exactly once.
+
+One token (batch-1 decode, the common case) takes its own path: a ``(1, bn)`` accumulator and products on the
+CUDA cores instead of ``tl.dot``'s 16-row minimum, which also makes a cut row's partial sums one ``bn`` row each,
+so the last piece adds them ``REDUCE_CHUNK`` at a time instead of one dependent load after another.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from sparseblocks.reference import ACTIVATIONS
 MAX_TOKENS = 64  # the most rows of x the kernel takes
 ALWAYS_TOKENS = 16  # up to here it beat the row kernel in nearly every case of `bench decode` (H200)
 EMPTY_ROWS_PER_PROGRAM = 32
+REDUCE_CHUNK = 16  # partial sums of a cut row added per load at one token
 PROGRAMS_PER_SM = 8  # tiles per program = ceil(nnz / (PROGRAMS_PER_SM · SMs)); see benchmarks/NOTES.md
 
 
@@ -63,19 +68,27 @@ def _store_piece(acc, row, row_start, row_end, pid, partial_ptr, arrived_ptr, ti
 @triton.jit
 def _reduce_row(row, row_start, row_end, offs_m, M, N, bias_ptr, partial_ptr, arrived_ptr, y_ptr,
                 tiles_per_program, slot_offsets, slot_mask, stride_ym, stride_yn, BLOCK_M: tl.constexpr,
-                BN: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr):  # fmt: skip
-    """The last piece's program: add the row's partials in piece order (deterministic) and write the row.
+                BN: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+                REDUCE_CHUNK: tl.constexpr):  # fmt: skip
+    """The last piece's program: add the row's partials in a fixed order (deterministic) and write the row.
 
-    One slot at a time: loading several at once (a (pieces, BLOCK_M, bn) block) held so many registers that the
-    whole kernel ran at half speed (``benchmarks/tune_decode.py``), and rows have only a few pieces.
+    With 16 token rows, one slot at a time: loading several at once (a (pieces, BLOCK_M, bn) block) held so many
+    registers that the whole kernel ran at half speed (``benchmarks/tune_decode.py``).
     """
     first_piece = row_start // tiles_per_program
     last_piece = (row_end - 1) // tiles_per_program
     tl.store(arrived_ptr + row, 0)  # leave the counter as found: re-runs (autotuning) need it zero
     total = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
-    for piece in range(first_piece, last_piece + 1):
-        slot = partial_ptr + tl.cast(piece + row, tl.int64) * (BLOCK_M * BN) + slot_offsets
-        total += tl.load(slot, mask=slot_mask, other=0.0, cache_modifier=".cg")  # from L2: other SMs wrote it
+    if BLOCK_M == 1:  # one token: a slot is one (BN,) row, so REDUCE_CHUNK slots load at once for few registers
+        for chunk in range(first_piece, last_piece + 1, REDUCE_CHUNK):
+            pieces = chunk + tl.arange(0, REDUCE_CHUNK)
+            slots = partial_ptr + tl.cast(pieces + row, tl.int64)[:, None] * BN + tl.arange(0, BN)[None, :]
+            partials = tl.load(slots, mask=(pieces <= last_piece)[:, None], other=0.0, cache_modifier=".cg")
+            total += tl.sum(partials, axis=0)[None, :]  # a fixed tree order: still deterministic
+    else:
+        for piece in range(first_piece, last_piece + 1):
+            slot = partial_ptr + tl.cast(piece + row, tl.int64) * (BLOCK_M * BN) + slot_offsets
+            total += tl.load(slot, mask=slot_mask, other=0.0, cache_modifier=".cg")  # from L2: other SMs wrote it
     _finish_row(total, row, offs_m, M, N, bias_ptr, y_ptr, stride_ym, stride_yn, BN, HAS_BIAS, ACTIVATION)
 
 
@@ -105,6 +118,7 @@ def _decode_kernel(
     BK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     EMPTY_ROWS_PER_PROGRAM: tl.constexpr,
+    REDUCE_CHUNK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -115,12 +129,19 @@ def _decode_kernel(
     tile_programs = tl.cdiv(nnz, tiles_per_program)
     offs_m = tl.arange(0, BLOCK_M)
     if pid >= tile_programs:  # the programs after the tile programs write the empty rows
-        first_row = (pid - tile_programs) * EMPTY_ROWS_PER_PROGRAM
-        for row in range(first_row, tl.minimum(first_row + EMPTY_ROWS_PER_PROGRAM, n_rows)):
-            if tl.load(crow_ptr + row) == tl.load(crow_ptr + row + 1):
-                zeros = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
-                _finish_row(zeros, row, offs_m, M, N, bias_ptr, y_ptr, stride_ym, stride_yn, BN, HAS_BIAS,
-                            ACTIVATION)  # fmt: skip
+        # Their row bounds in one load and act(bias) of all their rows at once (the same for every token), then
+        # stores only: no dependent round trip per row.
+        rows = (pid - tile_programs) * EMPTY_ROWS_PER_PROGRAM + tl.arange(0, EMPTY_ROWS_PER_PROGRAM)
+        starts = tl.load(crow_ptr + rows, mask=rows < n_rows, other=0)
+        empty = (starts == tl.load(crow_ptr + rows + 1, mask=rows < n_rows, other=0)) & (rows < n_rows)
+        offs_n = rows[:, None] * BN + tl.arange(0, BN)[None, :]
+        write = empty[:, None] & (offs_n < N)
+        value = tl.zeros((EMPTY_ROWS_PER_PROGRAM, BN), dtype=tl.float32)
+        if HAS_BIAS:
+            value += tl.load(bias_ptr + offs_n, mask=write, other=0.0).to(tl.float32)
+        value = apply_activation(value, ACTIVATION).to(y_ptr.dtype.element_ty)
+        for m in range(M):
+            tl.store(y_ptr + m * stride_ym + offs_n * stride_yn, value, mask=write)
         return
 
     first = pid * tiles_per_program
@@ -154,9 +175,12 @@ def _decode_kernel(
         x_tile = load_x_columns(x_rows, row_in_range, k_index, K, stride_xk, EVEN_K)
         w_tile = tl.load(w_ptrs)
         w_ptrs += BN * BK
-        if DOT_IN_FP32:
-            x_tile, w_tile = x_tile.to(tl.float32), w_tile.to(tl.float32)
-        acc = tl.dot(x_tile, tl.trans(w_tile), acc, input_precision=INPUT_PRECISION)
+        if BLOCK_M == 1:  # one token: a GEMV on the CUDA cores (tl.dot needs 16 rows), fp32 products
+            acc += tl.sum(w_tile.to(tl.float32) * x_tile.to(tl.float32), axis=1)[None, :]
+        else:
+            if DOT_IN_FP32:
+                x_tile, w_tile = x_tile.to(tl.float32), w_tile.to(tl.float32)
+            acc = tl.dot(x_tile, tl.trans(w_tile), acc, input_precision=INPUT_PRECISION)
         row_ends = next_row != row  # before the program's last tile (that row is settled after the loop)
         is_head_piece = (row == head_row) & head_is_piece
         head_acc = tl.where(row_ends & is_head_piece, acc, head_acc)
@@ -170,7 +194,7 @@ def _decode_kernel(
         if head_was_last:
             _reduce_row(head_row, head_start, head_end, offs_m, M, N, bias_ptr, partial_ptr, arrived_ptr, y_ptr,
                         tiles_per_program, slot_offsets, slot_mask, stride_ym, stride_yn, BLOCK_M, BN,
-                        HAS_BIAS, ACTIVATION)  # fmt: skip
+                        HAS_BIAS, ACTIVATION, REDUCE_CHUNK)  # fmt: skip
     # The last row: whole, or a piece (a tail piece, or a head piece too when the program lies inside one row).
     if (tail_end > last) | ((tail_row == head_row) & head_is_piece):
         tail_was_last = _store_piece(acc, tail_row, tail_start, tail_end, pid, partial_ptr, arrived_ptr,
@@ -178,7 +202,7 @@ def _decode_kernel(
         if tail_was_last:
             _reduce_row(tail_row, tail_start, tail_end, offs_m, M, N, bias_ptr, partial_ptr, arrived_ptr, y_ptr,
                         tiles_per_program, slot_offsets, slot_mask, stride_ym, stride_yn, BLOCK_M, BN,
-                        HAS_BIAS, ACTIVATION)  # fmt: skip
+                        HAS_BIAS, ACTIVATION, REDUCE_CHUNK)  # fmt: skip
     else:
         _finish_row(acc, tail_row, offs_m, M, N, bias_ptr, y_ptr, stride_ym, stride_yn, BN, HAS_BIAS, ACTIVATION)
 
@@ -238,7 +262,7 @@ def spmm_decode_triton(
     tiles = tiles_per_program or default_tiles_per_program(w)
     tile_programs = triton.cdiv(w.nnz, tiles)
     programs = tile_programs + triton.cdiv(n_rows, EMPTY_ROWS_PER_PROGRAM)
-    block_m = max(16, triton.next_power_of_2(m))
+    block_m = 1 if m == 1 else max(16, triton.next_power_of_2(m))  # tl.dot takes 16 rows at least
     y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
     partial = torch.empty((tile_programs + n_rows, block_m, bn), device=x2.device, dtype=torch.float32)
     arrived = torch.zeros(n_rows, device=x2.device, dtype=torch.int32)
@@ -254,6 +278,7 @@ def spmm_decode_triton(
         "BK": bk,
         "BLOCK_M": block_m,
         "EMPTY_ROWS_PER_PROGRAM": EMPTY_ROWS_PER_PROGRAM,
+        "REDUCE_CHUNK": REDUCE_CHUNK,
         "HAS_BIAS": bias is not None,
         "ACTIVATION": ACTIVATION_CODES[activation],
         "INPUT_PRECISION": input_precision(x2.dtype),

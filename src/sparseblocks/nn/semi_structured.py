@@ -5,9 +5,10 @@ In every group of 4 consecutive weights of a row, 2 are zero. The layer keeps on
 mask per group saying which two positions are kept. That is 0.625x the bytes of a bf16 weight (0.5625x for
 PyTorch's own compressed form, whose metadata layout depends on the backend, hence not our file format).
 
-On a CUDA GPU, in fp16/bf16 and without gradients, the product runs on PyTorch's semi-structured sparse tensor
-(cuSPARSELt or CUTLASS), compressed once per version of ``values``; everywhere else (CPU, fp32, training) through
-the dense weight rebuilt from ``values`` and ``groups``, so training touches the kept weights only.
+On a CUDA GPU, in fp16/bf16, eager and without gradients, the product runs on PyTorch's semi-structured sparse
+tensor (cuSPARSELt or CUTLASS), compressed once per version of ``values``; everywhere else (CPU, fp32, training,
+``torch.compile``) through the dense weight rebuilt from ``values`` and ``groups``: correct, at dense speed, and
+training touches the kept weights only.
 """
 
 from __future__ import annotations
@@ -106,6 +107,8 @@ class SemiStructuredLinear(nn.Module):
             and k % _FAST_MULTIPLES[1] == 0
             and not (torch.is_grad_enabled() and (x.requires_grad or self.values.requires_grad))
             and not torch.is_autocast_enabled()
+            # torch.compile cannot trace the cached compressed weight: compiled models take the masked product
+            and not torch.compiler.is_compiling()
         )
 
     def compressed_weight(self) -> torch.Tensor:
