@@ -458,7 +458,9 @@ def _accuracy_source(page: _Page, s: Source) -> None:
     cells: dict[object, int] = {}
     for (_, block), by in scores.items():
         cells[block] = cells.get(block, 0) + len(by)
-    lines = sorted(scores, key=lambda line: (line[1] is not None, -cells[line[1]], line[1] or 0))
+    # blocks are sizes, or a pattern name such as "2:4": sizes first, in order
+    lines = sorted(scores, key=lambda line: (line[1] is not None, -cells[line[1]], not isinstance(line[1], int),
+                                             line[1] if isinstance(line[1], int) else str(line[1])))  # fmt: skip
     means = {line: {level: statistics.fmean(v) for level, v in by.items()} for line, by in scores.items()}
     best = {}
     for level in levels:
