@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from sparseblocks.bench.plots import save_figure
 from sparseblocks.experiments import Experiment, grid, run
 from sparseblocks.gpt import CharData
 
@@ -56,9 +57,7 @@ def report(path: Path) -> None:
     ax.set_xlabel("MLP sparsity (block 32)")
     ax.set_ylabel("validation loss")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path.with_suffix(".png"), dpi=110)
-    plt.close(fig)
+    save_figure(fig, path.with_suffix(".png"))
 
 
 def main() -> None:

@@ -282,18 +282,31 @@ def build_parser() -> argparse.ArgumentParser:
         train_vit.add_argument(f"--{name.replace('_', '-')}", type=kind, help=f"default {default}")
     train_vit.set_defaults(run=_train_vit)
 
-    sparsify = commands.add_parser("sparsify", help="sparsify a Hugging Face model folder and save it")
+    sparsity_options = argparse.ArgumentParser(add_help=False)  # what _sparsity_config reads
+    sparsity_options.add_argument("--sparsity", type=float, help="fraction of tiles pruned (default 0.9; 0.5 for 2:4)")
+    sparsity_options.add_argument(
+        "--pattern", default="block", choices=PATTERNS, help="tiles, or 2 of every 4 weights (2:4)"
+    )
+    sparsity_options.add_argument(
+        "--block", type=int, default=32, choices=(16, 32, 64, 128), help="block size (default 32)"
+    )
+    sparsity_options.add_argument(
+        "--targets", default="mlp", help="comma-separated presets, globs or re:<regex> (default mlp)"
+    )
+    sparsity_options.add_argument(
+        "--exclude", default="", help="comma-separated presets, globs or re:<regex> to leave dense"
+    )
+    sparsity_options.add_argument("--fuse-mlp", action="store_true", help="run known MLPs as one SparseMLP module")
+    sparsify = commands.add_parser(
+        "sparsify", parents=[sparsity_options], help="sparsify a Hugging Face model folder and save it"
+    )
     sparsify.add_argument("model_dir", help="a Hugging Face model folder (config.json and weights)")
-    sparsify.add_argument("--sparsity", type=float, help="fraction of tiles pruned (default 0.9; 0.5 for 2:4)")
-    sparsify.add_argument("--pattern", default="block", choices=PATTERNS, help="tiles, or 2 of every 4 weights (2:4)")
-    sparsify.add_argument("--block", type=int, default=32, choices=(16, 32, 64, 128), help="block size (default 32)")
-    sparsify.add_argument("--targets", default="mlp", help="comma-separated presets, globs or re:<regex> (default mlp)")
-    sparsify.add_argument("--exclude", default="", help="comma-separated presets, globs or re:<regex> to leave dense")
-    sparsify.add_argument("--fuse-mlp", action="store_true", help="run known MLPs as one SparseMLP module")
     sparsify.add_argument("--out", required=True, help="output folder")
     sparsify.set_defaults(run=_sparsify)
 
-    prune = commands.add_parser("prune", help="prune a Hugging Face model folder from calibration text and save it")
+    prune = commands.add_parser(
+        "prune", parents=[sparsity_options], help="prune a Hugging Face model folder from calibration text and save it"
+    )
     prune.add_argument("model_dir", help="a Hugging Face model folder (config.json, weights, tokenizer)")
     prune.add_argument(
         "--method",
@@ -301,12 +314,6 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("magnitude", "activation_magnitude", "fisher"),
         help="tile scores: weights, weights x input norms, or weights^2 x Fisher (default magnitude)",
     )
-    prune.add_argument("--sparsity", type=float, help="fraction of tiles pruned (default 0.9; 0.5 for 2:4)")
-    prune.add_argument("--pattern", default="block", choices=PATTERNS, help="tiles, or 2 of every 4 weights (2:4)")
-    prune.add_argument("--block", type=int, default=32, choices=(16, 32, 64, 128), help="block size (default 32)")
-    prune.add_argument("--targets", default="mlp", help="comma-separated presets, globs or re:<regex> (default mlp)")
-    prune.add_argument("--exclude", default="", help="comma-separated presets, globs or re:<regex> to leave dense")
-    prune.add_argument("--fuse-mlp", action="store_true", help="run known MLPs as one SparseMLP module")
     prune.add_argument("--calibration", metavar="FILE", help="plain text for activation_magnitude and fisher")
     prune.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
     prune.add_argument("--seq-len", type=int, default=128, help="tokens per window (default 128)")

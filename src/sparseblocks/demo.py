@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from sparseblocks.backend import describe
+from sparseblocks.bench.plots import save_figure
 from sparseblocks.patch import densify, model_size
 from sparseblocks.recipes import (
     ViTRecipe,
@@ -91,9 +92,7 @@ def plot(results: dict, path: Path) -> None:
         axes[3].bar(names, [rows[n]["forward_ms"] for n in names], color=colors)
         axes[3].set(ylabel="ms", xlabel=results["gpu"], title=f"forward, {results['gpu_batch']} images, bf16")
     fig.suptitle(results["title"], fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def run_demo(

@@ -7,6 +7,16 @@ import json
 from pathlib import Path
 
 
+def save_figure(fig, path: Path) -> Path:
+    """Lay out ``fig``, write it to ``path`` (110 dpi), close it; return ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def speedups(rows: list[dict]) -> list[dict]:
     """Each sparse row with its speedup over the dense row of the same shape, M and dtype (same run)."""
     dense = {(r["shape"], r["M"], r["dtype"]): r["ms"] for r in rows if r["impl"] == "dense"}
@@ -102,9 +112,7 @@ def spmm_report(json_path: Path) -> list[Path]:
         ax.set_ylabel("sparsity")
         ax.set_title(f"{shape} {dtype}, M={full_m[shape]}", fontsize=9)
     fig.suptitle(f"sparseblocks spmm speedup over dense cuBLAS ({payload['gpu']})")
-    fig.tight_layout()
-    fig.savefig(folder / f"{stem}_heatmap.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, folder / f"{stem}_heatmap.png")
     written.append(folder / f"{stem}_heatmap.png")
 
     sweep = [r for r in table if r["shape"] == "vit_b_fc1" and r["dtype"] == "bf16" and r["sparsity"] == 0.9]
@@ -125,9 +133,7 @@ def spmm_report(json_path: Path) -> list[Path]:
         ax.set_ylabel("speedup over dense")
         ax.set_title(f"ViT-B fc1, 90% sparse, bf16 ({payload['gpu']})")
         ax.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
-        fig.savefig(folder / f"{stem}_batch.png", dpi=110)
-        plt.close(fig)
+        save_figure(fig, folder / f"{stem}_batch.png")
         written.append(folder / f"{stem}_batch.png")
     return written
 
@@ -214,9 +220,7 @@ def train_report(json_path: Path) -> list[Path]:
             ax.set_title(f"{case} {shape}", fontsize=9)
             ax.legend(fontsize=7)
         fig.suptitle(f"forward + backward, bf16 ({payload['gpu']})")
-        fig.tight_layout()
-        fig.savefig(folder / f"{stem}_speedup.png", dpi=110)
-        plt.close(fig)
+        save_figure(fig, folder / f"{stem}_speedup.png")
         written.append(folder / f"{stem}_speedup.png")
 
     if "convergence" in payload:
@@ -227,9 +231,7 @@ def train_report(json_path: Path) -> list[Path]:
         ax.set_ylabel("training loss")
         ax.set_title("90%-sparse MLPs: Triton kernels vs reference ops", fontsize=9)
         ax.legend()
-        fig.tight_layout()
-        fig.savefig(folder / f"{stem}_convergence.png", dpi=110)
-        plt.close(fig)
+        save_figure(fig, folder / f"{stem}_convergence.png")
         written.append(folder / f"{stem}_convergence.png")
     return written
 
@@ -272,11 +274,7 @@ def mlp_plot(json_path: Path) -> Path:
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.legend(fontsize=7)
     fig.suptitle(f"whole MLPs, bf16 ({payload['gpu']})")
-    fig.tight_layout()
-    path = Path(json_path).with_suffix(".png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, Path(json_path).with_suffix(".png"))
 
 
 def e2e_plot(json_path: Path) -> Path:
@@ -324,8 +322,4 @@ def e2e_plot(json_path: Path) -> Path:
             ax.set(ylabel="tokens/s", title=f"decode, batch {batch}")
             ax.legend(fontsize=7)
     fig.suptitle(f"{payload['model']} ({payload['gpu']})")
-    fig.tight_layout()
-    path = Path(json_path).with_suffix(".png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, Path(json_path).with_suffix(".png"))

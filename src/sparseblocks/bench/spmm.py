@@ -145,7 +145,7 @@ def _floor_ms(ceilings: Ceilings, case: Case, dtype: torch.dtype, w: BlockSparse
 
 
 def _time_two_of_four(rows: list, base: dict, case: Case, dtype: torch.dtype, xs, ceilings: Ceilings) -> str:
-    """Time PyTorch's 2:4 path on the case's shape (one row, sparsity 0.5); returns its speedup as text."""
+    """Time PyTorch's 2:4 path on the case's shape (one row, sparsity 0.5); returns its time as text."""
     made = two_of_four_linear(case.n, case.k, dtype, torch.Generator().manual_seed(0))
     if made is None:
         return ""
