@@ -1,44 +1,65 @@
-"""Time the forward kernel under each launch config on a few telling cases (GPU only).
+"""Time the forward kernels under each launch config on a few telling cases (GPU only).
 
-    PYTHONPATH=src python3 benchmarks/tune_spmm.py
+    PYTHONPATH=src python3 benchmarks/tune_spmm.py [--kernels rows,tma]
 
-Prints ms and speedup over dense cuBLAS per (case, config), so the autotuner's config set can be chosen from
-measurements. Notes of what was learnt go to benchmarks/NOTES.md.
+Prints, per case, dense cuBLAS time and each kernel's best configs as speedups over it (same run), so the
+autotuner's config sets and the choice between kernels come from measurements. ``rows``: the pointer-load row
+kernel (``kernels/spmm.py``); ``tma``: the same work split with tensor descriptors (``kernels/spmm_tma.py``,
+what ``spmm`` runs where the inputs allow).
+Notes of what was learnt go to benchmarks/NOTES.md.
 """
+
+import argparse
 
 import torch
 import torch.nn.functional as F
 
 from sparseblocks.bench.harness import input_sets, time_ms
 from sparseblocks.bench.spmm import SHAPES, Case, sparse_weight
-from sparseblocks.kernels.spmm import spmm_triton
+from sparseblocks.kernels.spmm import _launch
 
-CASES = [("llama_1b_up", 0.9, 64), ("vit_b_fc1", 0.9, 64), ("vit_b_fc1", 0.9, 32), ("llama_1b_down", 0.9, 128),
-         ("llama_1b_up", 0.5, 64), ("vit_b_fc2", 0.9, 16)]  # fmt: skip
-CONFIGS = [(bm, w, s) for bm in (64, 128) for w in (4, 8) for s in (2, 3, 4)] + [(256, 8, 3), (256, 8, 4)]
+CASES = [("llama_1b_up", 0.9, 64), ("llama_1b_down", 0.9, 64), ("vit_b_fc1", 0.9, 64), ("vit_b_fc2", 0.9, 64),
+         ("vit_b_fc1", 0.9, 32), ("llama_1b_up", 0.9, 128), ("llama_1b_up", 0.5, 64), ("vit_b_fc2", 0.9, 16),
+         ("llama_1b_up", 0.9, 16)]  # fmt: skip
+KERNELS = {
+    "rows": (lambda x, w, config: _launch(x, w, False, None, None, config, descriptors=False),
+             [(64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 8, 2), (256, 8, 3), (256, 8, 4)]),
+    "tma": (lambda x, w, config: _launch(x, w, False, None, None, config),
+            [(64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 4, 4), (128, 4, 5), (128, 8, 3), (128, 8, 4), (256, 8, 3),
+             (256, 8, 4)]),
+}  # fmt: skip
 
 
-def tune_case(shape: str, sparsity: float, block: int) -> None:
+def tune_case(shape: str, sparsity: float, block: int, kernels: list[str]) -> None:
     m, k, n = SHAPES[shape]
     w = sparse_weight(Case(shape, m, k, n, "bf16", sparsity, block), torch.bfloat16)
     xs = input_sets(lambda: torch.randn(m, k, device="cuda", dtype=torch.bfloat16), m * k * 2)
     dense = w.to_dense()
     dense_ms, _ = time_ms(lambda x: F.linear(x, dense), xs)
-    results = []
-    for block_m, warps, stages in CONFIGS:
-        config = {"BLOCK_M": block_m, "num_warps": warps, "num_stages": stages}
-        try:
-            ms, _ = time_ms(lambda x, config=config: spmm_triton(x, w, config=config), xs)
-        except Exception as error:  # e.g. out of shared memory
-            print(f"  {config}: {type(error).__name__}")
-            continue
-        results.append((ms, block_m, warps, stages))
-    results.sort()
-    best = ", ".join(f"M{b}/w{wp}/s{st} {dense_ms / ms:.2f}x" for ms, b, wp, st in results[:4])
-    print(f"{shape} s={sparsity} b={block}: dense {dense_ms * 1e3:.0f} us | best {best} | worst "
-          f"{dense_ms / results[-1][0]:.2f}x", flush=True)  # fmt: skip
+    reference = F.linear(xs[0], dense).float()
+    print(f"{shape} s={sparsity} b={block}: dense {dense_ms * 1e3:.0f} us", flush=True)
+    for name in kernels:
+        kernel, configs = KERNELS[name]
+        results = []
+        for block_m, warps, stages in configs:
+            config = {"BLOCK_M": block_m, "num_warps": warps, "num_stages": stages}
+            try:
+                error = (kernel(xs[0], w, config).float() - reference).abs().max().item()
+                ms, _ = time_ms(lambda x, config=config, kernel=kernel: kernel(x, w, config), xs)
+            except Exception as failure:  # e.g. out of shared memory
+                print(f"  {name} {config}: {type(failure).__name__}: {str(failure)[:120]}")
+                continue
+            results.append((ms, f"M{block_m}/w{warps}/s{stages}", error))
+        results.sort()
+        best = ", ".join(f"{label} {dense_ms / ms:.2f}x" for ms, label, _ in results[:4])
+        print(f"  {name:>4}: best {best} | worst {dense_ms / results[-1][0]:.2f}x | "
+              f"max error {max(r[2] for r in results):.3g}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kernels", default="rows,tma")
+    kernels = parser.parse_args().kernels.split(",")
+    print(torch.cuda.get_device_name())
     for case in CASES:
-        tune_case(*case)
+        tune_case(*case, kernels)

@@ -61,6 +61,28 @@ def test_every_block_and_dtype_with_ragged_edges(block, dtype):
     check(x, w, bias)
 
 
+@pytest.mark.parametrize("descriptors", [True, False])
+@pytest.mark.parametrize("block", [16, 64, 128, (16, 128), (64, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_row_kernel_with_and_without_descriptors(block, dtype, descriptors):
+    """Widths of whole 16-byte rows (TMA's rule) that still end in part-tiles, 152 × 136: the forward, the
+    activation gradient and the input gradient, through tensor descriptors and through pointer loads."""
+    from sparseblocks.kernels.spmm import _launch
+    from sparseblocks.kernels.spmm_tma import tma_fits
+
+    w, dense = random_sparse(152, 136, block, 0.5, dtype=dtype, seed=3)
+    w = w.to(DEVICE)
+    x, bias = torch.randn(37, 136, device=DEVICE).to(dtype), torch.randn(152, device=DEVICE).to(dtype)
+    grad_out = torch.randn(37, 152, device=DEVICE).to(dtype)
+    assert tma_fits(x, w, False, grad_out) and tma_fits(grad_out, w, True)
+    run = lambda *args, **kwargs: _launch(*args, config=ROW_KERNEL_CONFIG, descriptors=descriptors, **kwargs)
+    w64, bias64 = w.to(dtype=torch.float64), bias.double()
+    check_output(run(x, w, False, bias, "gelu"), reference.spmm(x.double(), w64, bias64, "gelu"), dtype)
+    activation_grad = reference.spmm_activation_grad(grad_out.double(), x.double(), w64, bias64, "silu")
+    check_output(run(x, w, False, bias, "silu", grad2=grad_out), activation_grad, dtype)
+    check_output(run(grad_out, w, True, None, None), grad_out.double() @ dense.to(DEVICE), dtype)
+
+
 @pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu"])
 def test_fused_activations(activation):
     w, _ = random_sparse(64, 96, 32, 0.5, seed=2)

@@ -9,6 +9,9 @@ Input gradient (``TRANSPOSED``): the same loop over one block *column* of W (``c
 reading the tiles in place through ``transpose_perm`` and multiplying them untransposed: a ``(BLOCK_M, bk)``
 tile of dX per program, columns heaviest first (``col_order``). No transposed copy of W exists.
 
+Where the inputs meet TMA's alignment rules the same loop runs with tensor descriptors (``kernels/spmm_tma.py``,
+1.1-1.2x faster on an H200); this pointer version takes every other input (odd strides or widths).
+
 A few tokens take the decode kernel instead (``kernels/decode.py``, chosen by ``decode.decode_pays``): with one M
 tile, programs per block row would leave most SMs idle.
 
@@ -37,6 +40,7 @@ from sparseblocks.kernels.epilogue import (
     input_precision,
     load_x_columns,
 )
+from sparseblocks.kernels.spmm_tma import launch_tma, tma_fits
 
 
 @triton.jit(do_not_specialize=["M", "M_BUCKET", "DENSITY_BUCKET"])
@@ -182,9 +186,11 @@ def _launch(
     activation: str | None,
     config: dict | None,
     grad2: torch.Tensor | None = None,
+    descriptors: bool = True,
 ) -> torch.Tensor:
-    """Run ``_spmm_kernel`` on a 2-D ``x2`` ``(M, IN)`` and return ``(M, OUT)``; with ``grad2`` ``(M, OUT)``,
-    return ``grad2 ⊙ act'(x2·Wᵀ + b)`` instead."""
+    """Run the row kernel on a 2-D ``x2`` ``(M, IN)`` and return ``(M, OUT)``; with ``grad2`` ``(M, OUT)``,
+    return ``grad2 ⊙ act'(x2·Wᵀ + b)`` instead. Its tensor-descriptor version (``kernels/spmm_tma.py``) runs
+    where the inputs allow it, unless ``descriptors`` is False."""
     (n, k), (bn, bk), (n_block_rows, n_block_cols) = w.shape, w.block_shape, w.block_grid
     if transposed:
         out_features, in_features, n_out_blocks = k, n, n_block_cols
@@ -193,9 +199,23 @@ def _launch(
         out_features, in_features, n_out_blocks = n, k, n_block_rows
         index = (w.crow_indices, w.col_indices, w.col_indices, w.row_order)  # the third is never read
     m = x2.shape[0]
-    y = torch.empty((m, out_features), device=x2.device, dtype=x2.dtype)
     if m == 0:
-        return y
+        return x2.new_empty((0, out_features))
+    meta = {
+        "BN": bn,
+        "BK": bk,
+        "TRANSPOSED": transposed,
+        "HAS_BIAS": bias is not None,
+        "ACTIVATION": ACTIVATION_CODES[activation],
+        "GRAD_EPILOGUE": grad2 is not None,
+        "INPUT_PRECISION": input_precision(x2.dtype),
+        "DOT_IN_FP32": triton_interpreting() and x2.dtype == torch.bfloat16,
+    }
+    if config is None and triton_interpreting():
+        config = INTERPRETER_CONFIG
+    if descriptors and tma_fits(x2, w, transposed, grad2):
+        return launch_tma(x2, w, transposed, index, meta, config, bias, grad2)
+    y = torch.empty((m, out_features), device=x2.device, dtype=x2.dtype)
     args = (
         x2,
         w.values,
@@ -215,19 +235,7 @@ def _launch(
         min(triton.next_power_of_2(m), 1 << 16),
         round(w.density * 20),
     )
-    meta = {
-        "BN": bn,
-        "BK": bk,
-        "TRANSPOSED": transposed,
-        "HAS_BIAS": bias is not None,
-        "ACTIVATION": ACTIVATION_CODES[activation],
-        "GRAD_EPILOGUE": grad2 is not None,
-        "INPUT_PRECISION": input_precision(x2.dtype),
-        "DOT_IN_FP32": triton_interpreting() and x2.dtype == torch.bfloat16,
-        "EVEN_IN": in_features % (bn if transposed else bk) == 0,
-    }
-    if config is None and triton_interpreting():
-        config = INTERPRETER_CONFIG
+    meta["EVEN_IN"] = in_features % (bn if transposed else bk) == 0
     if config is None:
         grid = lambda chosen: (triton.cdiv(m, chosen["BLOCK_M"]) * n_out_blocks,)
         _spmm_tuned[grid](*args, **meta)
