@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from sparseblocks.bench.plots import speedups, spmm_report, spmm_table
 
@@ -105,3 +106,18 @@ def test_decode_table_renders(tmp_path):
     table = _write_table(path).read_text()
     assert "| llama_8b_up | 1 | 0.9 | 64 | 30.0 | 6.0 | 5.00x | 2.00x | 1.25x | 10.00x | 50% |" in table
     assert "| llama_8b_mlp | 1 | 0.9 | 64 | 90.0 | 30.0 | 3.00x | — | — | 10.00x | 30% |" in table
+
+
+def test_spmm_floor_reads_only_the_columns_some_tile_multiplies():
+    """Bytes of the floor: the X columns that stored tiles use, Y, and the weight with its index."""
+    from sparseblocks import BlockSparseMatrix
+    from sparseblocks.bench.harness import Ceilings
+    from sparseblocks.bench.spmm import Case, _floor_ms
+
+    mask = torch.zeros(2, 4, dtype=torch.bool)
+    mask[0, 1] = mask[1, 1] = mask[1, 3] = True  # block columns 1 and 3 of 4: half of X is read
+    w = BlockSparseMatrix.from_dense(torch.randn(32, 64), 16, mask=mask).to(dtype=torch.bfloat16)
+    case = Case("toy", 1000, 64, 32, "bf16", 0.625, 16)
+    ceilings = Ceilings(copy_bytes_per_s=1e9, bf16_flops=1e30, fp32_flops=1e30, tf32_flops=1e30)
+    expected_bytes = 2 * 1000 * (32 + 32) + w.nbytes
+    assert _floor_ms(ceilings, case, torch.bfloat16, w) == pytest.approx(1e3 * expected_bytes / 1e9)

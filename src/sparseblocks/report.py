@@ -206,8 +206,9 @@ def _spmm(page: _Page, sources: list[Source]) -> None:
     page.add("## One layer, Y = X·Wᵀ (`sparseblocks bench spmm`)", "")
     page.add(
         f"Speedup over dense cuBLAS `F.linear` in the same run at {_sparsity(HEADLINE_SPARSITY)} sparsity (random "
-        "masks): each block size of ours, the best block of the other sparse paths, and the floor (the shape's "
-        "flops or bytes at the run's measured ceilings).",
+        "masks): each block size of ours, the best block of the other sparse paths, and the floor at our best "
+        "block (its flops, or the bytes of its tiles, index, output and the input columns they use, at the run's "
+        "measured ceilings).",
         "",
     )
     impls = [i for i in ("torch_bsr", "stk") if any(r.get("impl") == i for s in sources for r in s.rows)]
