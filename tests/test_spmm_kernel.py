@@ -85,6 +85,21 @@ def test_row_kernel_with_and_without_descriptors(block, dtype, descriptors):
     check_output(run(grad_out, w, True, None, None), grad_out.double() @ dense.to(DEVICE), dtype)
 
 
+def test_inputs_the_copy_engine_cannot_address_take_the_pointer_kernel():
+    """Misaligned bases and odd widths fall back to pointer loads (a descriptor would refuse them)."""
+    from sparseblocks.kernels.spmm_tma import tma_fits
+
+    w, _ = random_sparse(64, 96, 32, 0.5, dtype=torch.float16, seed=5)
+    w = w.to(DEVICE)
+    storage = torch.empty(w.values.numel() + 1, device=DEVICE, dtype=torch.float16)[1:]  # 2 bytes off
+    shifted = BlockSparseMatrix.from_parts(storage.view_as(w.values).copy_(w.values), w.shape, w.index_tensors())
+    x = torch.randn(21, 97, device=DEVICE, dtype=torch.float16)
+    assert not tma_fits(x[:, 1:], w, False) and not tma_fits(x[:, :96], shifted, False)
+    assert tma_fits(x[:, :96].contiguous(), w, False)
+    check(x[:, 1:], shifted)
+    check(x[:, :96], w)
+
+
 @pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu"])
 def test_fused_activations(activation):
     w, _ = random_sparse(64, 96, 32, 0.5, seed=2)

@@ -131,6 +131,8 @@ def tma_fits(x2: torch.Tensor, w: BlockSparseMatrix, transposed: bool, grad2: to
     return (
         x2.element_size() == 2  # fp32 multiplied on the CUDA cores from descriptor-loaded tiles ran 5-15x slower
         and w.nnz > 0
+        and w.values.is_contiguous()
+        and w.values.data_ptr() % 16 == 0
         and x2.shape[0] > 0
         and (out_features * x2.element_size()) % 16 == 0
         and _aligned(x2)
