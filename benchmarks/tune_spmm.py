@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from sparseblocks.bench.harness import input_sets, time_ms
 from sparseblocks.bench.spmm import SHAPES, Case, sparse_weight
 from sparseblocks.kernels.spmm import _launch
+from sparseblocks.kernels.spmm_tma import tma_fits
 
 CASES = [("llama_1b_up", 0.9, 64), ("llama_1b_down", 0.9, 64), ("vit_b_fc1", 0.9, 64), ("vit_b_fc2", 0.9, 64),
          ("vit_b_fc1", 0.9, 32), ("llama_1b_up", 0.9, 128), ("llama_1b_up", 0.5, 64), ("vit_b_fc2", 0.9, 16),
@@ -38,6 +39,7 @@ def tune_case(shape: str, sparsity: float, block: int, kernels: list[str]) -> No
     dense_ms, _ = time_ms(lambda x: F.linear(x, dense), xs)
     reference = F.linear(xs[0], dense).float()
     print(f"{shape} s={sparsity} b={block}: dense {dense_ms * 1e3:.0f} us", flush=True)
+    assert "tma" not in kernels or tma_fits(xs[0], w, False), "the tma rows would time the pointer kernel"
     for name in kernels:
         kernel, configs = KERNELS[name]
         results = []
@@ -50,6 +52,8 @@ def tune_case(shape: str, sparsity: float, block: int, kernels: list[str]) -> No
                 print(f"  {name} {config}: {type(failure).__name__}: {str(failure)[:120]}")
                 continue
             results.append((ms, f"M{block_m}/w{warps}/s{stages}", error))
+        if not results:
+            continue
         results.sort()
         best = ", ".join(f"{label} {dense_ms / ms:.2f}x" for ms, label, _ in results[:4])
         print(f"  {name:>4}: best {best} | worst {dense_ms / results[-1][0]:.2f}x | "

@@ -121,3 +121,8 @@ def test_spmm_floor_reads_only_the_columns_some_tile_multiplies():
     ceilings = Ceilings(copy_bytes_per_s=1e9, bf16_flops=1e30, fp32_flops=1e30, tf32_flops=1e30)
     expected_bytes = 2 * 1000 * (32 + 32) + w.nbytes
     assert _floor_ms(ceilings, case, torch.bfloat16, w) == pytest.approx(1e3 * expected_bytes / 1e9)
+    # K = 56: the last block column is 8 wide
+    w = BlockSparseMatrix.from_dense(torch.randn(32, 56), 16, mask=mask).to(dtype=torch.bfloat16)
+    case = Case("toy", 1000, 56, 32, "bf16", 0.625, 16)
+    expected_bytes = 2 * 1000 * (16 + 8 + 32) + w.nbytes
+    assert _floor_ms(ceilings, case, torch.bfloat16, w) == pytest.approx(1e3 * expected_bytes / 1e9)

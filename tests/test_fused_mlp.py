@@ -43,6 +43,12 @@ def test_every_block_both_forms_ragged_sizes(up_block, down_block, gated, dtype)
     _check(x, up, down, gate, biases if gated else (biases[0], biases[1], None), "silu" if gated else "gelu")
 
 
+def test_strided_biases():
+    up, down, gate = _mlp(70, 100, 50, 32, 32, gated=True)
+    columns = torch.randn(100, 4, device=DEVICE)
+    _check(torch.randn(9, 70, device=DEVICE), up, down, gate, (columns[:, 0], columns[:50, 1], columns[:, 3]), "silu")
+
+
 @pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu"])
 @pytest.mark.parametrize("m", [1, 5, 40])
 def test_activations_and_row_counts_without_bias(activation, m):

@@ -132,6 +132,14 @@ def test_three_d_and_non_contiguous_inputs():
     assert run_kernel(torch.randn(0, 80, device=DEVICE), w).shape == (0, 64)
 
 
+def test_strided_bias():
+    """A bias view with a stride (a column of a matrix, say) is read element by element, not as its storage."""
+    w, _ = random_sparse(64, 96, 32, 0.5, seed=7)
+    biases = torch.randn(64, 3, device=DEVICE)
+    check(torch.randn(40, 96, device=DEVICE), w.to(DEVICE), biases[:, 1], "gelu")
+    check(torch.randn(3, 96, device=DEVICE), w.to(DEVICE), biases[:, 2])
+
+
 def test_single_row_input():
     w, _ = random_sparse(96, 64, 32, 0.5)
     check(torch.randn(1, 64, device=DEVICE), w.to(DEVICE))

@@ -149,7 +149,8 @@ def _floor_ms(ceilings: Ceilings, case: Case, dtype: torch.dtype, w: BlockSparse
         )
     # X's columns that no tile multiplies need no reading (at 90% a quarter of ViT-B fc2's); w.nbytes: the stored
     # tiles plus every index array the kernel may read
-    read_columns = min(case.k, torch.unique(w.col_indices).numel() * w.block_shape[1])
+    bk = w.block_shape[1]
+    read_columns = int((case.k - torch.unique(w.col_indices).long() * bk).clamp(max=bk).sum())  # ragged last one
     bytes_moved = size * case.m * (read_columns + case.n) + w.nbytes
     return ceilings.floor_ms(2 * case.m * case.k * case.n * w.density, bytes_moved, dtype, tf32)
 

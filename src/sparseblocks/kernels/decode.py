@@ -259,6 +259,7 @@ def spmm_decode_triton(
             y += bias
         return ACTIVATIONS[activation](y).to(x2.dtype)
     (n, k), (bn, bk), (n_rows, _) = w.shape, w.block_shape, w.block_grid
+    bias = None if bias is None else bias.contiguous()  # read as one flat array
     tiles = tiles_per_program or default_tiles_per_program(w)
     tile_programs = triton.cdiv(w.nnz, tiles)
     programs = tile_programs + triton.cdiv(n_rows, EMPTY_ROWS_PER_PROGRAM)

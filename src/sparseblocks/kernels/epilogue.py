@@ -1,5 +1,5 @@
-"""Pieces every kernel shares: the gather of x's columns, the fused activations (and their derivatives) and the
-fp32 dot precision."""
+"""Pieces every kernel shares: the gather of x's columns, the fused activations (and their derivatives), the fp32
+dot precision and the autotuners' pruning of M tiles."""
 
 from __future__ import annotations
 
@@ -52,6 +52,14 @@ def activation_grad(z, ACTIVATION: tl.constexpr):
         sigmoid = tl.sigmoid(z)
         d = sigmoid * (1.0 + z * (1.0 - sigmoid))
     return d
+
+
+def prune_large_m_tiles(configs: list, named_args: dict, **kwargs) -> list:
+    """Autotuner pruning: drop M tiles far larger than M itself (they only multiply padding); ``M_BUCKET`` is
+    the kernels' power-of-two bucket of M."""
+    largest_useful = max(64, named_args["M_BUCKET"])
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= largest_useful]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
 
 
 def input_precision(dtype: torch.dtype) -> str:

@@ -158,6 +158,7 @@ def fused_mlp_triton(
     y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
     if m == 0:
         return y
+    up_bias, down_bias, gate_bias = (None if b is None else b.contiguous() for b in (up_bias, down_bias, gate_bias))
     gate_parts = (gate.values, gate.crow_indices, gate.col_indices) if gate is not None else (up.values,) * 3
     args = (
         x2, up.values, up.crow_indices, up.col_indices, up_bias if up_bias is not None else y,

@@ -39,6 +39,7 @@ from sparseblocks.kernels.epilogue import (
     apply_activation,
     input_precision,
     load_x_columns,
+    prune_large_m_tiles,
 )
 from sparseblocks.kernels.spmm_tma import launch_tma, tma_fits
 
@@ -136,13 +137,6 @@ def _spmm_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
-def _prune_configs(configs, named_args, **kwargs):
-    """Drop M tiles far larger than M itself (they only multiply padding)."""
-    largest_useful = max(64, triton.next_power_of_2(named_args["M"]))
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= largest_useful]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
-
-
 TUNING_CONFIGS = [
     triton.Config({"BLOCK_M": block_m}, num_warps=warps, num_stages=stages)
     for block_m, warps, stages in [
@@ -170,7 +164,7 @@ _spmm_tuned = triton.autotune(
         "GRAD_EPILOGUE",
         "INPUT_PRECISION",
     ],
-    prune_configs_by={"early_config_prune": _prune_configs},
+    prune_configs_by={"early_config_prune": prune_large_m_tiles},
     cache_results=True,
 )(_spmm_kernel)
 
@@ -201,6 +195,7 @@ def _launch(
     m = x2.shape[0]
     if m == 0:
         return x2.new_empty((0, out_features))
+    bias = None if bias is None else bias.contiguous()  # read as one flat array
     meta = {
         "BN": bn,
         "BK": bk,

@@ -8,24 +8,28 @@ tile whatever its shape, so a program holds no ``(BLOCK_M, BK)`` address tensor 
 products asynchronously; ragged edges are the copy engine's zero fill and clipped store instead of masks.
 Measured on an H200 (``benchmarks/tune_spmm.py``, NOTES.md): 1.1-1.2x faster than the pointer kernel.
 
-Needs what TMA needs (``tma_fits``): 16-byte aligned bases and row strides, unit column strides, at least one
-stored tile; and 16-bit data: in fp32 without TF32 (products on the CUDA cores) this version ran 5-15x slower
-than the pointer kernel on an H200 (ViT-B/16 fp32 MLPs: 519 against 1925 images/s for PyTorch's BSR path).
-Other inputs take the pointer kernel.
+Needs what TMA needs (``tma_fits``): a GPU with the copy engine (Hopper on), 16-byte aligned bases and row
+strides, unit column strides, at least one stored tile; and 16-bit data: in fp32 without TF32 (products on the
+CUDA cores) this version ran 5-15x slower than the pointer kernel on an H200 (ViT-B/16 fp32 MLPs: 519 against
+1925 images/s for PyTorch's BSR path), and fp32 with TF32 was not measured, so fp32 always takes the pointer
+kernel, as does every other input.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from sparseblocks.backend import triton_interpreting
 from sparseblocks.format import BlockSparseMatrix
-from sparseblocks.kernels.epilogue import activation_grad, apply_activation
+from sparseblocks.kernels.epilogue import activation_grad, apply_activation, prune_large_m_tiles
 
 
-@triton.jit(do_not_specialize=["M_BUCKET", "DENSITY_BUCKET"])
+@triton.jit(do_not_specialize=["IN", "M_BUCKET", "DENSITY_BUCKET"])
 def _spmm_tma_kernel(
     x_desc,  # (M, IN), box (BLOCK_M, IN_B): X for the forward, dY for the input gradient
     w_desc,  # (nnz · BN, BK): the stored tiles stacked, box (BN, BK)
@@ -38,7 +42,8 @@ def _spmm_tma_kernel(
     bias_ptr,  # (OUT,) or unused
     OUT,
     n_out_blocks,
-    # autotuning keys only (shape bucket, density bucket)
+    # autotuning keys only (reduction width, shape bucket, density bucket)
+    IN,
     M_BUCKET,
     DENSITY_BUCKET,
     BN: tl.constexpr,
@@ -107,6 +112,7 @@ _spmm_tma_tuned = triton.autotune(
     key=[
         "M_BUCKET",
         "OUT",
+        "IN",
         "BN",
         "BK",
         "TRANSPOSED",
@@ -116,8 +122,8 @@ _spmm_tma_tuned = triton.autotune(
         "GRAD_EPILOGUE",
         "INPUT_PRECISION",
     ],  # fmt: skip
-    cache_results=True,
-)(_spmm_tma_kernel)
+    prune_configs_by={"early_config_prune": prune_large_m_tiles},
+)(_spmm_tma_kernel)  # no cache_results: Triton does not cache configs that have a pre-hook
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -125,11 +131,18 @@ def _aligned(t: torch.Tensor) -> bool:
     return t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
 
 
+@functools.cache
+def _has_copy_engine(device: torch.device) -> bool:
+    """Hopper or newer: below, Triton lowers descriptor loads to plain loads, a version never measured."""
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def tma_fits(x2: torch.Tensor, w: BlockSparseMatrix, transposed: bool, grad2: torch.Tensor | None = None) -> bool:
     """Whether the descriptor kernel can take ``x2`` ``(M, IN)``, ``grad2`` and the ``(M, OUT)`` output."""
     out_features = w.shape[1] if transposed else w.shape[0]
     return (
-        x2.element_size() == 2  # fp32 multiplied on the CUDA cores from descriptor-loaded tiles ran 5-15x slower
+        (triton_interpreting() or (x2.is_cuda and _has_copy_engine(x2.device)))
+        and x2.element_size() == 2  # fp32 multiplied on the CUDA cores from descriptor-loaded tiles ran 5-15x slower
         and w.nnz > 0
         and w.values.is_contiguous()
         and w.values.data_ptr() % 16 == 0
@@ -167,6 +180,7 @@ def launch_tma(
         bias if bias is not None else y,  # never read without HAS_BIAS
         out_features,
         n_out_blocks,
+        n if transposed else k,
         min(triton.next_power_of_2(m), 1 << 16),
         round(w.density * 20),
     )
