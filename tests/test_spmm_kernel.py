@@ -100,6 +100,35 @@ def test_inputs_the_copy_engine_cannot_address_take_the_pointer_kernel():
     check(x[:, :96], w)
 
 
+@pytest.mark.skipif(not triton_interpreting(), reason="drives the autotuner with made-up timings")
+@pytest.mark.parametrize("winner", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])  # the descriptor kernel, the pointer kernel
+def test_tuned_launch_whichever_m_tile_wins(monkeypatch, winner, dtype):
+    """The autotuned path (no fixed config): each candidate's descriptor boxes follow its BLOCK_M (the pre-hook),
+    and the output is right whichever M tile the timings pick."""
+    from sparseblocks.kernels import spmm as kernels
+    from sparseblocks.kernels import spmm_tma
+
+    tuned, configs = (
+        (spmm_tma._spmm_tma_tuned, spmm_tma.TUNING_CONFIGS)
+        if dtype == torch.float16
+        else (kernels._spmm_tuned, kernels.TUNING_CONFIGS)
+    )
+    candidates = [next(c for c in configs if c.kwargs["BLOCK_M"] == block_m) for block_m in (64, 128)]
+    timings = iter([1.0 if c.kwargs["BLOCK_M"] == winner else 2.0 for c in candidates])
+    monkeypatch.setattr(tuned, "configs", candidates)
+    monkeypatch.setattr(tuned, "cache", {})
+    monkeypatch.setattr(tuned, "cache_results", False)  # no tuning results from disk
+    # do_bench is a cached property: replace the cached value itself (reading it would look for a GPU)
+    monkeypatch.setitem(tuned.__dict__, "do_bench", lambda call, quantiles: (call(), [next(timings)] * 3)[1])
+    monkeypatch.setattr(kernels, "INTERPRETER_CONFIG", None)
+    w, _ = random_sparse(96, 64, 32, 0.6, dtype=dtype, seed=9)
+    x, bias = torch.randn(70, 64).to(dtype), torch.randn(96).to(dtype)
+    out = kernels.spmm_triton(x, w, bias, "relu")
+    assert tuned.best_config.kwargs["BLOCK_M"] == winner
+    check_output(out, reference.spmm(x.double(), w.to(dtype=torch.float64), bias.double(), "relu"), dtype)
+
+
 @pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu"])
 def test_fused_activations(activation):
     w, _ = random_sparse(64, 96, 32, 0.5, seed=2)
