@@ -31,7 +31,13 @@ import triton.language as tl
 
 from sparseblocks.backend import triton_interpreting
 from sparseblocks.format import BlockSparseMatrix
-from sparseblocks.kernels.epilogue import ACTIVATION_CODES, apply_activation, input_precision, load_x_columns
+from sparseblocks.kernels.epilogue import (
+    ACTIVATION_CODES,
+    apply_activation,
+    density_bucket,
+    input_precision,
+    load_x_columns,
+)
 from sparseblocks.reference import ACTIVATIONS
 
 MAX_TOKENS = 64  # the most rows of x the kernel takes
@@ -272,7 +278,7 @@ def spmm_decode_triton(
         bias if bias is not None else y, partial, arrived, y,
         m, n, k, w.nnz, n_rows, tiles,
         x2.stride(0), x2.stride(1), y.stride(0), y.stride(1),
-        round(w.density * 20),
+        density_bucket(w.density),
     )  # fmt: skip
     meta = {
         "BN": bn,

@@ -1,5 +1,5 @@
 """Pieces every kernel shares: the gather of x's columns, the fused activations (and their derivatives), the fp32
-dot precision and the autotuners' pruning of M tiles."""
+dot precision and the autotuners' keys and pruning."""
 
 from __future__ import annotations
 
@@ -54,9 +54,23 @@ def activation_grad(z, ACTIVATION: tl.constexpr):
     return d
 
 
+# The row kernel's autotuning key, in both its versions (pointer loads, tensor descriptors).
+ROW_KERNEL_TUNING_KEY = ["M_BUCKET", "OUT", "IN", "BN", "BK", "TRANSPOSED", "DENSITY_BUCKET", "HAS_BIAS", "ACTIVATION",
+                         "GRAD_EPILOGUE", "INPUT_PRECISION"]  # fmt: skip
+
+
+def m_bucket(m: int) -> int:
+    """The autotuners' key for M (``M_BUCKET``): its next power of two, capped, so M alone does not retune."""
+    return min(triton.next_power_of_2(m), 1 << 16)
+
+
+def density_bucket(density: float) -> int:
+    """The autotuners' key for a pattern's density (``DENSITY_BUCKET``): steps of 5%."""
+    return round(density * 20)
+
+
 def prune_large_m_tiles(configs: list, named_args: dict, **kwargs) -> list:
-    """Autotuner pruning: drop M tiles far larger than M itself (they only multiply padding); ``M_BUCKET`` is
-    the kernels' power-of-two bucket of M."""
+    """Autotuner pruning: drop M tiles far larger than M itself (they only multiply padding), from its bucket."""
     largest_useful = max(64, named_args["M_BUCKET"])
     kept = [c for c in configs if c.kwargs["BLOCK_M"] <= largest_useful]
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]

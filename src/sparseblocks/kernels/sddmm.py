@@ -20,7 +20,7 @@ import triton.language as tl
 
 from sparseblocks.backend import triton_interpreting
 from sparseblocks.format import BlockSparseMatrix
-from sparseblocks.kernels.epilogue import input_precision
+from sparseblocks.kernels.epilogue import input_precision, m_bucket
 
 # Chunks of M are multiples of this, so that every BLOCK_M in the tuning set divides them.
 _CHUNK_QUANTUM = 256
@@ -144,7 +144,7 @@ def sddmm_triton(
         grad2.stride(1),
         x2.stride(0),
         x2.stride(1),
-        min(triton.next_power_of_2(m), 1 << 16),
+        m_bucket(m),
     )
     meta = {
         "BN": bn,

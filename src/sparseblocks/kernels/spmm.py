@@ -35,10 +35,13 @@ from sparseblocks.format import BlockSparseMatrix
 from sparseblocks.kernels.decode import decode_pays, spmm_decode_triton
 from sparseblocks.kernels.epilogue import (
     ACTIVATION_CODES,
+    ROW_KERNEL_TUNING_KEY,
     activation_grad,
     apply_activation,
+    density_bucket,
     input_precision,
     load_x_columns,
+    m_bucket,
     prune_large_m_tiles,
 )
 from sparseblocks.kernels.spmm_tma import launch_tma, tma_fits
@@ -151,19 +154,7 @@ TUNING_CONFIGS = [
 ]
 _spmm_tuned = triton.autotune(
     configs=TUNING_CONFIGS,
-    key=[
-        "M_BUCKET",
-        "OUT",
-        "IN",
-        "BN",
-        "BK",
-        "TRANSPOSED",
-        "DENSITY_BUCKET",
-        "HAS_BIAS",
-        "ACTIVATION",
-        "GRAD_EPILOGUE",
-        "INPUT_PRECISION",
-    ],
+    key=ROW_KERNEL_TUNING_KEY,
     prune_configs_by={"early_config_prune": prune_large_m_tiles},
     cache_results=True,
 )(_spmm_kernel)
@@ -227,8 +218,8 @@ def _launch(
         y.stride(0),
         y.stride(1),
         *(grad2.stride() if grad2 is not None else y.stride()),
-        min(triton.next_power_of_2(m), 1 << 16),
-        round(w.density * 20),
+        m_bucket(m),
+        density_bucket(w.density),
     )
     meta["EVEN_IN"] = in_features % (bn if transposed else bk) == 0
     if config is None:

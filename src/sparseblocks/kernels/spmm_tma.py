@@ -26,7 +26,14 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from sparseblocks.backend import triton_interpreting
 from sparseblocks.format import BlockSparseMatrix
-from sparseblocks.kernels.epilogue import activation_grad, apply_activation, prune_large_m_tiles
+from sparseblocks.kernels.epilogue import (
+    ROW_KERNEL_TUNING_KEY,
+    activation_grad,
+    apply_activation,
+    density_bucket,
+    m_bucket,
+    prune_large_m_tiles,
+)
 
 
 @triton.jit(do_not_specialize=["IN", "M_BUCKET", "DENSITY_BUCKET"])
@@ -109,19 +116,7 @@ TUNING_CONFIGS = [
 ]
 _spmm_tma_tuned = triton.autotune(
     configs=TUNING_CONFIGS,
-    key=[
-        "M_BUCKET",
-        "OUT",
-        "IN",
-        "BN",
-        "BK",
-        "TRANSPOSED",
-        "DENSITY_BUCKET",
-        "HAS_BIAS",
-        "ACTIVATION",
-        "GRAD_EPILOGUE",
-        "INPUT_PRECISION",
-    ],  # fmt: skip
+    key=ROW_KERNEL_TUNING_KEY,
     prune_configs_by={"early_config_prune": prune_large_m_tiles},
 )(_spmm_tma_kernel)  # no cache_results: Triton does not cache configs that have a pre-hook
 
@@ -181,8 +176,8 @@ def launch_tma(
         out_features,
         n_out_blocks,
         n if transposed else k,
-        min(triton.next_power_of_2(m), 1 << 16),
-        round(w.density * 20),
+        m_bucket(m),
+        density_bucket(w.density),
     )
     if config is None:
         _spmm_tma_tuned[lambda chosen: (triton.cdiv(m, chosen["BLOCK_M"]) * n_out_blocks,)](*args, **meta)
