@@ -69,11 +69,12 @@ def test_activation_grad_recomputes_the_pre_activation(activation, dtype):
     w = w.to(DEVICE)
     x, bias = torch.randn(41, 96, device=DEVICE).to(dtype), torch.randn(100, device=DEVICE).to(dtype)
     grad_out = torch.randn(41, 100, device=DEVICE).to(dtype)
-    out = spmm_activation_grad_triton(grad_out, x, w, bias, activation)
+    out, column_sums = spmm_activation_grad_triton(grad_out, x, w, bias, activation, bias_grad=True)
     ref = reference.spmm_activation_grad(
         grad_out.double(), x.double(), w.to(dtype=torch.float64), bias.double(), activation
     )
     assert_close(out, ref, dtype)
+    assert column_sums.dtype == torch.float32 and relative_error(column_sums.cpu(), ref.sum(0)) < 1e-5
 
 
 @pytest.mark.parametrize("split", [1, 2, 3])

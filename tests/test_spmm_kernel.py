@@ -79,10 +79,16 @@ def test_row_kernel_with_and_without_descriptors(block, dtype, descriptors):
     assert not tma_fits(x.float(), w, False)
     run = lambda *args, **kwargs: _launch(*args, config=ROW_KERNEL_CONFIG, descriptors=descriptors, **kwargs)
     w64, bias64 = w.to(dtype=torch.float64), bias.double()
-    check_output(run(x, w, False, bias, "gelu"), reference.spmm(x.double(), w64, bias64, "gelu"), dtype)
+    out, no_sums = run(x, w, False, bias, "gelu")
+    check_output(out, reference.spmm(x.double(), w64, bias64, "gelu"), dtype)
     activation_grad = reference.spmm_activation_grad(grad_out.double(), x.double(), w64, bias64, "silu")
-    check_output(run(x, w, False, bias, "silu", grad2=grad_out), activation_grad, dtype)
-    check_output(run(grad_out, w, True, None, None), grad_out.double() @ dense.to(DEVICE), dtype)
+    dz, column_sums = run(x, w, False, bias, "silu", grad2=grad_out, bias_grad=True)
+    check_output(dz, activation_grad, dtype)
+    check_output(column_sums, activation_grad.sum(0), torch.float32)  # from the fp32 tiles, before rounding
+    check_output(run(grad_out, w, True, None, None)[0], grad_out.double() @ dense.to(DEVICE), dtype)
+    assert no_sums is None
+    with pytest.raises(ValueError, match="activation-gradient mode"):
+        run(x, w, False, bias, "gelu", bias_grad=True)
 
 
 def test_inputs_the_copy_engine_cannot_address_take_the_pointer_kernel():

@@ -4,7 +4,8 @@ Registered as ``torch.library`` custom ops with fake (meta) implementations, so 
 traces around them and CUDA graphs capture them. The backward is written in the same vocabulary:
 
 * ``sparseblocks::spmm``             Y  = act(X Wᵀ + b)     (dense · sparseᵀ -> dense)
-* ``sparseblocks::spmm_activation_grad`` dZ = dY ⊙ act'(X Wᵀ + b)  (Z recomputed tile by tile, never stored)
+* ``sparseblocks::spmm_activation_grad`` dZ = dY ⊙ act'(X Wᵀ + b)  (Z recomputed tile by tile, never stored;
+  optionally Σ dZ over tokens, the bias gradient, from the same tiles)
 * ``sparseblocks::spmm_input_grad``  dX = dZ W             (dense · sparse  -> dense, through W's transposed index)
 * ``sparseblocks::sddmm``            dW = dZᵀ X on W's pattern (dense · dense -> sparse)
 
@@ -49,13 +50,24 @@ def _forward(x: torch.Tensor, w: BlockSparseMatrix, bias: torch.Tensor | None, a
 
 
 def _activation_grad(
-    grad_out: torch.Tensor, x: torch.Tensor, w: BlockSparseMatrix, bias: torch.Tensor | None, activation: str
-) -> torch.Tensor:
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    w: BlockSparseMatrix,
+    bias: torch.Tensor | None,
+    activation: str,
+    bias_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """dZ, and with ``bias_grad`` its fp32 sum over all leading dims (the bias gradient; else None)."""
     if use_triton(x):
         from sparseblocks.kernels.spmm import spmm_activation_grad_triton
 
-        return spmm_activation_grad_triton(grad_out, x, w, bias, activation)
-    return reference.spmm_activation_grad(grad_out, x, w, bias, activation)
+        return spmm_activation_grad_triton(grad_out, x, w, bias, activation, bias_grad)
+    dz = reference.spmm_activation_grad(grad_out, x, w, bias, activation)
+    return dz, _column_sums(dz, w) if bias_grad else None
+
+
+def _column_sums(grad: torch.Tensor, w: BlockSparseMatrix) -> torch.Tensor:
+    return grad.reshape(-1, w.shape[0]).sum(0, dtype=torch.float32)
 
 
 def _input_grad(grad_out: torch.Tensor, w: BlockSparseMatrix) -> torch.Tensor:
@@ -103,13 +115,16 @@ def _spmm_activation_grad_op(
     shape: list[int],
     bias: torch.Tensor | None,
     activation: str,
-) -> torch.Tensor:
-    return _activation_grad(grad_out, x, _matrix(values, index, shape), bias, activation)
+    bias_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """dZ and, with ``bias_grad``, its column sums (fp32 ``(N,)``; else an empty tensor)."""
+    dz, column_sums = _activation_grad(grad_out, x, _matrix(values, index, shape), bias, activation, bias_grad)
+    return dz, column_sums if column_sums is not None else dz.new_empty(0, dtype=torch.float32)
 
 
 @_spmm_activation_grad_op.register_fake
-def _(grad_out, x, values, index, shape, bias, activation):
-    return grad_out.new_empty(grad_out.shape)
+def _(grad_out, x, values, index, shape, bias, activation, bias_grad):
+    return grad_out.new_empty(grad_out.shape), grad_out.new_empty(shape[0] if bias_grad else 0, dtype=torch.float32)
 
 
 @torch.library.custom_op("sparseblocks::spmm_input_grad", mutates_args=())
@@ -143,14 +158,19 @@ def _(grad_out, x, values, index, shape):
 class _Backward(NamedTuple):
     """The three backward computations, called with a ``BlockSparseMatrix``."""
 
-    activation_grad: Callable[..., torch.Tensor]
+    activation_grad: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
     input_grad: Callable[..., torch.Tensor]
     sddmm: Callable[..., torch.Tensor]
 
 
+def _activation_grad_through_op(g, x, w, b, act, bias_grad):
+    dz, column_sums = _spmm_activation_grad_op(g, x, w.values, _index(w), list(w.shape), b, act, bias_grad)
+    return dz, column_sums if bias_grad else None
+
+
 _EAGER = _Backward(_activation_grad, _input_grad, _sddmm)
 _CUSTOM_OPS = _Backward(
-    lambda g, x, w, b, act: _spmm_activation_grad_op(g, x, w.values, _index(w), list(w.shape), b, act),
+    _activation_grad_through_op,
     lambda g, w: _spmm_input_grad_op(g, w.values, _index(w), list(w.shape)),
     lambda g, x, w: _sddmm_op(g, x, w.values, _index(w), list(w.shape)),
 )
@@ -165,15 +185,17 @@ def _gradients(
     activation: str | None,
     needs: tuple[bool, bool, bool],
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients of x, values and bias (None where not needed); dZ first where there is an activation."""
+    """Gradients of x, values and bias (None where not needed); dZ first where there is an activation, with the
+    bias gradient summed from its tiles on the way (one pass over dZ fewer)."""
     needs_x, needs_values, needs_bias = needs
+    column_sums = None
     if activation is not None:
-        grad_out = kernels.activation_grad(grad_out, x, w, bias, activation)
+        grad_out, column_sums = kernels.activation_grad(grad_out, x, w, bias, activation, needs_bias)
     grad_x = kernels.input_grad(grad_out, w) if needs_x else None
     grad_values = kernels.sddmm(grad_out, x, w) if needs_values else None
     grad_bias = None
     if needs_bias:
-        grad_bias = grad_out.reshape(-1, w.shape[0]).sum(0, dtype=torch.float32).to(bias.dtype)
+        grad_bias = (column_sums if column_sums is not None else _column_sums(grad_out, w)).to(bias.dtype)
     return grad_x, grad_values, grad_bias
 
 
