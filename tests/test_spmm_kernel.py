@@ -133,6 +133,13 @@ def test_tuned_launch_whichever_m_tile_wins(monkeypatch, winner, dtype):
     out = kernels.spmm_triton(x, w, bias, "relu")
     assert tuned.best_config.kwargs["BLOCK_M"] == winner
     check_output(out, reference.spmm(x.double(), w.to(dtype=torch.float64), bias.double(), "relu"), dtype)
+    # the bias gradient's parts: one row per winning M tile, summed (the buffer is sized for the smallest)
+    timings = iter([1.0 if c.kwargs["BLOCK_M"] == winner else 2.0 for c in candidates])
+    grad_out = torch.randn(70, 96).to(dtype)
+    _, column_sums = kernels.spmm_activation_grad_triton(grad_out, x, w, bias, "silu", bias_grad=True)
+    assert tuned.best_config.kwargs["BLOCK_M"] == winner
+    dz = reference.spmm_activation_grad(grad_out.double(), x.double(), w.to(dtype=torch.float64), bias.double(), "silu")
+    check_output(column_sums, dz.sum(0), torch.float32)
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu"])
