@@ -67,7 +67,13 @@ def _activation_grad(
 
 
 def _column_sums(grad: torch.Tensor, w: BlockSparseMatrix) -> torch.Tensor:
-    return grad.reshape(-1, w.shape[0]).sum(0, dtype=torch.float32)
+    """``grad`` ``(..., N)`` summed over its leading dims, fp32 ``(N,)``: a bias gradient."""
+    grad2 = grad.reshape(-1, w.shape[0])
+    if use_triton(grad2):
+        from sparseblocks.kernels.column_sums import column_sums_triton
+
+        return column_sums_triton(grad2)
+    return grad2.sum(0, dtype=torch.float32)
 
 
 def _input_grad(grad_out: torch.Tensor, w: BlockSparseMatrix) -> torch.Tensor:
