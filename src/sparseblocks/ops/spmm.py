@@ -63,17 +63,22 @@ def _activation_grad(
 
         return spmm_activation_grad_triton(grad_out, x, w, bias, activation, bias_grad)
     dz = reference.spmm_activation_grad(grad_out, x, w, bias, activation)
-    return dz, _column_sums(dz, w) if bias_grad else None
+    return dz, _summed_over_tokens(dz, w) if bias_grad else None
+
+
+def _summed_over_tokens(grad: torch.Tensor, w: BlockSparseMatrix) -> torch.Tensor:
+    """``grad`` ``(..., N)`` summed over its leading dims, fp32 ``(N,)``: a bias gradient (plain PyTorch, which
+    torch.compile traces)."""
+    return grad.reshape(-1, w.shape[0]).sum(0, dtype=torch.float32)
 
 
 def _column_sums(grad: torch.Tensor, w: BlockSparseMatrix) -> torch.Tensor:
-    """``grad`` ``(..., N)`` summed over its leading dims, fp32 ``(N,)``: a bias gradient."""
-    grad2 = grad.reshape(-1, w.shape[0])
-    if use_triton(grad2):
+    """:func:`_summed_over_tokens` by the Triton kernel on CUDA (faster than ``torch.sum`` at this shape)."""
+    if use_triton(grad):
         from sparseblocks.kernels.column_sums import column_sums_triton
 
-        return column_sums_triton(grad2)
-    return grad2.sum(0, dtype=torch.float32)
+        return column_sums_triton(grad.reshape(-1, w.shape[0]))
+    return _summed_over_tokens(grad, w)
 
 
 def _input_grad(grad_out: torch.Tensor, w: BlockSparseMatrix) -> torch.Tensor:
@@ -162,11 +167,12 @@ def _(grad_out, x, values, index, shape):
 
 
 class _Backward(NamedTuple):
-    """The three backward computations, called with a ``BlockSparseMatrix``."""
+    """The backward computations, called with a ``BlockSparseMatrix``."""
 
     activation_grad: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
     input_grad: Callable[..., torch.Tensor]
     sddmm: Callable[..., torch.Tensor]
+    column_sums: Callable[..., torch.Tensor]  # the bias gradient of a layer without activation
 
 
 def _activation_grad_through_op(g, x, w, b, act, bias_grad):
@@ -174,11 +180,12 @@ def _activation_grad_through_op(g, x, w, b, act, bias_grad):
     return dz, column_sums if bias_grad else None
 
 
-_EAGER = _Backward(_activation_grad, _input_grad, _sddmm)
+_EAGER = _Backward(_activation_grad, _input_grad, _sddmm, _column_sums)
 _CUSTOM_OPS = _Backward(
     _activation_grad_through_op,
     lambda g, w: _spmm_input_grad_op(g, w.values, _index(w), list(w.shape)),
     lambda g, x, w: _sddmm_op(g, x, w.values, _index(w), list(w.shape)),
+    _summed_over_tokens,  # traced: Inductor writes the reduction
 )
 
 
@@ -201,7 +208,7 @@ def _gradients(
     grad_values = kernels.sddmm(grad_out, x, w) if needs_values else None
     grad_bias = None
     if needs_bias:
-        grad_bias = (column_sums if column_sums is not None else _column_sums(grad_out, w)).to(bias.dtype)
+        grad_bias = (column_sums if column_sums is not None else kernels.column_sums(grad_out, w)).to(bias.dtype)
     return grad_x, grad_values, grad_bias
 
 
