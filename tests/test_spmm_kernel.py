@@ -283,6 +283,23 @@ def test_real_sizes_on_gpu(dtype, m, n, k, block):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_descriptor_kernel_on_a_thread_without_cuda_context():
+    """A fresh thread has no CUDA context current (PyTorch's backward thread can be one, when a layer's backward
+    is its first CUDA work): the host still encodes the descriptors."""
+    import threading
+
+    w, _ = random_sparse(256, 128, 64, 0.5, dtype=torch.bfloat16, seed=1)
+    x, w = torch.randn(64, 128, device="cuda", dtype=torch.bfloat16), w.to("cuda")
+    outputs = []
+    thread = threading.Thread(target=lambda: outputs.append(run_kernel(x, w)))
+    thread.start()
+    thread.join()
+    assert len(outputs) == 1, "the launch raised on the new thread"
+    check_output(outputs[0], reference_float64(x, w), torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_huge_m_on_gpu():
     """M large enough that M tiles × block rows passes 2^16 programs and M·K passes 2^31 elements."""
     w, _ = random_sparse(256, 64, 64, 0.5, dtype=torch.bfloat16)

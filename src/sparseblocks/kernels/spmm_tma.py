@@ -18,6 +18,7 @@ kernel, as does every other input.
 from __future__ import annotations
 
 import functools
+import threading
 
 import torch
 import triton
@@ -154,6 +155,22 @@ def tma_fits(x2: torch.Tensor, w: BlockSparseMatrix, transposed: bool, grad2: to
     )
 
 
+_context_bound = threading.local()  # .devices: indices of the devices whose context this thread has made current
+
+
+def _bind_context(device: torch.device) -> None:
+    """Make ``device``'s CUDA context current on this thread, once per thread.
+
+    The host encodes descriptors through the CUDA driver, which fails ("invalid device context") on a thread where
+    no context is current yet. PyTorch runs a backward on its own thread, whose first CUDA work can be this kernel
+    (``layer(x).backward(g)``); any CUDA runtime call binds the device's primary context to the calling thread.
+    """
+    devices = _context_bound.__dict__.setdefault("devices", set())
+    if device.index not in devices:
+        torch.cuda.mem_get_info(device)
+        devices.add(device.index)
+
+
 def launch_tma(
     x2: torch.Tensor,
     w: BlockSparseMatrix,
@@ -170,6 +187,8 @@ def launch_tma(
     (n, k), (bn, bk), (n_block_rows, n_block_cols) = w.shape, w.block_shape, w.block_grid
     out_features, out_b, n_out_blocks = (k, bk, n_block_cols) if transposed else (n, bn, n_block_rows)
     m = x2.shape[0]
+    if x2.is_cuda:
+        _bind_context(x2.device)
     y = torch.empty((m, out_features), device=x2.device, dtype=x2.dtype)
     block_m = config["BLOCK_M"] if config else 64  # the autotuner's pre-hook resets the boxes per config
     descriptor = lambda t, width: TensorDescriptor(t, list(t.shape), [t.stride(0), 1], [block_m, width])
