@@ -23,9 +23,9 @@ CASES = [("llama_1b_up", 0.9, 64), ("llama_1b_down", 0.9, 64), ("vit_b_fc1", 0.9
          ("vit_b_fc1", 0.9, 32), ("llama_1b_up", 0.9, 128), ("llama_1b_up", 0.5, 64), ("vit_b_fc2", 0.9, 16),
          ("llama_1b_up", 0.9, 16)]  # fmt: skip
 KERNELS = {
-    "rows": (lambda x, w, config: _launch(x, w, False, None, None, config, descriptors=False),
+    "rows": (lambda x, w, config: _launch(x, w, False, None, None, config, descriptors=False)[0],
              [(64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 8, 2), (256, 8, 3), (256, 8, 4)]),
-    "tma": (lambda x, w, config: _launch(x, w, False, None, None, config),
+    "tma": (lambda x, w, config: _launch(x, w, False, None, None, config)[0],
             [(64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 4, 4), (128, 4, 5), (128, 8, 3), (128, 8, 4), (256, 8, 3),
              (256, 8, 4)]),
 }  # fmt: skip

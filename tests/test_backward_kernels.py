@@ -69,11 +69,12 @@ def test_activation_grad_recomputes_the_pre_activation(activation, dtype):
     w = w.to(DEVICE)
     x, bias = torch.randn(41, 96, device=DEVICE).to(dtype), torch.randn(100, device=DEVICE).to(dtype)
     grad_out = torch.randn(41, 100, device=DEVICE).to(dtype)
-    out = spmm_activation_grad_triton(grad_out, x, w, bias, activation)
+    out, column_sums = spmm_activation_grad_triton(grad_out, x, w, bias, activation, bias_grad=True)
     ref = reference.spmm_activation_grad(
         grad_out.double(), x.double(), w.to(dtype=torch.float64), bias.double(), activation
     )
     assert_close(out, ref, dtype)
+    assert column_sums.dtype == torch.float32 and relative_error(column_sums.cpu(), ref.sum(0)) < 1e-5
 
 
 @pytest.mark.parametrize("split", [1, 2, 3])
@@ -116,6 +117,27 @@ def test_single_row_and_empty_batch():
     assert torch.equal(sddmm(grad_out[:0], x[:0], w), torch.zeros_like(w.values))
 
 
+def column_sums(g, split=None):
+    from sparseblocks.kernels.column_sums import column_sums_triton
+
+    return column_sums_triton(g, split)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("m", "n", "split"), [(1, 96, None), (700, 200, None), (700, 200, 3), (129, 128, 5)])
+def test_column_sums_ragged_and_split(m, n, split, dtype):
+    """The bias gradient of a layer without activation: fp32 sums over rows, any chunking of M gives the same."""
+    g = torch.randn(m, n).to(dtype)
+    out = column_sums(g.to(DEVICE), split)
+    assert_close(out, g.double().sum(0), torch.float32)
+
+
+def test_column_sums_strided_and_empty():
+    g = torch.randn(80, 300, device=DEVICE)
+    assert_close(column_sums(g.t()), g.t().double().sum(0), torch.float32)  # (300, 80), row stride 1
+    assert torch.equal(column_sums(g[:0]), torch.zeros(300, device=DEVICE))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize(
@@ -130,3 +152,4 @@ def test_backward_real_sizes_on_gpu(m, n, k, block):
     ref = reference.spmm_input_grad(grad_out.double(), reference_w)
     assert_close(input_grad(grad_out, w), ref, torch.bfloat16)
     assert_close(sddmm(grad_out, x, w), reference.sddmm(grad_out.double(), x.double(), reference_w), torch.bfloat16)
+    assert_close(column_sums(grad_out), grad_out.double().sum(0), torch.float32)

@@ -65,6 +65,8 @@ def test_train_report_renders_tables_and_plots(tmp_path):
         _train_row("mlp", "stk", None, block=128, error="unsupported"),
         _train_row("train_step", "dense", 200.0, sparsity=0.0, block=None, mlp_state_bytes=1000),
         _train_row("train_step", "sparseblocks", 160.0, mlp_state_bytes=110),
+        _train_row("train_step", "dense", 90.0, shape="llama", sparsity=0.0, block=None, mlp_state_bytes=900),
+        _train_row("train_step", "sparseblocks", 60.0, shape="llama", mlp_state_bytes=100),
     ]
     convergence = {
         "model": "gpt",
@@ -81,6 +83,7 @@ def test_train_report_renders_tables_and_plots(tmp_path):
     tables = train_tables(payload)
     assert "| mlp | vit_b | 0.9 | 64 | sparseblocks | 1.000 | 3.00x | 1024 |" in tables
     assert "| eager | 0.9 | 64 | 160.0 | 1.25x | 1024 | 0.0 | 0.110x |" in tables
+    assert "| llama | eager | 0.9 | 64 | 60.0 | 1.50x |" in tables  # against its own model's dense step
     assert "largest difference at any single step: 0.1000" in tables
 
 

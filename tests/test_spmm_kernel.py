@@ -79,10 +79,16 @@ def test_row_kernel_with_and_without_descriptors(block, dtype, descriptors):
     assert not tma_fits(x.float(), w, False)
     run = lambda *args, **kwargs: _launch(*args, config=ROW_KERNEL_CONFIG, descriptors=descriptors, **kwargs)
     w64, bias64 = w.to(dtype=torch.float64), bias.double()
-    check_output(run(x, w, False, bias, "gelu"), reference.spmm(x.double(), w64, bias64, "gelu"), dtype)
+    out, no_sums = run(x, w, False, bias, "gelu")
+    check_output(out, reference.spmm(x.double(), w64, bias64, "gelu"), dtype)
     activation_grad = reference.spmm_activation_grad(grad_out.double(), x.double(), w64, bias64, "silu")
-    check_output(run(x, w, False, bias, "silu", grad2=grad_out), activation_grad, dtype)
-    check_output(run(grad_out, w, True, None, None), grad_out.double() @ dense.to(DEVICE), dtype)
+    dz, column_sums = run(x, w, False, bias, "silu", grad2=grad_out, bias_grad=True)
+    check_output(dz, activation_grad, dtype)
+    check_output(column_sums, activation_grad.sum(0), torch.float32)  # from the fp32 tiles, before rounding
+    check_output(run(grad_out, w, True, None, None)[0], grad_out.double() @ dense.to(DEVICE), dtype)
+    assert no_sums is None
+    with pytest.raises(ValueError, match="activation-gradient mode"):
+        run(x, w, False, bias, "gelu", bias_grad=True)
 
 
 def test_inputs_the_copy_engine_cannot_address_take_the_pointer_kernel():
@@ -127,6 +133,13 @@ def test_tuned_launch_whichever_m_tile_wins(monkeypatch, winner, dtype):
     out = kernels.spmm_triton(x, w, bias, "relu")
     assert tuned.best_config.kwargs["BLOCK_M"] == winner
     check_output(out, reference.spmm(x.double(), w.to(dtype=torch.float64), bias.double(), "relu"), dtype)
+    # the bias gradient's parts: one row per winning M tile, summed (the buffer is sized for the smallest)
+    timings = iter([1.0 if c.kwargs["BLOCK_M"] == winner else 2.0 for c in candidates])
+    grad_out = torch.randn(70, 96).to(dtype)
+    _, column_sums = kernels.spmm_activation_grad_triton(grad_out, x, w, bias, "silu", bias_grad=True)
+    assert tuned.best_config.kwargs["BLOCK_M"] == winner
+    dz = reference.spmm_activation_grad(grad_out.double(), x.double(), w.to(dtype=torch.float64), bias.double(), "silu")
+    check_output(column_sums, dz.sum(0), torch.float32)
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu"])
@@ -266,6 +279,23 @@ def test_real_sizes_on_gpu(dtype, m, n, k, block):
     w, _ = random_sparse(n, k, block, 0.1, dtype=dtype, seed=3)
     x = torch.randn(m, k, device="cuda").to(dtype)
     check(x, w.to("cuda"), torch.randn(n, device="cuda").to(dtype), "gelu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_descriptor_kernel_on_a_thread_without_cuda_context():
+    """A fresh thread has no CUDA context current (PyTorch's backward thread can be one, when a layer's backward
+    is its first CUDA work): the host still encodes the descriptors."""
+    import threading
+
+    w, _ = random_sparse(256, 128, 64, 0.5, dtype=torch.bfloat16, seed=1)
+    x, w = torch.randn(64, 128, device="cuda", dtype=torch.bfloat16), w.to("cuda")
+    outputs = []
+    thread = threading.Thread(target=lambda: outputs.append(run_kernel(x, w)))
+    thread.start()
+    thread.join()
+    assert len(outputs) == 1, "the launch raised on the new thread"
+    check_output(outputs[0], reference_float64(x, w), torch.bfloat16)
 
 
 @pytest.mark.gpu

@@ -107,6 +107,46 @@ def test_training_step_compiles_through_the_custom_op():
         assert torch.allclose(compiled_grad, eager_grad)
 
 
+def test_compiled_backward_keeps_eager_only_kernels_out(monkeypatch):
+    """Inside a compiled backward tensors are fake: the bias gradient of a layer without activation must be traced
+    PyTorch there, not the eager path's Triton column sum (which reads data pointers)."""
+    import importlib
+
+    from sparseblocks.ops import spmm
+
+    def eager_only(*args):
+        raise AssertionError("the eager column sum ran inside a compiled backward")
+
+    spmm_module = importlib.import_module("sparseblocks.ops.spmm")
+    monkeypatch.setattr(spmm_module, "_EAGER", spmm_module._EAGER._replace(column_sums=eager_only))
+    layer = _layer()
+    forward = torch.compile(lambda x: spmm(x, layer.matrix, layer.bias), backend="aot_eager")
+    forward(torch.randn(8, 64)).sum().backward()
+    assert torch.allclose(layer.bias.grad, torch.full_like(layer.bias, 8.0))
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_bias_gradient_through_an_activation_matches_dense_autograd(compiled):
+    """With an activation the bias gradient comes from the activation-gradient op's column sums (eager path and
+    custom op alike), over every leading dim."""
+    from sparseblocks.ops import spmm
+
+    layer = _layer(seed=3)
+    x = torch.randn(2, 7, 64, requires_grad=True)
+    forward = lambda x: spmm(x, layer.matrix, layer.bias, "gelu")
+    if compiled:
+        forward = torch.compile(forward, backend="aot_eager", fullgraph=True)
+    out = forward(x)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    x64 = x.detach().double().requires_grad_()
+    weight = layer.matrix.to_dense().detach().double().requires_grad_()
+    bias = layer.bias.detach().double().requires_grad_()
+    nn.functional.gelu(nn.functional.linear(x64, weight, bias)).backward(grad.double())
+    assert relative_error(layer.bias.grad, bias.grad) < 1e-5
+    assert relative_error(x.grad, x64.grad) < 1e-5
+
+
 # ---------------------------------------------------------------------------------------------- DDP
 
 

@@ -103,6 +103,7 @@ def _bench_train(args: argparse.Namespace) -> int:
         quick=args.quick,
         sections=tuple(args.sections.split(",")),
         shapes=tuple(args.shapes.split(",")),
+        models=tuple(args.models.split(",")),
         steps=args.steps,
         data=Path(args.data),
         out_dir=args.out and Path(args.out),
@@ -375,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--sections", default="linear,mlp,train_step,convergence", help="comma-separated, from the default"
     )
     bench_train.add_argument("--shapes", default="vit_b,llama_1b", help="MLP shapes of the layer sections")
+    bench_train.add_argument(
+        "--models", default="gpt2_small,llama-3.2-1b", help="models of the train_step section (comma-separated)"
+    )
     bench_train.add_argument("--steps", type=int, default=300, help="steps of the convergence run (default 300)")
     bench_train.add_argument(
         "--data", default="../shared/data/tinyshakespeare.txt", help="text file for the convergence run"

@@ -398,9 +398,9 @@ def _train(page: _Page, sources: list[Source]) -> None:
     steps = []
     for s in sources:
         mine = [r for r in s.rows if r.get("case") == "train_step"]
-        dense = {r.get("mode", "eager"): r for r in mine if r["impl"] == "dense"}
+        dense = {(r["shape"], r.get("mode", "eager")): r for r in mine if r["impl"] == "dense"}
         for r in mine:
-            base = dense.get(r.get("mode", "eager"))
+            base = dense.get((r["shape"], r.get("mode", "eager")))
             if r["impl"] == "dense" or base is None:
                 continue
             steps.append([

@@ -158,7 +158,7 @@ def train_tables(payload: dict) -> str:
                      f"{speedup} | {memory} |")  # fmt: skip
     steps = [r for r in payload["rows"] if r["case"] == "train_step"]
     if steps:
-        dense_step = {r.get("mode", "eager"): r for r in steps if r["impl"] == "dense"}
+        dense_step = {(r["shape"], r.get("mode", "eager")): r for r in steps if r["impl"] == "dense"}
         lines += [
             "\n## Training step (forward, backward, AdamW; bf16 autocast, fp32 weights)\n",
             "| model | mode | sparsity | block | ms | speedup | peak memory (MiB) | MLP weights+grads+AdamW (MiB) "
@@ -166,7 +166,7 @@ def train_tables(payload: dict) -> str:
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in steps:
-            dense_row = dense_step[r.get("mode", "eager")]
+            dense_row = dense_step[r["shape"], r.get("mode", "eager")]
             lines.append(
                 f"| {r['shape']} | {r.get('mode', 'eager')} | {r['sparsity']} | {r['block']} | {r['ms']:.1f} | "
                 f"{dense_row['ms'] / r['ms']:.2f}x | {r['peak_mem_bytes'] / 2**20:.0f} | "

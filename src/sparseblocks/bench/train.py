@@ -3,8 +3,9 @@
 * ``linear``: forward + backward (dX, dW, db) of one layer;
 * ``mlp``: forward + backward of a whole MLP: ViT-B's GELU MLP at 256 images, Llama-3.2-1B's SwiGLU MLP at 8192
   tokens; each against dense cuBLAS and (block 128) stk;
-* ``train_step``: forward, backward and AdamW of a GPT-2-small-shaped model (bf16 autocast, fp32 weights), dense
-  against 90%-sparse MLPs, with peak memory and the bytes of the MLPs' weights, gradients and optimizer state;
+* ``train_step``: forward, backward and AdamW of a GPT-2-small-shaped model and of Llama-3.2-1B's shape (bf16
+  autocast, fp32 weights), dense against 90%-sparse MLPs, with peak memory and the bytes of the MLPs' weights,
+  gradients and optimizer state;
 * ``convergence``: a few hundred steps of a character GPT on tinyshakespeare with the Triton kernels and with the
   PyTorch reference on the same mask: the loss curves must agree within bf16 noise.
 """
@@ -15,6 +16,7 @@ import itertools
 import statistics
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -137,15 +139,100 @@ def _mlp_state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
 
 
 TRAIN_STEP_MODES = ("eager", "compiled", "cuda_graph")
+TRAIN_STEP_BATCH = 8  # sequences of 1024 tokens: 8192 tokens a step, the MLP sections' Llama shape
+
+
+class StepModel(NamedTuple):
+    """A model of the ``train_step`` section: how to build it (fp32 weights, on the GPU), make its MLPs 90%/b64
+    sparse, and compute its loss on ``tokens`` ``(B, T + 1)``; the modes it is timed in."""
+
+    shape: str
+    vocab_size: int
+    context: int
+    build: Callable[[], torch.nn.Module]
+    sparsify: Callable[[torch.nn.Module], None]
+    loss: Callable[[Callable, torch.Tensor], torch.Tensor]
+    modes: tuple[str, ...]
+
+
+def _gpt2_small(quick: bool) -> StepModel:
+    from sparseblocks.gpt import GPT, GPTConfig, sparsify_mlps
+
+    config = GPTConfig(vocab_size=50304, context=1024, layers=4 if quick else 12, heads=12, width=768)
+    return StepModel(
+        shape=f"gpt2_small_{config.layers}x768_T1024_B{TRAIN_STEP_BATCH}",
+        vocab_size=config.vocab_size,
+        context=config.context,
+        build=lambda: GPT(config).cuda(),
+        sparsify=lambda model: sparsify_mlps(model, 0.9, 64, torch.Generator().manual_seed(0)),
+        loss=lambda forward, tokens: forward(tokens[:, :-1], tokens[:, 1:])[1],
+        modes=TRAIN_STEP_MODES,
+    )
+
+
+def _llama_1b(quick: bool) -> StepModel:
+    """Llama-3.2-1B's shape (16 layers; 4 with ``quick``) from its transformers config, random weights, sparsified
+    by the patcher. Timed eager only: at 8192 tokens a step is ~100 ms of GPU work, which issuing it keeps up with."""
+    from transformers import AutoModelForCausalLM
+
+    from sparseblocks.bench.e2e import model_config
+    from sparseblocks.patch import SparsityConfig, sparsify
+
+    config = model_config("llama-3.2-1b")
+    if quick:
+        config.num_hidden_layers = 4
+
+    def build() -> torch.nn.Module:
+        with torch.device("cuda"):
+            return AutoModelForCausalLM.from_config(config).train()
+
+    def sparsify_mlps(model: torch.nn.Module) -> None:
+        sparsify(model, SparsityConfig(0.9, 64, targets="mlp"))
+
+    def loss(forward: Callable, tokens: torch.Tensor) -> torch.Tensor:
+        logits = forward(input_ids=tokens[:, :-1]).logits
+        return F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+
+    return StepModel(
+        shape=f"llama_3.2_1b_{config.num_hidden_layers}x2048_T1024_B{TRAIN_STEP_BATCH}",
+        vocab_size=config.vocab_size,
+        context=1024,
+        build=build,
+        sparsify=sparsify_mlps,
+        loss=loss,
+        modes=("eager",),
+    )
+
+
+TRAIN_STEP_MODELS = {"gpt2_small": _gpt2_small, "llama-3.2-1b": _llama_1b}
+
+
+def _mlp_state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes the MLPs (modules named ``*.mlp``) hold in training: parameters, their gradients, optimizer state,
+    index buffers."""
+    total = 0
+    for name, mlp in model.named_modules():
+        if name.rsplit(".", 1)[-1] != "mlp":
+            continue
+        for parameter in mlp.parameters():
+            tensors = [parameter, parameter.grad, *optimizer.state[parameter].values()]
+            total += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+        total += sum(b.numel() * b.element_size() for b in mlp.buffers())
+    return total
 
 
 def _time_train_step(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, tokens: torch.Tensor, mode: str, repeats: int
+    model: torch.nn.Module,
+    loss_fn: Callable[[Callable, torch.Tensor], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    tokens: torch.Tensor,
+    mode: str,
+    repeats: int,
 ) -> tuple[float, int]:
     """Median ms of one forward/backward/AdamW step on ``tokens`` ``(B, T + 1)``, and the peak memory.
 
     Modes, the same on both sides: ``eager``; ``compiled``, forward and backward through ``torch.compile``
-    (Inductor, default mode; ``mode="reduce-overhead"`` fails on this model in torch 2.11 even dense: the tied
+    (Inductor, default mode; ``mode="reduce-overhead"`` fails on the GPT in torch 2.11 even dense: the tied
     embedding's gradient reads a CUDA-graph output that a later partition overwrote); ``cuda_graph``, the whole
     step (forward, backward, AdamW with ``capturable=True``) captured once and replayed, which removes the CPU
     cost of issuing it.
@@ -154,7 +241,7 @@ def _time_train_step(
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            _, loss = forward(tokens[:, :-1], tokens[:, 1:])
+            loss = loss_fn(forward, tokens)
         loss.backward()
         optimizer.step()
 
@@ -187,35 +274,36 @@ def _time_train_step(
     return statistics.median(times), torch.cuda.max_memory_allocated()
 
 
-def run_train_step(rows: list[dict], quick: bool, save: Callable[[], None]) -> None:
-    """The ``train_step`` section: GPT-2 small (12 x 768, 1024 tokens, vocab 50304), batch 8, in each mode."""
-    from sparseblocks.gpt import GPT, GPTConfig, sparsify_mlps
-
-    config = GPTConfig(vocab_size=50304, context=1024, layers=4 if quick else 12, heads=12, width=768)
-    batch = 8
-    dense_ms = {}
-    for mode, (sparsity, block) in itertools.product(TRAIN_STEP_MODES, [(0.0, None), (0.9, 64)]):
-        torch.manual_seed(0)
-        model = GPT(config).cuda()
-        if block is not None:
-            sparsify_mlps(model, sparsity, block, torch.Generator().manual_seed(0))
-        optimizer = torch.optim.AdamW(
-            model.parameters(), lr=1e-4, weight_decay=0.1, fused=True, capturable=mode == "cuda_graph"
-        )
-        tokens = torch.randint(config.vocab_size, (batch, config.context + 1)).cuda()
-        ms, peak = _time_train_step(model, optimizer, tokens, mode, 5 if quick else 15)
-        dense_ms.setdefault(mode, ms)
-        rows.append({"case": "train_step", "shape": f"gpt2_small_{config.layers}x768_T1024_B{batch}", "dtype": "bf16",
-                     "mode": mode, "sparsity": sparsity, "block": block,
-                     "impl": "dense" if block is None else "sparseblocks", "ms": ms,
-                     "timer": "cuda_graph" if mode == "cuda_graph" else "eager",
-                     "peak_mem_bytes": peak, "mlp_state_bytes": _mlp_state_bytes(model, optimizer)})  # fmt: skip
-        print(f"train_step {mode} s={sparsity} b={block}: {ms:.1f} ms ({dense_ms[mode] / ms:.2f}x), "
-              f"MLP state {rows[-1]['mlp_state_bytes'] / 2**20:.0f} MiB", flush=True)  # fmt: skip
-        del model, optimizer
-        torch._dynamo.reset()
-        torch.cuda.empty_cache()
-        save()
+def run_train_step(rows: list[dict], models: tuple[str, ...], quick: bool, save: Callable[[], None]) -> None:
+    """The ``train_step`` section: each of ``models`` (:data:`TRAIN_STEP_MODELS`) dense and with 90%/b64 sparse
+    MLPs, batch 8 x 1024 tokens, bf16 autocast, fused AdamW, in each of the model's modes."""
+    for name in models:
+        if name not in TRAIN_STEP_MODELS:
+            raise ValueError(f"train-step models are {', '.join(TRAIN_STEP_MODELS)}, got {name!r}")
+        spec = TRAIN_STEP_MODELS[name](quick)
+        dense_ms = {}
+        for mode, sparse in itertools.product(spec.modes, (False, True)):
+            torch.manual_seed(0)
+            model = spec.build()
+            if sparse:
+                spec.sparsify(model)
+            optimizer = torch.optim.AdamW(
+                model.parameters(), lr=1e-4, weight_decay=0.1, fused=True, capturable=mode == "cuda_graph"
+            )
+            tokens = torch.randint(spec.vocab_size, (TRAIN_STEP_BATCH, spec.context + 1)).cuda()
+            ms, peak = _time_train_step(model, spec.loss, optimizer, tokens, mode, 5 if quick else 15)
+            dense_ms.setdefault(mode, ms)
+            rows.append({"case": "train_step", "shape": spec.shape, "dtype": "bf16", "mode": mode,
+                         "sparsity": 0.9 if sparse else 0.0, "block": 64 if sparse else None,
+                         "impl": "sparseblocks" if sparse else "dense", "ms": ms,
+                         "timer": "cuda_graph" if mode == "cuda_graph" else "eager",
+                         "peak_mem_bytes": peak, "mlp_state_bytes": _mlp_state_bytes(model, optimizer)})  # fmt: skip
+            print(f"train_step {spec.shape} {mode} sparse={sparse}: {ms:.1f} ms ({dense_ms[mode] / ms:.2f}x), "
+                  f"MLP state {rows[-1]['mlp_state_bytes'] / 2**20:.0f} MiB", flush=True)  # fmt: skip
+            del model, optimizer
+            torch._dynamo.reset()
+            torch.cuda.empty_cache()
+            save()
 
 
 def run_convergence(steps: int, data_path: Path) -> dict:
@@ -249,6 +337,7 @@ def run(
     quick: bool,
     sections: tuple[str, ...],
     shapes: tuple[str, ...],
+    models: tuple[str, ...],
     steps: int,
     data: Path,
     out_dir: Path | None,
@@ -262,7 +351,7 @@ def run(
     if layer_cases:
         run_layers(payload["rows"], layer_cases, shapes, quick, save)
     if "train_step" in sections:
-        run_train_step(payload["rows"], quick, save)
+        run_train_step(payload["rows"], models, quick, save)
     if "convergence" in sections:
         payload["convergence"] = run_convergence(steps, data)
         print("convergence:", payload["convergence"]["final_loss_mean_last_20"], flush=True)

@@ -1,5 +1,5 @@
-"""Pieces every kernel shares: the gather of x's columns, the fused activations (and their derivatives), the fp32
-dot precision and the autotuners' keys and pruning."""
+"""Pieces every kernel shares: the gather of x's columns, the fused activations (and their derivatives), the bias
+gradient's partial sums, the fp32 dot precision and the autotuners' keys and pruning."""
 
 from __future__ import annotations
 
@@ -54,9 +54,16 @@ def activation_grad(z, ACTIVATION: tl.constexpr):
     return d
 
 
+@triton.jit
+def store_column_sums(row_ptr, tile, offs_out, width):
+    """``tile``'s column sums (fp32) at ``row_ptr + offs_out``, the columns inside ``width``: one M tile's share
+    of a bias gradient, summed over M tiles in a fixed order afterwards."""
+    tl.store(row_ptr + offs_out, tl.sum(tile, axis=0), mask=offs_out < width)
+
+
 # The row kernel's autotuning key, in both its versions (pointer loads, tensor descriptors).
 ROW_KERNEL_TUNING_KEY = ["M_BUCKET", "OUT", "IN", "BN", "BK", "TRANSPOSED", "DENSITY_BUCKET", "HAS_BIAS", "ACTIVATION",
-                         "GRAD_EPILOGUE", "INPUT_PRECISION"]  # fmt: skip
+                         "GRAD_EPILOGUE", "BIAS_GRAD", "INPUT_PRECISION"]  # fmt: skip
 
 
 def m_bucket(m: int) -> int:

@@ -43,7 +43,9 @@ from sparseblocks.kernels.epilogue import (
     load_x_columns,
     m_bucket,
     prune_large_m_tiles,
+    store_column_sums,
 )
+from sparseblocks.kernels.spmm_tma import TUNING_CONFIGS as TMA_TUNING_CONFIGS
 from sparseblocks.kernels.spmm_tma import launch_tma, tma_fits
 
 
@@ -59,6 +61,7 @@ def _spmm_kernel(
     bias_ptr,  # (OUT,) or unused
     grad_ptr,  # (M, OUT): dY, read in the GRAD_EPILOGUE mode only
     y_ptr,  # (M, OUT)
+    bias_grad_ptr,  # (M tiles, OUT) fp32: column sums of each M tile's dZ, written in the BIAS_GRAD mode only
     # sizes
     M,
     OUT,
@@ -82,6 +85,7 @@ def _spmm_kernel(
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,
     GRAD_EPILOGUE: tl.constexpr,  # write dY ⊙ act'(Z) instead of act(Z): the backward's recompute of Z
+    BIAS_GRAD: tl.constexpr,  # with GRAD_EPILOGUE: also the tile's column sums of dZ (the bias gradient's parts)
     INPUT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
     EVEN_IN: tl.constexpr,  # IN is a multiple of the tile: no column mask on X, so its loads stay 16 bytes wide
@@ -134,6 +138,8 @@ def _spmm_kernel(
         acc += tl.load(bias_ptr + offs_out, mask=offs_out < OUT, other=0.0).to(tl.float32)[None, :]
     if GRAD_EPILOGUE:
         acc = grad_tile.to(tl.float32) * activation_grad(acc, ACTIVATION)
+        if BIAS_GRAD:  # rows past M hold zeros (their dY was masked to 0)
+            store_column_sums(bias_grad_ptr + pid_m * OUT, acc, offs_out, OUT)
     else:
         acc = apply_activation(acc, ACTIVATION)
     y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_out[None, :] * stride_yn
@@ -159,6 +165,8 @@ _spmm_tuned = triton.autotune(
     cache_results=True,
 )(_spmm_kernel)
 
+SMALLEST_TUNED_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in TUNING_CONFIGS + TMA_TUNING_CONFIGS)
+
 # The interpreter runs one fixed, small config: tuning there would only time Python.
 INTERPRETER_CONFIG = {"BLOCK_M": 16, "num_warps": 4, "num_stages": 1}
 
@@ -172,10 +180,12 @@ def _launch(
     config: dict | None,
     grad2: torch.Tensor | None = None,
     descriptors: bool = True,
-) -> torch.Tensor:
-    """Run the row kernel on a 2-D ``x2`` ``(M, IN)`` and return ``(M, OUT)``; with ``grad2`` ``(M, OUT)``,
-    return ``grad2 ⊙ act'(x2·Wᵀ + b)`` instead. Its tensor-descriptor version (``kernels/spmm_tma.py``) runs
-    where the inputs allow it, unless ``descriptors`` is False."""
+    bias_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run the row kernel on a 2-D ``x2`` ``(M, IN)``: ``(M, OUT)``; with ``grad2`` ``(M, OUT)``,
+    ``grad2 ⊙ act'(x2·Wᵀ + b)`` instead, and with ``bias_grad`` too its column sums (fp32 ``(OUT,)``, the bias
+    gradient; else None). The tensor-descriptor version (``kernels/spmm_tma.py``) runs where the inputs allow it,
+    unless ``descriptors`` is False."""
     (n, k), (bn, bk), (n_block_rows, n_block_cols) = w.shape, w.block_shape, w.block_grid
     if transposed:
         out_features, in_features, n_out_blocks = k, n, n_block_cols
@@ -183,9 +193,12 @@ def _launch(
     else:
         out_features, in_features, n_out_blocks = n, k, n_block_rows
         index = (w.crow_indices, w.col_indices, w.col_indices, w.row_order)  # the third is never read
+    if bias_grad and (grad2 is None or transposed):
+        raise ValueError("bias_grad needs the activation-gradient mode (grad2 given, not transposed)")
     m = x2.shape[0]
     if m == 0:
-        return x2.new_empty((0, out_features))
+        empty_sums = x2.new_zeros(out_features, dtype=torch.float32) if bias_grad else None
+        return x2.new_empty((0, out_features)), empty_sums
     bias = None if bias is None else bias.contiguous()  # read as one flat array
     meta = {
         "BN": bn,
@@ -194,13 +207,19 @@ def _launch(
         "HAS_BIAS": bias is not None,
         "ACTIVATION": ACTIVATION_CODES[activation],
         "GRAD_EPILOGUE": grad2 is not None,
+        "BIAS_GRAD": bias_grad,
         "INPUT_PRECISION": input_precision(x2.dtype),
         "DOT_IN_FP32": triton_interpreting() and x2.dtype == torch.bfloat16,
     }
     if config is None and triton_interpreting():
         config = INTERPRETER_CONFIG
+    parts = None
+    if bias_grad:  # a row of column sums per M tile, as many as the smallest M tile the tuner may pick makes
+        smallest_block_m = config["BLOCK_M"] if config else SMALLEST_TUNED_BLOCK_M
+        parts = torch.empty((triton.cdiv(m, smallest_block_m), out_features), device=x2.device, dtype=torch.float32)
     if descriptors and tma_fits(x2, w, transposed, grad2):
-        return launch_tma(x2, w, transposed, index, meta, config, bias, grad2)
+        y, block_m = launch_tma(x2, w, transposed, index, meta, config, bias, grad2, parts)
+        return y, _column_sums(parts, m, block_m)
     y = torch.empty((m, out_features), device=x2.device, dtype=x2.dtype)
     args = (
         x2,
@@ -209,6 +228,7 @@ def _launch(
         bias if bias is not None else y,  # never read without HAS_BIAS
         grad2 if grad2 is not None else y,  # never read without GRAD_EPILOGUE
         y,
+        parts if parts is not None else y,  # written in the BIAS_GRAD mode only
         m,
         out_features,
         in_features,
@@ -225,10 +245,17 @@ def _launch(
     if config is None:
         grid = lambda chosen: (triton.cdiv(m, chosen["BLOCK_M"]) * n_out_blocks,)
         _spmm_tuned[grid](*args, **meta)
+        block_m = _spmm_tuned.best_config.kwargs["BLOCK_M"]
     else:
-        grid = (triton.cdiv(m, config["BLOCK_M"]) * n_out_blocks,)
-        _spmm_kernel[grid](*args, **meta, **config)
-    return y
+        block_m = config["BLOCK_M"]
+        _spmm_kernel[(triton.cdiv(m, block_m) * n_out_blocks,)](*args, **meta, **config)
+    return y, _column_sums(parts, m, block_m)
+
+
+def _column_sums(parts: torch.Tensor | None, m: int, block_m: int) -> torch.Tensor | None:
+    """The bias gradient from its per-M-tile parts: the rows the launch wrote (``block_m`` tiles), in order.
+    (A few hundred rows: ``torch.sum`` is as fast here as the column-sum kernel and cheaper to issue.)"""
+    return None if parts is None else parts[: triton.cdiv(m, block_m)].sum(0)
 
 
 def spmm_triton(
@@ -251,7 +278,7 @@ def spmm_triton(
     if kernel == "auto" and config is None and decode_pays(x2.shape[0], w):
         y = spmm_decode_triton(x2, w, bias, activation)
     else:
-        y = _launch(x2, w, False, bias, activation, config)
+        y, _ = _launch(x2, w, False, bias, activation, config)
     return y.reshape(*x.shape[:-1], w.shape[0])
 
 
@@ -261,13 +288,17 @@ def spmm_activation_grad_triton(
     w: BlockSparseMatrix,
     bias: torch.Tensor | None,
     activation: str,
-) -> torch.Tensor:
-    """``dZ = dY ⊙ act'(Z)`` with ``Z = x · wᵀ + bias`` recomputed tile by tile, never stored: ``(..., N)``."""
+    bias_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``dZ = dY ⊙ act'(Z)`` with ``Z = x · wᵀ + bias`` recomputed tile by tile, never stored: ``(..., N)``; with
+    ``bias_grad``, also dZ summed over all leading dims in fp32 (``(N,)``, the bias gradient; else None), from the
+    same tiles."""
     x2, grad2 = x.reshape(-1, w.shape[1]), grad_out.reshape(-1, w.shape[0])
-    return _launch(x2, w, False, bias, activation, None, grad2).reshape(grad_out.shape)
+    dz, column_sums = _launch(x2, w, False, bias, activation, None, grad2, bias_grad=bias_grad)
+    return dz.reshape(grad_out.shape), column_sums
 
 
 def spmm_input_grad_triton(grad_out: torch.Tensor, w: BlockSparseMatrix, config: dict | None = None) -> torch.Tensor:
     """``dX = dY · W`` through W's transposed index: grad_out ``(..., N)`` -> ``(..., K)``, no copy of W."""
     grad2 = grad_out.reshape(-1, w.shape[0])
-    return _launch(grad2, w, True, None, None, config).reshape(*grad_out.shape[:-1], w.shape[1])
+    return _launch(grad2, w, True, None, None, config)[0].reshape(*grad_out.shape[:-1], w.shape[1])

@@ -18,6 +18,7 @@ kernel, as does every other input.
 from __future__ import annotations
 
 import functools
+import threading
 
 import torch
 import triton
@@ -33,6 +34,7 @@ from sparseblocks.kernels.epilogue import (
     density_bucket,
     m_bucket,
     prune_large_m_tiles,
+    store_column_sums,
 )
 
 
@@ -42,6 +44,7 @@ def _spmm_tma_kernel(
     w_desc,  # (nnz · BN, BK): the stored tiles stacked, box (BN, BK)
     grad_desc,  # (M, OUT), box (BLOCK_M, OUT_B): dY, read in the GRAD_EPILOGUE mode only
     y_desc,  # (M, OUT), box (BLOCK_M, OUT_B)
+    bias_grad_ptr,  # (M tiles, OUT) fp32: column sums of each M tile's dZ, written in the BIAS_GRAD mode only
     ptr_ptr,  # (n_out_blocks + 1,) int32: crow_indices, or ccol_indices when TRANSPOSED
     idx_ptr,  # (nnz,) int32: col_indices, or row_indices when TRANSPOSED
     perm_ptr,  # (nnz,) int32: transpose_perm when TRANSPOSED, else unused
@@ -60,6 +63,7 @@ def _spmm_tma_kernel(
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,
     GRAD_EPILOGUE: tl.constexpr,
+    BIAS_GRAD: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
 ):
@@ -90,6 +94,9 @@ def _spmm_tma_kernel(
         acc += tl.load(bias_ptr + offs_out, mask=offs_out < OUT, other=0.0).to(tl.float32)[None, :]
     if GRAD_EPILOGUE:
         acc = grad_tile.to(tl.float32) * activation_grad(acc, ACTIVATION)
+        if BIAS_GRAD:  # rows past M hold zeros (the copy engine filled their dY with 0)
+            offs_out = out_block * OUT_B + tl.arange(0, OUT_B)
+            store_column_sums(bias_grad_ptr + (pid // n_out_blocks) * OUT, acc, offs_out, OUT)
     else:
         acc = apply_activation(acc, ACTIVATION)
     y_desc.store([m0, out_block * OUT_B], acc.to(y_desc.dtype))
@@ -148,6 +155,22 @@ def tma_fits(x2: torch.Tensor, w: BlockSparseMatrix, transposed: bool, grad2: to
     )
 
 
+_context_bound = threading.local()  # .devices: indices of the devices whose context this thread has made current
+
+
+def _bind_context(device: torch.device) -> None:
+    """Make ``device``'s CUDA context current on this thread, once per thread.
+
+    The host encodes descriptors through the CUDA driver, which fails ("invalid device context") on a thread where
+    no context is current yet. PyTorch runs a backward on its own thread, whose first CUDA work can be this kernel
+    (``layer(x).backward(g)``); any CUDA runtime call binds the device's primary context to the calling thread.
+    """
+    devices = _context_bound.__dict__.setdefault("devices", set())
+    if device.index not in devices:
+        torch.cuda.mem_get_info(device)
+        devices.add(device.index)
+
+
 def launch_tma(
     x2: torch.Tensor,
     w: BlockSparseMatrix,
@@ -157,12 +180,15 @@ def launch_tma(
     config: dict | None,
     bias: torch.Tensor | None,
     grad2: torch.Tensor | None,
-) -> torch.Tensor:
-    """``_spmm_tma_kernel`` on inputs that ``tma_fits``; ``index`` and ``meta`` as the pointer kernel's launch
-    builds them (``kernels/spmm.py``). Returns ``(M, OUT)``."""
+    bias_grad_parts: torch.Tensor | None,
+) -> tuple[torch.Tensor, int]:
+    """``_spmm_tma_kernel`` on inputs that ``tma_fits``; ``index``, ``meta`` and ``bias_grad_parts`` as the pointer
+    kernel's launch builds them (``kernels/spmm.py``). Returns ``(M, OUT)`` and the BLOCK_M it ran with."""
     (n, k), (bn, bk), (n_block_rows, n_block_cols) = w.shape, w.block_shape, w.block_grid
     out_features, out_b, n_out_blocks = (k, bk, n_block_cols) if transposed else (n, bn, n_block_rows)
     m = x2.shape[0]
+    if x2.is_cuda:
+        _bind_context(x2.device)
     y = torch.empty((m, out_features), device=x2.device, dtype=x2.dtype)
     block_m = config["BLOCK_M"] if config else 64  # the autotuner's pre-hook resets the boxes per config
     descriptor = lambda t, width: TensorDescriptor(t, list(t.shape), [t.stride(0), 1], [block_m, width])
@@ -171,6 +197,7 @@ def launch_tma(
         TensorDescriptor(w.values, [w.nnz * bn, bk], [bk, 1], [bn, bk]),
         descriptor(grad2 if grad2 is not None else y, out_b),  # never read without GRAD_EPILOGUE
         descriptor(y, out_b),
+        bias_grad_parts if bias_grad_parts is not None else y,  # written in the BIAS_GRAD mode only
         *index,
         bias if bias is not None else y,  # never read without HAS_BIAS
         out_features,
@@ -181,6 +208,6 @@ def launch_tma(
     )
     if config is None:
         _spmm_tma_tuned[lambda chosen: (triton.cdiv(m, chosen["BLOCK_M"]) * n_out_blocks,)](*args, **meta)
-    else:
-        _spmm_tma_kernel[(triton.cdiv(m, block_m) * n_out_blocks,)](*args, **meta, **config)
-    return y
+        return y, _spmm_tma_tuned.best_config.kwargs["BLOCK_M"]
+    _spmm_tma_kernel[(triton.cdiv(m, block_m) * n_out_blocks,)](*args, **meta, **config)
+    return y, block_m
