@@ -235,13 +235,16 @@ def decode_pays(m: int, w: BlockSparseMatrix) -> bool:
     """Whether ``m`` rows of x go faster through this kernel than through the row kernel (``bench decode``, H200).
 
     Up to ``ALWAYS_TOKENS`` they do. Above, the row kernel's wide M tile wins unless ``w`` has fewer block rows
-    than half the SMs (down projections), where the row kernel leaves SMs idle.
+    than half the SMs (down projections), where the row kernel leaves SMs idle; and with blocks 128 rows tall the
+    row kernel won at 64 tokens even then, in 10 of 12 cases measured with the descriptor row kernel
+    (``benchmarks/results/h200/decode_recheck.json``).
     """
     if not 1 <= m <= MAX_TOKENS:
         return False
     if m <= ALWAYS_TOKENS or triton_interpreting() or not w.values.is_cuda:
         return True
-    return 2 * w.block_grid[0] < torch.cuda.get_device_properties(w.values.device).multi_processor_count
+    few_block_rows = 2 * w.block_grid[0] < torch.cuda.get_device_properties(w.values.device).multi_processor_count
+    return few_block_rows and w.block_shape[0] < 128
 
 
 def spmm_decode_triton(
