@@ -226,3 +226,21 @@ def test_ddp_trains_a_sparsified_model_like_one_process_on_the_whole_batch():
     for name, parameter in model.named_parameters():
         assert torch.equal(ranks[0][name], ranks[1][name]), name
         assert torch.allclose(ranks[0][name], parameter, atol=1e-5), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_layer_on_the_second_gpu_while_the_first_is_current():
+    """Triton launches on the current device: the ops switch to the tensors' device for their kernels."""
+    torch.manual_seed(0)
+    layer = BlockSparseLinear(256, 128, sparsity=0.5, block_size=64).to("cuda:1", torch.bfloat16)
+    x = torch.randn(300, 256, device="cuda:1", dtype=torch.bfloat16, requires_grad=True)
+    with torch.cuda.device(0):
+        out = layer(x)
+        out.float().square().sum().backward()
+    x64 = x.detach().double().requires_grad_()
+    weight = layer.matrix.to_dense().detach().double()
+    ref = nn.functional.linear(x64, weight, layer.bias.detach().double())
+    ref.square().sum().backward()
+    assert relative_error(out, ref) < 1e-2
+    assert relative_error(x.grad, x64.grad) < 2e-2

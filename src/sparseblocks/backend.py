@@ -42,6 +42,14 @@ def reference_mode() -> Iterator[None]:
         _forced_reference = previous
 
 
+def on_device_of(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """``torch.cuda.device(t.device)`` where that is not the current device, else nothing: Triton launches on the
+    current device whatever device the tensors are on (a model on ``cuda:1`` with device 0 current)."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
 def use_triton(x: torch.Tensor) -> bool:
     """Whether ops on ``x`` take the Triton path; warns once when they fall back to the reference."""
     if _forced_reference:

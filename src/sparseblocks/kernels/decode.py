@@ -237,7 +237,8 @@ def decode_pays(m: int, w: BlockSparseMatrix) -> bool:
     Up to ``ALWAYS_TOKENS`` they do. Above, the row kernel's wide M tile wins unless ``w`` has fewer block rows
     than half the SMs (down projections), where the row kernel leaves SMs idle; and with blocks 128 rows tall the
     row kernel won at 64 tokens even then, in 10 of 12 cases measured with the descriptor row kernel
-    (``benchmarks/results/h200/decode_recheck.json``).
+    (``benchmarks/results/h200/decode_recheck.json``). The grid measured 16 and 64 tokens only: 17 to 63 follow
+    the 64-token result.
     """
     if not 1 <= m <= MAX_TOKENS:
         return False

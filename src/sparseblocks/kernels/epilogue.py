@@ -66,6 +66,19 @@ ROW_KERNEL_TUNING_KEY = ["M_BUCKET", "OUT", "IN", "BN", "BK", "TRANSPOSED", "DEN
                          "GRAD_EPILOGUE", "BIAS_GRAD", "INPUT_PRECISION"]  # fmt: skip
 
 
+class MTileGrid:
+    """An autotuned launch's grid, ``cdiv(M, BLOCK_M) · blocks`` programs, that remembers the BLOCK_M it was last
+    called with: the real launch's, after any benchmarking (the autotuner's shared ``best_config`` could be another
+    thread's)."""
+
+    def __init__(self, m: int, blocks: int) -> None:
+        self.m, self.blocks, self.block_m = m, blocks, 0
+
+    def __call__(self, meta: dict) -> tuple[int]:
+        self.block_m = meta["BLOCK_M"]
+        return (triton.cdiv(self.m, self.block_m) * self.blocks,)
+
+
 def m_bucket(m: int) -> int:
     """The autotuners' key for M (``M_BUCKET``): its next power of two, capped, so M alone does not retune."""
     return min(triton.next_power_of_2(m), 1 << 16)

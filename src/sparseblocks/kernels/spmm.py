@@ -36,6 +36,7 @@ from sparseblocks.kernels.decode import decode_pays, spmm_decode_triton
 from sparseblocks.kernels.epilogue import (
     ACTIVATION_CODES,
     ROW_KERNEL_TUNING_KEY,
+    MTileGrid,
     activation_grad,
     apply_activation,
     density_bucket,
@@ -243,9 +244,9 @@ def _launch(
     )
     meta["EVEN_IN"] = in_features % (bn if transposed else bk) == 0
     if config is None:
-        grid = lambda chosen: (triton.cdiv(m, chosen["BLOCK_M"]) * n_out_blocks,)
+        grid = MTileGrid(m, n_out_blocks)
         _spmm_tuned[grid](*args, **meta)
-        block_m = _spmm_tuned.best_config.kwargs["BLOCK_M"]
+        block_m = grid.block_m
     else:
         block_m = config["BLOCK_M"]
         _spmm_kernel[(triton.cdiv(m, block_m) * n_out_blocks,)](*args, **meta, **config)

@@ -29,6 +29,7 @@ from sparseblocks.backend import triton_interpreting
 from sparseblocks.format import BlockSparseMatrix
 from sparseblocks.kernels.epilogue import (
     ROW_KERNEL_TUNING_KEY,
+    MTileGrid,
     activation_grad,
     apply_activation,
     density_bucket,
@@ -159,7 +160,7 @@ _context_bound = threading.local()  # .devices: indices of the devices whose con
 
 
 def _bind_context(device: torch.device) -> None:
-    """Make ``device``'s CUDA context current on this thread, once per thread.
+    """Make ``device``'s CUDA context current on this thread, once per thread and device.
 
     The host encodes descriptors through the CUDA driver, which fails ("invalid device context") on a thread where
     no context is current yet. PyTorch runs a backward on its own thread, whose first CUDA work can be this kernel
@@ -207,7 +208,8 @@ def launch_tma(
         density_bucket(w.density),
     )
     if config is None:
-        _spmm_tma_tuned[lambda chosen: (triton.cdiv(m, chosen["BLOCK_M"]) * n_out_blocks,)](*args, **meta)
-        return y, _spmm_tma_tuned.best_config.kwargs["BLOCK_M"]
+        grid = MTileGrid(m, n_out_blocks)
+        _spmm_tma_tuned[grid](*args, **meta)
+        return y, grid.block_m
     _spmm_tma_kernel[(triton.cdiv(m, block_m) * n_out_blocks,)](*args, **meta, **config)
     return y, block_m

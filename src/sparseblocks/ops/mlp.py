@@ -10,7 +10,7 @@ The fused op has no backward of its own: while gradients are needed (or with dro
 import torch
 
 from sparseblocks import reference
-from sparseblocks.backend import triton_interpreting, use_triton
+from sparseblocks.backend import on_device_of, triton_interpreting, use_triton
 from sparseblocks.format import INDEX_NAMES, BlockSparseMatrix
 from sparseblocks.ops.spmm import _index, _matrix, autocast_inputs, check_spmm_inputs, spmm
 
@@ -70,7 +70,8 @@ def _fused_mlp_op(
     if use_triton(x):
         from sparseblocks.kernels.fused_mlp import fused_mlp_triton
 
-        y = fused_mlp_triton(x2, up, down, gate, *biases, activation)
+        with on_device_of(x2):
+            y = fused_mlp_triton(x2, up, down, gate, *biases, activation)
     else:
         y = reference.mlp(x2, up, down, gate, *biases, activation)
     return y.reshape(*x.shape[:-1], down.shape[0])

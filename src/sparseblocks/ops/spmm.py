@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 
 from sparseblocks import reference
-from sparseblocks.backend import use_triton
+from sparseblocks.backend import on_device_of, use_triton
 from sparseblocks.format import INDEX_NAMES, BlockSparseMatrix
 
 
@@ -45,7 +45,8 @@ def _forward(x: torch.Tensor, w: BlockSparseMatrix, bias: torch.Tensor | None, a
     if use_triton(x):
         from sparseblocks.kernels.spmm import spmm_triton
 
-        return spmm_triton(x, w, bias, activation)
+        with on_device_of(x):
+            return spmm_triton(x, w, bias, activation)
     return reference.spmm(x, w, bias, activation)
 
 
@@ -61,7 +62,8 @@ def _activation_grad(
     if use_triton(x):
         from sparseblocks.kernels.spmm import spmm_activation_grad_triton
 
-        return spmm_activation_grad_triton(grad_out, x, w, bias, activation, bias_grad)
+        with on_device_of(x):
+            return spmm_activation_grad_triton(grad_out, x, w, bias, activation, bias_grad)
     dz = reference.spmm_activation_grad(grad_out, x, w, bias, activation)
     return dz, _summed_over_tokens(dz, w) if bias_grad else None
 
@@ -82,7 +84,8 @@ def _column_sums(grad: torch.Tensor, w: BlockSparseMatrix) -> torch.Tensor:
     if grad.numel() >= COLUMN_SUMS_KERNEL_MIN_ELEMENTS and use_triton(grad):
         from sparseblocks.kernels.column_sums import column_sums_triton
 
-        return column_sums_triton(grad.reshape(-1, w.shape[0]))
+        with on_device_of(grad):
+            return column_sums_triton(grad.reshape(-1, w.shape[0]))
     return _summed_over_tokens(grad, w)
 
 
@@ -90,7 +93,8 @@ def _input_grad(grad_out: torch.Tensor, w: BlockSparseMatrix) -> torch.Tensor:
     if use_triton(grad_out):
         from sparseblocks.kernels.spmm import spmm_input_grad_triton
 
-        return spmm_input_grad_triton(grad_out, w)
+        with on_device_of(grad_out):
+            return spmm_input_grad_triton(grad_out, w)
     return reference.spmm_input_grad(grad_out, w)
 
 
@@ -98,7 +102,8 @@ def _sddmm(grad_out: torch.Tensor, x: torch.Tensor, w: BlockSparseMatrix) -> tor
     if use_triton(x):
         from sparseblocks.kernels.sddmm import sddmm_triton
 
-        return sddmm_triton(grad_out, x, w)
+        with on_device_of(x):
+            return sddmm_triton(grad_out, x, w)
     return reference.sddmm(grad_out, x, w)
 
 
