@@ -40,6 +40,7 @@ def apply_activation(z, ACTIVATION: tl.constexpr):
 @triton.jit
 def activation_grad(z, ACTIVATION: tl.constexpr):
     """d activation / dz on an fp32 tile of pre-activations (``ACTIVATION`` > 0)."""
+    tl.static_assert(ACTIVATION > 0, "no activation, no activation gradient")
     if ACTIVATION == 1:
         d = tl.where(z > 0, 1.0, 0.0)
     elif ACTIVATION == 2:
