@@ -8,11 +8,11 @@ reduced in parallel into fp32 partial sums, added in a fixed order afterwards (b
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
+
+from sparseblocks.kernels.epilogue import multiprocessors
 
 BLOCK_N = 128
 BLOCK_M = 64
@@ -34,11 +34,6 @@ def _column_sums_kernel(g_ptr, out_ptr, M, N, chunk, stride_m, stride_n, BLOCK_M
     tl.store(out_ptr + split.to(tl.int64) * N + offs_n, tl.sum(acc, axis=0), mask=offs_n < N)
 
 
-@functools.cache
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
-
-
 def column_sums_triton(g: torch.Tensor, split: int | None = None) -> torch.Tensor:
     """``g`` ``(M, N)`` (any strides, any float dtype) summed over M: fp32 ``(N,)``.
 
@@ -49,7 +44,7 @@ def column_sums_triton(g: torch.Tensor, split: int | None = None) -> torch.Tenso
         return g.new_zeros(n, dtype=torch.float32)
     column_blocks = triton.cdiv(n, BLOCK_N)
     if split is None:
-        chunk = max(triton.cdiv(m * column_blocks, 4 * _multiprocessors(g.device)), _MIN_CHUNK)
+        chunk = max(triton.cdiv(m * column_blocks, 4 * multiprocessors(g.device)), _MIN_CHUNK)
     else:
         chunk = triton.cdiv(m, split)
     chunk = triton.cdiv(chunk, BLOCK_M) * BLOCK_M

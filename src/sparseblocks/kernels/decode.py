@@ -37,6 +37,7 @@ from sparseblocks.kernels.epilogue import (
     density_bucket,
     input_precision,
     load_x_columns,
+    multiprocessors,
 )
 from sparseblocks.reference import ACTIVATIONS
 
@@ -227,8 +228,7 @@ def default_tiles_per_program(w: BlockSparseMatrix) -> int:
     """Tiles per program so that about ``PROGRAMS_PER_SM`` programs run on each SM."""
     if triton_interpreting() or not w.values.is_cuda:
         return 2  # small test shapes: still cut rows into pieces
-    sms = torch.cuda.get_device_properties(w.values.device).multi_processor_count
-    return max(1, triton.cdiv(w.nnz, PROGRAMS_PER_SM * sms))
+    return max(1, triton.cdiv(w.nnz, PROGRAMS_PER_SM * multiprocessors(w.values.device)))
 
 
 def decode_pays(m: int, w: BlockSparseMatrix) -> bool:
@@ -244,7 +244,7 @@ def decode_pays(m: int, w: BlockSparseMatrix) -> bool:
         return False
     if m <= ALWAYS_TOKENS or triton_interpreting() or not w.values.is_cuda:
         return True
-    few_block_rows = 2 * w.block_grid[0] < torch.cuda.get_device_properties(w.values.device).multi_processor_count
+    few_block_rows = 2 * w.block_grid[0] < multiprocessors(w.values.device)
     return few_block_rows and w.block_shape[0] < 128
 
 

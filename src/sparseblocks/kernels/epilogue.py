@@ -1,7 +1,10 @@
 """Pieces every kernel shares: the gather of x's columns, the fused activations (and their derivatives), the bias
-gradient's partial sums, the fp32 dot precision and the autotuners' keys and pruning."""
+gradient's partial sums, the fp32 dot precision, the SM count and the autotuners' keys, configs and pruning."""
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
 
 import torch
 import triton
@@ -67,6 +70,14 @@ ROW_KERNEL_TUNING_KEY = ["M_BUCKET", "OUT", "IN", "BN", "BK", "TRANSPOSED", "DEN
                          "GRAD_EPILOGUE", "BIAS_GRAD", "INPUT_PRECISION"]  # fmt: skip
 
 
+@functools.cache
+def multiprocessors(device: torch.device) -> int:
+    """SMs of a CUDA device; 2 elsewhere (the interpreter: a small count, so that tests still split work)."""
+    if device.type != "cuda":
+        return 2
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 class MTileGrid:
     """An autotuned launch's grid, ``cdiv(M, BLOCK_M) · blocks`` programs, that remembers the BLOCK_M it was last
     called with: the real launch's, after any benchmarking (the autotuner's shared ``best_config`` could be another
@@ -95,6 +106,17 @@ def prune_large_m_tiles(configs: list, named_args: dict, **kwargs) -> list:
     largest_useful = max(64, named_args["M_BUCKET"])
     kept = [c for c in configs if c.kwargs["BLOCK_M"] <= largest_useful]
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
+
+
+def autotune_row_kernel(kernel, launch_configs: list[tuple[int, int, int]], pre_hook: Callable | None = None,
+                        **options) -> tuple[list[triton.Config], Callable]:  # fmt: skip
+    """One version of the row kernel under Triton's autotuner: its ``(BLOCK_M, num_warps, num_stages)`` configs,
+    keyed on ``ROW_KERNEL_TUNING_KEY``, oversized M tiles pruned. Returns the configs and the tuned kernel."""
+    configs = [triton.Config({"BLOCK_M": block_m}, num_warps=warps, num_stages=stages, pre_hook=pre_hook)
+               for block_m, warps, stages in launch_configs]  # fmt: skip
+    tune = triton.autotune(configs=configs, key=ROW_KERNEL_TUNING_KEY,
+                           prune_configs_by={"early_config_prune": prune_large_m_tiles}, **options)  # fmt: skip
+    return configs, tune(kernel)
 
 
 def input_precision(dtype: torch.dtype) -> str:

@@ -12,15 +12,13 @@ dY stay in L2 while every tile that needs them passes.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from sparseblocks.backend import triton_interpreting
 from sparseblocks.format import BlockSparseMatrix
-from sparseblocks.kernels.epilogue import input_precision, m_bucket
+from sparseblocks.kernels.epilogue import input_precision, m_bucket, multiprocessors
 
 # Chunks of M are multiples of this, so that every BLOCK_M in the tuning set divides them.
 _CHUNK_QUANTUM = 256
@@ -93,16 +91,9 @@ _sddmm_tuned = triton.autotune(
 INTERPRETER_CONFIG = {"BLOCK_M": 16, "num_warps": 4, "num_stages": 1}
 
 
-@functools.cache
-def _multiprocessors(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 2  # the interpreter: a small count, so that tests exercise the split
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def default_split(m: int, nnz: int, device: torch.device) -> int:
     """Chunks of M to reduce in parallel: enough programs for about four per multiprocessor, no chunk under 256 rows."""
-    wanted = triton.cdiv(4 * _multiprocessors(device), max(nnz, 1))
+    wanted = triton.cdiv(4 * multiprocessors(device), max(nnz, 1))
     return max(1, min(wanted, triton.cdiv(m, _CHUNK_QUANTUM)))
 
 

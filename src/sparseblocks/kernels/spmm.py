@@ -35,15 +35,14 @@ from sparseblocks.format import BlockSparseMatrix
 from sparseblocks.kernels.decode import decode_pays, spmm_decode_triton
 from sparseblocks.kernels.epilogue import (
     ACTIVATION_CODES,
-    ROW_KERNEL_TUNING_KEY,
     MTileGrid,
     activation_grad,
     apply_activation,
+    autotune_row_kernel,
     density_bucket,
     input_precision,
     load_x_columns,
     m_bucket,
-    prune_large_m_tiles,
     store_column_sums,
 )
 from sparseblocks.kernels.spmm_tma import TUNING_CONFIGS as TMA_TUNING_CONFIGS
@@ -147,24 +146,11 @@ def _spmm_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
-TUNING_CONFIGS = [
-    triton.Config({"BLOCK_M": block_m}, num_warps=warps, num_stages=stages)
-    for block_m, warps, stages in [
-        (64, 4, 3),
-        (64, 4, 4),
-        (128, 4, 2),
-        (128, 4, 3),
-        (128, 8, 2),
-        (256, 4, 3),
-        (256, 8, 4),
-    ]
-]
-_spmm_tuned = triton.autotune(
-    configs=TUNING_CONFIGS,
-    key=ROW_KERNEL_TUNING_KEY,
-    prune_configs_by={"early_config_prune": prune_large_m_tiles},
+TUNING_CONFIGS, _spmm_tuned = autotune_row_kernel(
+    _spmm_kernel,
+    [(64, 4, 3), (64, 4, 4), (128, 4, 2), (128, 4, 3), (128, 8, 2), (256, 4, 3), (256, 8, 4)],
     cache_results=True,
-)(_spmm_kernel)
+)
 
 SMALLEST_TUNED_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in TUNING_CONFIGS + TMA_TUNING_CONFIGS)
 
@@ -220,7 +206,7 @@ def _launch(
         parts = torch.empty((triton.cdiv(m, smallest_block_m), out_features), device=x2.device, dtype=torch.float32)
     if descriptors and tma_fits(x2, w, transposed, grad2):
         y, block_m = launch_tma(x2, w, transposed, index, meta, config, bias, grad2, parts)
-        return y, _column_sums(parts, m, block_m)
+        return y, _bias_grad_from_parts(parts, m, block_m)
     y = torch.empty((m, out_features), device=x2.device, dtype=x2.dtype)
     args = (
         x2,
@@ -250,10 +236,10 @@ def _launch(
     else:
         block_m = config["BLOCK_M"]
         _spmm_kernel[(triton.cdiv(m, block_m) * n_out_blocks,)](*args, **meta, **config)
-    return y, _column_sums(parts, m, block_m)
+    return y, _bias_grad_from_parts(parts, m, block_m)
 
 
-def _column_sums(parts: torch.Tensor | None, m: int, block_m: int) -> torch.Tensor | None:
+def _bias_grad_from_parts(parts: torch.Tensor | None, m: int, block_m: int) -> torch.Tensor | None:
     """The bias gradient from its per-M-tile parts: the rows the launch wrote (``block_m`` tiles), in order.
     (A few hundred rows: ``torch.sum`` is as fast here as the column-sum kernel and cheaper to issue.)"""
     return None if parts is None else parts[: triton.cdiv(m, block_m)].sum(0)

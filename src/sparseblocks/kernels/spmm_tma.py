@@ -28,13 +28,12 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from sparseblocks.backend import triton_interpreting
 from sparseblocks.format import BlockSparseMatrix
 from sparseblocks.kernels.epilogue import (
-    ROW_KERNEL_TUNING_KEY,
     MTileGrid,
     activation_grad,
     apply_activation,
+    autotune_row_kernel,
     density_bucket,
     m_bucket,
-    prune_large_m_tiles,
     store_column_sums,
 )
 
@@ -109,24 +108,11 @@ def _set_boxes(nargs: dict) -> None:
         nargs[name].block_shape = [nargs["BLOCK_M"], nargs[name].block_shape[1]]
 
 
-TUNING_CONFIGS = [
-    triton.Config({"BLOCK_M": block_m}, num_warps=warps, num_stages=stages, pre_hook=_set_boxes)
-    for block_m, warps, stages in [
-        (64, 4, 3),
-        (64, 4, 4),
-        (128, 4, 3),
-        (128, 4, 4),
-        (128, 4, 5),
-        (128, 8, 3),
-        (256, 8, 3),
-        (256, 8, 4),
-    ]  # fmt: skip
-]
-_spmm_tma_tuned = triton.autotune(
-    configs=TUNING_CONFIGS,
-    key=ROW_KERNEL_TUNING_KEY,
-    prune_configs_by={"early_config_prune": prune_large_m_tiles},
-)(_spmm_tma_kernel)  # no cache_results: Triton does not cache configs that have a pre-hook
+TUNING_CONFIGS, _spmm_tma_tuned = autotune_row_kernel(  # no cache_results: not kept for configs with a pre-hook
+    _spmm_tma_kernel,
+    [(64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 4, 4), (128, 4, 5), (128, 8, 3), (256, 8, 3), (256, 8, 4)],
+    pre_hook=_set_boxes,
+)
 
 
 def _aligned(t: torch.Tensor) -> bool:
