@@ -77,6 +77,29 @@ def test_activation_grad_recomputes_the_pre_activation(activation, dtype):
     assert column_sums.dtype == torch.float32 and relative_error(column_sums.cpu(), ref.sum(0)) < 1e-5
 
 
+@pytest.mark.parametrize(
+    ("up_block", "down_block"),
+    [(16, 16), (32, (16, 32)), ((64, 32), (32, 64)), (32, 64)],  # the last does not chain: two products
+)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_mlp_hidden_gradient_from_the_next_layer(up_block, down_block, dtype):
+    """dZ = (dY · W_down) ⊙ act'(x · W_upᵀ + b) with the hidden gradient kept on chip, ragged M, H and N."""
+    from sparseblocks.kernels.spmm import mlp_hidden_grad_triton
+
+    up, _ = random_sparse(152, 136, up_block, 0.5, dtype=dtype, seed=11)
+    down, down_dense = random_sparse(120, 152, down_block, 0.5, dtype=dtype, seed=12)
+    x, bias = torch.randn(37, 136).to(dtype), torch.randn(152).to(dtype)
+    grad_out = torch.randn(37, 120).to(dtype)
+    dz, column_sums = mlp_hidden_grad_triton(
+        grad_out.to(DEVICE), x.to(DEVICE), up.to(DEVICE), bias.to(DEVICE), down.to(DEVICE), "gelu", bias_grad=True
+    )
+    hidden_grad = grad_out.double() @ down_dense
+    ref = reference.spmm_activation_grad(hidden_grad, x.double(), up.to(dtype=torch.float64), bias.double(), "gelu")
+    assert_close(dz, ref, dtype)
+    # the two-product path rounds the hidden gradient to dtype on the way: the sums are as exact as dZ itself
+    assert relative_error(column_sums.cpu(), ref.sum(0)) < TOLERANCE[dtype]
+
+
 @pytest.mark.parametrize("split", [1, 2, 3])
 def test_sddmm_split_reduction_and_three_d_non_contiguous_inputs(split):
     w, _ = random_sparse(64, 96, 32, 0.5, seed=6)

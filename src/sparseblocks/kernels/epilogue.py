@@ -109,12 +109,13 @@ def prune_large_m_tiles(configs: list, named_args: dict, **kwargs) -> list:
 
 
 def autotune_row_kernel(kernel, launch_configs: list[tuple[int, int, int]], pre_hook: Callable | None = None,
-                        **options) -> tuple[list[triton.Config], Callable]:  # fmt: skip
+                        extra_key: tuple[str, ...] = (), **options) -> tuple[list[triton.Config], Callable]:  # fmt: skip
     """One version of the row kernel under Triton's autotuner: its ``(BLOCK_M, num_warps, num_stages)`` configs,
-    keyed on ``ROW_KERNEL_TUNING_KEY``, oversized M tiles pruned. Returns the configs and the tuned kernel."""
+    keyed on ``ROW_KERNEL_TUNING_KEY`` plus ``extra_key`` (that version's own modes), oversized M tiles pruned.
+    Returns the configs and the tuned kernel."""
     configs = [triton.Config({"BLOCK_M": block_m}, num_warps=warps, num_stages=stages, pre_hook=pre_hook)
                for block_m, warps, stages in launch_configs]  # fmt: skip
-    tune = triton.autotune(configs=configs, key=ROW_KERNEL_TUNING_KEY,
+    tune = triton.autotune(configs=configs, key=[*ROW_KERNEL_TUNING_KEY, *extra_key],
                            prune_configs_by={"early_config_prune": prune_large_m_tiles}, **options)  # fmt: skip
     return configs, tune(kernel)
 

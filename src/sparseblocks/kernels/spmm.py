@@ -168,11 +168,13 @@ def _launch(
     grad2: torch.Tensor | None = None,
     descriptors: bool = True,
     bias_grad: bool = False,
+    grad_weight: BlockSparseMatrix | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run the row kernel on a 2-D ``x2`` ``(M, IN)``: ``(M, OUT)``; with ``grad2`` ``(M, OUT)``,
     ``grad2 ⊙ act'(x2·Wᵀ + b)`` instead, and with ``bias_grad`` too its column sums (fp32 ``(OUT,)``, the bias
-    gradient; else None). The tensor-descriptor version (``kernels/spmm_tma.py``) runs where the inputs allow it,
-    unless ``descriptors`` is False."""
+    gradient; else None). With ``grad_weight`` (an MLP's W2, descriptor version only) ``grad2`` is W2's output
+    gradient and the epilogue multiplies by ``grad2 · W2`` computed on chip. The tensor-descriptor version
+    (``kernels/spmm_tma.py``) runs where the inputs allow it, unless ``descriptors`` is False."""
     (n, k), (bn, bk), (n_block_rows, n_block_cols) = w.shape, w.block_shape, w.block_grid
     if transposed:
         out_features, in_features, n_out_blocks = k, n, n_block_cols
@@ -205,8 +207,10 @@ def _launch(
         smallest_block_m = config["BLOCK_M"] if config else SMALLEST_TUNED_BLOCK_M
         parts = torch.empty((triton.cdiv(m, smallest_block_m), out_features), device=x2.device, dtype=torch.float32)
     if descriptors and tma_fits(x2, w, transposed, grad2):
-        y, block_m = launch_tma(x2, w, transposed, index, meta, config, bias, grad2, parts)
+        y, block_m = launch_tma(x2, w, transposed, index, meta, config, bias, grad2, parts, grad_weight)
         return y, _bias_grad_from_parts(parts, m, block_m)
+    if grad_weight is not None:
+        raise ValueError("the hidden gradient from dY · W2 needs the descriptor kernel's inputs (see tma_fits)")
     y = torch.empty((m, out_features), device=x2.device, dtype=x2.dtype)
     args = (
         x2,
@@ -283,6 +287,37 @@ def spmm_activation_grad_triton(
     x2, grad2 = x.reshape(-1, w.shape[1]), grad_out.reshape(-1, w.shape[0])
     dz, column_sums = _launch(x2, w, False, bias, activation, None, grad2, bias_grad=bias_grad)
     return dz.reshape(grad_out.shape), column_sums
+
+
+def mlp_hidden_grad_triton(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    up: BlockSparseMatrix,
+    up_bias: torch.Tensor | None,
+    down: BlockSparseMatrix,
+    activation: str,
+    bias_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """For an MLP ``y = down(act(up(x)))``: ``dZ = (dY · W_down) ⊙ act'(x · W_upᵀ + b_up)``, ``(..., H)``, and with
+    ``bias_grad`` its fp32 column sums (up's bias gradient).
+
+    grad_out ``(..., N)`` is dY; x ``(..., K)``. Where the descriptor kernel takes the inputs and down's block
+    columns are as wide as up's block rows, one kernel computes each ``(M tile, hidden block)`` of dY · W_down
+    on chip (the hidden gradient is never written to memory); elsewhere the two products run one after the other.
+    """
+    x2, grad2 = x.reshape(-1, up.shape[1]), grad_out.reshape(-1, down.shape[0])
+    fused = (
+        down.block_shape[1] == up.block_shape[0]
+        and down.nnz > 0
+        and down.values.is_contiguous()
+        and down.values.data_ptr() % 16 == 0
+        and tma_fits(x2, up, False, grad2)
+    )
+    if not fused:
+        hidden_grad = spmm_input_grad_triton(grad_out, down)
+        return spmm_activation_grad_triton(hidden_grad, x, up, up_bias, activation, bias_grad)
+    dz, column_sums = _launch(x2, up, False, up_bias, activation, None, grad2, bias_grad=bias_grad, grad_weight=down)
+    return dz.reshape(*grad_out.shape[:-1], up.shape[0]), column_sums
 
 
 def spmm_input_grad_triton(grad_out: torch.Tensor, w: BlockSparseMatrix, config: dict | None = None) -> torch.Tensor:

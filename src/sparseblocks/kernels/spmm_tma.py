@@ -42,7 +42,9 @@ from sparseblocks.kernels.epilogue import (
 def _spmm_tma_kernel(
     x_desc,  # (M, IN), box (BLOCK_M, IN_B): X for the forward, dY for the input gradient
     w_desc,  # (nnz · BN, BK): the stored tiles stacked, box (BN, BK)
-    grad_desc,  # (M, OUT), box (BLOCK_M, OUT_B): dY, read in the GRAD_EPILOGUE mode only
+    grad_desc,  # (M, OUT), box (BLOCK_M, OUT_B): dY, read in the GRAD_EPILOGUE mode only; with GRAD_FROM_PRODUCT
+    #             the next layer's dY (M, N2), box (BLOCK_M, BN2)
+    w2_desc,  # GRAD_FROM_PRODUCT only: the next layer's tiles stacked, (nnz2 · BN2, OUT_B), box (BN2, OUT_B)
     y_desc,  # (M, OUT), box (BLOCK_M, OUT_B)
     bias_grad_ptr,  # (M tiles, OUT) fp32: column sums of each M tile's dZ, written in the BIAS_GRAD mode only
     ptr_ptr,  # (n_out_blocks + 1,) int32: crow_indices, or ccol_indices when TRANSPOSED
@@ -50,6 +52,9 @@ def _spmm_tma_kernel(
     perm_ptr,  # (nnz,) int32: transpose_perm when TRANSPOSED, else unused
     order_ptr,  # (n_out_blocks,) int32: row_order, or col_order when TRANSPOSED
     bias_ptr,  # (OUT,) or unused
+    ccol2_ptr,  # GRAD_FROM_PRODUCT only, the next layer's (n2_block_cols + 1,) ccol_indices,
+    row2_ptr,  # (nnz2,) row_indices
+    perm2_ptr,  # and (nnz2,) transpose_perm
     OUT,
     n_out_blocks,
     # autotuning keys only (reduction width, shape bucket, density bucket)
@@ -64,6 +69,8 @@ def _spmm_tma_kernel(
     ACTIVATION: tl.constexpr,
     GRAD_EPILOGUE: tl.constexpr,
     BIAS_GRAD: tl.constexpr,
+    GRAD_FROM_PRODUCT: tl.constexpr,  # the dY of the epilogue is dY2 · W2 over W2's block column, never stored
+    BN2: tl.constexpr,  # W2's block height (GRAD_FROM_PRODUCT only)
     INPUT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
 ):
@@ -74,7 +81,15 @@ def _spmm_tma_kernel(
     out_block = tl.load(order_ptr + pid % n_out_blocks)
     start = tl.load(ptr_ptr + out_block)
     end = tl.load(ptr_ptr + out_block + 1)
-    if GRAD_EPILOGUE:  # issued before the loop, so its latency hides behind the products
+    if GRAD_FROM_PRODUCT:  # an MLP's hidden gradient dH = dY2 · W2, one (BLOCK_M, OUT_B) tile, kept on chip
+        grad_tile = tl.zeros((BLOCK_M, OUT_B), dtype=tl.float32)
+        for j2 in range(tl.load(ccol2_ptr + out_block), tl.load(ccol2_ptr + out_block + 1)):
+            dy2_tile = grad_desc.load([m0, tl.load(row2_ptr + j2) * BN2])
+            w2_tile = w2_desc.load([tl.load(perm2_ptr + j2) * BN2, 0])
+            if DOT_IN_FP32:
+                dy2_tile, w2_tile = dy2_tile.to(tl.float32), w2_tile.to(tl.float32)
+            grad_tile = tl.dot(dy2_tile, w2_tile, grad_tile, input_precision=INPUT_PRECISION)
+    elif GRAD_EPILOGUE:  # issued before the loop, so its latency hides behind the products
         grad_tile = grad_desc.load([m0, out_block * OUT_B])
 
     acc = tl.zeros((BLOCK_M, OUT_B), dtype=tl.float32)
@@ -112,6 +127,7 @@ TUNING_CONFIGS, _spmm_tma_tuned = autotune_row_kernel(  # no cache_results: not 
     _spmm_tma_kernel,
     [(64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 4, 4), (128, 4, 5), (128, 8, 3), (256, 8, 3), (256, 8, 4)],
     pre_hook=_set_boxes,
+    extra_key=("GRAD_FROM_PRODUCT", "BN2"),
 )
 
 
@@ -168,9 +184,12 @@ def launch_tma(
     bias: torch.Tensor | None,
     grad2: torch.Tensor | None,
     bias_grad_parts: torch.Tensor | None,
+    grad_weight: BlockSparseMatrix | None = None,
 ) -> tuple[torch.Tensor, int]:
     """``_spmm_tma_kernel`` on inputs that ``tma_fits``; ``index``, ``meta`` and ``bias_grad_parts`` as the pointer
-    kernel's launch builds them (``kernels/spmm.py``). Returns ``(M, OUT)`` and the BLOCK_M it ran with."""
+    kernel's launch builds them (``kernels/spmm.py``). With ``grad_weight`` (W2, the next layer of an MLP) ``grad2``
+    is that layer's output gradient and the epilogue's gradient is ``grad2 · W2`` (``GRAD_FROM_PRODUCT``).
+    Returns ``(M, OUT)`` and the BLOCK_M it ran with."""
     (n, k), (bn, bk), (n_block_rows, n_block_cols) = w.shape, w.block_shape, w.block_grid
     out_features, out_b, n_out_blocks = (k, bk, n_block_cols) if transposed else (n, bn, n_block_rows)
     m = x2.shape[0]
@@ -179,14 +198,27 @@ def launch_tma(
     y = torch.empty((m, out_features), device=x2.device, dtype=x2.dtype)
     block_m = config["BLOCK_M"] if config else 64  # the autotuner's pre-hook resets the boxes per config
     descriptor = lambda t, width: TensorDescriptor(t, list(t.shape), [t.stride(0), 1], [block_m, width])
+    tiles = lambda v: TensorDescriptor(v, [v.shape[0] * v.shape[1], v.shape[2]], [v.shape[2], 1], list(v.shape[1:]))
+    w_desc = tiles(w.values)
+    meta = {**meta, "GRAD_FROM_PRODUCT": grad_weight is not None,
+            "BN2": grad_weight.block_shape[0] if grad_weight is not None else 16}  # fmt: skip
+    if grad_weight is None:
+        grad_desc = descriptor(grad2 if grad2 is not None else y, out_b)  # never read without GRAD_EPILOGUE
+        second = (w_desc, index[0], index[1], index[1])  # never read without GRAD_FROM_PRODUCT
+    else:
+        grad_desc = descriptor(grad2, grad_weight.block_shape[0])
+        second = (tiles(grad_weight.values), grad_weight.ccol_indices, grad_weight.row_indices,
+                  grad_weight.transpose_perm)  # fmt: skip
     args = (
         descriptor(x2, bn if transposed else bk),
-        TensorDescriptor(w.values, [w.nnz * bn, bk], [bk, 1], [bn, bk]),
-        descriptor(grad2 if grad2 is not None else y, out_b),  # never read without GRAD_EPILOGUE
+        w_desc,
+        grad_desc,
+        second[0],
         descriptor(y, out_b),
         bias_grad_parts if bias_grad_parts is not None else y,  # written in the BIAS_GRAD mode only
         *index,
         bias if bias is not None else y,  # never read without HAS_BIAS
+        *second[1:],
         out_features,
         n_out_blocks,
         n if transposed else k,
