@@ -176,3 +176,22 @@ def test_backward_real_sizes_on_gpu(m, n, k, block):
     assert_close(input_grad(grad_out, w), ref, torch.bfloat16)
     assert_close(sddmm(grad_out, x, w), reference.sddmm(grad_out.double(), x.double(), reference_w), torch.bfloat16)
     assert_close(column_sums(grad_out), grad_out.double().sum(0), torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(("m", "k", "hidden", "block"), [(50432, 768, 3072, 64), (4099, 2048, 8192, 128)])
+def test_mlp_hidden_gradient_real_sizes_on_gpu(m, k, hidden, block):
+    from sparseblocks.kernels.spmm import mlp_hidden_grad_triton
+
+    up, _ = random_sparse(hidden, k, block, 0.1, dtype=torch.bfloat16, seed=13)
+    down, down_dense = random_sparse(k, hidden, block, 0.1, dtype=torch.bfloat16, seed=14)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(hidden, device="cuda", dtype=torch.bfloat16)
+    grad_out = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    dz, column_sums = mlp_hidden_grad_triton(grad_out, x, up.to("cuda"), bias, down.to("cuda"), "gelu", True)
+    hidden_grad = grad_out.double() @ down_dense.cuda()
+    up64 = up.to("cuda", dtype=torch.float64)
+    ref = reference.spmm_activation_grad(hidden_grad, x.double(), up64, bias.double(), "gelu")
+    assert_close(dz, ref, torch.bfloat16)
+    assert relative_error(column_sums, ref.sum(0)) < 1e-2

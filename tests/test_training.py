@@ -107,6 +107,31 @@ def test_training_step_compiles_through_the_custom_op():
         assert torch.allclose(compiled_grad, eager_grad)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_plain_mlp_gradients_match_dense_autograd(fused):
+    """A plain MLP trains through one autograd node whose backward keeps the hidden gradient on chip (``fused``),
+    or through one node per product; both give dense autograd's gradients for x, both weights and both biases."""
+    from sparseblocks.ops import sparse_mlp
+
+    up, down = _layer(seed=4), BlockSparseLinear(48, 40, sparsity=0.5, block_size=16)
+    x = torch.randn(2, 7, 64, requires_grad=True)
+    out = sparse_mlp(x, up.matrix, down.matrix, None, up.bias, down.bias, "gelu", fused=fused)
+    assert ("EagerPlainMLP" in type(out.grad_fn).__name__) == fused
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    x64 = x.detach().double().requires_grad_()
+    dense = [t.detach().double().requires_grad_() for t in (up.matrix.to_dense(), up.bias, down.matrix.to_dense(),
+                                                             down.bias)]  # fmt: skip
+    hidden = nn.functional.gelu(nn.functional.linear(x64, dense[0], dense[1]))
+    nn.functional.linear(hidden, dense[2], dense[3]).backward(grad.double())
+    assert relative_error(x.grad, x64.grad) < 1e-5
+    for layer, weight, bias in ((up, dense[0], dense[1]), (down, dense[2], dense[3])):
+        kept = layer.matrix.block_mask().repeat_interleave(16, 0).repeat_interleave(16, 1)[: weight.shape[0]]
+        grad_weight = BlockSparseMatrix.from_parts(layer.values.grad, layer.matrix.shape, layer.matrix.index_tensors())
+        assert relative_error(grad_weight.to_dense(), weight.grad * kept) < 1e-5
+        assert relative_error(layer.bias.grad, bias.grad) < 1e-5
+
+
 def test_compiled_backward_keeps_eager_only_kernels_out(monkeypatch):
     """Inside a compiled backward tensors are fake: the bias gradient of a layer without activation must be traced
     PyTorch there, not the eager path's Triton column sum (which reads data pointers)."""

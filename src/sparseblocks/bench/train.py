@@ -2,7 +2,8 @@
 
 * ``linear``: forward + backward (dX, dW, db) of one layer;
 * ``mlp``: forward + backward of a whole MLP: ViT-B's GELU MLP at 256 images, Llama-3.2-1B's SwiGLU MLP at 8192
-  tokens; each against dense cuBLAS and (block 128) stk;
+  tokens; each against dense cuBLAS and (block 128) stk; the GELU MLP both as separate ``spmm`` calls
+  (``sparseblocks``) and through ``ops.sparse_mlp`` (``sparseblocks_mlp``, the hidden gradient kept on chip);
 * ``train_step``: forward, backward and AdamW of a GPT-2-small-shaped model and of Llama-3.2-1B's shape (bf16
   autocast, fp32 weights), dense against 90%-sparse MLPs, with peak memory and the bytes of the MLPs' weights,
   gradients and optimizer state;
@@ -26,7 +27,7 @@ from sparseblocks.backend import reference_mode
 from sparseblocks.bench.harness import input_sets, start_run, time_ms, write_json
 from sparseblocks.bench.spmm import random_weight, stk_linear
 from sparseblocks.format import BlockSparseMatrix
-from sparseblocks.ops import spmm
+from sparseblocks.ops import sparse_mlp, spmm
 
 SECTIONS = ("linear", "mlp", "train_step", "convergence")
 # name -> (tokens, width, hidden, kind); the linear case times the MLP's first layer alone
@@ -41,14 +42,19 @@ BLOCKS = (32, 64, 128)
 Linear = Callable[[torch.Tensor, str | None], torch.Tensor]
 
 
+def _trainable(w: BlockSparseMatrix, bias: bool) -> tuple[BlockSparseMatrix, torch.Tensor | None]:
+    """A copy of w whose values require gradients, and a zero bias that does (or None)."""
+    b = torch.zeros(w.shape[0], device="cuda", dtype=w.dtype, requires_grad=True) if bias else None
+    values = w.values.detach().clone().requires_grad_()
+    return BlockSparseMatrix.from_parts(values, w.shape, w.index_tensors()), b
+
+
 def make_linear(impl: str, w: BlockSparseMatrix, bias: bool) -> Linear | None:
     """A trainable layer holding w (as dense, as our tiles, or as stk's matrix); None where impl does not apply."""
-    b = torch.zeros(w.shape[0], device="cuda", dtype=w.dtype, requires_grad=True) if bias else None
+    matrix, b = _trainable(w, bias)
     if impl == "dense":
         dense = w.to_dense().detach().requires_grad_()
         return lambda x, act: reference.ACTIVATIONS[act](F.linear(x, dense, b))
-    values = w.values.detach().clone().requires_grad_()
-    matrix = BlockSparseMatrix.from_parts(values, w.shape, w.index_tensors())
     if impl == "sparseblocks":
         return lambda x, act: spmm(x, matrix, b, act)
     product = stk_linear(matrix)  # stk: its own autograd through the same tiles
@@ -66,6 +72,12 @@ def mlp_forward(kind: str, layers: list[Linear]) -> Callable[[torch.Tensor], tor
         return lambda x: fc2(fc1(x, "gelu"), None)
     gate, up, down = layers
     return lambda x: down(gate(x, "silu") * up(x, None), None)
+
+
+def whole_mlp_forward(weights: list[BlockSparseMatrix]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A GELU MLP through ``ops.sparse_mlp``: one autograd node whose backward keeps the hidden gradient on chip."""
+    (up, up_bias), (down, down_bias) = (_trainable(w, bias=True) for w in weights)
+    return lambda x: sparse_mlp(x, up, down, None, up_bias, down_bias, "gelu")
 
 
 def _layer_shapes(case: str, name: str) -> list[tuple[int, int]]:
@@ -107,13 +119,20 @@ def run_layers(
             generator = torch.Generator().manual_seed(0)
             weights = [random_weight(n, k, sparsity, block or 64, torch.bfloat16, generator)
                        for n, k in _layer_shapes(case, name)]  # fmt: skip
-            for impl in ("dense",) if block is None else ("sparseblocks", "stk"):
-                layers = [make_linear(impl, w, bias=kind == "gelu") for w in weights]
-                if any(layer is None for layer in layers):
-                    continue
+            impls = ("dense",) if block is None else ("sparseblocks", "stk")
+            if block is not None and case == "mlp" and kind == "gelu":
+                impls = ("sparseblocks", "sparseblocks_mlp", "stk")  # products one by one, and the whole-MLP op
+            for impl in impls:
+                if impl == "sparseblocks_mlp":
+                    forward = whole_mlp_forward(weights)
+                else:
+                    layers = [make_linear(impl, w, bias=kind == "gelu") for w in weights]
+                    if any(layer is None for layer in layers):
+                        continue
+                    forward = mlp_forward(kind, layers)
                 row = {**base, "sparsity": sparsity, "block": block, "impl": impl}
                 try:
-                    row |= _time_forward_backward(mlp_forward(kind, layers), tokens, width)
+                    row |= _time_forward_backward(forward, tokens, width)
                 except Exception as error:  # a baseline that cannot run this case is recorded, not fatal
                     row |= {"ms": None, "error": str(error).splitlines()[0][:200]}
                 rows.append(row)
@@ -122,7 +141,7 @@ def run_layers(
                 print(
                     f"{case:<7} {name:<9} s={sparsity:.2f} b={block} {impl:<12} {row['ms']} ms  {speedup}", flush=True
                 )
-                del layers
+                del forward
                 torch.cuda.empty_cache()
             save()
 

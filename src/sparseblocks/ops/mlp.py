@@ -1,8 +1,9 @@
 """``sparse_mlp``: a whole block-sparse MLP; for inference one kernel, ``sparseblocks::fused_mlp`` (torch.compile
 traces it), which runs ``kernels/fused_mlp.py`` on CUDA and ``reference.mlp`` elsewhere.
 
-The fused op has no backward of its own: while gradients are needed (or with dropout on the hidden activation),
-:func:`sparse_mlp` computes through :func:`~sparseblocks.ops.spmm` (three products, differentiable).
+The fused op has no backward of its own: while gradients are needed, :func:`sparse_mlp` computes the forward as
+separate products; a plain (ungated, no dropout) MLP outside torch.compile trains through ``_EagerPlainMLP``, whose
+backward keeps the hidden gradient on chip, everything else through :func:`~sparseblocks.ops.spmm`'s autograd.
 """
 
 # No `from __future__ import annotations` here: torch.library reads these annotations at run time.
@@ -12,7 +13,18 @@ import torch
 from sparseblocks import reference
 from sparseblocks.backend import on_device_of, triton_interpreting, use_triton
 from sparseblocks.format import INDEX_NAMES, BlockSparseMatrix
-from sparseblocks.ops.spmm import _index, _matrix, autocast_inputs, check_spmm_inputs, spmm
+from sparseblocks.ops.spmm import (
+    _column_sums,
+    _forward,
+    _hidden_grad,
+    _index,
+    _input_grad,
+    _matrix,
+    _sddmm,
+    autocast_inputs,
+    check_spmm_inputs,
+    spmm,
+)
 
 
 def check_mlp_shapes(up: BlockSparseMatrix, down: BlockSparseMatrix, gate: BlockSparseMatrix | None) -> None:
@@ -82,6 +94,34 @@ def _(x, values, indices, shapes, biases, activation):
     return x.new_empty((*x.shape[:-1], shapes[2]))
 
 
+class _EagerPlainMLP(torch.autograd.Function):
+    """``down(act(up(x)))`` for training outside torch.compile: the forward as two products, and a backward that
+    never writes the hidden gradient ``dY · W_down``: one kernel computes it tile by tile and multiplies it by
+    ``act'`` of the recomputed pre-activation (``_hidden_grad``)."""
+
+    @staticmethod
+    def forward(ctx, x, up_values, down_values, up_bias, down_bias, up, down, activation):
+        hidden = _forward(x, up, up_bias, activation)
+        ctx.save_for_backward(x, hidden, up_bias, down_bias)
+        ctx.up, ctx.down, ctx.activation = up, down, activation
+        return _forward(hidden, down, down_bias, None)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, hidden, up_bias, down_bias = ctx.saved_tensors
+        up, down = ctx.up, ctx.down
+        needs_x, needs_up, needs_down, needs_up_bias, needs_down_bias = ctx.needs_input_grad[:5]
+        grad_down = _sddmm(grad_out, hidden, down) if needs_down else None
+        grad_down_bias = _column_sums(grad_out, down).to(down_bias.dtype) if needs_down_bias else None
+        grad_x = grad_up = grad_up_bias = None
+        if needs_x or needs_up or needs_up_bias:
+            dz, up_bias_sums = _hidden_grad(grad_out, x, up, up_bias, down, ctx.activation, needs_up_bias)
+            grad_up = _sddmm(dz, x, up) if needs_up else None
+            grad_x = _input_grad(dz, up) if needs_x else None
+            grad_up_bias = up_bias_sums.to(up_bias.dtype) if needs_up_bias else None
+        return grad_x, grad_up, grad_down, grad_up_bias, grad_down_bias, None, None, None
+
+
 def sparse_mlp(
     x: torch.Tensor,
     up: BlockSparseMatrix,
@@ -100,7 +140,8 @@ def sparse_mlp(
     up and gate: logical ``(H, K)``; down: ``(N, H)`` whose block columns are as wide as up's block rows.
     hidden_dropout: the dropout probability on the hidden activation (pass 0 in eval mode). With ``fused`` and
     neither gradients nor dropout to compute, one kernel does it all where it pays (:func:`fused_pays`), the
-    hidden activation kept on chip; otherwise three differentiable :func:`~sparseblocks.ops.spmm` calls do.
+    hidden activation kept on chip; otherwise separate differentiable products do, and with ``fused`` a plain MLP
+    (no gate, no dropout) trained outside torch.compile keeps its hidden *gradient* on chip in the backward.
     """
     x, (up, down, *gates), (up_bias, down_bias, gate_bias) = autocast_inputs(
         x, [up, down] + ([gate] if gate is not None else []), [up_bias, down_bias, gate_bias]
@@ -123,5 +164,7 @@ def sparse_mlp(
             [up_bias, down_bias, gate_bias],
             activation,
         )
+    if fused and needs_grad and gate is None and hidden_dropout == 0.0 and not torch.compiler.is_compiling():
+        return _EagerPlainMLP.apply(x, up.values, down.values, up_bias, down_bias, up, down, activation)
     biases = (up_bias, down_bias, gate_bias)
     return reference.mlp(x, up, down, gate, *biases, activation, hidden_dropout=hidden_dropout, product=spmm)

@@ -68,6 +68,23 @@ def _activation_grad(
     return dz, _summed_over_tokens(dz, w) if bias_grad else None
 
 
+def _hidden_grad(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    up: BlockSparseMatrix,
+    up_bias: torch.Tensor | None,
+    down: BlockSparseMatrix,
+    activation: str,
+    bias_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """An MLP's ``dZ = (dY · W_down) ⊙ act'(x · W_upᵀ + b_up)`` and, with ``bias_grad``, up's bias gradient."""
+    if use_triton(x):
+        from sparseblocks.kernels.spmm import mlp_hidden_grad_triton
+
+        return mlp_hidden_grad_triton(grad_out, x, up, up_bias, down, activation, bias_grad)
+    return _activation_grad(reference.spmm_input_grad(grad_out, down), x, up, up_bias, activation, bias_grad)
+
+
 def _summed_over_tokens(grad: torch.Tensor, w: BlockSparseMatrix) -> torch.Tensor:
     """``grad`` ``(..., N)`` summed over its leading dims, fp32 ``(N,)``: a bias gradient (plain PyTorch, which
     torch.compile traces)."""
