@@ -115,7 +115,7 @@ def test_plain_mlp_gradients_match_dense_autograd(fused):
 
     up, down = _layer(seed=4), BlockSparseLinear(48, 40, sparsity=0.5, block_size=16)
     x = torch.randn(2, 7, 64, requires_grad=True)
-    out = sparse_mlp(x, up.matrix, down.matrix, None, up.bias, down.bias, "gelu", fused=fused)
+    out = sparse_mlp(x, up.matrix, down.matrix, up_bias=up.bias, down_bias=down.bias, activation="gelu", fused=fused)
     assert ("EagerPlainMLP" in type(out.grad_fn).__name__) == fused
     grad = torch.randn_like(out)
     out.backward(grad)
@@ -130,6 +130,19 @@ def test_plain_mlp_gradients_match_dense_autograd(fused):
         grad_weight = BlockSparseMatrix.from_parts(layer.values.grad, layer.matrix.shape, layer.matrix.index_tensors())
         assert relative_error(grad_weight.to_dense(), weight.grad * kept) < 1e-5
         assert relative_error(layer.bias.grad, bias.grad) < 1e-5
+
+
+def test_mlp_without_activation_trains_through_the_products():
+    """No activation, no activation gradient: such an MLP keeps one autograd node per product."""
+    from sparseblocks.ops import sparse_mlp
+
+    up, down = _layer(seed=5), BlockSparseLinear(48, 40, sparsity=0.5, block_size=16)
+    x = torch.randn(5, 64, requires_grad=True)
+    out = sparse_mlp(x, up.matrix, down.matrix, up_bias=up.bias, down_bias=down.bias, activation=None)
+    assert "EagerPlainMLP" not in type(out.grad_fn).__name__
+    out.sum().backward()
+    expected = down.matrix.to_dense().sum(0) @ up.matrix.to_dense()
+    assert relative_error(x.grad[0], expected) < 1e-5
 
 
 def test_compiled_backward_keeps_eager_only_kernels_out(monkeypatch):

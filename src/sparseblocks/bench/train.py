@@ -77,7 +77,7 @@ def mlp_forward(kind: str, layers: list[Linear]) -> Callable[[torch.Tensor], tor
 def whole_mlp_forward(weights: list[BlockSparseMatrix]) -> Callable[[torch.Tensor], torch.Tensor]:
     """A GELU MLP through ``ops.sparse_mlp``: one autograd node whose backward keeps the hidden gradient on chip."""
     (up, up_bias), (down, down_bias) = (_trainable(w, bias=True) for w in weights)
-    return lambda x: sparse_mlp(x, up, down, None, up_bias, down_bias, "gelu")
+    return lambda x: sparse_mlp(x, up, down, up_bias=up_bias, down_bias=down_bias, activation="gelu")
 
 
 def _layer_shapes(case: str, name: str) -> list[tuple[int, int]]:

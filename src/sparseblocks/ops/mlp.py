@@ -164,7 +164,8 @@ def sparse_mlp(
             [up_bias, down_bias, gate_bias],
             activation,
         )
-    if fused and needs_grad and gate is None and hidden_dropout == 0.0 and not torch.compiler.is_compiling():
+    plain = gate is None and activation is not None and hidden_dropout == 0.0
+    if fused and needs_grad and plain and not torch.compiler.is_compiling():
         return _EagerPlainMLP.apply(x, up.values, down.values, up_bias, down_bias, up, down, activation)
     biases = (up_bias, down_bias, gate_bias)
     return reference.mlp(x, up, down, gate, *biases, activation, hidden_dropout=hidden_dropout, product=spmm)

@@ -81,7 +81,8 @@ def _hidden_grad(
     if use_triton(x):
         from sparseblocks.kernels.spmm import mlp_hidden_grad_triton
 
-        return mlp_hidden_grad_triton(grad_out, x, up, up_bias, down, activation, bias_grad)
+        with on_device_of(x):
+            return mlp_hidden_grad_triton(grad_out, x, up, up_bias, down, activation, bias_grad)
     return _activation_grad(reference.spmm_input_grad(grad_out, down), x, up, up_bias, activation, bias_grad)
 
 
