@@ -108,8 +108,13 @@ def prune_large_m_tiles(configs: list, named_args: dict, **kwargs) -> list:
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
 
 
-def autotune_row_kernel(kernel, launch_configs: list[tuple[int, int, int]], pre_hook: Callable | None = None,
-                        extra_key: tuple[str, ...] = (), **options) -> tuple[list[triton.Config], Callable]:  # fmt: skip
+def autotune_row_kernel(
+    kernel,
+    launch_configs: list[tuple[int, int, int]],
+    pre_hook: Callable | None = None,
+    extra_key: tuple[str, ...] = (),
+    **options,
+) -> tuple[list[triton.Config], Callable]:
     """One version of the row kernel under Triton's autotuner: its ``(BLOCK_M, num_warps, num_stages)`` configs,
     keyed on ``ROW_KERNEL_TUNING_KEY`` plus ``extra_key`` (that version's own modes), oversized M tiles pruned.
     Returns the configs and the tuned kernel."""
