@@ -96,6 +96,7 @@ def _time_forward_backward(forward: Callable[[torch.Tensor], torch.Tensor], toke
     out = forward(x)
     grad = torch.randn(out.shape, generator=generator).to("cuda", out.dtype)
     del out
+    forward(x).backward(grad)  # the first backward tunes its kernels: the peak below is a step's, not the tuner's
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     forward(x).backward(grad)
