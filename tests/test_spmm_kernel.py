@@ -195,8 +195,11 @@ def test_output_written_everywhere():
 
 
 def run_decode(x, w, bias=None, activation=None, tiles_per_program=None):
+    """The decode kernel; one token takes a power of two tiles per program (up to 16): the next one up."""
     from sparseblocks.kernels.decode import spmm_decode_triton
 
+    if x.shape[0] == 1 and tiles_per_program is not None:
+        tiles_per_program = min(1 << (tiles_per_program - 1).bit_length(), 16)
     return spmm_decode_triton(x, w, bias, activation, tiles_per_program)
 
 
@@ -253,6 +256,14 @@ def test_decode_is_deterministic_and_takes_strided_rows():
     first, second = run_decode(tokens, w, tiles_per_program=3), run_decode(tokens, w, tiles_per_program=3)
     assert torch.equal(first, second)
     check_output(first, reference_float64(tokens, w), torch.bfloat16)
+
+
+def test_one_token_rejects_tiles_per_program_not_a_power_of_two():
+    from sparseblocks.kernels.decode import spmm_decode_triton
+
+    w, _ = random_sparse(32, 32, 16, 0.5)
+    with pytest.raises(ValueError, match="power of two"):
+        spmm_decode_triton(torch.randn(1, 32, device=DEVICE), w.to(DEVICE), tiles_per_program=3)
 
 
 def test_decode_rejects_too_many_rows():

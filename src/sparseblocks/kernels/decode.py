@@ -99,6 +99,28 @@ def _reduce_row(row, row_start, row_end, offs_m, M, N, bias_ptr, partial_ptr, ar
     _finish_row(total, row, offs_m, M, N, bias_ptr, y_ptr, stride_ym, stride_yn, BN, HAS_BIAS, ACTIVATION)
 
 
+@triton.jit
+def _write_empty_rows(group, M, N, n_rows, crow_ptr, bias_ptr, y_ptr, stride_ym, stride_yn, BN: tl.constexpr,
+                      EMPTY_ROWS_PER_PROGRAM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      ACTIVATION: tl.constexpr):  # fmt: skip
+    """act(bias) (or act(0)) into the empty block rows among the ``group``-th ``EMPTY_ROWS_PER_PROGRAM`` rows.
+
+    Their row bounds in one load and act(bias) of all of them at once (the same for every token), then stores
+    only: no dependent round trip per row.
+    """
+    rows = group * EMPTY_ROWS_PER_PROGRAM + tl.arange(0, EMPTY_ROWS_PER_PROGRAM)
+    starts = tl.load(crow_ptr + rows, mask=rows < n_rows, other=0)
+    empty = (starts == tl.load(crow_ptr + rows + 1, mask=rows < n_rows, other=0)) & (rows < n_rows)
+    offs_n = rows[:, None] * BN + tl.arange(0, BN)[None, :]
+    write = empty[:, None] & (offs_n < N)
+    value = tl.zeros((EMPTY_ROWS_PER_PROGRAM, BN), dtype=tl.float32)
+    if HAS_BIAS:
+        value += tl.load(bias_ptr + offs_n, mask=write, other=0.0).to(tl.float32)
+    value = apply_activation(value, ACTIVATION).to(y_ptr.dtype.element_ty)
+    for m in range(M):
+        tl.store(y_ptr + m * stride_ym + offs_n * stride_yn, value, mask=write)
+
+
 @triton.jit(do_not_specialize=["M", "tiles_per_program", "DENSITY_BUCKET"])
 def _decode_kernel(
     x_ptr,  # (M, K)
@@ -136,19 +158,8 @@ def _decode_kernel(
     tile_programs = tl.cdiv(nnz, tiles_per_program)
     offs_m = tl.arange(0, BLOCK_M)
     if pid >= tile_programs:  # the programs after the tile programs write the empty rows
-        # Their row bounds in one load and act(bias) of all their rows at once (the same for every token), then
-        # stores only: no dependent round trip per row.
-        rows = (pid - tile_programs) * EMPTY_ROWS_PER_PROGRAM + tl.arange(0, EMPTY_ROWS_PER_PROGRAM)
-        starts = tl.load(crow_ptr + rows, mask=rows < n_rows, other=0)
-        empty = (starts == tl.load(crow_ptr + rows + 1, mask=rows < n_rows, other=0)) & (rows < n_rows)
-        offs_n = rows[:, None] * BN + tl.arange(0, BN)[None, :]
-        write = empty[:, None] & (offs_n < N)
-        value = tl.zeros((EMPTY_ROWS_PER_PROGRAM, BN), dtype=tl.float32)
-        if HAS_BIAS:
-            value += tl.load(bias_ptr + offs_n, mask=write, other=0.0).to(tl.float32)
-        value = apply_activation(value, ACTIVATION).to(y_ptr.dtype.element_ty)
-        for m in range(M):
-            tl.store(y_ptr + m * stride_ym + offs_n * stride_yn, value, mask=write)
+        _write_empty_rows(pid - tile_programs, M, N, n_rows, crow_ptr, bias_ptr, y_ptr, stride_ym, stride_yn, BN,
+                          EMPTY_ROWS_PER_PROGRAM, HAS_BIAS, ACTIVATION)  # fmt: skip
         return
 
     first = pid * tiles_per_program
@@ -182,12 +193,9 @@ def _decode_kernel(
         x_tile = load_x_columns(x_rows, row_in_range, k_index, K, stride_xk, EVEN_K)
         w_tile = tl.load(w_ptrs)
         w_ptrs += BN * BK
-        if BLOCK_M == 1:  # one token: a GEMV on the CUDA cores (tl.dot needs 16 rows), fp32 products
-            acc += tl.sum(w_tile.to(tl.float32) * x_tile.to(tl.float32), axis=1)[None, :]
-        else:
-            if DOT_IN_FP32:
-                x_tile, w_tile = x_tile.to(tl.float32), w_tile.to(tl.float32)
-            acc = tl.dot(x_tile, tl.trans(w_tile), acc, input_precision=INPUT_PRECISION)
+        if DOT_IN_FP32:
+            x_tile, w_tile = x_tile.to(tl.float32), w_tile.to(tl.float32)
+        acc = tl.dot(x_tile, tl.trans(w_tile), acc, input_precision=INPUT_PRECISION)
         row_ends = next_row != row  # before the program's last tile (that row is settled after the loop)
         is_head_piece = (row == head_row) & head_is_piece
         head_acc = tl.where(row_ends & is_head_piece, acc, head_acc)
@@ -214,6 +222,101 @@ def _decode_kernel(
         _finish_row(acc, tail_row, offs_m, M, N, bias_ptr, y_ptr, stride_ym, stride_yn, BN, HAS_BIAS, ACTIVATION)
 
 
+@triton.jit(do_not_specialize=["DENSITY_BUCKET"])
+def _one_token_kernel(
+    x_ptr,  # (K,), stride stride_xk
+    values_ptr,  # (nnz, BN, BK)
+    crow_ptr,  # (n_rows + 1,) int32
+    col_ptr,  # (nnz,) int32
+    tile_row_ptr,  # (nnz,) int32: block row of each stored tile
+    bias_ptr,  # (N,) or unused
+    partial_ptr,  # (tile programs + n_rows, BN) fp32 scratch
+    arrived_ptr,  # (n_rows,) int32, zero on entry and on exit
+    y_ptr,  # (N,), stride stride_yn
+    N,
+    K,
+    nnz,
+    n_rows,
+    stride_xk,
+    stride_yn,
+    DENSITY_BUCKET,  # autotuning key only
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    TILES: tl.constexpr,  # tiles per program
+    EMPTY_ROWS_PER_PROGRAM: tl.constexpr,
+    REDUCE_CHUNK: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    """y = act(W · x + b) for one token: program ``p`` multiplies tiles ``[p·TILES, (p+1)·TILES)``.
+
+    Every load is issued before any product: the program's tiles as one ``(TILES, BN, BK)`` block (consecutive in
+    storage, no index), their rows and columns, then x's columns. Nothing waits on a previous tile's round trip.
+    """
+    pid = tl.program_id(0)
+    tile_programs = tl.cdiv(nnz, TILES)
+    if pid >= tile_programs:
+        _write_empty_rows(pid - tile_programs, 1, N, n_rows, crow_ptr, bias_ptr, y_ptr, 0, stride_yn, BN,
+                          EMPTY_ROWS_PER_PROGRAM, HAS_BIAS, ACTIVATION)  # fmt: skip
+        return
+    first = pid * TILES
+    last = tl.minimum(first + TILES, nnz) - 1
+    tiles = first + tl.arange(0, TILES)
+    valid = tiles < nnz
+    offs_n, offs_k = tl.arange(0, BN), tl.arange(0, BK)
+    # int32 offsets from an int64 base: the offsets' contiguity stays visible, so the loads are 16 bytes wide
+    tile_offsets = tl.arange(0, TILES)[:, None, None] * (BN * BK) + (offs_n[:, None] * BK + offs_k[None, :])[None]
+    w_ptrs = values_ptr + first.to(tl.int64) * (BN * BK) + tile_offsets
+    w = tl.load(w_ptrs, mask=valid[:, None, None], other=0.0)
+    rows = tl.load(tile_row_ptr + tiles, mask=valid, other=-1)
+    row_before = tl.load(tile_row_ptr + tiles - 1, mask=valid & (tiles > 0), other=-1)
+    row_after = tl.load(tile_row_ptr + tiles + 1, mask=tiles + 1 < nnz, other=-1)
+    k_index = tl.load(col_ptr + tiles, mask=valid, other=0)[:, None] * BK + offs_k[None, :]
+    # The first and the last row may go on in a neighbouring program; their bounds count the pieces.
+    head_row, tail_row = tl.load(tile_row_ptr + first), tl.load(tile_row_ptr + last)
+    head_start, head_end = tl.load(crow_ptr + head_row), tl.load(crow_ptr + head_row + 1)
+    tail_start, tail_end = tl.load(crow_ptr + tail_row), tl.load(crow_ptr + tail_row + 1)
+    x_mask = valid[:, None] if EVEN_K else valid[:, None] & (k_index < K)
+    x = tl.load(x_ptr + k_index * stride_xk, mask=x_mask, other=0.0)
+
+    products = tl.sum(w.to(tl.float32) * x.to(tl.float32)[:, None, :], axis=2)  # (TILES, BN), fp32
+    # Each tile gets the sum over this program's tiles of its row (rows are sorted: few distinct, TILES is small).
+    same_row = rows[:, None] == rows[None, :]
+    sums = tl.sum(tl.where(same_row[:, :, None], products[None, :, :], 0.0), axis=1)
+    row_ends_here = tl.max(tl.where(same_row, (rows != row_after).to(tl.int32)[None, :], 0), axis=1) > 0
+    first_of_row = rows != row_before
+    leads = valid & (first_of_row | (tl.arange(0, TILES) == 0))  # the program's first tile of its row
+    out_n = rows[:, None] * BN + offs_n[None, :]
+    write = (leads & first_of_row & row_ends_here)[:, None] & (out_n < N)
+    finished = sums
+    if HAS_BIAS:
+        finished += tl.load(bias_ptr + out_n, mask=write, other=0.0).to(tl.float32)
+    finished = apply_activation(finished, ACTIVATION)
+    tl.store(y_ptr + out_n * stride_yn, finished.to(y_ptr.dtype.element_ty), mask=write)
+
+    # Rows cut between programs: partial sums reduced in fp32 by the last piece to arrive (see the module doc).
+    offs_m = tl.arange(0, 1)
+    slot_offsets = offs_m[:, None] * BN + offs_n[None, :]
+    slot_mask = slot_offsets < BN
+    head_is_piece = (head_start < first) | (head_end > last + 1)
+    tail_is_piece = (tail_end > last + 1) & (tail_row != head_row)
+    if head_is_piece:
+        head_sum = tl.sum(tl.where((tl.arange(0, TILES) == 0)[:, None], sums, 0.0), axis=0)[None, :]
+        if _store_piece(head_sum, head_row, head_start, head_end, pid, partial_ptr, arrived_ptr, TILES,
+                        slot_offsets, slot_mask, 1, BN):  # fmt: skip
+            _reduce_row(head_row, head_start, head_end, offs_m, 1, N, bias_ptr, partial_ptr, arrived_ptr, y_ptr,
+                        TILES, slot_offsets, slot_mask, 0, stride_yn, 1, BN, HAS_BIAS, ACTIVATION,
+                        REDUCE_CHUNK)  # fmt: skip
+    if tail_is_piece:
+        tail_sum = tl.sum(tl.where((tiles == last)[:, None], sums, 0.0), axis=0)[None, :]
+        if _store_piece(tail_sum, tail_row, tail_start, tail_end, pid, partial_ptr, arrived_ptr, TILES,
+                        slot_offsets, slot_mask, 1, BN):  # fmt: skip
+            _reduce_row(tail_row, tail_start, tail_end, offs_m, 1, N, bias_ptr, partial_ptr, arrived_ptr, y_ptr,
+                        TILES, slot_offsets, slot_mask, 0, stride_yn, 1, BN, HAS_BIAS, ACTIVATION,
+                        REDUCE_CHUNK)  # fmt: skip
+
+
 TUNING_CONFIGS = [
     triton.Config({}, num_warps=warps, num_stages=stages) for warps, stages in [(4, 2), (4, 3), (4, 4), (8, 3)]
 ]
@@ -222,6 +325,24 @@ _decode_tuned = triton.autotune(
     key=["BLOCK_M", "N", "K", "BN", "BK", "DENSITY_BUCKET", "HAS_BIAS", "ACTIVATION", "INPUT_PRECISION"],
     cache_results=True,
 )(_decode_kernel)
+
+ONE_TOKEN_CONFIGS = [
+    triton.Config({"TILES": tiles}, num_warps=warps, num_stages=1) for tiles in (1, 2, 4, 8, 16) for warps in (4, 8)
+]
+
+
+def _fits_in_registers(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Autotuner pruning: at most 32K weight elements loaded at once per program (8 tiles of 64 × 64)."""
+    tile = named_args["BN"] * named_args["BK"]
+    return [config for config in configs if config.kwargs["TILES"] * tile <= 32768] or configs[:2]
+
+
+_one_token_tuned = triton.autotune(
+    configs=ONE_TOKEN_CONFIGS,
+    key=["N", "K", "BN", "BK", "DENSITY_BUCKET", "HAS_BIAS", "ACTIVATION"],
+    prune_configs_by={"early_config_prune": _fits_in_registers},
+    cache_results=True,
+)(_one_token_kernel)
 
 
 def default_tiles_per_program(w: BlockSparseMatrix) -> int:
@@ -268,12 +389,14 @@ def spmm_decode_triton(
         if bias is not None:
             y += bias
         return ACTIVATIONS[activation](y).to(x2.dtype)
-    (n, k), (bn, bk), (n_rows, _) = w.shape, w.block_shape, w.block_grid
     bias = None if bias is None else bias.contiguous()  # read as one flat array
+    if m == 1:
+        return _one_token(x2, w, bias, activation, tiles_per_program, config)
+    (n, k), (bn, bk), (n_rows, _) = w.shape, w.block_shape, w.block_grid
     tiles = tiles_per_program or default_tiles_per_program(w)
     tile_programs = triton.cdiv(w.nnz, tiles)
     programs = tile_programs + triton.cdiv(n_rows, EMPTY_ROWS_PER_PROGRAM)
-    block_m = 1 if m == 1 else max(16, triton.next_power_of_2(m))  # tl.dot takes 16 rows at least
+    block_m = max(16, triton.next_power_of_2(m))  # tl.dot takes 16 rows at least
     y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
     partial = torch.empty((tile_programs + n_rows, block_m, bn), device=x2.device, dtype=torch.float32)
     arrived = torch.zeros(n_rows, device=x2.device, dtype=torch.int32)
@@ -302,4 +425,43 @@ def spmm_decode_triton(
         _decode_tuned[(programs,)](*args, **meta)
     else:
         _decode_kernel[(programs,)](*args, **meta, **config)
+    return y
+
+
+def _one_token(
+    x2: torch.Tensor,
+    w: BlockSparseMatrix,
+    bias: torch.Tensor | None,
+    activation: str | None,
+    tiles_per_program: int | None,
+    config: dict | None,
+) -> torch.Tensor:
+    """``spmm_decode_triton`` for x2 ``(1, K)``: the one-token kernel, ``tiles_per_program`` a power of two."""
+    if tiles_per_program is not None and tiles_per_program & (tiles_per_program - 1):
+        raise ValueError(f"one token takes a power of two tiles per program, got {tiles_per_program}")
+    (n, k), (bn, bk), (n_rows, _) = w.shape, w.block_shape, w.block_grid
+    y = torch.empty((1, n), device=x2.device, dtype=x2.dtype)
+    partial = torch.empty((w.nnz + n_rows, bn), device=x2.device, dtype=torch.float32)  # slots for 1 tile/program
+    arrived = torch.zeros(n_rows, device=x2.device, dtype=torch.int32)
+    args = (
+        x2, w.values, w.crow_indices, w.col_indices, w.row_indices_of_block,
+        bias if bias is not None else y, partial, arrived, y,
+        n, k, w.nnz, n_rows, x2.stride(1), y.stride(1),
+        density_bucket(w.density),
+    )  # fmt: skip
+    meta = {
+        "BN": bn,
+        "BK": bk,
+        "EMPTY_ROWS_PER_PROGRAM": EMPTY_ROWS_PER_PROGRAM,
+        "REDUCE_CHUNK": REDUCE_CHUNK,
+        "HAS_BIAS": bias is not None,
+        "ACTIVATION": ACTIVATION_CODES[activation],
+        "EVEN_K": k % bk == 0,
+    }
+    grid = lambda launch: (triton.cdiv(w.nnz, launch["TILES"]) + triton.cdiv(n_rows, EMPTY_ROWS_PER_PROGRAM),)
+    if tiles_per_program is None and config is None and not triton_interpreting():
+        _one_token_tuned[grid](*args, **meta)
+    else:
+        tiles = tiles_per_program or 2
+        _one_token_kernel[grid](*args, **meta, TILES=tiles, **(config or {"num_warps": 4}))
     return y
