@@ -342,3 +342,12 @@ def test_module_on_gpu_compiles_and_captures_in_cuda_graph(tokens):
     graph.replay()
     expected = reference.spmm(static_x.double(), layer.matrix.to(dtype=torch.float64), layer.bias.double())
     assert relative_error(static_out, expected) < 1e-2
+
+
+def test_one_token_tuner_keeps_the_configs_that_fit_in_registers():
+    """The pruner reads BN and BK from the launch's constexprs (the autotuner passes them as keywords)."""
+    from sparseblocks.kernels.decode import ONE_TOKEN_CONFIGS, _fits_in_registers
+
+    kept = _fits_in_registers(ONE_TOKEN_CONFIGS, {}, BN=128, BK=128)
+    assert {config.kwargs["TILES"] for config in kept} == {1, 2}
+    assert len(_fits_in_registers(ONE_TOKEN_CONFIGS, {}, BN=64, BK=64)) < len(ONE_TOKEN_CONFIGS)

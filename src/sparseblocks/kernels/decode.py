@@ -331,9 +331,9 @@ ONE_TOKEN_CONFIGS = [
 ]
 
 
-def _fits_in_registers(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+def _fits_in_registers(configs: list[triton.Config], named_args: dict, **constexprs) -> list[triton.Config]:
     """Autotuner pruning: at most 32K weight elements loaded at once per program (8 tiles of 64 × 64)."""
-    tile = named_args["BN"] * named_args["BK"]
+    tile = constexprs["BN"] * constexprs["BK"]
     return [config for config in configs if config.kwargs["TILES"] * tile <= 32768] or configs[:2]
 
 
