@@ -2,9 +2,9 @@
 
     PYTHONPATH=src python3 benchmarks/decode_overhead.py
 
-For Llama-1B down and Llama-8B up at 90% (block 64, 1 token; weights rotated past the L2): an empty Triton
+For Llama-1B down, Llama-8B up and down at 90% (block 64, 1 token; weights rotated past the L2): an empty Triton
 kernel, the counters' memset, the one-token kernel without the memset (counters kept zero by the kernel itself) at
-1, 2 and 4 tiles per program, the whole call (memset + tuned kernel), and dense F.linear.
+1, 2 and 4 tiles per program and 1 to 4 warps, the whole call (memset + tuned kernel), and dense F.linear.
 """
 
 import torch
@@ -21,8 +21,8 @@ def _empty(ptr):
     pass
 
 
-def kernel_without_memset(one, tiles: int):
-    """The one-token kernel on persistent counters (zero on entry and exit), ``tiles`` per program, 4 warps."""
+def kernel_without_memset(one, tiles: int, warps: int):
+    """The one-token kernel on persistent counters (zero on entry and exit), ``tiles`` per program."""
     (n, k), (bn, bk), (n_rows, _) = one.shape, one.block_shape, one.block_grid
     counters = torch.zeros(n_rows, device="cuda", dtype=torch.int32)
     scratch = torch.empty((one.nnz + n_rows, bn), device="cuda", dtype=torch.float32)
@@ -35,7 +35,7 @@ def kernel_without_memset(one, tiles: int):
             x, w.values, w.crow_indices, w.col_indices, w.row_indices_of_block, y, scratch, counters, y,
             n, k, w.nnz, n_rows, x.stride(1), y.stride(1), 2, BN=bn, BK=bk, TILES=tiles,
             EMPTY_ROWS_PER_PROGRAM=decode.EMPTY_ROWS_PER_PROGRAM, REDUCE_CHUNK=decode.REDUCE_CHUNK, HAS_BIAS=False,
-            ACTIVATION=0, EVEN_K=True, num_warps=4, num_stages=1,
+            ACTIVATION=0, EVEN_K=True, num_warps=warps, num_stages=1,
         )  # fmt: skip
         return y
 
@@ -44,7 +44,11 @@ def kernel_without_memset(one, tiles: int):
 
 def main() -> None:
     print(torch.cuda.get_device_name())
-    for name, (n, k) in {"llama_1b_down": (2048, 8192), "llama_8b_up": (14336, 4096)}.items():
+    for name, (n, k) in {
+        "llama_1b_down": (2048, 8192),
+        "llama_8b_up": (14336, 4096),
+        "llama_8b_down": (4096, 14336),
+    }.items():
         one = random_weight(n, k, 0.9, 64, torch.bfloat16, torch.Generator().manual_seed(0))
         sets = weight_copies(lambda one=one: {"w": clone_matrix(one)}, one.nbytes)
         cases = {
@@ -53,7 +57,10 @@ def main() -> None:
             "torch.zeros(n_rows, int32)": lambda x, w, r=one.block_grid[0]: torch.zeros(
                 r, device="cuda", dtype=torch.int32
             ),
-            **{f"one-token kernel, no memset, {t} tiles/program": kernel_without_memset(one, t) for t in (1, 2, 4)},
+            **{
+                f"one-token kernel, no memset, {t} tiles/program, {warps} warps": kernel_without_memset(one, t, warps)
+                for t, warps in [(1, 1), (1, 2), (1, 4), (2, 2), (2, 4), (4, 4)]
+            },
             "spmm_decode_triton (memset + tuned kernel)": lambda x, w: decode.spmm_decode_triton(x, w["w"]),
         }
         print(f"{name} 90% b64 M=1, {one.nnz} tiles, {one.nbytes / 1e6:.1f} MB")
