@@ -195,11 +195,9 @@ def test_output_written_everywhere():
 
 
 def run_decode(x, w, bias=None, activation=None, tiles_per_program=None):
-    """The decode kernel; one token takes a power of two tiles per program (up to 16): the next one up."""
+    """The decode kernel (one token: one tile per program, ``tiles_per_program`` is the few-token kernel's)."""
     from sparseblocks.kernels.decode import spmm_decode_triton
 
-    if x.shape[0] == 1 and tiles_per_program is not None:
-        tiles_per_program = min(1 << (tiles_per_program - 1).bit_length(), 16)
     return spmm_decode_triton(x, w, bias, activation, tiles_per_program)
 
 
@@ -258,14 +256,6 @@ def test_decode_is_deterministic_and_takes_strided_rows():
     check_output(first, reference_float64(tokens, w), torch.bfloat16)
 
 
-def test_one_token_rejects_tiles_per_program_not_a_power_of_two():
-    from sparseblocks.kernels.decode import spmm_decode_triton
-
-    w, _ = random_sparse(32, 32, 16, 0.5)
-    with pytest.raises(ValueError, match="power of two"):
-        spmm_decode_triton(torch.randn(1, 32, device=DEVICE), w.to(DEVICE), tiles_per_program=3)
-
-
 def test_decode_rejects_too_many_rows():
     w, _ = random_sparse(32, 32, 16, 0.5)
     with pytest.raises(ValueError, match="1..64 rows"):
@@ -290,6 +280,21 @@ def test_real_sizes_on_gpu(dtype, m, n, k, block):
     w, _ = random_sparse(n, k, block, 0.1, dtype=dtype, seed=3)
     x = torch.randn(m, k, device="cuda").to(dtype)
     check(x, w.to("cuda"), torch.randn(n, device="cuda").to(dtype), "gelu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_decode_leaves_its_counters_zero():
+    """The arrival counters are kept from call to call: both kernels (one token, a few) must leave them zero."""
+    from sparseblocks.kernels import decode
+
+    w, _ = random_sparse(1024, 2048, 64, 0.2, dtype=torch.bfloat16, seed=8)
+    w = w.to("cuda")
+    for m in (1, 1, 5, 16, 1):
+        x = torch.randn(m, 2048, device="cuda", dtype=torch.bfloat16)
+        check_output(run_decode(x, w), reference_float64(x, w), torch.bfloat16)
+    torch.cuda.synchronize()
+    assert decode._COUNTERS and not any(counters.any() for counters in decode._COUNTERS.values())
 
 
 @pytest.mark.gpu
@@ -342,12 +347,3 @@ def test_module_on_gpu_compiles_and_captures_in_cuda_graph(tokens):
     graph.replay()
     expected = reference.spmm(static_x.double(), layer.matrix.to(dtype=torch.float64), layer.bias.double())
     assert relative_error(static_out, expected) < 1e-2
-
-
-def test_one_token_tuner_keeps_the_configs_that_fit_in_registers():
-    """The pruner reads BN and BK from the launch's constexprs (the autotuner passes them as keywords)."""
-    from sparseblocks.kernels.decode import ONE_TOKEN_CONFIGS, _fits_in_registers
-
-    kept = _fits_in_registers(ONE_TOKEN_CONFIGS, {}, BN=128, BK=128)
-    assert {config.kwargs["TILES"] for config in kept} == {1, 2}
-    assert len(_fits_in_registers(ONE_TOKEN_CONFIGS, {}, BN=64, BK=64)) < len(ONE_TOKEN_CONFIGS)

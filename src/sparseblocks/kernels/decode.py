@@ -10,17 +10,19 @@ x's columns does. A block row that lies inside one program is finished there (bi
 program's first and last rows can be cut between programs ("pieces"); they are reduced in fp32: each piece stores
 its partial ``(BLOCK_M, bn)`` sum in a scratch slot and counts itself in an arrival counter of the row, and the
 last piece to arrive adds the row's slots in a fixed order and writes the row. The result therefore does not
-depend on which piece arrives last: it is deterministic, and the launch is one kernel (plus the counters' memset),
-with no host sync, so CUDA graphs capture it.
+depend on which piece arrives last: it is deterministic, and the launch is one kernel with no host sync, so CUDA
+graphs capture it.
 
 Slots need no allocation table: piece ``(program p, row r)`` uses slot ``p + r``, which is unique because programs
 and rows advance together along the tile list, so at most ``programs + rows`` slots exist.
 Empty block rows (bias, or zero, through the activation) are written by a few extra programs after the tile
 programs, so every output element is written exactly once.
 
-One token (batch-1 decode, the common case) takes its own path: a ``(1, bn)`` accumulator and products on the
-CUDA cores instead of ``tl.dot``'s 16-row minimum, which also makes a cut row's partial sums one ``bn`` row each,
-so the last piece adds them ``REDUCE_CHUNK`` at a time instead of one dependent load after another.
+One token (batch-1 decode, the common case) takes its own kernel, one program per stored tile: a ``(bn,)``
+product on the CUDA cores (``tl.dot`` needs 16 rows), each tile of a longer row a piece with its own slot.
+
+The arrival counters are kept between calls (``arrival_counters``): every kernel leaves them zero, so a call
+costs one kernel launch and no memset.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ MAX_TOKENS = 64  # the most rows of x the kernel takes
 ALWAYS_TOKENS = 16  # up to here it beat the row kernel in nearly every case of `bench decode` (H200)
 EMPTY_ROWS_PER_PROGRAM = 32
 REDUCE_CHUNK = 16  # partial sums of a cut row added per load at one token
+ONE_TOKEN_LAUNCH = {"num_warps": 2, "num_stages": 1}  # 2 warps beat 1 and 4 (benchmarks/decode_overhead.py)
 PROGRAMS_PER_SM = 8  # tiles per program = ceil(nnz / (PROGRAMS_PER_SM · SMs)); see benchmarks/NOTES.md
 
 
@@ -75,8 +78,7 @@ def _store_piece(acc, row, row_start, row_end, pid, partial_ptr, arrived_ptr, ti
 @triton.jit
 def _reduce_row(row, row_start, row_end, offs_m, M, N, bias_ptr, partial_ptr, arrived_ptr, y_ptr,
                 tiles_per_program, slot_offsets, slot_mask, stride_ym, stride_yn, BLOCK_M: tl.constexpr,
-                BN: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
-                REDUCE_CHUNK: tl.constexpr):  # fmt: skip
+                BN: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr):  # fmt: skip
     """The last piece's program: add the row's partials in a fixed order (deterministic) and write the row.
 
     With 16 token rows, one slot at a time: loading several at once (a (pieces, BLOCK_M, bn) block) held so many
@@ -86,16 +88,9 @@ def _reduce_row(row, row_start, row_end, offs_m, M, N, bias_ptr, partial_ptr, ar
     last_piece = (row_end - 1) // tiles_per_program
     tl.store(arrived_ptr + row, 0)  # leave the counter as found: re-runs (autotuning) need it zero
     total = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
-    if BLOCK_M == 1:  # one token: a slot is one (BN,) row, so REDUCE_CHUNK slots load at once for few registers
-        for chunk in range(first_piece, last_piece + 1, REDUCE_CHUNK):
-            pieces = chunk + tl.arange(0, REDUCE_CHUNK)
-            slots = partial_ptr + tl.cast(pieces + row, tl.int64)[:, None] * BN + tl.arange(0, BN)[None, :]
-            partials = tl.load(slots, mask=(pieces <= last_piece)[:, None], other=0.0, cache_modifier=".cg")
-            total += tl.sum(partials, axis=0)[None, :]  # a fixed tree order: still deterministic
-    else:
-        for piece in range(first_piece, last_piece + 1):
-            slot = partial_ptr + tl.cast(piece + row, tl.int64) * (BLOCK_M * BN) + slot_offsets
-            total += tl.load(slot, mask=slot_mask, other=0.0, cache_modifier=".cg")  # from L2: other SMs wrote it
+    for piece in range(first_piece, last_piece + 1):
+        slot = partial_ptr + tl.cast(piece + row, tl.int64) * (BLOCK_M * BN) + slot_offsets
+        total += tl.load(slot, mask=slot_mask, other=0.0, cache_modifier=".cg")  # from L2: other SMs wrote it
     _finish_row(total, row, offs_m, M, N, bias_ptr, y_ptr, stride_ym, stride_yn, BN, HAS_BIAS, ACTIVATION)
 
 
@@ -147,7 +142,6 @@ def _decode_kernel(
     BK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     EMPTY_ROWS_PER_PROGRAM: tl.constexpr,
-    REDUCE_CHUNK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -209,7 +203,7 @@ def _decode_kernel(
         if head_was_last:
             _reduce_row(head_row, head_start, head_end, offs_m, M, N, bias_ptr, partial_ptr, arrived_ptr, y_ptr,
                         tiles_per_program, slot_offsets, slot_mask, stride_ym, stride_yn, BLOCK_M, BN,
-                        HAS_BIAS, ACTIVATION, REDUCE_CHUNK)  # fmt: skip
+                        HAS_BIAS, ACTIVATION)  # fmt: skip
     # The last row: whole, or a piece (a tail piece, or a head piece too when the program lies inside one row).
     if (tail_end > last) | ((tail_row == head_row) & head_is_piece):
         tail_was_last = _store_piece(acc, tail_row, tail_start, tail_end, pid, partial_ptr, arrived_ptr,
@@ -217,12 +211,12 @@ def _decode_kernel(
         if tail_was_last:
             _reduce_row(tail_row, tail_start, tail_end, offs_m, M, N, bias_ptr, partial_ptr, arrived_ptr, y_ptr,
                         tiles_per_program, slot_offsets, slot_mask, stride_ym, stride_yn, BLOCK_M, BN,
-                        HAS_BIAS, ACTIVATION, REDUCE_CHUNK)  # fmt: skip
+                        HAS_BIAS, ACTIVATION)  # fmt: skip
     else:
         _finish_row(acc, tail_row, offs_m, M, N, bias_ptr, y_ptr, stride_ym, stride_yn, BN, HAS_BIAS, ACTIVATION)
 
 
-@triton.jit(do_not_specialize=["DENSITY_BUCKET"])
+@triton.jit
 def _one_token_kernel(
     x_ptr,  # (K,), stride stride_xk
     values_ptr,  # (nnz, BN, BK)
@@ -230,7 +224,7 @@ def _one_token_kernel(
     col_ptr,  # (nnz,) int32
     tile_row_ptr,  # (nnz,) int32: block row of each stored tile
     bias_ptr,  # (N,) or unused
-    partial_ptr,  # (tile programs + n_rows, BN) fp32 scratch
+    partial_ptr,  # (nnz, BN) fp32 scratch: one slot per tile
     arrived_ptr,  # (n_rows,) int32, zero on entry and on exit
     y_ptr,  # (N,), stride stride_yn
     N,
@@ -239,82 +233,49 @@ def _one_token_kernel(
     n_rows,
     stride_xk,
     stride_yn,
-    DENSITY_BUCKET,  # autotuning key only
     BN: tl.constexpr,
     BK: tl.constexpr,
-    TILES: tl.constexpr,  # tiles per program
     EMPTY_ROWS_PER_PROGRAM: tl.constexpr,
     REDUCE_CHUNK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
-    """y = act(W · x + b) for one token: program ``p`` multiplies tiles ``[p·TILES, (p+1)·TILES)``.
+    """y = act(W · x + b) for one token, program ``t`` multiplying stored tile ``t``.
 
-    Every load is issued before any product: the program's tiles as one ``(TILES, BN, BK)`` block (consecutive in
-    storage, no index), their rows and columns, then x's columns. Nothing waits on a previous tile's round trip.
+    One tile per program measured fastest (more tiles per program, loaded at once or in a loop, were slower:
+    ``benchmarks/decode_overhead.py``): every program's loads go out at once, and nothing waits on a previous
+    tile. A row of several tiles is reduced like the few-token kernel's pieces, each tile a piece: its partial sum
+    in the tile's own slot (a row's slots are consecutive), and the last tile to arrive adds them in order.
     """
     pid = tl.program_id(0)
-    tile_programs = tl.cdiv(nnz, TILES)
-    if pid >= tile_programs:
-        _write_empty_rows(pid - tile_programs, 1, N, n_rows, crow_ptr, bias_ptr, y_ptr, 0, stride_yn, BN,
+    if pid >= nnz:
+        _write_empty_rows(pid - nnz, 1, N, n_rows, crow_ptr, bias_ptr, y_ptr, 0, stride_yn, BN,
                           EMPTY_ROWS_PER_PROGRAM, HAS_BIAS, ACTIVATION)  # fmt: skip
         return
-    first = pid * TILES
-    last = tl.minimum(first + TILES, nnz) - 1
-    tiles = first + tl.arange(0, TILES)
-    valid = tiles < nnz
     offs_n, offs_k = tl.arange(0, BN), tl.arange(0, BK)
-    # int32 offsets from an int64 base: the offsets' contiguity stays visible, so the loads are 16 bytes wide
-    tile_offsets = tl.arange(0, TILES)[:, None, None] * (BN * BK) + (offs_n[:, None] * BK + offs_k[None, :])[None]
-    w_ptrs = values_ptr + first.to(tl.int64) * (BN * BK) + tile_offsets
-    w = tl.load(w_ptrs, mask=valid[:, None, None], other=0.0)
-    rows = tl.load(tile_row_ptr + tiles, mask=valid, other=-1)
-    row_before = tl.load(tile_row_ptr + tiles - 1, mask=valid & (tiles > 0), other=-1)
-    row_after = tl.load(tile_row_ptr + tiles + 1, mask=tiles + 1 < nnz, other=-1)
-    k_index = tl.load(col_ptr + tiles, mask=valid, other=0)[:, None] * BK + offs_k[None, :]
-    # The first and the last row may go on in a neighbouring program; their bounds count the pieces.
-    head_row, tail_row = tl.load(tile_row_ptr + first), tl.load(tile_row_ptr + last)
-    head_start, head_end = tl.load(crow_ptr + head_row), tl.load(crow_ptr + head_row + 1)
-    tail_start, tail_end = tl.load(crow_ptr + tail_row), tl.load(crow_ptr + tail_row + 1)
-    x_mask = valid[:, None] if EVEN_K else valid[:, None] & (k_index < K)
-    x = tl.load(x_ptr + k_index * stride_xk, mask=x_mask, other=0.0)
-
-    products = tl.sum(w.to(tl.float32) * x.to(tl.float32)[:, None, :], axis=2)  # (TILES, BN), fp32
-    # Each tile gets the sum over this program's tiles of its row (rows are sorted: few distinct, TILES is small).
-    same_row = rows[:, None] == rows[None, :]
-    sums = tl.sum(tl.where(same_row[:, :, None], products[None, :, :], 0.0), axis=1)
-    row_ends_here = tl.max(tl.where(same_row, (rows != row_after).to(tl.int32)[None, :], 0), axis=1) > 0
-    first_of_row = rows != row_before
-    leads = valid & (first_of_row | (tl.arange(0, TILES) == 0))  # the program's first tile of its row
-    out_n = rows[:, None] * BN + offs_n[None, :]
-    write = (leads & first_of_row & row_ends_here)[:, None] & (out_n < N)
-    finished = sums
-    if HAS_BIAS:
-        finished += tl.load(bias_ptr + out_n, mask=write, other=0.0).to(tl.float32)
-    finished = apply_activation(finished, ACTIVATION)
-    tl.store(y_ptr + out_n * stride_yn, finished.to(y_ptr.dtype.element_ty), mask=write)
-
-    # Rows cut between programs: partial sums reduced in fp32 by the last piece to arrive (see the module doc).
+    w = tl.load(values_ptr + pid.to(tl.int64) * (BN * BK) + offs_n[:, None] * BK + offs_k[None, :])
+    row = tl.load(tile_row_ptr + pid)
+    k_index = tl.load(col_ptr + pid) * BK + offs_k
+    row_start, row_end = tl.load(crow_ptr + row), tl.load(crow_ptr + row + 1)
+    x = tl.load(x_ptr + k_index * stride_xk, mask=True if EVEN_K else k_index < K, other=0.0)
+    acc = tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)  # (BN,) fp32, on the CUDA cores
     offs_m = tl.arange(0, 1)
-    slot_offsets = offs_m[:, None] * BN + offs_n[None, :]
-    slot_mask = slot_offsets < BN
-    head_is_piece = (head_start < first) | (head_end > last + 1)
-    tail_is_piece = (tail_end > last + 1) & (tail_row != head_row)
-    if head_is_piece:
-        head_sum = tl.sum(tl.where((tl.arange(0, TILES) == 0)[:, None], sums, 0.0), axis=0)[None, :]
-        if _store_piece(head_sum, head_row, head_start, head_end, pid, partial_ptr, arrived_ptr, TILES,
-                        slot_offsets, slot_mask, 1, BN):  # fmt: skip
-            _reduce_row(head_row, head_start, head_end, offs_m, 1, N, bias_ptr, partial_ptr, arrived_ptr, y_ptr,
-                        TILES, slot_offsets, slot_mask, 0, stride_yn, 1, BN, HAS_BIAS, ACTIVATION,
-                        REDUCE_CHUNK)  # fmt: skip
-    if tail_is_piece:
-        tail_sum = tl.sum(tl.where((tiles == last)[:, None], sums, 0.0), axis=0)[None, :]
-        if _store_piece(tail_sum, tail_row, tail_start, tail_end, pid, partial_ptr, arrived_ptr, TILES,
-                        slot_offsets, slot_mask, 1, BN):  # fmt: skip
-            _reduce_row(tail_row, tail_start, tail_end, offs_m, 1, N, bias_ptr, partial_ptr, arrived_ptr, y_ptr,
-                        TILES, slot_offsets, slot_mask, 0, stride_yn, 1, BN, HAS_BIAS, ACTIVATION,
-                        REDUCE_CHUNK)  # fmt: skip
+    if row_end - row_start == 1:
+        _finish_row(acc[None, :], row, offs_m, 1, N, bias_ptr, y_ptr, 0, stride_yn, BN, HAS_BIAS, ACTIVATION)
+    else:
+        tl.store(partial_ptr + pid.to(tl.int64) * BN + offs_n, acc)
+        tl.debug_barrier()  # every thread's part of the partial is stored before the counter says so (release)
+        if tl.atomic_add(arrived_ptr + row, 1, sem="acq_rel") == row_end - row_start - 1:
+            tl.store(arrived_ptr + row, 0)  # leave the counter as found: the next call needs it zero
+            total = tl.zeros((BN,), dtype=tl.float32)
+            for chunk in range(row_start, row_end, REDUCE_CHUNK):  # a fixed order: deterministic
+                slots = chunk + tl.arange(0, REDUCE_CHUNK)
+                partials = tl.load(partial_ptr + slots.to(tl.int64)[:, None] * BN + offs_n[None, :],
+                                   mask=(slots < row_end)[:, None], other=0.0, cache_modifier=".cg")  # fmt: skip
+                total += tl.sum(partials, axis=0)
+            _finish_row(total[None, :], row, offs_m, 1, N, bias_ptr, y_ptr, 0, stride_yn, BN, HAS_BIAS,
+                        ACTIVATION)  # fmt: skip
 
 
 TUNING_CONFIGS = [
@@ -326,23 +287,24 @@ _decode_tuned = triton.autotune(
     cache_results=True,
 )(_decode_kernel)
 
-ONE_TOKEN_CONFIGS = [
-    triton.Config({"TILES": tiles}, num_warps=warps, num_stages=1) for tiles in (1, 2, 4, 8, 16) for warps in (4, 8)
-]
+_COUNTERS: dict[tuple[torch.device, int, int], torch.Tensor] = {}
 
 
-def _fits_in_registers(configs: list[triton.Config], named_args: dict, **constexprs) -> list[triton.Config]:
-    """Autotuner pruning: at most 32K weight elements loaded at once per program (8 tiles of 64 × 64)."""
-    tile = constexprs["BN"] * constexprs["BK"]
-    return [config for config in configs if config.kwargs["TILES"] * tile <= 32768] or configs[:2]
+def arrival_counters(device: torch.device, n_rows: int) -> torch.Tensor:
+    """Zeroed int32 arrival counters for ``n_rows`` block rows, kept from call to call.
 
-
-_one_token_tuned = triton.autotune(
-    configs=ONE_TOKEN_CONFIGS,
-    key=["N", "K", "BN", "BK", "DENSITY_BUCKET", "HAS_BIAS", "ACTIVATION"],
-    prune_configs_by={"early_config_prune": _fits_in_registers},
-    cache_results=True,
-)(_one_token_kernel)
+    Both kernels leave every counter zero on exit, so a call needs no memset of its own (0.8–1 µs of a 5–9 µs
+    one-token call on the H200). One buffer per device and stream: calls on one stream run one after the other,
+    so two calls never count in the same buffer at once. A buffer first needed inside a CUDA-graph capture is
+    zeroed by that graph (once per replay, shared by its layers of that height), like any memory it allocates.
+    Buffers are never freed or regrown (one per height): a captured graph keeps its pointer for good.
+    """
+    if device.type != "cuda":
+        return torch.zeros(n_rows, device=device, dtype=torch.int32)
+    key = (device, torch.cuda.current_stream(device).cuda_stream, n_rows)
+    if key not in _COUNTERS:
+        _COUNTERS[key] = torch.zeros(n_rows, device=device, dtype=torch.int32)
+    return _COUNTERS[key]
 
 
 def default_tiles_per_program(w: BlockSparseMatrix) -> int:
@@ -379,7 +341,8 @@ def spmm_decode_triton(
 ) -> torch.Tensor:
     """``act(x2 · wᵀ + bias)`` for a 2-D ``x2`` ``(M, K)`` with ``1 ≤ M ≤ MAX_TOKENS``: ``(M, N)`` of x2's dtype.
 
-    ``tiles_per_program`` and ``config`` (``num_warps``, ``num_stages``) override the defaults: for tuning.
+    ``tiles_per_program`` (few-token kernel only; one token takes one tile per program) and ``config``
+    (``num_warps``, ``num_stages``) override the defaults: for tuning.
     """
     m = x2.shape[0]
     if not 1 <= m <= MAX_TOKENS:
@@ -391,7 +354,7 @@ def spmm_decode_triton(
         return ACTIVATIONS[activation](y).to(x2.dtype)
     bias = None if bias is None else bias.contiguous()  # read as one flat array
     if m == 1:
-        return _one_token(x2, w, bias, activation, tiles_per_program, config)
+        return _one_token(x2, w, bias, activation, config)
     (n, k), (bn, bk), (n_rows, _) = w.shape, w.block_shape, w.block_grid
     tiles = tiles_per_program or default_tiles_per_program(w)
     tile_programs = triton.cdiv(w.nnz, tiles)
@@ -399,10 +362,9 @@ def spmm_decode_triton(
     block_m = max(16, triton.next_power_of_2(m))  # tl.dot takes 16 rows at least
     y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
     partial = torch.empty((tile_programs + n_rows, block_m, bn), device=x2.device, dtype=torch.float32)
-    arrived = torch.zeros(n_rows, device=x2.device, dtype=torch.int32)
     args = (
         x2, w.values, w.crow_indices, w.col_indices, w.row_indices_of_block,
-        bias if bias is not None else y, partial, arrived, y,
+        bias if bias is not None else y, partial, arrival_counters(x2.device, n_rows), y,
         m, n, k, w.nnz, n_rows, tiles,
         x2.stride(0), x2.stride(1), y.stride(0), y.stride(1),
         density_bucket(w.density),
@@ -412,7 +374,6 @@ def spmm_decode_triton(
         "BK": bk,
         "BLOCK_M": block_m,
         "EMPTY_ROWS_PER_PROGRAM": EMPTY_ROWS_PER_PROGRAM,
-        "REDUCE_CHUNK": REDUCE_CHUNK,
         "HAS_BIAS": bias is not None,
         "ACTIVATION": ACTIVATION_CODES[activation],
         "INPUT_PRECISION": input_precision(x2.dtype),
@@ -429,39 +390,27 @@ def spmm_decode_triton(
 
 
 def _one_token(
-    x2: torch.Tensor,
-    w: BlockSparseMatrix,
-    bias: torch.Tensor | None,
-    activation: str | None,
-    tiles_per_program: int | None,
-    config: dict | None,
+    x2: torch.Tensor, w: BlockSparseMatrix, bias: torch.Tensor | None, activation: str | None, config: dict | None
 ) -> torch.Tensor:
-    """``spmm_decode_triton`` for x2 ``(1, K)``: the one-token kernel, ``tiles_per_program`` a power of two."""
-    if tiles_per_program is not None and tiles_per_program & (tiles_per_program - 1):
-        raise ValueError(f"one token takes a power of two tiles per program, got {tiles_per_program}")
+    """``spmm_decode_triton`` for x2 ``(1, K)``: the one-token kernel, one program per stored tile."""
     (n, k), (bn, bk), (n_rows, _) = w.shape, w.block_shape, w.block_grid
     y = torch.empty((1, n), device=x2.device, dtype=x2.dtype)
-    partial = torch.empty((w.nnz + n_rows, bn), device=x2.device, dtype=torch.float32)  # slots for 1 tile/program
-    arrived = torch.zeros(n_rows, device=x2.device, dtype=torch.int32)
+    partial = torch.empty((w.nnz, bn), device=x2.device, dtype=torch.float32)
     args = (
         x2, w.values, w.crow_indices, w.col_indices, w.row_indices_of_block,
-        bias if bias is not None else y, partial, arrived, y,
+        bias if bias is not None else y, partial, arrival_counters(x2.device, n_rows), y,
         n, k, w.nnz, n_rows, x2.stride(1), y.stride(1),
-        density_bucket(w.density),
     )  # fmt: skip
-    meta = {
-        "BN": bn,
-        "BK": bk,
-        "EMPTY_ROWS_PER_PROGRAM": EMPTY_ROWS_PER_PROGRAM,
-        "REDUCE_CHUNK": REDUCE_CHUNK,
-        "HAS_BIAS": bias is not None,
-        "ACTIVATION": ACTIVATION_CODES[activation],
-        "EVEN_K": k % bk == 0,
-    }
-    grid = lambda launch: (triton.cdiv(w.nnz, launch["TILES"]) + triton.cdiv(n_rows, EMPTY_ROWS_PER_PROGRAM),)
-    if tiles_per_program is None and config is None and not triton_interpreting():
-        _one_token_tuned[grid](*args, **meta)
-    else:
-        tiles = tiles_per_program or 2
-        _one_token_kernel[grid](*args, **meta, TILES=tiles, **(config or {"num_warps": 4}))
+    grid = (w.nnz + triton.cdiv(n_rows, EMPTY_ROWS_PER_PROGRAM),)
+    _one_token_kernel[grid](
+        *args,
+        BN=bn,
+        BK=bk,
+        EMPTY_ROWS_PER_PROGRAM=EMPTY_ROWS_PER_PROGRAM,
+        REDUCE_CHUNK=REDUCE_CHUNK,
+        HAS_BIAS=bias is not None,
+        ACTIVATION=ACTIVATION_CODES[activation],
+        EVEN_K=k % bk == 0,
+        **(config or ONE_TOKEN_LAUNCH),
+    )
     return y
