@@ -1,4 +1,4 @@
-"""Same-run A/B of two versions of the decode kernel at 1 and 4 tokens (CUDA graphs, weights rotated past the L2).
+"""Same-run A/B of two versions of the decode kernel at 1, 4 and 16 tokens (CUDA graphs, weights rotated past the L2).
 
 git show <commit>:src/sparseblocks/kernels/decode.py > /tmp/old_decode.py
 PYTHONPATH=src python3 benchmarks/compare_decode_kernels.py /tmp/old_decode.py
@@ -27,7 +27,7 @@ def main() -> None:
     for model, case in itertools.product(MODELS, ("up", "down")):
         ((n, k),) = _shapes(model, case).values()
         dense_sets = weight_copies(lambda n=n, k=k: dense_weights({"w": (n, k)}), 2 * n * k)
-        for m in (1, 4):
+        for m in (1, 4, 16):
             dense = time_us(lambda x, w: F.linear(x, w["w"]), m, k, dense_sets)
             for sparsity, block in [(0.5, 64), (0.9, 32), (0.9, 64), (0.95, 64)]:
                 one = random_weight(n, k, sparsity, block, torch.bfloat16, generator)
