@@ -35,6 +35,7 @@ from sparseblocks.backend import triton_interpreting
 from sparseblocks.format import BlockSparseMatrix
 from sparseblocks.kernels.epilogue import (
     ACTIVATION_CODES,
+    accumulate_dot,
     apply_activation,
     density_bucket,
     input_precision,
@@ -187,9 +188,7 @@ def _decode_kernel(
         x_tile = load_x_columns(x_rows, row_in_range, k_index, K, stride_xk, EVEN_K)
         w_tile = tl.load(w_ptrs)
         w_ptrs += BN * BK
-        if DOT_IN_FP32:
-            x_tile, w_tile = x_tile.to(tl.float32), w_tile.to(tl.float32)
-        acc = tl.dot(x_tile, tl.trans(w_tile), acc, input_precision=INPUT_PRECISION)
+        acc = accumulate_dot(acc, x_tile, tl.trans(w_tile), DOT_IN_FP32, INPUT_PRECISION)
         row_ends = next_row != row  # before the program's last tile (that row is settled after the loop)
         is_head_piece = (row == head_row) & head_is_piece
         head_acc = tl.where(row_ends & is_head_piece, acc, head_acc)

@@ -25,6 +25,15 @@ def load_x_columns(x_rows, row_in_range, columns, width, stride_xk, EVEN: tl.con
 
 
 @triton.jit
+def accumulate_dot(acc, a, b, DOT_IN_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """``acc + a · b`` on the tensor cores, fp32 accumulation. ``DOT_IN_FP32``: the operands go in as fp32 (set
+    under the Triton interpreter for bf16, which its dot does not take)."""
+    if DOT_IN_FP32:
+        a, b = a.to(tl.float32), b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
 def apply_activation(z, ACTIVATION: tl.constexpr):
     """Epilogue activation on an fp32 tile; codes as in ``ACTIVATION_CODES``."""
     if ACTIVATION == 1:

@@ -20,7 +20,13 @@ import triton.language as tl
 
 from sparseblocks.backend import triton_interpreting
 from sparseblocks.format import BlockSparseMatrix
-from sparseblocks.kernels.epilogue import ACTIVATION_CODES, apply_activation, input_precision, load_x_columns
+from sparseblocks.kernels.epilogue import (
+    ACTIVATION_CODES,
+    accumulate_dot,
+    apply_activation,
+    input_precision,
+    load_x_columns,
+)
 
 
 @triton.jit
@@ -36,9 +42,7 @@ def _project_rows(x_rows, row_in_range, offs_k, K, stride_xk, values_ptr, crow_p
         k_index = tl.load(col_ptr + t) * BK + offs_k
         x_tile = load_x_columns(x_rows, row_in_range, k_index, K, stride_xk, EVEN_K)
         w_tile = tl.load(w_ptrs)
-        if DOT_IN_FP32:
-            x_tile, w_tile = x_tile.to(tl.float32), w_tile.to(tl.float32)
-        acc = tl.dot(x_tile, tl.trans(w_tile), acc, input_precision=INPUT_PRECISION)
+        acc = accumulate_dot(acc, x_tile, tl.trans(w_tile), DOT_IN_FP32, INPUT_PRECISION)
         w_ptrs += BH * BK
     return acc
 
@@ -114,9 +118,7 @@ def _fused_mlp_kernel(
         # hidden units past H (the padding of a ragged hidden size) must not leak into the output
         hidden = tl.where(offs_h[None, :] < H, hidden, 0.0).to(y_ptr.dtype.element_ty)
         w2_tile = tl.load(w2_ptr + tl.cast(j, tl.int64) * (BN * BH) + w2_tile_offsets)
-        if DOT_IN_FP32:
-            hidden, w2_tile = hidden.to(tl.float32), w2_tile.to(tl.float32)
-        acc = tl.dot(hidden, tl.trans(w2_tile), acc, input_precision=INPUT_PRECISION)
+        acc = accumulate_dot(acc, hidden, tl.trans(w2_tile), DOT_IN_FP32, INPUT_PRECISION)
 
     if HAS_B2:
         acc += tl.load(b2_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]

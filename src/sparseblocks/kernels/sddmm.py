@@ -18,7 +18,7 @@ import triton.language as tl
 
 from sparseblocks.backend import triton_interpreting
 from sparseblocks.format import BlockSparseMatrix
-from sparseblocks.kernels.epilogue import input_precision, m_bucket, multiprocessors
+from sparseblocks.kernels.epilogue import accumulate_dot, input_precision, m_bucket, multiprocessors
 
 # Chunks of M are multiples of this, so that every BLOCK_M in the tuning set divides them.
 _CHUNK_QUANTUM = 256
@@ -69,9 +69,7 @@ def _sddmm_kernel(
         x_mask = row_in_range if EVEN_K else row_in_range & (offs_k[None, :] < K)
         grad_tile = tl.load(grad_ptrs, mask=grad_mask, other=0.0)
         x_tile = tl.load(x_ptrs, mask=x_mask, other=0.0)
-        if DOT_IN_FP32:
-            grad_tile, x_tile = grad_tile.to(tl.float32), x_tile.to(tl.float32)
-        acc = tl.dot(tl.trans(grad_tile), x_tile, acc, input_precision=INPUT_PRECISION)
+        acc = accumulate_dot(acc, tl.trans(grad_tile), x_tile, DOT_IN_FP32, INPUT_PRECISION)
         grad_ptrs += BLOCK_M * stride_gm
         x_ptrs += BLOCK_M * stride_xm
 

@@ -36,6 +36,7 @@ from sparseblocks.kernels.decode import decode_pays, spmm_decode_triton
 from sparseblocks.kernels.epilogue import (
     ACTIVATION_CODES,
     MTileGrid,
+    accumulate_dot,
     activation_grad,
     apply_activation,
     autotune_row_kernel,
@@ -126,12 +127,7 @@ def _spmm_kernel(
         else:
             w_tile = tl.load(w_ptrs)
             w_ptrs += BN * BK
-        if DOT_IN_FP32:
-            x_tile, w_tile = x_tile.to(tl.float32), w_tile.to(tl.float32)
-        if TRANSPOSED:
-            acc = tl.dot(x_tile, w_tile, acc, input_precision=INPUT_PRECISION)
-        else:
-            acc = tl.dot(x_tile, tl.trans(w_tile), acc, input_precision=INPUT_PRECISION)
+        acc = accumulate_dot(acc, x_tile, w_tile if TRANSPOSED else tl.trans(w_tile), DOT_IN_FP32, INPUT_PRECISION)
         idx_ptrs += 1
 
     if HAS_BIAS:

@@ -29,6 +29,7 @@ from sparseblocks.backend import triton_interpreting
 from sparseblocks.format import BlockSparseMatrix
 from sparseblocks.kernels.epilogue import (
     MTileGrid,
+    accumulate_dot,
     activation_grad,
     apply_activation,
     autotune_row_kernel,
@@ -86,9 +87,7 @@ def _spmm_tma_kernel(
         for j2 in range(tl.load(ccol2_ptr + out_block), tl.load(ccol2_ptr + out_block + 1)):
             dy2_tile = grad_desc.load([m0, tl.load(row2_ptr + j2) * BN2])
             w2_tile = w2_desc.load([tl.load(perm2_ptr + j2) * BN2, 0])
-            if DOT_IN_FP32:
-                dy2_tile, w2_tile = dy2_tile.to(tl.float32), w2_tile.to(tl.float32)
-            grad_tile = tl.dot(dy2_tile, w2_tile, grad_tile, input_precision=INPUT_PRECISION)
+            grad_tile = accumulate_dot(grad_tile, dy2_tile, w2_tile, DOT_IN_FP32, INPUT_PRECISION)
     elif GRAD_EPILOGUE:  # issued before the loop, so its latency hides behind the products
         grad_tile = grad_desc.load([m0, out_block * OUT_B])
 
@@ -97,12 +96,7 @@ def _spmm_tma_kernel(
         x_tile = x_desc.load([m0, tl.load(idx_ptr + j) * IN_B])
         tile = tl.load(perm_ptr + j) if TRANSPOSED else j
         w_tile = w_desc.load([tile * BN, 0])
-        if DOT_IN_FP32:
-            x_tile, w_tile = x_tile.to(tl.float32), w_tile.to(tl.float32)
-        if TRANSPOSED:
-            acc = tl.dot(x_tile, w_tile, acc, input_precision=INPUT_PRECISION)
-        else:
-            acc = tl.dot(x_tile, tl.trans(w_tile), acc, input_precision=INPUT_PRECISION)
+        acc = accumulate_dot(acc, x_tile, w_tile if TRANSPOSED else tl.trans(w_tile), DOT_IN_FP32, INPUT_PRECISION)
 
     if HAS_BIAS:
         offs_out = out_block * OUT_B + tl.arange(0, OUT_B)
