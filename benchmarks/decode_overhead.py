@@ -33,10 +33,10 @@ def kernel_alone(one, warps: int):
         w = w["w"]
         y = torch.empty((1, n), device="cuda", dtype=x.dtype)
         decode._one_token_kernel[grid](
-            x, w.values, w.crow_indices, w.col_indices, w.row_indices_of_block, y, scratch, counters, y,
-            n, k, w.nnz, n_rows, x.stride(1), y.stride(1), BN=bn, BK=bk,
+            x, w.values, w.crow_indices, w.col_indices, w.row_indices_of_block, y, *(y,) * 5, scratch, counters, y,
+            n, k, w.nnz, 0, n_rows, x.stride(1), y.stride(1), BN=bn, BK=bk,
             EMPTY_ROWS_PER_PROGRAM=decode.EMPTY_ROWS_PER_PROGRAM, REDUCE_CHUNK=decode.REDUCE_CHUNK, HAS_BIAS=False,
-            ACTIVATION=0, EVEN_K=True, num_warps=warps, num_stages=1,
+            HAS_GATE_BIAS=False, ACTIVATION=0, GATED=False, EVEN_K=True, num_warps=warps, num_stages=1,
         )  # fmt: skip
         return y
 

@@ -7,7 +7,7 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 
-from transformers import LlamaConfig, ViTConfig  # noqa: E402
+from transformers import BertConfig, LlamaConfig, ViTConfig  # noqa: E402
 
 from sparseblocks.cli import main  # noqa: E402
 
@@ -30,12 +30,16 @@ TINY = {
         patch_size=8,
         num_labels=10,
     ),  # fmt: skip
+    "bert": BertConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=100
+    ),  # fmt: skip
 }
 
 
 @pytest.mark.parametrize(("kind", "metrics", "targets"), [
     ("llama", {"tokens_per_s", "prefill_ms"}, "mlp"),
     ("vit", {"images_per_s"}, "mlp,mlp+attention"),
+    ("bert", {"sentences_per_s"}, "mlp"),
 ])  # fmt: skip
 def test_dry_run_times_every_path_and_writes_tables(tmp_path, kind, metrics, targets):
     TINY[kind].save_pretrained(tmp_path / kind)

@@ -150,6 +150,27 @@ def test_sparse_mlp_trains_and_refuses_mismatched_layers():
         SparseMLP(mlp.fc, mlp.proj, activation="tanh")
 
 
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_gated_mlp_inference_eager_and_compiled(tokens):
+    """A SwiGLU SparseMLP without gradients: at one token its hidden activation is one op (one launch on a GPU),
+    eager and inside a fullgraph compile; both match the separate products."""
+    from sparseblocks.ops.mlp import inference_path
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    up, gate, down = (BlockSparseLinear.from_linear(nn.Linear(*shape, bias=False), 0.5, 16)
+                      for shape in [(64, 96), (64, 96), (96, 64)])  # fmt: skip
+    mlp = SparseMLP(up, down, gate=gate, activation="silu").to(device).eval()
+    unfused = SparseMLP(up, down, gate=gate, activation="silu", fused=False).to(device).eval()
+    x = torch.randn(tokens, 64, device=device)
+    expected_path = "gated_one_token" if tokens == 1 else "unfused"
+    assert inference_path(tokens, up.matrix, down.matrix, gate.matrix) == expected_path
+    with torch.no_grad():
+        expected = unfused(x)
+        assert relative_error(mlp(x), expected) < 1e-5
+        assert relative_error(torch.compile(mlp, fullgraph=True)(x), expected) < 1e-5
+
+
 def _parameters_on_meta(model):
     """What accelerate's init_empty_weights() builds: parameters on meta (tied ones stay tied), buffers real."""
     moved = {}

@@ -256,6 +256,58 @@ def test_decode_is_deterministic_and_takes_strided_rows():
     check_output(first, reference_float64(tokens, w), torch.bfloat16)
 
 
+def run_gated(x, up, gate, up_bias=None, gate_bias=None, activation="silu"):
+    from sparseblocks.kernels.decode import gated_one_token_triton
+
+    return gated_one_token_triton(x, up, gate, up_bias, gate_bias, activation)
+
+
+def reference_gated(x, up, gate, up_bias=None, gate_bias=None, activation="silu"):
+    return reference_float64(x, gate, gate_bias, activation) * reference_float64(x, up, up_bias)
+
+
+@pytest.mark.parametrize("block", [16, 32, 64, (32, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("biases", [False, True])
+def test_gated_one_token_every_block_and_ragged_edges(block, dtype, biases):
+    """act(x·gateᵀ + b_g) ⊙ (x·upᵀ + b_u) in one launch; gate and up keep different tiles of the same grid."""
+    up, _ = random_sparse(150, 140, block, 0.5, dtype=dtype, seed=1)
+    gate, _ = random_sparse(150, 140, block, 0.4, dtype=dtype, seed=2)
+    up, gate, x = up.to(DEVICE), gate.to(DEVICE), torch.randn(1, 140, device=DEVICE).to(dtype)
+    up_bias, gate_bias = (torch.randn(150, device=DEVICE).to(dtype) for _ in range(2)) if biases else (None, None)
+    out = run_gated(x, up, gate, up_bias, gate_bias, "gelu")
+    check_output(out, reference_gated(x, up, gate, up_bias, gate_bias, "gelu"), dtype)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gated_one_token_rows_empty_in_one_matrix_or_both(with_bias):
+    """Rows with tiles in up only, gate only, neither, one of each, many of each: every row written once."""
+    up_mask, gate_mask = torch.rand(6, 8) < 0.6, torch.rand(6, 8) < 0.6
+    up_mask[0], gate_mask[0] = False, False  # empty in both
+    up_mask[1], gate_mask[1] = True, False  # gate empty
+    up_mask[2], gate_mask[2] = False, True  # up empty
+    up_mask[3], gate_mask[3] = torch.arange(8) == 2, torch.arange(8) == 5  # one tile each
+    up_mask[4], gate_mask[4] = True, True  # 16 tiles: two chunks of the reduction
+    up_mask[5], gate_mask[5] = False, torch.arange(8) == 0  # a single tile, in gate
+    up = BlockSparseMatrix.from_dense(torch.randn(6 * 16 - 3, 8 * 16), 16, mask=up_mask).to(DEVICE)
+    gate = BlockSparseMatrix.from_dense(torch.randn(6 * 16 - 3, 8 * 16), 16, mask=gate_mask).to(DEVICE)
+    x = torch.randn(1, 128, device=DEVICE)
+    biases = [torch.randn(93, device=DEVICE) if with_bias else None for _ in range(2)]
+    check_output(run_gated(x, up, gate, *biases), reference_gated(x, up, gate, *biases), torch.float32)
+    empty = BlockSparseMatrix.from_dense(torch.randn(93, 128), 16, mask=torch.zeros(6, 8, dtype=torch.bool))
+    empty = empty.to(DEVICE)
+    check_output(run_gated(x, empty, empty, *biases), reference_gated(x, empty, empty, *biases), torch.float32)
+
+
+def test_gated_one_token_refuses_what_it_cannot_take():
+    up, _ = random_sparse(64, 64, 16, 0.5)
+    gate, _ = random_sparse(64, 64, 32, 0.5)
+    with pytest.raises(ValueError, match="tiled like up"):
+        run_gated(torch.randn(1, 64, device=DEVICE), up.to(DEVICE), gate.to(DEVICE))
+    with pytest.raises(ValueError, match="one row"):
+        run_gated(torch.randn(2, 64, device=DEVICE), up.to(DEVICE), up.to(DEVICE))
+
+
 def test_decode_rejects_too_many_rows():
     w, _ = random_sparse(32, 32, 16, 0.5)
     with pytest.raises(ValueError, match="1..64 rows"):
@@ -280,6 +332,17 @@ def test_real_sizes_on_gpu(dtype, m, n, k, block):
     w, _ = random_sparse(n, k, block, 0.1, dtype=dtype, seed=3)
     x = torch.randn(m, k, device="cuda").to(dtype)
     check(x, w.to("cuda"), torch.randn(n, device="cuda").to(dtype), "gelu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(("h", "k", "block", "density"), [(8192, 2048, 64, 0.1), (14336, 4096, 32, 0.5)])
+def test_gated_one_token_real_sizes_on_gpu(h, k, block, density):
+    up, _ = random_sparse(h, k, block, density, dtype=torch.bfloat16, seed=11)
+    gate, _ = random_sparse(h, k, block, density, dtype=torch.bfloat16, seed=12)
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    up, gate = up.to("cuda"), gate.to("cuda")
+    check_output(run_gated(x, up, gate), reference_gated(x, up, gate), torch.bfloat16)
 
 
 @pytest.mark.gpu

@@ -227,8 +227,7 @@ def _bench_e2e(args: argparse.Namespace) -> int:
                "impls": (args.impls, str)}  # fmt: skip
     grid = None
     if any(text is not None for text, _ in options.values()):
-        kind = "vit" if e2e.model_config(args.model).model_type == "vit" else "causal_lm"
-        default = e2e.DEFAULT_GRIDS[kind].__dict__
+        default = e2e.DEFAULT_GRIDS[e2e.model_kind(e2e.model_config(args.model))].__dict__
         grid = e2e.Grid(**{**default, **{k: numbers(t, f) for k, (t, f) in options.items() if t is not None}})
     command = "sparseblocks " + shlex.join(args.argv)
     e2e.run(args.model, grid, args.dry_run, args.out and Path(args.out), args.name, command)
@@ -358,8 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench_mlp.add_argument("--out", help="folder for mlp.json (default benchmarks/results/<gpu>)")
     bench_mlp.set_defaults(run=_bench_mlp)
 
-    bench_e2e = benches.add_parser("e2e", help="whole models: ViT-B/16 images/s, Llama decode tokens/s and prefill")
-    bench_e2e.add_argument("--model", required=True, help="vit_b_16, llama-3.2-1b, llama-3.1-8b or a HF folder")
+    what = "whole models: ViT-B/16 images/s, Llama decode tokens/s and prefill, encoder sentences/s"
+    bench_e2e = benches.add_parser("e2e", help=what)
+    models = "vit_b_16, llama-3.2-1b, llama-3.1-8b or a HF folder (causal LM, ViT or BERT-style encoder)"
+    bench_e2e.add_argument("--model", required=True, help=models)
     for option, what in [("batches", "batch sizes"), ("dtypes", "bf16,fp32"), ("sparsities", "sparsities"),
                          ("blocks", "block sizes"), ("targets", "target sets, each presets joined by +"),
                          ("modes", "eager,compiled,cuda_graph,compiled_graph"),

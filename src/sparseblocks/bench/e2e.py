@@ -7,6 +7,8 @@ Models (random weights from their configs unless a folder holds weights):
   which the patcher cannot make sparse; this one has a linear per projection.) Metric: images/s per batch.
 * ``llama-3.2-1b``, ``llama-3.1-8b`` (or a Hugging Face folder of a causal LM): decode tokens/s at batch 1 and 8
   (one step with a static KV cache, captured in a CUDA graph), and the time of a 2048-token prefill.
+* a Hugging Face folder of a BERT-style encoder (``bert``, ``roberta``, ``xlm-roberta``; e.g. the sentence-transformers
+  all-MiniLM-L6-v2): sentences/s of a forward over a batch of ``sequence``-token inputs.
 
 Each side runs in the same mode: ``eager``, ``compiled`` (``torch.compile`` of the whole model), ``cuda_graph``
 (eager modules replayed from a CUDA graph) or ``compiled_graph`` (the compiled model replayed from a CUDA graph:
@@ -51,6 +53,7 @@ class Grid:
     targets: tuple[str, ...]  # each a "+"-joined list of patcher presets, e.g. "mlp" or "mlp+attention"
     modes: tuple[str, ...]
     context: int = 512  # decode: tokens already in the KV cache
+    sequence: int = 128  # encoder: tokens per sentence
     prefill_tokens: int = 2048
     impls: tuple[str, ...] = IMPLS[1:]  # the sparse paths timed beside dense
 
@@ -71,8 +74,10 @@ DEFAULT_GRIDS = {
         ("eager", "compiled"),
     ),  # fmt: skip
     "causal_lm": Grid((1, 8), ("bf16",), (0.8, 0.9, 0.95), (64,), ("mlp",), ("cuda_graph",)),
+    "encoder": Grid((1, 32, 256), ("bf16", "fp32"), (0.5, 0.7, 0.9), (16, 32), ("mlp",), ("eager", "cuda_graph")),
 }
-DRY_RUN = {"batches": (1, 2), "context": 8, "prefill_tokens": 16}
+DRY_RUN = {"batches": (1, 2), "context": 8, "prefill_tokens": 16, "sequence": 8}
+ENCODERS = ("bert", "roberta", "xlm-roberta")  # model types the patcher's presets know as encoders
 
 
 def model_config(name: str):
@@ -101,13 +106,20 @@ def model_config(name: str):
     return AutoConfig.from_pretrained(name, local_files_only=True)
 
 
+def model_kind(config) -> str:
+    """``"vit"`` (image classifier), ``"encoder"`` (sentence encoder) or ``"causal_lm"``, from a transformers config."""
+    if config.model_type == "vit":
+        return "vit"
+    return "encoder" if config.model_type in ENCODERS else "causal_lm"
+
+
 def build_model(name: str, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, str]:
-    """(model in eval mode, kind): kind ``"vit"`` (image classifier) or ``"causal_lm"``."""
-    from transformers import AutoModelForCausalLM, ViTForImageClassification
+    """(model in eval mode, its :func:`model_kind`)."""
+    from transformers import AutoModel, AutoModelForCausalLM, ViTForImageClassification
 
     config = model_config(name)
-    kind = "vit" if config.model_type == "vit" else "causal_lm"
-    model_class = ViTForImageClassification if kind == "vit" else AutoModelForCausalLM
+    kind = model_kind(config)
+    model_class = {"vit": ViTForImageClassification, "encoder": AutoModel, "causal_lm": AutoModelForCausalLM}[kind]
     if any(Path(name).glob("*.safetensors")):
         model = model_class.from_pretrained(name, dtype=dtype, local_files_only=True).to(device)
     else:
@@ -210,6 +222,17 @@ def vit_measurements(model: nn.Module, batch: int, dtype: torch.dtype, mode: str
              "call_bytes": _call_bytes(fn, inputs[0])}]  # fmt: skip
 
 
+def encoder_measurements(model: nn.Module, batch: int, grid: Grid, mode: str, repeats: int) -> list[dict]:
+    """sentences/s of a forward over ``batch`` random sentences of ``grid.sequence`` tokens."""
+    device = next(model.parameters()).device
+    inputs = [torch.randint(model.config.vocab_size, (batch, grid.sequence), device=device) for _ in range(2)]
+    forward = torch.compile(model) if mode.startswith("compiled") else model
+    fn = lambda ids: forward(input_ids=ids).last_hidden_state
+    ms = time_mode_ms(fn, inputs, mode, repeats)
+    return [{"metric": "sentences_per_s", "value": batch / (ms * 1e-3), "ms": ms, "tokens": grid.sequence,
+             "call_bytes": _call_bytes(fn, inputs[0])}]  # fmt: skip
+
+
 def decode_measurements(model: nn.Module, batch: int, grid: Grid, mode: str, repeats: int) -> list[dict]:
     """tokens/s of one decode step after ``grid.context`` cached tokens."""
     from transformers import StaticCache
@@ -257,7 +280,7 @@ def run(model_name: str, grid: Grid | None, dry_run: bool, out_dir: Path | None,
     payload = {**environment(command), "model": model_name, "rows": []}
     folder = out_dir or Path("benchmarks/results") / gpu_folder(payload["gpu"])
     repeats = 2 if dry_run else 20
-    kind = "vit" if model_config(model_name).model_type == "vit" else "causal_lm"
+    kind = model_kind(model_config(model_name))
     grid = grid or DEFAULT_GRIDS[kind]
     if dry_run:
         grid = Grid(**{**grid.__dict__, **DRY_RUN})
@@ -272,6 +295,8 @@ def run(model_name: str, grid: Grid | None, dry_run: bool, out_dir: Path | None,
                         rows = [prefill_measurement(model, grid, repeats)]
                     elif kind == "vit":
                         rows = vit_measurements(model, batch, DTYPES[base["dtype"]], mode, repeats)
+                    elif kind == "encoder":
+                        rows = encoder_measurements(model, batch, grid, mode, repeats)
                     else:
                         rows = decode_measurements(model, batch, grid, mode, repeats)
                 except Exception as error:  # e.g. a path that does not compile: recorded, the run goes on

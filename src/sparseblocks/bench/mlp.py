@@ -3,8 +3,8 @@
 In one run, for each MLP shape, token count, sparsity and block: dense cuBLAS linears (eager, and the MLP under
 ``torch.compile``), PyTorch's BSR ``F.linear``, our three-product path (``sparse_mlp(fused=False)``: each product
 through ``spmm``, which takes its decode kernel at few tokens) and the fused kernel (one launch, hidden activation
-on chip). The ``sparseblocks`` rows repeat the time of whichever of our two paths ``sparse_mlp`` dispatches to at
-that commit (``dispatch`` names it). Each path is timed as CUDA-graph replays cycling over enough copies of its
+on chip). The ``sparseblocks`` rows time ``sparse_mlp`` as a model calls it (``dispatch`` names the path it took
+at that commit: one of the two, or at one token a gated MLP's hidden activation in one launch). Each path is timed as CUDA-graph replays cycling over enough copies of its
 weights and inputs to overflow the L2 (a model's weights are read once per token, never warm).
 
 Floors: the MLP's flops at the measured matmul rate or its bytes at the measured copy speed, whichever is longer;
@@ -31,7 +31,7 @@ from sparseblocks.bench.spmm import random_weight
 from sparseblocks.format import BlockSparseMatrix
 from sparseblocks.kernels.fused_mlp import fused_mlp_triton
 from sparseblocks.ops import sparse_mlp
-from sparseblocks.ops.mlp import fused_pays, recompute_factor
+from sparseblocks.ops.mlp import inference_path, recompute_factor
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,6 @@ BLOCKS = (32, 64, 128)
 # The fused kernel is not timed past this recompute factor: at 3.2 it already took twice the unfused path's time
 # (Llama-1B, 8192 tokens, 90%/b64), and at 32 (Llama-8B, 50%/b64) thirty times.
 FUSED_MAX_RECOMPUTE = 4.0
-IMPLS = ("dense", "dense_compiled", "torch_bsr", "sparseblocks_unfused", "sparseblocks_fused")
 
 Weights = dict[str, torch.Tensor | BlockSparseMatrix | None]  # up, down, gate, up_bias, down_bias
 
@@ -87,6 +86,7 @@ def mlp_paths(shape: MLPShape) -> dict[str, Callable[[torch.Tensor, Weights], to
         "dense_compiled": torch.compile(dense),
         "torch_bsr": dense,
         "sparseblocks_unfused": ours(False),
+        "sparseblocks": ours(True),
         # the kernel itself, whatever sparse_mlp would dispatch to
         "sparseblocks_fused": lambda x, w: fused_mlp_triton(
             x, w["up"], w["down"], w["gate"], w["up_bias"], w["down_bias"], None, act
@@ -161,17 +161,15 @@ def run(quick: bool, shapes: tuple[str, ...], out_dir: Path | None, name: str, c
                            for w in ours]  # fmt: skip
                     floor = floor_ms(ceilings, shape, m, one)
                     measured = {}
-                    impls = [("torch_bsr", bsr), ("sparseblocks_unfused", ours)]
+                    impls = [("torch_bsr", bsr), ("sparseblocks_unfused", ours), ("sparseblocks", ours)]
                     if recompute_factor(one["down"]) <= FUSED_MAX_RECOMPUTE:
                         impls.append(("sparseblocks_fused", ours))
+                    dispatch = inference_path(m, one["up"], one["down"], one["gate"])
                     for impl, weight_sets in impls:
                         measured[impl], timer = _time(paths[impl], m, shape.width, weight_sets)
                         payload["rows"].append({**base, "sparsity": sparsity, "block": block, "impl": impl,
-                                                "ms": measured[impl], "floor_ms": floor, "timer": timer})  # fmt: skip
-                    dispatch = "fused" if fused_pays(m, one["up"], one["down"], one["gate"]) else "unfused"
-                    payload["rows"].append({**base, "sparsity": sparsity, "block": block, "impl": "sparseblocks",
-                                            "ms": measured[f"sparseblocks_{dispatch}"], "floor_ms": floor,
-                                            "dispatch": dispatch})  # fmt: skip
+                                                "ms": measured[impl], "floor_ms": floor, "timer": timer,
+                                                **({"dispatch": dispatch} if impl == "sparseblocks" else {})})  # fmt: skip
                     print(f"  s={sparsity:.2f} b={block:<3} " + " | ".join(
                         f"{impl} {ms:.4f} ms {dense_ms['dense'] / ms:5.2f}x" for impl, ms in measured.items())
                         + f" | floor {dense_ms['dense'] / floor:5.2f}x", flush=True)  # fmt: skip

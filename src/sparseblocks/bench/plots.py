@@ -278,9 +278,9 @@ def mlp_plot(json_path: Path) -> Path:
 
 
 def e2e_plot(json_path: Path) -> Path:
-    """``<stem>.png`` beside a ``bench e2e`` file: images/s speedup over dense against batch size, one line per
-    block, a panel per (dtype, mode, targets) at the highest sparsity; or tokens/s of each path per sparsity, a
-    panel per decode batch size."""
+    """``<stem>.png`` beside a ``bench e2e`` file: images/s (or sentences/s) speedup over dense against batch size,
+    one line per block, a panel per (dtype, mode, targets) at the highest sparsity; or tokens/s of each path per
+    sparsity, a panel per decode batch size."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -290,7 +290,8 @@ def e2e_plot(json_path: Path) -> Path:
     rows = [r for r in payload["rows"] if r["value"] and r["metric"] != "prefill_ms"]
     dense = {(r["mode"], r["dtype"], r["batch"], r["metric"]): r["value"] for r in rows if r["impl"] == "dense"}
     sparse = [r for r in rows if r["impl"] != "dense"]
-    if rows and rows[0]["metric"] == "images_per_s":
+    if rows and rows[0]["metric"] in ("images_per_s", "sentences_per_s"):
+        unit = rows[0]["metric"].removesuffix("_per_s")
         top = max(r["sparsity"] for r in sparse)
         panels = sorted({(r["dtype"], r["mode"], r["targets"]) for r in sparse})
         fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), squeeze=False)
@@ -304,7 +305,7 @@ def e2e_plot(json_path: Path) -> Path:
                 if points:
                     ax.plot(*zip(*points, strict=True), style, label=f"{impl} b{block}")
             ax.axhline(1.0, color="gray", lw=0.8)
-            ax.set(xscale="log", xlabel="batch (images)", ylabel="images/s over dense",
+            ax.set(xscale="log", xlabel=f"batch ({unit})", ylabel=f"{unit}/s over dense",
                    title=f"{dtype} {mode}, {targets} {top:.0%} sparse")  # fmt: skip
             ax.legend(fontsize=7)
     else:

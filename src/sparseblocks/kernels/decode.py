@@ -53,16 +53,40 @@ PROGRAMS_PER_SM = 8  # tiles per program = ceil(nnz / (PROGRAMS_PER_SM · SMs));
 
 
 @triton.jit
+def _with_bias(acc, offs_n, in_bounds, bias_ptr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr):
+    """act(acc + bias) on an fp32 ``(BLOCK_M, BN)`` tile of Y whose columns are ``offs_n``."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=in_bounds, other=0.0).to(tl.float32)[None, :]
+    return apply_activation(acc, ACTIVATION)
+
+
+@triton.jit
+def _store_row(value, row, offs_m, M, N, y_ptr, stride_ym, stride_yn, BN: tl.constexpr, write=True):
+    """Store one fp32 ``(BLOCK_M, BN)`` tile of Y, block row ``row`` (a no-op where ``write`` is False)."""
+    offs_n = row * BN + tl.arange(0, BN)
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    mask = (offs_m[:, None] < M) & ((offs_n < N) & write)[None, :]
+    tl.store(y_ptrs, value.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _finish_row(acc, row, offs_m, M, N, bias_ptr, y_ptr, stride_ym, stride_yn, BN: tl.constexpr,
                 HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, write=True):  # fmt: skip
     """Bias, activation and store of one ``(BLOCK_M, BN)`` tile of Y (a no-op where ``write`` is False)."""
     offs_n = row * BN + tl.arange(0, BN)
-    in_bounds = (offs_n < N) & write
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=in_bounds, other=0.0).to(tl.float32)[None, :]
-    acc = apply_activation(acc, ACTIVATION)
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & in_bounds[None, :])
+    value = _with_bias(acc, offs_n, (offs_n < N) & write, bias_ptr, HAS_BIAS, ACTIVATION)
+    _store_row(value, row, offs_m, M, N, y_ptr, stride_ym, stride_yn, BN, write)
+
+
+@triton.jit
+def _finish_gated_row(up, gate, row, N, bias_ptr, gate_bias_ptr, y_ptr, stride_yn, BN: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, HAS_GATE_BIAS: tl.constexpr, ACTIVATION: tl.constexpr):  # fmt: skip
+    """One token's block row of act(gate + b_gate) ⊙ (up + b): both ``(1, BN)`` fp32 sums."""
+    offs_n = row * BN + tl.arange(0, BN)
+    in_bounds = offs_n < N
+    value = _with_bias(gate, offs_n, in_bounds, gate_bias_ptr, HAS_GATE_BIAS, ACTIVATION)
+    value *= _with_bias(up, offs_n, in_bounds, bias_ptr, HAS_BIAS, 0)
+    _store_row(value, row, tl.arange(0, 1), 1, N, y_ptr, 0, stride_yn, BN)
 
 
 @triton.jit
@@ -97,22 +121,34 @@ def _reduce_row(row, row_start, row_end, offs_m, M, N, bias_ptr, partial_ptr, ar
 
 @triton.jit
 def _write_empty_rows(group, M, N, n_rows, crow_ptr, bias_ptr, y_ptr, stride_ym, stride_yn, BN: tl.constexpr,
-                      EMPTY_ROWS_PER_PROGRAM: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      ACTIVATION: tl.constexpr):  # fmt: skip
-    """act(bias) (or act(0)) into the empty block rows among the ``group``-th ``EMPTY_ROWS_PER_PROGRAM`` rows.
+                      EMPTY_ROWS_PER_PROGRAM: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+                      gate_crow_ptr=None, gate_bias_ptr=None, GATED: tl.constexpr = False,
+                      HAS_GATE_BIAS: tl.constexpr = False):  # fmt: skip
+    """act(bias) (or act(0)) into the empty block rows among the ``group``-th ``EMPTY_ROWS_PER_PROGRAM`` rows;
+    ``GATED``: act(gate bias) ⊙ bias into the rows empty in both matrices.
 
-    Their row bounds in one load and act(bias) of all of them at once (the same for every token), then stores
+    Their row bounds in one load and the value of all of them at once (the same for every token), then stores
     only: no dependent round trip per row.
     """
     rows = group * EMPTY_ROWS_PER_PROGRAM + tl.arange(0, EMPTY_ROWS_PER_PROGRAM)
     starts = tl.load(crow_ptr + rows, mask=rows < n_rows, other=0)
     empty = (starts == tl.load(crow_ptr + rows + 1, mask=rows < n_rows, other=0)) & (rows < n_rows)
     offs_n = rows[:, None] * BN + tl.arange(0, BN)[None, :]
+    if GATED:
+        gate_starts = tl.load(gate_crow_ptr + rows, mask=rows < n_rows, other=0)
+        empty &= gate_starts == tl.load(gate_crow_ptr + rows + 1, mask=rows < n_rows, other=0)
     write = empty[:, None] & (offs_n < N)
     value = tl.zeros((EMPTY_ROWS_PER_PROGRAM, BN), dtype=tl.float32)
     if HAS_BIAS:
         value += tl.load(bias_ptr + offs_n, mask=write, other=0.0).to(tl.float32)
-    value = apply_activation(value, ACTIVATION).to(y_ptr.dtype.element_ty)
+    if GATED:
+        gate = tl.zeros((EMPTY_ROWS_PER_PROGRAM, BN), dtype=tl.float32)
+        if HAS_GATE_BIAS:
+            gate += tl.load(gate_bias_ptr + offs_n, mask=write, other=0.0).to(tl.float32)
+        value *= apply_activation(gate, ACTIVATION)
+    else:
+        value = apply_activation(value, ACTIVATION)
+    value = value.to(y_ptr.dtype.element_ty)
     for m in range(M):
         tl.store(y_ptr + m * stride_ym + offs_n * stride_yn, value, mask=write)
 
@@ -216,6 +252,18 @@ def _decode_kernel(
 
 
 @triton.jit
+def _row_partials(partial_ptr, row_start, row_end, offs_n, BN: tl.constexpr, REDUCE_CHUNK: tl.constexpr):
+    """The ``(1, BN)`` fp32 sum of slots ``[row_start, row_end)``, ``REDUCE_CHUNK`` slots per load, in order."""
+    total = tl.zeros((BN,), dtype=tl.float32)
+    for chunk in range(row_start, row_end, REDUCE_CHUNK):  # a fixed order: deterministic
+        slots = chunk + tl.arange(0, REDUCE_CHUNK)
+        partials = tl.load(partial_ptr + slots.to(tl.int64)[:, None] * BN + offs_n[None, :],
+                           mask=(slots < row_end)[:, None], other=0.0, cache_modifier=".cg")  # fmt: skip
+        total += tl.sum(partials, axis=0)
+    return total[None, :]
+
+
+@triton.jit
 def _one_token_kernel(
     x_ptr,  # (K,), stride stride_xk
     values_ptr,  # (nnz, BN, BK)
@@ -223,12 +271,18 @@ def _one_token_kernel(
     col_ptr,  # (nnz,) int32
     tile_row_ptr,  # (nnz,) int32: block row of each stored tile
     bias_ptr,  # (N,) or unused
-    partial_ptr,  # (nnz, BN) fp32 scratch: one slot per tile
+    gate_values_ptr,  # GATED: the gate matrix's arrays and bias, tiled like the first; else unused
+    gate_crow_ptr,
+    gate_col_ptr,
+    gate_tile_row_ptr,
+    gate_bias_ptr,
+    partial_ptr,  # (nnz + gate_nnz, BN) fp32 scratch: one slot per tile
     arrived_ptr,  # (n_rows,) int32, zero on entry and on exit
     y_ptr,  # (N,), stride stride_yn
     N,
     K,
     nnz,
+    gate_nnz,
     n_rows,
     stride_xk,
     stride_yn,
@@ -237,44 +291,65 @@ def _one_token_kernel(
     EMPTY_ROWS_PER_PROGRAM: tl.constexpr,
     REDUCE_CHUNK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_GATE_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,
+    GATED: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
-    """y = act(W · x + b) for one token, program ``t`` multiplying stored tile ``t``.
+    """y = act(W · x + b) for one token, program ``t`` multiplying stored tile ``t``; with ``GATED``,
+    y = act(W_gate · x + b_gate) ⊙ (W · x + b), programs ``nnz + t`` taking the gate's tiles.
 
     One tile per program measured fastest (more tiles per program, loaded at once or in a loop, were slower:
     ``benchmarks/decode_overhead.py``): every program's loads go out at once, and nothing waits on a previous
     tile. A row of several tiles is reduced like the few-token kernel's pieces, each tile a piece: its partial sum
-    in the tile's own slot (a row's slots are consecutive), and the last tile to arrive adds them in order.
+    in the tile's own slot (a row's slots are consecutive; the gate's follow W's), and the last tile to arrive
+    adds them in order. Gated, a row's counter counts the tiles of both rows, so one launch writes the hidden
+    activation of a SwiGLU MLP: no separate products, no elementwise kernel.
     """
     pid = tl.program_id(0)
-    if pid >= nnz:
-        _write_empty_rows(pid - nnz, 1, N, n_rows, crow_ptr, bias_ptr, y_ptr, 0, stride_yn, BN,
-                          EMPTY_ROWS_PER_PROGRAM, HAS_BIAS, ACTIVATION)  # fmt: skip
+    if pid >= nnz + gate_nnz:
+        _write_empty_rows(pid - nnz - gate_nnz, 1, N, n_rows, crow_ptr, bias_ptr, y_ptr, 0, stride_yn, BN,
+                          EMPTY_ROWS_PER_PROGRAM, HAS_BIAS, ACTIVATION, gate_crow_ptr, gate_bias_ptr, GATED,
+                          HAS_GATE_BIAS)  # fmt: skip
         return
+    tile = pid
+    is_gate = False
+    if GATED:  # one matrix or the other: the selects cost no round trip
+        is_gate = pid >= nnz
+        tile = tl.where(is_gate, pid - nnz, pid)
+        values_ptr = tl.where(is_gate, gate_values_ptr, values_ptr)
+        col_ptr = tl.where(is_gate, gate_col_ptr, col_ptr)
+        tile_row_ptr = tl.where(is_gate, gate_tile_row_ptr, tile_row_ptr)
     offs_n, offs_k = tl.arange(0, BN), tl.arange(0, BK)
-    w = tl.load(values_ptr + pid.to(tl.int64) * (BN * BK) + offs_n[:, None] * BK + offs_k[None, :])
-    row = tl.load(tile_row_ptr + pid)
-    k_index = tl.load(col_ptr + pid) * BK + offs_k
+    w = tl.load(values_ptr + tile.to(tl.int64) * (BN * BK) + offs_n[:, None] * BK + offs_k[None, :])
+    row = tl.load(tile_row_ptr + tile)
+    k_index = tl.load(col_ptr + tile) * BK + offs_k
     row_start, row_end = tl.load(crow_ptr + row), tl.load(crow_ptr + row + 1)
+    tiles_in_row = row_end - row_start
+    if GATED:
+        gate_start, gate_end = tl.load(gate_crow_ptr + row), tl.load(gate_crow_ptr + row + 1)
+        tiles_in_row += gate_end - gate_start
     x = tl.load(x_ptr + k_index * stride_xk, mask=True if EVEN_K else k_index < K, other=0.0)
-    acc = tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)  # (BN,) fp32, on the CUDA cores
+    acc = tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)[None, :]  # (1, BN) fp32, CUDA cores
     offs_m = tl.arange(0, 1)
-    if row_end - row_start == 1:
-        _finish_row(acc[None, :], row, offs_m, 1, N, bias_ptr, y_ptr, 0, stride_yn, BN, HAS_BIAS, ACTIVATION)
+    if tiles_in_row == 1:
+        if GATED:
+            _finish_gated_row(tl.where(is_gate, 0.0, acc), tl.where(is_gate, acc, 0.0), row, N, bias_ptr,
+                              gate_bias_ptr, y_ptr, stride_yn, BN, HAS_BIAS, HAS_GATE_BIAS, ACTIVATION)  # fmt: skip
+        else:
+            _finish_row(acc, row, offs_m, 1, N, bias_ptr, y_ptr, 0, stride_yn, BN, HAS_BIAS, ACTIVATION)
     else:
-        tl.store(partial_ptr + pid.to(tl.int64) * BN + offs_n, acc)
+        tl.store(partial_ptr + pid.to(tl.int64) * BN + offs_n[None, :], acc)
         tl.debug_barrier()  # every thread's part of the partial is stored before the counter says so (release)
-        if tl.atomic_add(arrived_ptr + row, 1, sem="acq_rel") == row_end - row_start - 1:
+        if tl.atomic_add(arrived_ptr + row, 1, sem="acq_rel") == tiles_in_row - 1:
             tl.store(arrived_ptr + row, 0)  # leave the counter as found: the next call needs it zero
-            total = tl.zeros((BN,), dtype=tl.float32)
-            for chunk in range(row_start, row_end, REDUCE_CHUNK):  # a fixed order: deterministic
-                slots = chunk + tl.arange(0, REDUCE_CHUNK)
-                partials = tl.load(partial_ptr + slots.to(tl.int64)[:, None] * BN + offs_n[None, :],
-                                   mask=(slots < row_end)[:, None], other=0.0, cache_modifier=".cg")  # fmt: skip
-                total += tl.sum(partials, axis=0)
-            _finish_row(total[None, :], row, offs_m, 1, N, bias_ptr, y_ptr, 0, stride_yn, BN, HAS_BIAS,
-                        ACTIVATION)  # fmt: skip
+            total = _row_partials(partial_ptr, row_start, row_end, offs_n, BN, REDUCE_CHUNK)
+            if GATED:
+                gate_total = _row_partials(partial_ptr, nnz + gate_start, nnz + gate_end, offs_n, BN, REDUCE_CHUNK)
+                _finish_gated_row(total, gate_total, row, N, bias_ptr, gate_bias_ptr, y_ptr, stride_yn, BN,
+                                  HAS_BIAS, HAS_GATE_BIAS, ACTIVATION)  # fmt: skip
+            else:
+                _finish_row(total, row, offs_m, 1, N, bias_ptr, y_ptr, 0, stride_yn, BN, HAS_BIAS, ACTIVATION)
 
 
 TUNING_CONFIGS = [
@@ -389,18 +464,28 @@ def spmm_decode_triton(
 
 
 def _one_token(
-    x2: torch.Tensor, w: BlockSparseMatrix, bias: torch.Tensor | None, activation: str | None, config: dict | None
+    x2: torch.Tensor,
+    w: BlockSparseMatrix,
+    bias: torch.Tensor | None,
+    activation: str | None,
+    config: dict | None,
+    gate: BlockSparseMatrix | None = None,
+    gate_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``spmm_decode_triton`` for x2 ``(1, K)``: the one-token kernel, one program per stored tile."""
+    """``spmm_decode_triton`` for x2 ``(1, K)``: the one-token kernel, one program per stored tile; with ``gate``
+    (tiled like ``w``), ``act(x2 · gateᵀ + gate_bias) ⊙ (x2 · wᵀ + bias)`` in the same launch."""
     (n, k), (bn, bk), (n_rows, _) = w.shape, w.block_shape, w.block_grid
+    gate_nnz = 0 if gate is None else gate.nnz
     y = torch.empty((1, n), device=x2.device, dtype=x2.dtype)
-    partial = torch.empty((w.nnz, bn), device=x2.device, dtype=torch.float32)
+    partial = torch.empty((w.nnz + gate_nnz, bn), device=x2.device, dtype=torch.float32)
+    unused = y  # for pointer arguments the kernel does not read
+    gate_arrays = (unused,) * 4 if gate is None else _arrays(gate)
     args = (
-        x2, w.values, w.crow_indices, w.col_indices, w.row_indices_of_block,
-        bias if bias is not None else y, partial, arrival_counters(x2.device, n_rows), y,
-        n, k, w.nnz, n_rows, x2.stride(1), y.stride(1),
+        x2, *_arrays(w), bias if bias is not None else unused, *gate_arrays,
+        gate_bias if gate_bias is not None else unused, partial, arrival_counters(x2.device, n_rows), y,
+        n, k, w.nnz, gate_nnz, n_rows, x2.stride(1), y.stride(1),
     )  # fmt: skip
-    grid = (w.nnz + triton.cdiv(n_rows, EMPTY_ROWS_PER_PROGRAM),)
+    grid = (w.nnz + gate_nnz + triton.cdiv(n_rows, EMPTY_ROWS_PER_PROGRAM),)
     _one_token_kernel[grid](
         *args,
         BN=bn,
@@ -408,8 +493,34 @@ def _one_token(
         EMPTY_ROWS_PER_PROGRAM=EMPTY_ROWS_PER_PROGRAM,
         REDUCE_CHUNK=REDUCE_CHUNK,
         HAS_BIAS=bias is not None,
+        HAS_GATE_BIAS=gate_bias is not None,
         ACTIVATION=ACTIVATION_CODES[activation],
+        GATED=gate is not None,
         EVEN_K=k % bk == 0,
         **(config or ONE_TOKEN_LAUNCH),
     )
     return y
+
+
+def _arrays(w: BlockSparseMatrix) -> tuple[torch.Tensor, ...]:
+    """What the one-token kernel reads of a matrix: values, row pointers, block columns, each tile's block row."""
+    return w.values, w.crow_indices, w.col_indices, w.row_indices_of_block
+
+
+def gated_one_token_triton(
+    x2: torch.Tensor,
+    up: BlockSparseMatrix,
+    gate: BlockSparseMatrix,
+    up_bias: torch.Tensor | None = None,
+    gate_bias: torch.Tensor | None = None,
+    activation: str | None = "silu",
+) -> torch.Tensor:
+    """A gated MLP's hidden activation for one token, ``act(x2 · gateᵀ + gate_bias) ⊙ (x2 · upᵀ + up_bias)``, in
+    one launch: x2 ``(1, K)``, up and gate logical ``(H, K)`` tiled alike -> ``(1, H)`` of x2's dtype."""
+    if x2.shape[0] != 1:
+        raise ValueError(f"the gated one-token kernel takes one row of x, got {x2.shape[0]}")
+    if gate.shape != up.shape or gate.block_shape != up.block_shape:
+        raise ValueError(f"gate {tuple(gate.shape)} in blocks {gate.block_shape} must be tiled like up "
+                         f"{tuple(up.shape)} in blocks {up.block_shape}")  # fmt: skip
+    biases = [None if b is None else b.contiguous() for b in (up_bias, gate_bias)]
+    return _one_token(x2, up, biases[0], activation, None, gate, biases[1])
