@@ -4,8 +4,9 @@ In one run, for each MLP shape, token count, sparsity and block: dense cuBLAS li
 ``torch.compile``), PyTorch's BSR ``F.linear``, our three-product path (``sparse_mlp(fused=False)``: each product
 through ``spmm``, which takes its decode kernel at few tokens) and the fused kernel (one launch, hidden activation
 on chip). The ``sparseblocks`` rows time ``sparse_mlp`` as a model calls it (``dispatch`` names the path it took
-at that commit: one of the two, or at one token a gated MLP's hidden activation in one launch). Each path is timed as CUDA-graph replays cycling over enough copies of its
-weights and inputs to overflow the L2 (a model's weights are read once per token, never warm).
+at that commit: one of the two, or at one token a gated MLP's hidden activation in one launch). Each path is
+timed as CUDA-graph replays cycling over enough copies of its weights and inputs to overflow the L2 (a model's
+weights are read once per token, never warm).
 
 Floors: the MLP's flops at the measured matmul rate or its bytes at the measured copy speed, whichever is longer;
 the bytes are x, y and the weights (values and indices) once — the hidden activation stays on chip.
@@ -167,9 +168,9 @@ def run(quick: bool, shapes: tuple[str, ...], out_dir: Path | None, name: str, c
                     dispatch = inference_path(m, one["up"], one["down"], one["gate"])
                     for impl, weight_sets in impls:
                         measured[impl], timer = _time(paths[impl], m, shape.width, weight_sets)
+                        path = {"dispatch": dispatch} if impl == "sparseblocks" else {}
                         payload["rows"].append({**base, "sparsity": sparsity, "block": block, "impl": impl,
-                                                "ms": measured[impl], "floor_ms": floor, "timer": timer,
-                                                **({"dispatch": dispatch} if impl == "sparseblocks" else {})})  # fmt: skip
+                                                "ms": measured[impl], "floor_ms": floor, "timer": timer, **path})  # fmt: skip
                     print(f"  s={sparsity:.2f} b={block:<3} " + " | ".join(
                         f"{impl} {ms:.4f} ms {dense_ms['dense'] / ms:5.2f}x" for impl, ms in measured.items())
                         + f" | floor {dense_ms['dense'] / floor:5.2f}x", flush=True)  # fmt: skip
