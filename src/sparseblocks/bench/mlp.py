@@ -170,7 +170,8 @@ def run(quick: bool, shapes: tuple[str, ...], out_dir: Path | None, name: str, c
                         measured[impl], timer = _time(paths[impl], m, shape.width, weight_sets)
                         path = {"dispatch": dispatch} if impl == "sparseblocks" else {}
                         payload["rows"].append({**base, "sparsity": sparsity, "block": block, "impl": impl,
-                                                "ms": measured[impl], "floor_ms": floor, "timer": timer, **path})  # fmt: skip
+                                                "ms": measured[impl], "floor_ms": floor, "timer": timer,
+                                                **path})  # fmt: skip
                     print(f"  s={sparsity:.2f} b={block:<3} " + " | ".join(
                         f"{impl} {ms:.4f} ms {dense_ms['dense'] / ms:5.2f}x" for impl, ms in measured.items())
                         + f" | floor {dense_ms['dense'] / floor:5.2f}x", flush=True)  # fmt: skip
