@@ -38,6 +38,7 @@ from sparseblocks.kernels.epilogue import (
     accumulate_dot,
     apply_activation,
     density_bucket,
+    hopper_or_later,
     input_precision,
     load_x_columns,
     multiprocessors,
@@ -252,6 +253,14 @@ def _decode_kernel(
 
 
 @triton.jit
+def _wait_for_previous_kernel():
+    """Wait until the previous kernel in the stream has finished and its writes are visible, then let the next
+    programmatically launched kernel start (griddepcontrol, sm_90+)."""
+    tl.extra.cuda.gdc_wait()
+    tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
 def _row_partials(partial_ptr, row_start, row_end, offs_n, BN: tl.constexpr, REDUCE_CHUNK: tl.constexpr):
     """The ``(1, BN)`` fp32 sum of slots ``[row_start, row_end)``, ``REDUCE_CHUNK`` slots per load, in order."""
     total = tl.zeros((BN,), dtype=tl.float32)
@@ -295,6 +304,7 @@ def _one_token_kernel(
     ACTIVATION: tl.constexpr,
     GATED: tl.constexpr,
     EVEN_K: tl.constexpr,
+    DEPENDENT: tl.constexpr,
 ):
     """y = act(W · x + b) for one token, program ``t`` multiplying stored tile ``t``; with ``GATED``,
     y = act(W_gate · x + b_gate) ⊙ (W · x + b), programs ``nnz + t`` taking the gate's tiles.
@@ -305,9 +315,18 @@ def _one_token_kernel(
     in the tile's own slot (a row's slots are consecutive; the gate's follow W's), and the last tile to arrive
     adds them in order. Gated, a row's counter counts the tiles of both rows, so one launch writes the hidden
     activation of a SwiGLU MLP: no separate products, no elementwise kernel.
+
+    ``DEPENDENT`` (a programmatic dependent launch, Hopper on): 1 waits for the previous kernel before touching
+    memory; 2 streams its tiles and indices first and waits only before reading x and writing anything, for a
+    launch that follows one of these kernels whose wait covered any writer of the weights. Either way the next
+    launch may start once every program has waited.
     """
     pid = tl.program_id(0)
+    if DEPENDENT == 1:
+        _wait_for_previous_kernel()
     if pid >= nnz + gate_nnz:
+        if DEPENDENT == 2:
+            _wait_for_previous_kernel()
         _write_empty_rows(pid - nnz - gate_nnz, 1, N, n_rows, crow_ptr, bias_ptr, y_ptr, 0, stride_yn, BN,
                           EMPTY_ROWS_PER_PROGRAM, HAS_BIAS, ACTIVATION, gate_crow_ptr, gate_bias_ptr, GATED,
                           HAS_GATE_BIAS)  # fmt: skip
@@ -329,6 +348,8 @@ def _one_token_kernel(
     if GATED:
         gate_start, gate_end = tl.load(gate_crow_ptr + row), tl.load(gate_crow_ptr + row + 1)
         tiles_in_row += gate_end - gate_start
+    if DEPENDENT == 2:
+        _wait_for_previous_kernel()
     x = tl.load(x_ptr + k_index * stride_xk, mask=True if EVEN_K else k_index < K, other=0.0)
     acc = tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)[None, :]  # (1, BN) fp32, CUDA cores
     offs_m = tl.arange(0, 1)
@@ -471,9 +492,15 @@ def _one_token(
     config: dict | None,
     gate: BlockSparseMatrix | None = None,
     gate_bias: torch.Tensor | None = None,
+    after_one_token: bool = False,
 ) -> torch.Tensor:
     """``spmm_decode_triton`` for x2 ``(1, K)``: the one-token kernel, one program per stored tile; with ``gate``
-    (tiled like ``w``), ``act(x2 · gateᵀ + gate_bias) ⊙ (x2 · wᵀ + bias)`` in the same launch."""
+    (tiled like ``w``), ``act(x2 · gateᵀ + gate_bias) ⊙ (x2 · wᵀ + bias)`` in the same launch.
+
+    On Hopper and later it is a programmatic dependent launch (when ``PROGRAMMATIC_LAUNCH``): it is scheduled
+    while the previous kernel finishes. ``after_one_token``: the previous launch on this stream was this kernel
+    (so any writer of ``w`` finished before it let this one start), and the weights stream before the wait.
+    """
     (n, k), (bn, bk), (n_rows, _) = w.shape, w.block_shape, w.block_grid
     gate_nnz = 0 if gate is None else gate.nnz
     y = torch.empty((1, n), device=x2.device, dtype=x2.dtype)
@@ -497,14 +524,50 @@ def _one_token(
         ACTIVATION=ACTIVATION_CODES[activation],
         GATED=gate is not None,
         EVEN_K=k % bk == 0,
+        **_dependent_launch(x2.device, after_one_token),
         **(config or ONE_TOKEN_LAUNCH),
     )
     return y
 
 
+PROGRAMMATIC_LAUNCH = True  # for A/B runs: False launches the one-token kernel plainly
+
+
+def _dependent_launch(device: torch.device, after_one_token: bool) -> dict:
+    """The one-token kernel's ``DEPENDENT`` mode and launch option on ``device`` (see ``_one_token``)."""
+    if not PROGRAMMATIC_LAUNCH or triton_interpreting() or device.type != "cuda" or not hopper_or_later(device):
+        return {"DEPENDENT": 0}
+    return {"DEPENDENT": 2 if after_one_token else 1, "launch_pdl": True}
+
+
 def _arrays(w: BlockSparseMatrix) -> tuple[torch.Tensor, ...]:
     """What the one-token kernel reads of a matrix: values, row pointers, block columns, each tile's block row."""
     return w.values, w.crow_indices, w.col_indices, w.row_indices_of_block
+
+
+def one_token_mlp_triton(
+    x2: torch.Tensor,
+    up: BlockSparseMatrix,
+    down: BlockSparseMatrix,
+    gate: BlockSparseMatrix | None = None,
+    up_bias: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None,
+    gate_bias: torch.Tensor | None = None,
+    activation: str | None = "gelu",
+) -> torch.Tensor:
+    """A whole MLP for one token in two launches of the one-token kernel: the hidden activation (gated: gate, up
+    and their product at once), then down, whose tiles stream while the first launch finishes. x2 ``(1, K)`` ->
+    ``(1, N)``; up and gate logical ``(H, K)`` tiled alike, down ``(N, H)``."""
+    if gate is None:
+        hidden = _one_token(x2, up, _flat(up_bias), activation, None)
+    else:
+        hidden = gated_one_token_triton(x2, up, gate, up_bias, gate_bias, activation)
+    return _one_token(hidden, down, _flat(down_bias), None, None, after_one_token=True)
+
+
+def _flat(bias: torch.Tensor | None) -> torch.Tensor | None:
+    """A bias as the kernels read it: one contiguous array."""
+    return None if bias is None else bias.contiguous()
 
 
 def gated_one_token_triton(
@@ -522,5 +585,4 @@ def gated_one_token_triton(
     if gate.shape != up.shape or gate.block_shape != up.block_shape:
         raise ValueError(f"gate {tuple(gate.shape)} in blocks {gate.block_shape} must be tiled like up "
                          f"{tuple(up.shape)} in blocks {up.block_shape}")  # fmt: skip
-    biases = [None if b is None else b.contiguous() for b in (up_bias, gate_bias)]
-    return _one_token(x2, up, biases[0], activation, None, gate, biases[1])
+    return _one_token(x2, up, _flat(up_bias), activation, None, gate, _flat(gate_bias))

@@ -80,6 +80,12 @@ ROW_KERNEL_TUNING_KEY = ["M_BUCKET", "OUT", "IN", "BN", "BK", "TRANSPOSED", "DEN
 
 
 @functools.cache
+def hopper_or_later(device: torch.device) -> bool:
+    """Whether a CUDA device is sm_90 or newer (TMA descriptors, programmatic dependent launch)."""
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+@functools.cache
 def multiprocessors(device: torch.device) -> int:
     """SMs of a CUDA device; 2 elsewhere (the interpreter: a small count, so that tests still split work)."""
     if device.type != "cuda":

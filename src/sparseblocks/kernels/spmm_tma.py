@@ -17,7 +17,6 @@ kernel, as does every other input.
 
 from __future__ import annotations
 
-import functools
 import threading
 
 import torch
@@ -34,6 +33,7 @@ from sparseblocks.kernels.epilogue import (
     apply_activation,
     autotune_row_kernel,
     density_bucket,
+    hopper_or_later,
     m_bucket,
     store_column_sums,
 )
@@ -130,17 +130,11 @@ def _aligned(t: torch.Tensor) -> bool:
     return t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
 
 
-@functools.cache
-def _has_copy_engine(device: torch.device) -> bool:
-    """Hopper or newer: below, Triton lowers descriptor loads to plain loads, a version never measured."""
-    return torch.cuda.get_device_capability(device)[0] >= 9
-
-
 def tma_fits(x2: torch.Tensor, w: BlockSparseMatrix, transposed: bool, grad2: torch.Tensor | None = None) -> bool:
     """Whether the descriptor kernel can take ``x2`` ``(M, IN)``, ``grad2`` and the ``(M, OUT)`` output."""
     out_features = w.shape[1] if transposed else w.shape[0]
     return (
-        (triton_interpreting() or (x2.is_cuda and _has_copy_engine(x2.device)))
+        (triton_interpreting() or (x2.is_cuda and hopper_or_later(x2.device)))  # below: plain loads, never measured
         and x2.element_size() == 2  # fp32 multiplied on the CUDA cores from descriptor-loaded tiles ran 5-15x slower
         and w.nnz > 0
         and w.values.is_contiguous()

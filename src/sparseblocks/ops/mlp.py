@@ -1,6 +1,6 @@
 """``sparse_mlp``: a whole block-sparse MLP; for inference one kernel, ``sparseblocks::fused_mlp`` (torch.compile
-traces it), which runs ``kernels/fused_mlp.py`` on CUDA and ``reference.mlp`` elsewhere; at one token a gated MLP's
-hidden activation in one launch, ``sparseblocks::gated_hidden``, then its down product.
+traces it), which runs ``kernels/fused_mlp.py`` on CUDA (at one token, two launches of the one-token decode kernel)
+and ``reference.mlp`` elsewhere.
 
 The fused op has no backward of its own: while gradients are needed, :func:`sparse_mlp` computes the forward as
 separate products; a plain (ungated, no dropout) MLP outside torch.compile trains through ``_EagerPlainMLP``, whose
@@ -64,11 +64,12 @@ def fused_pays(m: int, up: BlockSparseMatrix, down: BlockSparseMatrix, gate: Blo
 
 def inference_path(m: int, up: BlockSparseMatrix, down: BlockSparseMatrix, gate: BlockSparseMatrix | None) -> str:
     """The path ``sparse_mlp(..., fused=True)`` takes for ``m`` tokens when it needs no gradient and no dropout:
-    ``"fused"`` (one kernel, :func:`fused_pays`), ``"gated_one_token"`` (a gated MLP at one token: gate, up and
-    their product in one launch, then down) or ``"unfused"`` (a product per matrix)."""
-    if fused_pays(m, up, down, gate):
-        return "fused"
-    return "gated_one_token" if gate is not None and m == 1 else "unfused"
+    ``"one_token"`` (two launches of the one-token decode kernel: the hidden activation — gated: gate, up and
+    their product at once —, then down), ``"fused"`` (one kernel, :func:`fused_pays`) or ``"unfused"`` (a product
+    per matrix, through ``spmm``)."""
+    if m == 1 and (gate is None or gate.block_shape == up.block_shape):
+        return "one_token"
+    return "fused" if fused_pays(m, up, down, gate) else "unfused"
 
 
 def recompute_factor(down: BlockSparseMatrix) -> float:
@@ -94,10 +95,12 @@ def _fused_mlp_op(
     up, down, gate = (*_matrices(values, indices, shapes), None)[:3]
     x2 = x.reshape(-1, up.shape[1])
     if use_triton(x):
+        from sparseblocks.kernels.decode import one_token_mlp_triton
         from sparseblocks.kernels.fused_mlp import fused_mlp_triton
 
+        kernel = one_token_mlp_triton if x2.shape[0] == 1 else fused_mlp_triton
         with on_device_of(x2):
-            y = fused_mlp_triton(x2, up, down, gate, *biases, activation)
+            y = kernel(x2, up, down, gate, *biases, activation)
     else:
         y = reference.mlp(x2, up, down, gate, *biases, activation)
     return y.reshape(*x.shape[:-1], down.shape[0])
@@ -106,45 +109,6 @@ def _fused_mlp_op(
 @_fused_mlp_op.register_fake
 def _(x, values, indices, shapes, biases, activation):
     return x.new_empty((*x.shape[:-1], shapes[2]))
-
-
-def _gated_hidden(
-    x: torch.Tensor,
-    up: BlockSparseMatrix,
-    gate: BlockSparseMatrix,
-    up_bias: torch.Tensor | None,
-    gate_bias: torch.Tensor | None,
-    activation: str | None,
-) -> torch.Tensor:
-    """``act(x · gateᵀ + gate_bias) ⊙ (x · upᵀ + up_bias)``: x ``(..., K)`` -> ``(..., H)``. One token on CUDA
-    takes one launch (the one-token kernel's gated form); otherwise (the reference, tiles of unlike shapes) two
-    products and a product of the two."""
-    x2 = x.reshape(-1, up.shape[1])
-    if x2.shape[0] == 1 and use_triton(x) and gate.block_shape == up.block_shape:
-        from sparseblocks.kernels.decode import gated_one_token_triton
-
-        with on_device_of(x2):
-            hidden = gated_one_token_triton(x2, up, gate, up_bias, gate_bias, activation)
-        return hidden.reshape(*x.shape[:-1], up.shape[0])
-    return _forward(x, gate, gate_bias, activation) * _forward(x, up, up_bias, None)
-
-
-@torch.library.custom_op("sparseblocks::gated_hidden", mutates_args=())
-def _gated_hidden_op(
-    x: torch.Tensor,
-    values: list[torch.Tensor],  # up, gate
-    indices: list[torch.Tensor],  # each matrix's INDEX_NAMES arrays, one after the other
-    shapes: list[int],  # (rows, columns) of each matrix, one after the other
-    biases: list[torch.Tensor | None],  # up, gate
-    activation: str | None,
-) -> torch.Tensor:
-    up, gate = _matrices(values, indices, shapes)
-    return _gated_hidden(x, up, gate, *biases, activation)
-
-
-@_gated_hidden_op.register_fake
-def _(x, values, indices, shapes, biases, activation):
-    return x.new_empty((*x.shape[:-1], shapes[0]))
 
 
 class _EagerPlainMLP(torch.autograd.Function):
@@ -193,8 +157,8 @@ def sparse_mlp(
     up and gate: logical ``(H, K)``; down: ``(N, H)`` whose block columns are as wide as up's block rows.
     hidden_dropout: the dropout probability on the hidden activation (pass 0 in eval mode). With ``fused`` and
     neither gradients nor dropout to compute, one kernel does it all where it pays (:func:`fused_pays`), the
-    hidden activation kept on chip, and a gated MLP at one token computes its hidden activation in one launch
-    (:func:`inference_path`); otherwise separate differentiable products do, and with ``fused`` a plain MLP (no
+    hidden activation kept on chip, and at one token two launches of the decode kernel do (:func:`inference_path`);
+    otherwise separate differentiable products do, and with ``fused`` a plain MLP (no
     gate, no dropout) trained outside torch.compile keeps its hidden *gradient* on chip in the backward.
     """
     x, (up, down, *gates), (up_bias, down_bias, gate_bias) = autocast_inputs(
@@ -210,7 +174,7 @@ def sparse_mlp(
     tensors = [x, *(w.values for w in matrices), *(b for b in (up_bias, down_bias, gate_bias) if b is not None)]
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     path = inference_path(x.numel() // x.shape[-1], up, down, gate)
-    if fused and not needs_grad and hidden_dropout == 0.0 and path == "fused":
+    if fused and not needs_grad and hidden_dropout == 0.0 and path != "unfused":
         return _fused_mlp_op(
             x,
             [w.values for w in matrices],
@@ -222,12 +186,5 @@ def sparse_mlp(
     plain = gate is None and activation is not None and hidden_dropout == 0.0
     if fused and needs_grad and plain and not torch.compiler.is_compiling():
         return _EagerPlainMLP.apply(x, up.values, down.values, up_bias, down_bias, up, down, activation)
-    if fused and not needs_grad and hidden_dropout == 0.0 and path == "gated_one_token":
-        if torch.compiler.is_compiling():
-            hidden = _gated_hidden_op(x, [up.values, gate.values], [*_index(up), *_index(gate)],
-                                      [*up.shape, *gate.shape], [up_bias, gate_bias], activation)  # fmt: skip
-        else:
-            hidden = _gated_hidden(x, up, gate, up_bias, gate_bias, activation)
-        return spmm(hidden, down, down_bias)
     biases = (up_bias, down_bias, gate_bias)
     return reference.mlp(x, up, down, gate, *biases, activation, hidden_dropout=hidden_dropout, product=spmm)
