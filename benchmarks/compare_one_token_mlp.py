@@ -23,8 +23,11 @@ from sparseblocks.bench.spmm import random_weight
 from sparseblocks.kernels import decode
 from sparseblocks.ops import sparse_mlp, spmm
 
+MODES = ("never", "after_one_token", "always")  # decode.PROGRAMMATIC_LAUNCH
+
 
 def main() -> None:
+    default = decode.PROGRAMMATIC_LAUNCH
     generator = torch.Generator().manual_seed(0)
     print(torch.cuda.get_device_name())
     four_launches = _mlp(lambda x, w, act: spmm(x, w, activation=act))
@@ -39,10 +42,10 @@ def main() -> None:
             sets = weight_copies(lambda one=one: {p: clone_matrix(w) for p, w in one.items()},
                                  sum(w.nbytes for w in one.values()))  # fmt: skip
             times = {"4 launches": time_us(four_launches, 1, k, sets)}
-            for pdl in (False, True):
+            for pdl in MODES:
                 decode.PROGRAMMATIC_LAUNCH = pdl
-                times[f"2 launches{' + PDL' if pdl else ''}"] = time_us(two_launches, 1, k, sets)
-            decode.PROGRAMMATIC_LAUNCH = True
+                times[f"2, PDL {pdl}"] = time_us(two_launches, 1, k, sets)
+            decode.PROGRAMMATIC_LAUNCH = default
             cells = " | ".join(f"{name} {us:5.1f} us {dense / us:5.2f}x" for name, us in times.items())
             print(f"{model}_mlp M=1 s={sparsity} b={block:<3} dense {dense:6.1f} us | {cells}", flush=True)
     for model, case in itertools.product(MODELS, ("up", "down")):
@@ -52,10 +55,10 @@ def main() -> None:
         one = random_weight(n, k, 0.9, 64, torch.bfloat16, generator)
         sets = weight_copies(lambda one=one: {"w": clone_matrix(one)}, one.nbytes)
         times = {}
-        for pdl in (False, True):
+        for pdl in ("never", "always"):
             decode.PROGRAMMATIC_LAUNCH = pdl
-            times[f"PDL {'on' if pdl else 'off'}"] = time_us(lambda x, w: spmm(x, w["w"]), 1, k, sets)
-        decode.PROGRAMMATIC_LAUNCH = True
+            times[f"PDL {pdl}"] = time_us(lambda x, w: spmm(x, w["w"]), 1, k, sets)
+        decode.PROGRAMMATIC_LAUNCH = default
         cells = " | ".join(f"{name} {us:5.1f} us {dense / us:5.2f}x" for name, us in times.items())
         print(f"{model}_{case:<5} M=1 s=0.9 b=64  dense {dense:6.1f} us | {cells}", flush=True)
 

@@ -530,14 +530,18 @@ def _one_token(
     return y
 
 
-PROGRAMMATIC_LAUNCH = True  # for A/B runs: False launches the one-token kernel plainly
+# Which one-token launches are programmatic dependent launches: "always", "after_one_token" (the second launch of
+# the one-token MLP only) or "never" (for A/B runs).
+PROGRAMMATIC_LAUNCH = "always"
 
 
 def _dependent_launch(device: torch.device, after_one_token: bool) -> dict:
     """The one-token kernel's ``DEPENDENT`` mode and launch option on ``device`` (see ``_one_token``)."""
-    if not PROGRAMMATIC_LAUNCH or triton_interpreting() or device.type != "cuda" or not hopper_or_later(device):
+    if triton_interpreting() or device.type != "cuda" or not hopper_or_later(device):
         return {"DEPENDENT": 0}
-    return {"DEPENDENT": 2 if after_one_token else 1, "launch_pdl": True}
+    # Without a programmatic launch the wait is a no-op, and the early trigger still lets a dependent launch start.
+    pdl = PROGRAMMATIC_LAUNCH == "always" or (PROGRAMMATIC_LAUNCH == "after_one_token" and after_one_token)
+    return {"DEPENDENT": 2 if after_one_token else 1, "launch_pdl": pdl and PROGRAMMATIC_LAUNCH != "never"}
 
 
 def _arrays(w: BlockSparseMatrix) -> tuple[torch.Tensor, ...]:
