@@ -23,8 +23,6 @@ from sparseblocks.bench.spmm import random_weight
 from sparseblocks.kernels import decode
 from sparseblocks.ops import sparse_mlp, spmm
 
-MODES = ("never", "after_one_token", "always")  # decode.PROGRAMMATIC_LAUNCH
-
 
 def main() -> None:
     default = decode.PROGRAMMATIC_LAUNCH
@@ -42,9 +40,9 @@ def main() -> None:
             sets = weight_copies(lambda one=one: {p: clone_matrix(w) for p, w in one.items()},
                                  sum(w.nbytes for w in one.values()))  # fmt: skip
             times = {"4 launches": time_us(four_launches, 1, k, sets)}
-            for pdl in MODES:
+            for pdl in (False, True):
                 decode.PROGRAMMATIC_LAUNCH = pdl
-                times[f"2, PDL {pdl}"] = time_us(two_launches, 1, k, sets)
+                times[f"2 launches{', PDL' if pdl else ''}"] = time_us(two_launches, 1, k, sets)
             decode.PROGRAMMATIC_LAUNCH = default
             cells = " | ".join(f"{name} {us:5.1f} us {dense / us:5.2f}x" for name, us in times.items())
             print(f"{model}_mlp M=1 s={sparsity} b={block:<3} dense {dense:6.1f} us | {cells}", flush=True)
@@ -55,10 +53,9 @@ def main() -> None:
         one = random_weight(n, k, 0.9, 64, torch.bfloat16, generator)
         sets = weight_copies(lambda one=one: {"w": clone_matrix(one)}, one.nbytes)
         times = {}
-        for pdl in ("never", "always"):
-            decode.PROGRAMMATIC_LAUNCH = pdl
-            times[f"PDL {pdl}"] = time_us(lambda x, w: spmm(x, w["w"]), 1, k, sets)
-        decode.PROGRAMMATIC_LAUNCH = default
+        for dependent in (0, 1):  # the kernel alone, plainly and as a programmatic dependent launch
+            one_token = lambda x, w, d=dependent: decode._one_token(x, w["w"], None, None, None, dependent=d)
+            times[f"PDL {'on' if dependent else 'off'}"] = time_us(one_token, 1, k, sets)
         cells = " | ".join(f"{name} {us:5.1f} us {dense / us:5.2f}x" for name, us in times.items())
         print(f"{model}_{case:<5} M=1 s=0.9 b=64  dense {dense:6.1f} us | {cells}", flush=True)
 

@@ -492,14 +492,14 @@ def _one_token(
     config: dict | None,
     gate: BlockSparseMatrix | None = None,
     gate_bias: torch.Tensor | None = None,
-    after_one_token: bool = False,
+    dependent: int = 0,
 ) -> torch.Tensor:
     """``spmm_decode_triton`` for x2 ``(1, K)``: the one-token kernel, one program per stored tile; with ``gate``
     (tiled like ``w``), ``act(x2 · gateᵀ + gate_bias) ⊙ (x2 · wᵀ + bias)`` in the same launch.
 
-    On Hopper and later it is a programmatic dependent launch (when ``PROGRAMMATIC_LAUNCH``): it is scheduled
-    while the previous kernel finishes. ``after_one_token``: the previous launch on this stream was this kernel
-    (so any writer of ``w`` finished before it let this one start), and the weights stream before the wait.
+    ``dependent`` 1 or 2 (Hopper and later; else ignored): a programmatic dependent launch, scheduled while the
+    previous kernel finishes, in the kernel's ``DEPENDENT`` mode of that number (2 only where the previous launch
+    on this stream was this kernel in mode 1 or 2, whose wait covered any writer of ``w``).
     """
     (n, k), (bn, bk), (n_rows, _) = w.shape, w.block_shape, w.block_grid
     gate_nnz = 0 if gate is None else gate.nnz
@@ -524,24 +524,22 @@ def _one_token(
         ACTIVATION=ACTIVATION_CODES[activation],
         GATED=gate is not None,
         EVEN_K=k % bk == 0,
-        **_dependent_launch(x2.device, after_one_token),
+        **_dependent_launch(x2.device, dependent),
         **(config or ONE_TOKEN_LAUNCH),
     )
     return y
 
 
-# Which one-token launches are programmatic dependent launches: "always", "after_one_token" (the second launch of
-# the one-token MLP only) or "never" (for A/B runs).
-PROGRAMMATIC_LAUNCH = "always"
+# The one-token MLP's two launches are programmatic dependent launches (False: plain, for A/B runs). A one-token
+# `spmm` alone is not: back to back on Llama-8B's projections it ran 15% slower so (compare_one_token_mlp.py).
+PROGRAMMATIC_LAUNCH = True
 
 
-def _dependent_launch(device: torch.device, after_one_token: bool) -> dict:
+def _dependent_launch(device: torch.device, dependent: int) -> dict:
     """The one-token kernel's ``DEPENDENT`` mode and launch option on ``device`` (see ``_one_token``)."""
-    if triton_interpreting() or device.type != "cuda" or not hopper_or_later(device):
+    if dependent == 0 or triton_interpreting() or device.type != "cuda" or not hopper_or_later(device):
         return {"DEPENDENT": 0}
-    # Without a programmatic launch the wait is a no-op, and the early trigger still lets a dependent launch start.
-    pdl = PROGRAMMATIC_LAUNCH == "always" or (PROGRAMMATIC_LAUNCH == "after_one_token" and after_one_token)
-    return {"DEPENDENT": 2 if after_one_token else 1, "launch_pdl": pdl and PROGRAMMATIC_LAUNCH != "never"}
+    return {"DEPENDENT": dependent, "launch_pdl": True}
 
 
 def _arrays(w: BlockSparseMatrix) -> tuple[torch.Tensor, ...]:
@@ -562,11 +560,12 @@ def one_token_mlp_triton(
     """A whole MLP for one token in two launches of the one-token kernel: the hidden activation (gated: gate, up
     and their product at once), then down, whose tiles stream while the first launch finishes. x2 ``(1, K)`` ->
     ``(1, N)``; up and gate logical ``(H, K)`` tiled alike, down ``(N, H)``."""
+    first, second = (1, 2) if PROGRAMMATIC_LAUNCH else (0, 0)
     if gate is None:
-        hidden = _one_token(x2, up, _flat(up_bias), activation, None)
+        hidden = _one_token(x2, up, _flat(up_bias), activation, None, dependent=first)
     else:
-        hidden = gated_one_token_triton(x2, up, gate, up_bias, gate_bias, activation)
-    return _one_token(hidden, down, _flat(down_bias), None, None, after_one_token=True)
+        hidden = gated_one_token_triton(x2, up, gate, up_bias, gate_bias, activation, dependent=first)
+    return _one_token(hidden, down, _flat(down_bias), None, None, dependent=second)
 
 
 def _flat(bias: torch.Tensor | None) -> torch.Tensor | None:
@@ -581,12 +580,14 @@ def gated_one_token_triton(
     up_bias: torch.Tensor | None = None,
     gate_bias: torch.Tensor | None = None,
     activation: str | None = "silu",
+    dependent: int = 0,
 ) -> torch.Tensor:
     """A gated MLP's hidden activation for one token, ``act(x2 · gateᵀ + gate_bias) ⊙ (x2 · upᵀ + up_bias)``, in
-    one launch: x2 ``(1, K)``, up and gate logical ``(H, K)`` tiled alike -> ``(1, H)`` of x2's dtype."""
+    one launch: x2 ``(1, K)``, up and gate logical ``(H, K)`` tiled alike -> ``(1, H)`` of x2's dtype.
+    ``dependent``: as in ``_one_token``."""
     if x2.shape[0] != 1:
         raise ValueError(f"the gated one-token kernel takes one row of x, got {x2.shape[0]}")
     if gate.shape != up.shape or gate.block_shape != up.block_shape:
         raise ValueError(f"gate {tuple(gate.shape)} in blocks {gate.block_shape} must be tiled like up "
                          f"{tuple(up.shape)} in blocks {up.block_shape}")  # fmt: skip
-    return _one_token(x2, up, _flat(up_bias), activation, None, gate, _flat(gate_bias))
+    return _one_token(x2, up, _flat(up_bias), activation, None, gate, _flat(gate_bias), dependent)
