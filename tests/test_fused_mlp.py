@@ -109,3 +109,22 @@ def test_real_sizes_on_gpu(m, k, hidden, block, gated):
     up, down, gate = _mlp(k, hidden, k, block, block, density=0.1, gated=gated, dtype=torch.bfloat16, seed=7)
     x = torch.randn(m, k, device=DEVICE).to(torch.bfloat16)
     _check(x, up, down, gate, activation="silu" if gated else "gelu")
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("with_biases", [False, True])
+@pytest.mark.parametrize("blocks", [(16, 16), (32, 16)])
+def test_one_token_mlp_both_forms(gated, with_biases, blocks):
+    """One token through the whole MLP in two launches of the one-token kernel (ragged hidden and output sizes)."""
+    from sparseblocks.kernels.decode import one_token_mlp_triton
+
+    up, down, gate = _mlp(70, 100, 50, *blocks, gated=gated)
+    x = torch.randn(1, 70, device=DEVICE)
+    biases = [torch.randn(size, device=DEVICE) if with_biases else None for size in (100, 50, 100)]
+    activation = "silu" if gated else "gelu"
+    out = one_token_mlp_triton(x, up, down, gate if gated else None, *biases[:2], biases[2] if gated else None,
+                               activation)  # fmt: skip
+    as64 = [None if b is None else b.double() for b in biases]
+    double = [None if w is None else w.to(dtype=torch.float64) for w in (up, down, gate)]
+    ref = reference.mlp(x.double(), *double, *as64[:2], as64[2] if gated else None, activation)
+    assert out.shape == ref.shape and relative_error(out, ref) < TOLERANCE[torch.float32]
