@@ -158,8 +158,8 @@ def sparse_mlp(
     hidden_dropout: the dropout probability on the hidden activation (pass 0 in eval mode). With ``fused`` and
     neither gradients nor dropout to compute, one kernel does it all where it pays (:func:`fused_pays`), the
     hidden activation kept on chip, and at one token two launches of the decode kernel do (:func:`inference_path`);
-    otherwise separate differentiable products do, and with ``fused`` a plain MLP (no
-    gate, no dropout) trained outside torch.compile keeps its hidden *gradient* on chip in the backward.
+    otherwise separate differentiable products do, and with ``fused`` a plain MLP (no gate, no dropout) trained
+    outside torch.compile keeps its hidden *gradient* on chip in the backward.
     """
     x, (up, down, *gates), (up_bias, down_bias, gate_bias) = autocast_inputs(
         x, [up, down] + ([gate] if gate is not None else []), [up_bias, down_bias, gate_bias]
@@ -173,8 +173,8 @@ def sparse_mlp(
     matrices = [up, down] if gate is None else [up, down, gate]
     tensors = [x, *(w.values for w in matrices), *(b for b in (up_bias, down_bias, gate_bias) if b is not None)]
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    path = inference_path(x.numel() // x.shape[-1], up, down, gate)
-    if fused and not needs_grad and hidden_dropout == 0.0 and path != "unfused":
+    inference = fused and not needs_grad and hidden_dropout == 0.0
+    if inference and inference_path(x.numel() // x.shape[-1], up, down, gate) != "unfused":
         return _fused_mlp_op(
             x,
             [w.values for w in matrices],
