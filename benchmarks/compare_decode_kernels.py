@@ -38,7 +38,7 @@ def main() -> None:
                 print(f"{model}_{case:<5} M={m} s={sparsity} b={block:<3} dense {dense:6.1f} us | "
                       f"old {old_us:6.1f} us {dense / old_us:5.2f}x | new {new_us:6.1f} us {dense / new_us:5.2f}x",
                       flush=True)  # fmt: skip
-    for key, config in current._decode_tuned.cache.items():  # what the few-token kernel's autotuner picked
+    for key, config in current.decode_tuned.autotuner.cache.items():  # what the few-token kernel's autotuner picked
         print(f"{key[:5]}: {config}")
 
 

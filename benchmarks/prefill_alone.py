@@ -1,19 +1,24 @@
-"""Eager prefill of Llama-3.1-8B's shape alone in a fresh process: dense, ours at 90%/b64 twice, dense again.
+"""Eager prefill of a Llama shape alone in a fresh process: dense, ours at 90%/b64 twice, dense again.
 
-PYTHONPATH=src python3 benchmarks/prefill_alone.py
+PYTHONPATH=src python3 benchmarks/prefill_alone.py [--model llama-3.1-8b]
 
 ``bench e2e`` times the prefill after its compiled decode graphs; this checks that figure without them
 (``results/h200/prefill_alone.txt``).
 """
+
+import argparse
 
 import torch
 
 import sparseblocks
 from sparseblocks.bench import e2e
 
-print(sparseblocks.__file__, flush=True)
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--model", default="llama-3.1-8b", choices=["llama-3.2-1b", "llama-3.1-8b"])
+model = parser.parse_args().model
+print(sparseblocks.__file__, model, flush=True)
 grid = e2e.Grid((1,), ("bf16",), (0.9,), (64,), ("mlp",), ("compiled_graph",))
-dense, _ = e2e.build_model("llama-3.1-8b", torch.bfloat16, torch.device("cuda"))
+dense, _ = e2e.build_model(model, torch.bfloat16, torch.device("cuda"))
 with torch.no_grad():
     d = e2e.prefill_measurement(dense, grid, 20)["value"]
     ours = e2e.sparse_models(dense, 0.9, 64, "mlp")[0]["sparseblocks"]

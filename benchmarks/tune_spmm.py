@@ -25,7 +25,7 @@ CASES = [("llama_1b_up", 0.9, 64), ("llama_1b_down", 0.9, 64), ("vit_b_fc1", 0.9
 KERNELS = {
     "rows": (lambda x, w, config: _launch(x, w, False, None, None, config, descriptors=False)[0],
              [(64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 8, 2), (256, 8, 3), (256, 8, 4)]),
-    "tma": (lambda x, w, config: _launch(x, w, False, None, None, config)[0],
+    "tma": (lambda x, w, config: _launch(x, w, False, None, None, config, descriptors=True)[0],
             [(64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 4, 4), (128, 4, 5), (128, 8, 3), (128, 8, 4), (256, 8, 3),
              (256, 8, 4)]),
 }  # fmt: skip

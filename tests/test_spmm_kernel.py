@@ -111,35 +111,32 @@ def test_inputs_the_copy_engine_cannot_address_take_the_pointer_kernel():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])  # the descriptor kernel, the pointer kernel
 def test_tuned_launch_whichever_m_tile_wins(monkeypatch, winner, dtype):
     """The autotuned path (no fixed config): each candidate's descriptor boxes follow its BLOCK_M (the pre-hook),
-    and the output is right whichever M tile the timings pick."""
+    the output is right whichever M tile the timings pick, and later calls run the remembered config without
+    tuning again (their boxes set by the same pre-hook)."""
     from sparseblocks.kernels import spmm as kernels
     from sparseblocks.kernels import spmm_tma
 
-    tuned, configs = (
-        (spmm_tma._spmm_tma_tuned, spmm_tma.TUNING_CONFIGS)
-        if dtype == torch.float16
-        else (kernels._spmm_tuned, kernels.TUNING_CONFIGS)
-    )
-    candidates = [next(c for c in configs if c.kwargs["BLOCK_M"] == block_m) for block_m in (64, 128)]
-    timings = iter([1.0 if c.kwargs["BLOCK_M"] == winner else 2.0 for c in candidates])
-    monkeypatch.setattr(tuned, "configs", candidates)
-    monkeypatch.setattr(tuned, "cache", {})
-    monkeypatch.setattr(tuned, "cache_results", False)  # no tuning results from disk
+    tuned = spmm_tma.spmm_tma_tuned if dtype == torch.float16 else kernels.spmm_tuned
+    candidates = [next(c for c in tuned.configs if c.kwargs["BLOCK_M"] == block_m) for block_m in (64, 128)]
+    timings = iter([1.0 if c.kwargs["BLOCK_M"] == winner else 2.0 for c in candidates] * 2)  # forward, then dZ
+    monkeypatch.setattr(tuned.autotuner, "configs", candidates)
+    monkeypatch.setattr(tuned.autotuner, "cache", {})
+    monkeypatch.setattr(tuned.autotuner, "cache_results", False)  # no tuning results from disk
+    monkeypatch.setattr(tuned, "_chosen", {})
     # do_bench is a cached property: replace the cached value itself (reading it would look for a GPU)
-    monkeypatch.setitem(tuned.__dict__, "do_bench", lambda call, quantiles: (call(), [next(timings)] * 3)[1])
+    monkeypatch.setitem(tuned.autotuner.__dict__, "do_bench", lambda call, quantiles: (call(), [next(timings)] * 3)[1])
     monkeypatch.setattr(kernels, "INTERPRETER_CONFIG", None)
     w, _ = random_sparse(96, 64, 32, 0.6, dtype=dtype, seed=9)
-    x, bias = torch.randn(70, 64).to(dtype), torch.randn(96).to(dtype)
-    out = kernels.spmm_triton(x, w, bias, "relu")
-    assert tuned.best_config.kwargs["BLOCK_M"] == winner
-    check_output(out, reference.spmm(x.double(), w.to(dtype=torch.float64), bias.double(), "relu"), dtype)
-    # the bias gradient's parts: one row per winning M tile, summed (the buffer is sized for the smallest)
-    timings = iter([1.0 if c.kwargs["BLOCK_M"] == winner else 2.0 for c in candidates])
-    grad_out = torch.randn(70, 96).to(dtype)
-    _, column_sums = kernels.spmm_activation_grad_triton(grad_out, x, w, bias, "silu", bias_grad=True)
-    assert tuned.best_config.kwargs["BLOCK_M"] == winner
+    x, bias, grad_out = torch.randn(70, 64).to(dtype), torch.randn(96).to(dtype), torch.randn(70, 96).to(dtype)
+    expected = reference.spmm(x.double(), w.to(dtype=torch.float64), bias.double(), "relu")
     dz = reference.spmm_activation_grad(grad_out.double(), x.double(), w.to(dtype=torch.float64), bias.double(), "silu")
-    check_output(column_sums, dz.sum(0), torch.float32)
+    for _ in range(2):  # tuned, then remembered (the timings would run out if it tuned again)
+        check_output(kernels.spmm_triton(x, w, bias, "relu"), expected, dtype)
+        # the bias gradient's parts: one row per winning M tile, summed (the buffer is sized for the smallest)
+        _, column_sums = kernels.spmm_activation_grad_triton(grad_out, x, w, bias, "silu", bias_grad=True)
+        check_output(column_sums, dz.sum(0), torch.float32)
+    assert {config.kwargs["BLOCK_M"] for config, _ in tuned._chosen.values()} == {winner}
+    assert len(tuned._chosen) == 2  # the forward and the activation gradient
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu"])

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from sparseblocks.kernels.epilogue import multiprocessors
+from sparseblocks.kernels.tuning import cdiv
 
 BLOCK_N = 128
 BLOCK_M = 64
@@ -42,13 +43,13 @@ def column_sums_triton(g: torch.Tensor, split: int | None = None) -> torch.Tenso
     m, n = g.shape
     if m == 0:
         return g.new_zeros(n, dtype=torch.float32)
-    column_blocks = triton.cdiv(n, BLOCK_N)
+    column_blocks = cdiv(n, BLOCK_N)
     if split is None:
-        chunk = max(triton.cdiv(m * column_blocks, 4 * multiprocessors(g.device)), _MIN_CHUNK)
+        chunk = max(cdiv(m * column_blocks, 4 * multiprocessors(g.device)), _MIN_CHUNK)
     else:
-        chunk = triton.cdiv(m, split)
-    chunk = triton.cdiv(chunk, BLOCK_M) * BLOCK_M
-    split = triton.cdiv(m, chunk)  # no empty chunks
+        chunk = cdiv(m, split)
+    chunk = cdiv(chunk, BLOCK_M) * BLOCK_M
+    split = cdiv(m, chunk)  # no empty chunks
     partial = torch.empty((split, n), device=g.device, dtype=torch.float32)
     _column_sums_kernel[(column_blocks, split)](g, partial, m, n, chunk, g.stride(0), g.stride(1), BLOCK_M=BLOCK_M,
                                                 BLOCK_N=BLOCK_N)  # fmt: skip

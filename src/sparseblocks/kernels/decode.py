@@ -37,12 +37,12 @@ from sparseblocks.kernels.epilogue import (
     ACTIVATION_CODES,
     accumulate_dot,
     apply_activation,
-    density_bucket,
     hopper_or_later,
     input_precision,
     load_x_columns,
     multiprocessors,
 )
+from sparseblocks.kernels.tuning import TunedKernel, cdiv, density_bucket, next_power_of_2
 from sparseblocks.reference import ACTIVATIONS
 
 MAX_TOKENS = 64  # the most rows of x the kernel takes
@@ -373,14 +373,12 @@ def _one_token_kernel(
                 _finish_row(total, row, offs_m, 1, N, bias_ptr, y_ptr, 0, stride_yn, BN, HAS_BIAS, ACTIVATION)
 
 
-TUNING_CONFIGS = [
-    triton.Config({}, num_warps=warps, num_stages=stages) for warps, stages in [(4, 2), (4, 3), (4, 4), (8, 3)]
-]
-_decode_tuned = triton.autotune(
-    configs=TUNING_CONFIGS,
+decode_tuned = TunedKernel(
+    _decode_kernel,
+    [triton.Config({}, num_warps=warps, num_stages=stages) for warps, stages in [(4, 2), (4, 3), (4, 4), (8, 3)]],
     key=["BLOCK_M", "N", "K", "BN", "BK", "DENSITY_BUCKET", "HAS_BIAS", "ACTIVATION", "INPUT_PRECISION"],
     cache_results=True,
-)(_decode_kernel)
+)
 
 _COUNTERS: dict[tuple[torch.device, int, int], torch.Tensor] = {}
 
@@ -406,7 +404,7 @@ def default_tiles_per_program(w: BlockSparseMatrix) -> int:
     """Tiles per program so that about ``PROGRAMS_PER_SM`` programs run on each SM."""
     if triton_interpreting() or not w.values.is_cuda:
         return 2  # small test shapes: still cut rows into pieces
-    return max(1, triton.cdiv(w.nnz, PROGRAMS_PER_SM * multiprocessors(w.values.device)))
+    return max(1, cdiv(w.nnz, PROGRAMS_PER_SM * multiprocessors(w.values.device)))
 
 
 def decode_pays(m: int, w: BlockSparseMatrix) -> bool:
@@ -452,17 +450,17 @@ def spmm_decode_triton(
         return _one_token(x2, w, bias, activation, config)
     (n, k), (bn, bk), (n_rows, _) = w.shape, w.block_shape, w.block_grid
     tiles = tiles_per_program or default_tiles_per_program(w)
-    tile_programs = triton.cdiv(w.nnz, tiles)
-    programs = tile_programs + triton.cdiv(n_rows, EMPTY_ROWS_PER_PROGRAM)
-    block_m = max(16, triton.next_power_of_2(m))  # tl.dot takes 16 rows at least
+    tile_programs = cdiv(w.nnz, tiles)
+    programs = tile_programs + cdiv(n_rows, EMPTY_ROWS_PER_PROGRAM)
+    block_m = max(16, next_power_of_2(m))  # tl.dot takes 16 rows at least
     y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
     partial = torch.empty((tile_programs + n_rows, block_m, bn), device=x2.device, dtype=torch.float32)
+    density = density_bucket(w.density)
     args = (
         x2, w.values, w.crow_indices, w.col_indices, w.row_indices_of_block,
         bias if bias is not None else y, partial, arrival_counters(x2.device, n_rows), y,
         m, n, k, w.nnz, n_rows, tiles,
-        x2.stride(0), x2.stride(1), y.stride(0), y.stride(1),
-        density_bucket(w.density),
+        x2.stride(0), x2.stride(1), y.stride(0), y.stride(1), density,
     )  # fmt: skip
     meta = {
         "BN": bn,
@@ -478,7 +476,7 @@ def spmm_decode_triton(
     if config is None and triton_interpreting():
         config = {"num_warps": 4, "num_stages": 1}
     if config is None:
-        _decode_tuned[(programs,)](*args, **meta)
+        decode_tuned.launch((x2.dtype, w.dtype, n, k, density), (programs,), args, meta)
     else:
         _decode_kernel[(programs,)](*args, **meta, **config)
     return y
@@ -512,7 +510,7 @@ def _one_token(
         gate_bias if gate_bias is not None else unused, partial, arrival_counters(x2.device, n_rows), y,
         n, k, w.nnz, gate_nnz, n_rows, x2.stride(1), y.stride(1),
     )  # fmt: skip
-    grid = (w.nnz + gate_nnz + triton.cdiv(n_rows, EMPTY_ROWS_PER_PROGRAM),)
+    grid = (w.nnz + gate_nnz + cdiv(n_rows, EMPTY_ROWS_PER_PROGRAM),)
     _one_token_kernel[grid](
         *args,
         BN=bn,

@@ -1,10 +1,9 @@
 """Pieces every kernel shares: the gather of x's columns, the fused activations (and their derivatives), the bias
-gradient's partial sums, the fp32 dot precision, the SM count and the autotuners' keys, configs and pruning."""
+gradient's partial sums, the fp32 dot precision and the device facts (SM count, Hopper or later)."""
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 
 import torch
 import triton
@@ -74,11 +73,6 @@ def store_column_sums(row_ptr, tile, offs_out, width):
     tl.store(row_ptr + offs_out, tl.sum(tile, axis=0), mask=offs_out < width)
 
 
-# The row kernel's autotuning key, in both its versions (pointer loads, tensor descriptors).
-ROW_KERNEL_TUNING_KEY = ["M_BUCKET", "OUT", "IN", "BN", "BK", "TRANSPOSED", "DENSITY_BUCKET", "HAS_BIAS", "ACTIVATION",
-                         "GRAD_EPILOGUE", "BIAS_GRAD", "INPUT_PRECISION"]  # fmt: skip
-
-
 @functools.cache
 def hopper_or_later(device: torch.device) -> bool:
     """Whether a CUDA device is sm_90 or newer (TMA descriptors, programmatic dependent launch)."""
@@ -91,53 +85,6 @@ def multiprocessors(device: torch.device) -> int:
     if device.type != "cuda":
         return 2
     return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-class MTileGrid:
-    """An autotuned launch's grid, ``cdiv(M, BLOCK_M) · blocks`` programs, that remembers the BLOCK_M it was last
-    called with: the real launch's, after any benchmarking (the autotuner's shared ``best_config`` could be another
-    thread's)."""
-
-    def __init__(self, m: int, blocks: int) -> None:
-        self.m, self.blocks, self.block_m = m, blocks, 0
-
-    def __call__(self, meta: dict) -> tuple[int]:
-        self.block_m = meta["BLOCK_M"]
-        return (triton.cdiv(self.m, self.block_m) * self.blocks,)
-
-
-def m_bucket(m: int) -> int:
-    """The autotuners' key for M (``M_BUCKET``): its next power of two, capped, so M alone does not retune."""
-    return min(triton.next_power_of_2(m), 1 << 16)
-
-
-def density_bucket(density: float) -> int:
-    """The autotuners' key for a pattern's density (``DENSITY_BUCKET``): steps of 5%."""
-    return round(density * 20)
-
-
-def prune_large_m_tiles(configs: list, named_args: dict, **kwargs) -> list:
-    """Autotuner pruning: drop M tiles far larger than M itself (they only multiply padding), from its bucket."""
-    largest_useful = max(64, named_args["M_BUCKET"])
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= largest_useful]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
-
-
-def autotune_row_kernel(
-    kernel,
-    launch_configs: list[tuple[int, int, int]],
-    pre_hook: Callable | None = None,
-    extra_key: tuple[str, ...] = (),
-    **options,
-) -> tuple[list[triton.Config], Callable]:
-    """One version of the row kernel under Triton's autotuner: its ``(BLOCK_M, num_warps, num_stages)`` configs,
-    keyed on ``ROW_KERNEL_TUNING_KEY`` plus ``extra_key`` (that version's own modes), oversized M tiles pruned.
-    Returns the configs and the tuned kernel."""
-    configs = [triton.Config({"BLOCK_M": block_m}, num_warps=warps, num_stages=stages, pre_hook=pre_hook)
-               for block_m, warps, stages in launch_configs]  # fmt: skip
-    tune = triton.autotune(configs=configs, key=[*ROW_KERNEL_TUNING_KEY, *extra_key],
-                           prune_configs_by={"early_config_prune": prune_large_m_tiles}, **options)  # fmt: skip
-    return configs, tune(kernel)
 
 
 def input_precision(dtype: torch.dtype) -> str:

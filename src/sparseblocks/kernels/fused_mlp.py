@@ -27,6 +27,7 @@ from sparseblocks.kernels.epilogue import (
     input_precision,
     load_x_columns,
 )
+from sparseblocks.kernels.tuning import TunedKernel, cdiv, m_tile_grid
 
 
 @triton.jit
@@ -126,15 +127,13 @@ def _fused_mlp_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_in_range & (offs_n[None, :] < N))
 
 
-TUNING_CONFIGS = [
-    triton.Config({"BLOCK_M": block_m}, num_warps=warps, num_stages=stages)
-    for block_m, warps, stages in [(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 2), (128, 8, 3)]
-]
-_fused_mlp_tuned = triton.autotune(
-    configs=TUNING_CONFIGS,
+fused_mlp_tuned = TunedKernel(
+    _fused_mlp_kernel,
+    [triton.Config({"BLOCK_M": block_m}, num_warps=warps, num_stages=stages)
+     for block_m, warps, stages in [(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 2), (128, 8, 3)]],
     key=["K", "H", "N", "BK", "BH", "BN", "GATED", "ACTIVATION", "INPUT_PRECISION"],
     cache_results=True,
-)(_fused_mlp_kernel)
+)  # fmt: skip
 INTERPRETER_CONFIG = {"BLOCK_M": 16, "num_warps": 4, "num_stages": 1}
 
 
@@ -185,7 +184,7 @@ def fused_mlp_triton(
     if config is None and triton_interpreting():
         config = INTERPRETER_CONFIG
     if config is None:
-        _fused_mlp_tuned[lambda chosen: (triton.cdiv(m, chosen["BLOCK_M"]) * down.block_grid[0],)](*args, **meta)
+        fused_mlp_tuned.launch((x2.dtype, k, hidden, n), m_tile_grid(m, down.block_grid[0]), args, meta)
     else:
-        _fused_mlp_kernel[(triton.cdiv(m, config["BLOCK_M"]) * down.block_grid[0],)](*args, **meta, **config)
+        _fused_mlp_kernel[(cdiv(m, config["BLOCK_M"]) * down.block_grid[0],)](*args, **meta, **config)
     return y

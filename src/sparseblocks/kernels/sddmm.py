@@ -18,7 +18,8 @@ import triton.language as tl
 
 from sparseblocks.backend import triton_interpreting
 from sparseblocks.format import BlockSparseMatrix
-from sparseblocks.kernels.epilogue import accumulate_dot, input_precision, m_bucket, multiprocessors
+from sparseblocks.kernels.epilogue import accumulate_dot, input_precision, multiprocessors
+from sparseblocks.kernels.tuning import TunedKernel, cdiv, m_bucket
 
 # Chunks of M are multiples of this, so that every BLOCK_M in the tuning set divides them.
 _CHUNK_QUANTUM = 256
@@ -77,22 +78,20 @@ def _sddmm_kernel(
     tl.store(out_ptrs + tl.arange(0, BK)[None, :], acc.to(out_ptr.dtype.element_ty))
 
 
-TUNING_CONFIGS = [
-    triton.Config({"BLOCK_M": block_m}, num_warps=warps, num_stages=stages)
-    for block_m, warps, stages in [(32, 4, 3), (64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (128, 8, 4)]
-]
-_sddmm_tuned = triton.autotune(
-    configs=TUNING_CONFIGS,
+sddmm_tuned = TunedKernel(
+    _sddmm_kernel,
+    [triton.Config({"BLOCK_M": block_m}, num_warps=warps, num_stages=stages)
+     for block_m, warps, stages in [(32, 4, 3), (64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (128, 8, 4)]],
     key=["M_BUCKET", "N", "K", "nnz", "BN", "BK", "INPUT_PRECISION"],
     cache_results=True,
-)(_sddmm_kernel)
+)  # fmt: skip
 INTERPRETER_CONFIG = {"BLOCK_M": 16, "num_warps": 4, "num_stages": 1}
 
 
 def default_split(m: int, nnz: int, device: torch.device) -> int:
     """Chunks of M to reduce in parallel: enough programs for about four per multiprocessor, no chunk under 256 rows."""
-    wanted = triton.cdiv(4 * multiprocessors(device), max(nnz, 1))
-    return max(1, min(wanted, triton.cdiv(m, _CHUNK_QUANTUM)))
+    wanted = cdiv(4 * multiprocessors(device), max(nnz, 1))
+    return max(1, min(wanted, cdiv(m, _CHUNK_QUANTUM)))
 
 
 def sddmm_triton(
@@ -113,8 +112,8 @@ def sddmm_triton(
     if m == 0 or nnz == 0:
         return torch.zeros_like(w.values)
     split = split or default_split(m, nnz, x.device)
-    chunk = triton.cdiv(triton.cdiv(m, split), _CHUNK_QUANTUM) * _CHUNK_QUANTUM
-    split = triton.cdiv(m, chunk)  # no empty chunks
+    chunk = cdiv(cdiv(m, split), _CHUNK_QUANTUM) * _CHUNK_QUANTUM
+    split = cdiv(m, chunk)  # no empty chunks
     # One chunk writes the result directly; several write fp32 partial sums, added in order below.
     out_dtype = w.dtype if split == 1 else torch.float32
     out = torch.empty((split, nnz, bn, bk), device=x.device, dtype=out_dtype)
@@ -147,7 +146,7 @@ def sddmm_triton(
         config = INTERPRETER_CONFIG
     grid = (split * nnz,)
     if config is None:
-        _sddmm_tuned[grid](*args, **meta)
+        sddmm_tuned.launch((x2.dtype, grad2.dtype, n, k, nnz, m_bucket(m)), grid, args, meta)
     else:
         _sddmm_kernel[grid](*args, **meta, **config)
     return out[0] if split == 1 else out.sum(0).to(w.dtype)

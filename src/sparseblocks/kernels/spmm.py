@@ -10,7 +10,8 @@ reading the tiles in place through ``transpose_perm`` and multiplying them untra
 tile of dX per program, columns heaviest first (``col_order``). No transposed copy of W exists.
 
 Where the inputs meet TMA's alignment rules the same loop runs with tensor descriptors (``kernels/spmm_tma.py``,
-1.1-1.2x faster on an H200); this pointer version takes every other input (odd strides or widths).
+1.1-1.2x faster on an H200) if the product is large enough for that to outweigh their CPU cost
+(``descriptors_pay``); this pointer version takes every other input (odd strides or widths, small products).
 
 A few tokens take the decode kernel instead (``kernels/decode.py``, chosen by ``decode.decode_pays``): with one M
 tile, programs per block row would leave most SMs idle.
@@ -35,19 +36,15 @@ from sparseblocks.format import BlockSparseMatrix
 from sparseblocks.kernels.decode import decode_pays, spmm_decode_triton
 from sparseblocks.kernels.epilogue import (
     ACTIVATION_CODES,
-    MTileGrid,
     accumulate_dot,
     activation_grad,
     apply_activation,
-    autotune_row_kernel,
-    density_bucket,
     input_precision,
     load_x_columns,
-    m_bucket,
     store_column_sums,
 )
-from sparseblocks.kernels.spmm_tma import TUNING_CONFIGS as TMA_TUNING_CONFIGS
-from sparseblocks.kernels.spmm_tma import launch_tma, tma_fits
+from sparseblocks.kernels.spmm_tma import launch_tma, spmm_tma_tuned, tma_fits
+from sparseblocks.kernels.tuning import autotune_row_kernel, cdiv, density_bucket, m_bucket, m_tile_grid
 
 
 @triton.jit(do_not_specialize=["M", "M_BUCKET", "DENSITY_BUCKET"])
@@ -142,13 +139,13 @@ def _spmm_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
-TUNING_CONFIGS, _spmm_tuned = autotune_row_kernel(
+spmm_tuned = autotune_row_kernel(
     _spmm_kernel,
     [(64, 4, 3), (64, 4, 4), (128, 4, 2), (128, 4, 3), (128, 8, 2), (256, 4, 3), (256, 8, 4)],
     cache_results=True,
 )
 
-SMALLEST_TUNED_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in TUNING_CONFIGS + TMA_TUNING_CONFIGS)
+SMALLEST_TUNED_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in spmm_tuned.configs + spmm_tma_tuned.configs)
 
 # The interpreter runs one fixed, small config: tuning there would only time Python.
 INTERPRETER_CONFIG = {"BLOCK_M": 16, "num_warps": 4, "num_stages": 1}
@@ -162,7 +159,7 @@ def _launch(
     activation: str | None,
     config: dict | None,
     grad2: torch.Tensor | None = None,
-    descriptors: bool = True,
+    descriptors: bool | None = None,
     bias_grad: bool = False,
     grad_weight: BlockSparseMatrix | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -170,7 +167,8 @@ def _launch(
     ``grad2 ⊙ act'(x2·Wᵀ + b)`` instead, and with ``bias_grad`` too its column sums (fp32 ``(OUT,)``, the bias
     gradient; else None). With ``grad_weight`` (an MLP's W2, descriptor version only) ``grad2`` is W2's output
     gradient and the epilogue multiplies by ``grad2 · W2`` computed on chip. The tensor-descriptor version
-    (``kernels/spmm_tma.py``) runs where the inputs allow it, unless ``descriptors`` is False."""
+    (``kernels/spmm_tma.py``) runs where the inputs allow it and, unless ``descriptors`` is True, where
+    ``descriptors_pay``; never with ``descriptors`` False. ``grad_weight`` takes it wherever the inputs allow."""
     (n, k), (bn, bk), (n_block_rows, n_block_cols) = w.shape, w.block_shape, w.block_grid
     if transposed:
         out_features, in_features, n_out_blocks = k, n, n_block_cols
@@ -201,13 +199,16 @@ def _launch(
     parts = None
     if bias_grad:  # a row of column sums per M tile, as many as the smallest M tile the tuner may pick makes
         smallest_block_m = config["BLOCK_M"] if config else SMALLEST_TUNED_BLOCK_M
-        parts = torch.empty((triton.cdiv(m, smallest_block_m), out_features), device=x2.device, dtype=torch.float32)
+        parts = torch.empty((cdiv(m, smallest_block_m), out_features), device=x2.device, dtype=torch.float32)
+    if descriptors is None:
+        descriptors = grad_weight is not None or descriptors_pay(m, w)
     if descriptors and tma_fits(x2, w, transposed, grad2):
         y, block_m = launch_tma(x2, w, transposed, index, meta, config, bias, grad2, parts, grad_weight)
         return y, _bias_grad_from_parts(parts, m, block_m)
     if grad_weight is not None:
         raise ValueError("the hidden gradient from dY · W2 needs the descriptor kernel's inputs (see tma_fits)")
     y = torch.empty((m, out_features), device=x2.device, dtype=x2.dtype)
+    buckets = (m_bucket(m), density_bucket(w.density))
     args = (
         x2,
         w.values,
@@ -225,24 +226,38 @@ def _launch(
         y.stride(0),
         y.stride(1),
         *(grad2.stride() if grad2 is not None else y.stride()),
-        m_bucket(m),
-        density_bucket(w.density),
+        *buckets,
     )
     meta["EVEN_IN"] = in_features % (bn if transposed else bk) == 0
     if config is None:
-        grid = MTileGrid(m, n_out_blocks)
-        _spmm_tuned[grid](*args, **meta)
-        block_m = grid.block_m
+        tuning_key = (x2.dtype, w.dtype, out_features, in_features, *buckets)
+        block_m = spmm_tuned.launch(tuning_key, m_tile_grid(m, n_out_blocks), args, meta).kwargs["BLOCK_M"]
     else:
         block_m = config["BLOCK_M"]
-        _spmm_kernel[(triton.cdiv(m, block_m) * n_out_blocks,)](*args, **meta, **config)
+        _spmm_kernel[(cdiv(m, block_m) * n_out_blocks,)](*args, **meta, **config)
     return y, _bias_grad_from_parts(parts, m, block_m)
+
+
+# The descriptor kernel's GPU time is 10-20% shorter, its CPU time to issue ~40 µs longer: four TensorDescriptors
+# built and checked in Python and five encoded by the driver per launch (results/h200/launch_overhead.txt). A product
+# under about this many FLOPs takes less GPU time than that at the ~250 TFLOP/s these kernels reach (H200), so
+# in an eager model the CPU sets the pace there and the pointer kernel finishes first.
+DESCRIPTOR_MIN_FLOPS = 16e9
+
+
+def descriptors_pay(m: int, w: BlockSparseMatrix) -> bool:
+    """Whether the descriptor kernel should take an ``m``-row product with ``w`` (where the inputs allow it):
+    products of ``DESCRIPTOR_MIN_FLOPS`` or more, any product under the interpreter (tests), and any product
+    captured into a CUDA graph, whose replays do not pay the CPU cost again."""
+    if triton_interpreting() or 2 * m * w.nnz * w.values.shape[1] * w.values.shape[2] >= DESCRIPTOR_MIN_FLOPS:
+        return True
+    return w.values.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _bias_grad_from_parts(parts: torch.Tensor | None, m: int, block_m: int) -> torch.Tensor | None:
     """The bias gradient from its per-M-tile parts: the rows the launch wrote (``block_m`` tiles), in order.
     (A few hundred rows: ``torch.sum`` is as fast here as the column-sum kernel and cheaper to issue.)"""
-    return None if parts is None else parts[: triton.cdiv(m, block_m)].sum(0)
+    return None if parts is None else parts[: cdiv(m, block_m)].sum(0)
 
 
 def spmm_triton(

@@ -27,16 +27,13 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from sparseblocks.backend import triton_interpreting
 from sparseblocks.format import BlockSparseMatrix
 from sparseblocks.kernels.epilogue import (
-    MTileGrid,
     accumulate_dot,
     activation_grad,
     apply_activation,
-    autotune_row_kernel,
-    density_bucket,
     hopper_or_later,
-    m_bucket,
     store_column_sums,
 )
+from sparseblocks.kernels.tuning import autotune_row_kernel, cdiv, density_bucket, m_bucket, m_tile_grid
 
 
 @triton.jit(do_not_specialize=["IN", "M_BUCKET", "DENSITY_BUCKET"])
@@ -117,7 +114,7 @@ def _set_boxes(nargs: dict) -> None:
         nargs[name].block_shape = [nargs["BLOCK_M"], nargs[name].block_shape[1]]
 
 
-TUNING_CONFIGS, _spmm_tma_tuned = autotune_row_kernel(  # no cache_results: not kept for configs with a pre-hook
+spmm_tma_tuned = autotune_row_kernel(  # no cache_results: not kept for configs with a pre-hook
     _spmm_tma_kernel,
     [(64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 4, 4), (128, 4, 5), (128, 8, 3), (256, 8, 3), (256, 8, 4)],
     pre_hook=_set_boxes,
@@ -184,10 +181,11 @@ def launch_tma(
     if x2.is_cuda:
         _bind_context(x2.device)
     y = torch.empty((m, out_features), device=x2.device, dtype=x2.dtype)
-    block_m = config["BLOCK_M"] if config else 64  # the autotuner's pre-hook resets the boxes per config
+    block_m = config["BLOCK_M"] if config else 64  # the tuned launch's pre-hook resets the boxes per config
     descriptor = lambda t, width: TensorDescriptor(t, list(t.shape), [t.stride(0), 1], [block_m, width])
     tiles = lambda v: TensorDescriptor(v, [v.shape[0] * v.shape[1], v.shape[2]], [v.shape[2], 1], list(v.shape[1:]))
     w_desc = tiles(w.values)
+    buckets = (m_bucket(m), density_bucket(w.density))
     meta = {**meta, "GRAD_FROM_PRODUCT": grad_weight is not None,
             "BN2": grad_weight.block_shape[0] if grad_weight is not None else 16}  # fmt: skip
     if grad_weight is None:
@@ -210,12 +208,11 @@ def launch_tma(
         out_features,
         n_out_blocks,
         n if transposed else k,
-        m_bucket(m),
-        density_bucket(w.density),
+        *buckets,
     )
     if config is None:
-        grid = MTileGrid(m, n_out_blocks)
-        _spmm_tma_tuned[grid](*args, **meta)
-        return y, grid.block_m
-    _spmm_tma_kernel[(triton.cdiv(m, block_m) * n_out_blocks,)](*args, **meta, **config)
+        tuning_key = (x2.dtype, w.dtype, out_features, n if transposed else k, *buckets)
+        launched = spmm_tma_tuned.launch(tuning_key, m_tile_grid(m, n_out_blocks), args, meta)
+        return y, launched.kwargs["BLOCK_M"]
+    _spmm_tma_kernel[(cdiv(m, block_m) * n_out_blocks,)](*args, **meta, **config)
     return y, block_m

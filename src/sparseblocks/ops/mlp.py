@@ -24,6 +24,7 @@ from sparseblocks.ops.spmm import (
     _sddmm,
     autocast_inputs,
     check_spmm_inputs,
+    needs_grad,
     spmm,
 )
 
@@ -93,6 +94,19 @@ def _fused_mlp_op(
     activation: str,
 ) -> torch.Tensor:
     up, down, gate = (*_matrices(values, indices, shapes), None)[:3]
+    return _fused_mlp(x, up, down, gate, biases, activation)
+
+
+def _fused_mlp(
+    x: torch.Tensor,
+    up: BlockSparseMatrix,
+    down: BlockSparseMatrix,
+    gate: BlockSparseMatrix | None,
+    biases: list[torch.Tensor | None],
+    activation: str,
+) -> torch.Tensor:
+    """The fused op's implementation, also called directly outside torch.compile (a custom op's dispatch costs
+    more CPU than a one-token MLP's two kernels take on the GPU)."""
     x2 = x.reshape(-1, up.shape[1])
     if use_triton(x):
         from sparseblocks.kernels.decode import one_token_mlp_triton
@@ -171,20 +185,21 @@ def sparse_mlp(
         check_spmm_inputs(x, gate, gate_bias, activation)
     check_mlp_shapes(up, down, gate)
     matrices = [up, down] if gate is None else [up, down, gate]
-    tensors = [x, *(w.values for w in matrices), *(b for b in (up_bias, down_bias, gate_bias) if b is not None)]
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    inference = fused and not needs_grad and hidden_dropout == 0.0
+    biases = [up_bias, down_bias, gate_bias]
+    training = needs_grad(x, *(w.values for w in matrices), *biases)
+    inference = fused and not training and hidden_dropout == 0.0
     if inference and inference_path(x.numel() // x.shape[-1], up, down, gate) != "unfused":
+        if not torch.compiler.is_compiling():
+            return _fused_mlp(x, up, down, gate, biases, activation)
         return _fused_mlp_op(
             x,
             [w.values for w in matrices],
             [index for w in matrices for index in _index(w)],
             [size for w in matrices for size in w.shape],
-            [up_bias, down_bias, gate_bias],
+            biases,
             activation,
         )
     plain = gate is None and activation is not None and hidden_dropout == 0.0
-    if fused and needs_grad and plain and not torch.compiler.is_compiling():
+    if fused and training and plain and not torch.compiler.is_compiling():
         return _EagerPlainMLP.apply(x, up.values, down.values, up_bias, down_bias, up, down, activation)
-    biases = (up_bias, down_bias, gate_bias)
     return reference.mlp(x, up, down, gate, *biases, activation, hidden_dropout=hidden_dropout, product=spmm)
