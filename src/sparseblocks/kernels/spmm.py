@@ -247,11 +247,12 @@ DESCRIPTOR_MIN_FLOPS = 16e9
 
 def descriptors_pay(m: int, w: BlockSparseMatrix) -> bool:
     """Whether the descriptor kernel should take an ``m``-row product with ``w`` (where the inputs allow it):
-    products of ``DESCRIPTOR_MIN_FLOPS`` or more, any product under the interpreter (tests), and any product
-    captured into a CUDA graph, whose replays do not pay the CPU cost again."""
-    if triton_interpreting() or 2 * m * w.nnz * w.values.shape[1] * w.values.shape[2] >= DESCRIPTOR_MIN_FLOPS:
-        return True
-    return w.values.is_cuda and torch.cuda.is_current_stream_capturing()
+    products of ``DESCRIPTOR_MIN_FLOPS`` or more, and any product under the interpreter (tests).
+
+    The choice depends on the shapes alone, not on whether a CUDA graph is being captured (where the CPU cost
+    would not matter): a kernel first chosen during a capture would be autotuned there, which breaks the capture.
+    """
+    return triton_interpreting() or 2 * m * w.nnz * w.values.shape[1] * w.values.shape[2] >= DESCRIPTOR_MIN_FLOPS
 
 
 def _bias_grad_from_parts(parts: torch.Tensor | None, m: int, block_m: int) -> torch.Tensor | None:
