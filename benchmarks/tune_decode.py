@@ -1,13 +1,15 @@
-"""Tiles per program and launch config of the decode kernel, on the decode benchmark's weights (H200, bf16).
+"""Tiles per program and launch config of the few-token decode kernel, on the decode benchmark's weights (bf16).
 
-    PYTHONPATH=src python3 benchmarks/tune_decode.py
+    PYTHONPATH=src python3 benchmarks/tune_decode.py [--tokens 4,16] [--programs-per-sm 1,2,4,8,16]
 
-Prints, per shape, the time of every (programs per SM, num_warps, num_stages) against dense and the row kernel at
-one token, with weights rotated past the L2 as in ``sparseblocks bench decode``. Chose ``decode.PROGRAMS_PER_SM``.
+Prints, per shape and token count, the time of every (programs per SM, num_warps, num_stages) against dense and
+the row kernel, with weights rotated past the L2 as in ``sparseblocks bench decode``. Chose
+``decode.PROGRAMS_PER_SM`` (one token has its own kernel, one program per tile: not tuned here).
 (``results/h200/tune_decode.txt`` also swept how many partial sums the reducing program loads at once: one was
 best everywhere, so that knob is gone.)
 """
 
+import argparse
 import itertools
 import math
 
@@ -27,11 +29,16 @@ SHAPES = {
     "llama_1b_down": (2048, 8192),
 }
 CONFIGS = [{"num_warps": w, "num_stages": s} for w, s in [(4, 2), (4, 3), (4, 4), (8, 3)]]
-PROGRAMS_PER_SM = (4, 8, 16)
-CASES = [(0.9, 64), (0.9, 32), (0.5, 64)]  # (sparsity, block)
+CASES = [(0.9, 64), (0.9, 32), (0.8, 64), (0.5, 64), (0.5, 32)]  # (sparsity, block)
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", default="4,16", help="rows of x, 2..64")
+    parser.add_argument("--programs-per-sm", default="1,2,4,8,16")
+    args = parser.parse_args()
+    tokens = [int(m) for m in args.tokens.split(",")]
+    programs_per_sm = [int(p) for p in args.programs_per_sm.split(",")]
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     generator = torch.Generator().manual_seed(0)
     print(f"{torch.cuda.get_device_name()}, {sms} SMs")
@@ -39,11 +46,11 @@ def main() -> None:
         one = random_weight(n, k, sparsity, block, torch.bfloat16, generator)
         sparse_sets = weight_copies(lambda one=one: {"w": clone_matrix(one)}, one.nbytes)
         dense_sets = weight_copies(lambda n=n, k=k: dense_weights({"w": (n, k)}), 2 * n * k)
-        for m in (1,):
+        for m in tokens:
             dense = time_us(lambda x, w: F.linear(x, w["w"]), m, k, dense_sets)
             rows = time_us(lambda x, w: spmm_triton(x, w["w"], kernel="rows"), m, k, sparse_sets)
             results = []
-            for per_sm, config in itertools.product(PROGRAMS_PER_SM, CONFIGS):
+            for per_sm, config in itertools.product(programs_per_sm, CONFIGS):
                 tiles = max(1, math.ceil(one.nnz / (per_sm * sms)))
 
                 def fn(x, w, tiles=tiles, config=config):
@@ -54,7 +61,7 @@ def main() -> None:
             print(f"{shape} s={sparsity} b={block} M={m}: dense {dense:.1f} us; rows kernel {rows:.1f} us; best "
                   f"{best[0]:.1f} us ({dense / best[0]:.2f}x) at {best[1]}/SM, {best[2]}",
                   flush=True)  # fmt: skip
-            for per_sm in PROGRAMS_PER_SM:
+            for per_sm in programs_per_sm:
                 row = [f"{us:5.1f}" for us, p, _ in results if p == per_sm]
                 print(f"    {per_sm:2}/SM: {' '.join(row)}  (configs {[tuple(c.values()) for c in CONFIGS]})")
 
