@@ -14,10 +14,15 @@ import torch
 logger = logging.getLogger("sparseblocks")
 
 
+# Looked up once, at import: torch.compile (2.11) refuses to trace find_spec, and ops.mlp.inference_path asks
+# inside compiled models.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 @functools.cache
 def triton_available() -> bool:
     """Triton is importable and can compile for a CUDA GPU here."""
-    return importlib.util.find_spec("triton") is not None and torch.cuda.is_available()
+    return _TRITON_INSTALLED and torch.cuda.is_available()
 
 
 @functools.cache  # read once, as Triton reads it when it decorates the kernels at import (each read costs ~1 µs)

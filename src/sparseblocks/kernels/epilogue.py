@@ -49,6 +49,22 @@ def apply_activation(z, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
+def add_bias(acc, bias_ptr, offs_out, width):
+    """``acc`` ``(BLOCK_M, OUT_B)`` fp32 plus the bias at ``offs_out`` (zero past ``width``)."""
+    return acc + tl.load(bias_ptr + offs_out, mask=offs_out < width, other=0.0).to(tl.float32)[None, :]
+
+
+@triton.jit
+def gated_product(gate, up, ACTIVATION: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """A gated MLP's hidden tile ``act(gate) ⊙ up`` from the fp32 pre-activations (biases added), in fp32.
+
+    ``act(gate)`` and ``up`` are rounded to ``OUT_DTYPE`` first, where the unfused path stores them (two ``spmm``
+    outputs, then an elementwise product in that dtype), so every path gives the same numbers."""
+    gate = apply_activation(gate, ACTIVATION).to(OUT_DTYPE).to(tl.float32)
+    return gate * up.to(OUT_DTYPE).to(tl.float32)
+
+
+@triton.jit
 def activation_grad(z, ACTIVATION: tl.constexpr):
     """d activation / dz on an fp32 tile of pre-activations (``ACTIVATION`` > 0)."""
     tl.static_assert(ACTIVATION > 0, "no activation, no activation gradient")

@@ -24,6 +24,7 @@ from sparseblocks.kernels.epilogue import (
     ACTIVATION_CODES,
     accumulate_dot,
     apply_activation,
+    gated_product,
     input_precision,
     load_x_columns,
 )
@@ -111,9 +112,7 @@ def _fused_mlp_kernel(
                                  BH, BK, BLOCK_M, INPUT_PRECISION, DOT_IN_FP32, EVEN_K)  # fmt: skip
             if HAS_BG:
                 gate += tl.load(bg_ptr + offs_h, mask=offs_h < H, other=0.0).to(tl.float32)[None, :]
-            # rounded where the unfused path stores act(gate) and up, so both give the same numbers
-            gate = apply_activation(gate, ACTIVATION).to(y_ptr.dtype.element_ty).to(tl.float32)
-            hidden = gate * hidden.to(y_ptr.dtype.element_ty).to(tl.float32)
+            hidden = gated_product(gate, hidden, ACTIVATION, y_ptr.dtype.element_ty)
         else:
             hidden = apply_activation(hidden, ACTIVATION)
         # hidden units past H (the padding of a ragged hidden size) must not leak into the output

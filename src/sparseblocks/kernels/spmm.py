@@ -9,6 +9,10 @@ Input gradient (``TRANSPOSED``): the same loop over one block *column* of W (``c
 reading the tiles in place through ``transpose_perm`` and multiplying them untransposed: a ``(BLOCK_M, bk)``
 tile of dX per program, columns heaviest first (``col_order``). No transposed copy of W exists.
 
+Gated (``GATED``, forward only): a SwiGLU MLP's hidden activation ``act(X·Wgᵀ + bg) ⊙ (X·Wᵀ + b)``, W the up
+projection: each program also walks the gate's block row (its own index: gate and up may store different tiles)
+into a second fp32 accumulator, so neither product is written to memory and read back (``gated_spmm_triton``).
+
 Where the inputs meet TMA's alignment rules the same loop runs with tensor descriptors (``kernels/spmm_tma.py``,
 1.1-1.2x faster on an H200) if the product is large enough for that to outweigh their CPU cost
 (``descriptors_pay``); this pointer version takes every other input (odd strides or widths, small products).
@@ -19,6 +23,8 @@ tile, programs per block row would leave most SMs idle.
 Known limits (2026-11):
 * The Triton interpreter multiplies bf16 ``tl.dot`` operands wrongly (triton-lang/triton#11584), so under
   ``TRITON_INTERPRET=1`` bf16 tiles are upcast to fp32 before the dot (exact: bf16 -> fp32 loses nothing).
+* The interpreter (Triton 3.6) casts fp32 to bf16 by truncation, not to nearest as the GPU and torch do: there a
+  bf16 gated product differs from torch's product of the two rounded halves by an ulp (2026-12).
 * ``tl.make_block_ptr`` is avoided (removed in Triton 3.9); loads are plain pointer arithmetic with masks, which
   is also what handles ragged M, N and K.
 """
@@ -38,13 +44,45 @@ from sparseblocks.kernels.epilogue import (
     ACTIVATION_CODES,
     accumulate_dot,
     activation_grad,
+    add_bias,
     apply_activation,
+    gated_product,
     input_precision,
     load_x_columns,
     store_column_sums,
 )
 from sparseblocks.kernels.spmm_tma import launch_tma, spmm_tma_tuned, tma_fits
 from sparseblocks.kernels.tuning import autotune_row_kernel, cdiv, density_bucket, m_bucket, m_tile_grid
+
+
+@triton.jit
+def _block_row_product(x_rows, row_in_range, IN, stride_xk, values_ptr, idx_ptr, perm_ptr, start, end,
+                       BN: tl.constexpr, BK: tl.constexpr, TRANSPOSED: tl.constexpr, BLOCK_M: tl.constexpr,
+                       INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, EVEN_IN: tl.constexpr):  # fmt: skip
+    """The rows ``x_rows`` ``(BLOCK_M, 1)`` of X times the stored tiles ``start:end`` of one block row of W (one
+    block column when ``TRANSPOSED``): an fp32 ``(BLOCK_M, OUT_B)`` tile, zero for an empty row."""
+    OUT_B: tl.constexpr = BK if TRANSPOSED else BN
+    IN_B: tl.constexpr = BN if TRANSPOSED else BK
+    offs_in = tl.arange(0, IN_B)
+    tile_offsets = tl.arange(0, BN)[:, None] * BK + tl.arange(0, BK)[None, :]
+    # The forward walks the row's tiles in storage order (a pointer bump a step); the transpose follows the
+    # permutation into the same values.
+    w_ptrs = values_ptr + start.to(tl.int64) * (BN * BK) + tile_offsets
+    idx_ptrs = idx_ptr + start
+    perm_ptrs = perm_ptr + start
+    acc = tl.zeros((BLOCK_M, OUT_B), dtype=tl.float32)
+    for _ in range(start, end):
+        in_index = tl.load(idx_ptrs) * IN_B + offs_in
+        x_tile = load_x_columns(x_rows, row_in_range, in_index, IN, stride_xk, EVEN_IN)
+        if TRANSPOSED:
+            w_tile = tl.load(values_ptr + tl.load(perm_ptrs).to(tl.int64) * (BN * BK) + tile_offsets)
+            perm_ptrs += 1
+        else:
+            w_tile = tl.load(w_ptrs)
+            w_ptrs += BN * BK
+        acc = accumulate_dot(acc, x_tile, w_tile if TRANSPOSED else tl.trans(w_tile), DOT_IN_FP32, INPUT_PRECISION)
+        idx_ptrs += 1
+    return acc
 
 
 @triton.jit(do_not_specialize=["M", "M_BUCKET", "DENSITY_BUCKET"])
@@ -60,6 +98,10 @@ def _spmm_kernel(
     grad_ptr,  # (M, OUT): dY, read in the GRAD_EPILOGUE mode only
     y_ptr,  # (M, OUT)
     bias_grad_ptr,  # (M tiles, OUT) fp32: column sums of each M tile's dZ, written in the BIAS_GRAD mode only
+    gate_values_ptr,  # GATED only: the gate's (gate nnz, BN, BK) tiles,
+    gate_crow_ptr,  # (n_out_blocks + 1,) int32 crow_indices,
+    gate_col_ptr,  # (gate nnz,) int32 col_indices
+    gate_bias_ptr,  # and (OUT,) bias (HAS_GATE_BIAS)
     # sizes
     M,
     OUT,
@@ -87,10 +129,11 @@ def _spmm_kernel(
     INPUT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
     EVEN_IN: tl.constexpr,  # IN is a multiple of the tile: no column mask on X, so its loads stay 16 bytes wide
+    GATED: tl.constexpr,  # forward only: Y = act(X·Wgᵀ + bg) ⊙ (X·Wᵀ + b), W the up projection, Wg the gate
+    HAS_GATE_BIAS: tl.constexpr,
 ):
-    # Tile widths along the output and the reduction: (BN, BK) for the forward, (BK, BN) through the transpose.
+    # Tile width along the output: BN for the forward, BK through the transpose.
     OUT_B: tl.constexpr = BK if TRANSPOSED else BN
-    IN_B: tl.constexpr = BN if TRANSPOSED else BK
     pid = tl.program_id(0)
     pid_m = pid // n_out_blocks
     out_block = tl.load(order_ptr + pid % n_out_blocks)
@@ -99,40 +142,33 @@ def _spmm_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_out = out_block * OUT_B + tl.arange(0, OUT_B)
-    offs_in = tl.arange(0, IN_B)
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm  # (BLOCK_M, 1)
     row_in_range = offs_m[:, None] < M
-    tile_offsets = tl.arange(0, BN)[:, None] * BK + tl.arange(0, BK)[None, :]
-    # The forward walks the row's tiles in storage order (a pointer bump a step); the transpose follows the
-    # permutation into the same values.
-    w_ptrs = values_ptr + start.to(tl.int64) * (BN * BK) + tile_offsets
-    idx_ptrs = idx_ptr + start
-    perm_ptrs = perm_ptr + start
 
     out_mask = row_in_range & (offs_out[None, :] < OUT)
     if GRAD_EPILOGUE:  # issued before the loop, so its latency hides behind the products
         grad_ptrs = grad_ptr + offs_m[:, None].to(tl.int64) * stride_gm + offs_out[None, :] * stride_gn
         grad_tile = tl.load(grad_ptrs, mask=out_mask, other=0.0)
 
-    acc = tl.zeros((BLOCK_M, OUT_B), dtype=tl.float32)
-    for _ in range(start, end):
-        in_index = tl.load(idx_ptrs) * IN_B + offs_in
-        x_tile = load_x_columns(x_rows, row_in_range, in_index, IN, stride_xk, EVEN_IN)
-        if TRANSPOSED:
-            w_tile = tl.load(values_ptr + tl.load(perm_ptrs).to(tl.int64) * (BN * BK) + tile_offsets)
-            perm_ptrs += 1
-        else:
-            w_tile = tl.load(w_ptrs)
-            w_ptrs += BN * BK
-        acc = accumulate_dot(acc, x_tile, w_tile if TRANSPOSED else tl.trans(w_tile), DOT_IN_FP32, INPUT_PRECISION)
-        idx_ptrs += 1
+    acc = _block_row_product(x_rows, row_in_range, IN, stride_xk, values_ptr, idx_ptr, perm_ptr, start, end, BN, BK,
+                             TRANSPOSED, BLOCK_M, INPUT_PRECISION, DOT_IN_FP32, EVEN_IN)  # fmt: skip
+    if GATED:  # the gate's own block row: it may store other tiles than up's, or none
+        gate_start = tl.load(gate_crow_ptr + out_block)
+        gate_end = tl.load(gate_crow_ptr + out_block + 1)
+        gate = _block_row_product(x_rows, row_in_range, IN, stride_xk, gate_values_ptr, gate_col_ptr, gate_col_ptr,
+                                  gate_start, gate_end, BN, BK, False, BLOCK_M, INPUT_PRECISION, DOT_IN_FP32,
+                                  EVEN_IN)  # fmt: skip
 
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_out, mask=offs_out < OUT, other=0.0).to(tl.float32)[None, :]
+        acc = add_bias(acc, bias_ptr, offs_out, OUT)
     if GRAD_EPILOGUE:
         acc = grad_tile.to(tl.float32) * activation_grad(acc, ACTIVATION)
         if BIAS_GRAD:  # rows past M hold zeros (their dY was masked to 0)
             store_column_sums(bias_grad_ptr + pid_m * OUT, acc, offs_out, OUT)
+    elif GATED:
+        if HAS_GATE_BIAS:
+            gate = add_bias(gate, gate_bias_ptr, offs_out, OUT)
+        acc = gated_product(gate, acc, ACTIVATION, y_ptr.dtype.element_ty)
     else:
         acc = apply_activation(acc, ACTIVATION)
     y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_out[None, :] * stride_yn
@@ -162,8 +198,11 @@ def _launch(
     descriptors: bool | None = None,
     bias_grad: bool = False,
     grad_weight: BlockSparseMatrix | None = None,
+    gate: BlockSparseMatrix | None = None,
+    gate_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run the row kernel on a 2-D ``x2`` ``(M, IN)``: ``(M, OUT)``; with ``grad2`` ``(M, OUT)``,
+    """Run the row kernel on a 2-D ``x2`` ``(M, IN)``: ``(M, OUT)``; with ``gate`` (shaped and tiled like ``w``,
+    forward only) ``act(x2·gateᵀ + gate_bias) ⊙ (x2·Wᵀ + b)`` instead; with ``grad2`` ``(M, OUT)``,
     ``grad2 ⊙ act'(x2·Wᵀ + b)`` instead, and with ``bias_grad`` too its column sums (fp32 ``(OUT,)``, the bias
     gradient; else None). With ``grad_weight`` (an MLP's W2, descriptor version only) ``grad2`` is W2's output
     gradient and the epilogue multiplies by ``grad2 · W2`` computed on chip. The tensor-descriptor version
@@ -178,11 +217,16 @@ def _launch(
         index = (w.crow_indices, w.col_indices, w.col_indices, w.row_order)  # the third is never read
     if bias_grad and (grad2 is None or transposed):
         raise ValueError("bias_grad needs the activation-gradient mode (grad2 given, not transposed)")
+    if gate is not None and (transposed or grad2 is not None):
+        raise ValueError("gate is for the forward only (not transposed, no grad2)")
+    if gate is not None and (gate.shape, gate.block_shape) != (w.shape, w.block_shape):
+        raise ValueError(f"gate {tuple(gate.shape)} in {gate.block_shape} blocks must match {tuple(w.shape)} in "
+                         f"{w.block_shape} blocks")  # fmt: skip
     m = x2.shape[0]
     if m == 0:
         empty_sums = x2.new_zeros(out_features, dtype=torch.float32) if bias_grad else None
         return x2.new_empty((0, out_features)), empty_sums
-    bias = None if bias is None else bias.contiguous()  # read as one flat array
+    bias, gate_bias = (None if b is None else b.contiguous() for b in (bias, gate_bias))  # read as flat arrays
     meta = {
         "BN": bn,
         "BK": bk,
@@ -193,6 +237,8 @@ def _launch(
         "BIAS_GRAD": bias_grad,
         "INPUT_PRECISION": input_precision(x2.dtype),
         "DOT_IN_FP32": triton_interpreting() and x2.dtype == torch.bfloat16,
+        "GATED": gate is not None,
+        "HAS_GATE_BIAS": gate_bias is not None,
     }
     if config is None and triton_interpreting():
         config = INTERPRETER_CONFIG
@@ -202,8 +248,9 @@ def _launch(
         parts = torch.empty((cdiv(m, smallest_block_m), out_features), device=x2.device, dtype=torch.float32)
     if descriptors is None:
         descriptors = grad_weight is not None or descriptors_pay(m, w)
-    if descriptors and tma_fits(x2, w, transposed, grad2):
-        y, block_m = launch_tma(x2, w, transposed, index, meta, config, bias, grad2, parts, grad_weight)
+    if descriptors and tma_fits(x2, w, transposed, grad2, gate):
+        y, block_m = launch_tma(x2, w, transposed, index, meta, config, bias, grad2, parts, grad_weight, gate,
+                                gate_bias)  # fmt: skip
         return y, _bias_grad_from_parts(parts, m, block_m)
     if grad_weight is not None:
         raise ValueError("the hidden gradient from dY · W2 needs the descriptor kernel's inputs (see tma_fits)")
@@ -217,6 +264,8 @@ def _launch(
         grad2 if grad2 is not None else y,  # never read without GRAD_EPILOGUE
         y,
         parts if parts is not None else y,  # written in the BIAS_GRAD mode only
+        *((gate.values, gate.crow_indices, gate.col_indices) if gate is not None else (w.values, *index[:2])),
+        gate_bias if gate_bias is not None else y,  # never read without HAS_GATE_BIAS
         m,
         out_features,
         in_features,
@@ -283,6 +332,23 @@ def spmm_triton(
     else:
         y, _ = _launch(x2, w, False, bias, activation, config)
     return y.reshape(*x.shape[:-1], w.shape[0])
+
+
+def gated_spmm_triton(
+    x2: torch.Tensor,
+    up: BlockSparseMatrix,
+    gate: BlockSparseMatrix,
+    up_bias: torch.Tensor | None,
+    gate_bias: torch.Tensor | None,
+    activation: str | None,
+) -> torch.Tensor:
+    """A gated MLP's hidden activation ``act(x2 · gateᵀ + gate_bias) ⊙ (x2 · upᵀ + up_bias)`` in one launch of
+    the row kernel: x2 ``(M, K)`` -> ``(M, H)`` of x2's dtype; up and gate logical ``(H, K)`` in the same blocks
+    (each with its own pattern), biases ``(H,)`` or None. Neither product is written to memory; the result
+    equals the unfused path's (act(gate) and up are rounded to x2's dtype before the product, as two ``spmm``
+    outputs are). Inputs are checked by ``ops.sparse_mlp``; few-token inputs go faster unfused, through the
+    decode kernel (``decode_pays``)."""
+    return _launch(x2, up, False, up_bias, activation, None, gate=gate, gate_bias=gate_bias)[0]
 
 
 def spmm_activation_grad_triton(

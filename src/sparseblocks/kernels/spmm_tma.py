@@ -1,11 +1,12 @@
 """The row kernel of ``kernels/spmm.py`` with tensor descriptors: X (or dY), W and Y tiles move through the Hopper
 bulk-copy engine (TMA) instead of per-thread pointer loads.
 
-Same work split and the same three modes (forward, its activation gradient, the input gradient through W's
-transposed index): one program per (M tile, block row of W, or block column when ``TRANSPOSED``), heaviest
-first, block-row-fastest numbering. What changes is how the bytes move: a descriptor load is one instruction per
-tile whatever its shape, so a program holds no ``(BLOCK_M, BK)`` address tensor and the copies run ahead of the
-products asynchronously; ragged edges are the copy engine's zero fill and clipped store instead of masks.
+Same work split and the same four modes (forward, its activation gradient, the input gradient through W's
+transposed index, the gated forward): one program per (M tile, block row of W, or block column when
+``TRANSPOSED``), heaviest first, block-row-fastest numbering. What changes is how the bytes move: a descriptor
+load is one instruction per tile whatever its shape, so a program holds no ``(BLOCK_M, BK)`` address tensor and the
+copies run ahead of the products asynchronously; ragged edges are the copy engine's zero fill and clipped store
+instead of masks.
 Measured on an H200 (``benchmarks/tune_spmm.py``, NOTES.md): 1.1-1.2x faster than the pointer kernel.
 
 Needs what TMA needs (``tma_fits``): a GPU with the copy engine (Hopper on), 16-byte aligned bases and row
@@ -29,11 +30,30 @@ from sparseblocks.format import BlockSparseMatrix
 from sparseblocks.kernels.epilogue import (
     accumulate_dot,
     activation_grad,
+    add_bias,
     apply_activation,
+    gated_product,
     hopper_or_later,
     store_column_sums,
 )
 from sparseblocks.kernels.tuning import autotune_row_kernel, cdiv, density_bucket, m_bucket, m_tile_grid
+
+
+@triton.jit
+def _block_row_product(x_desc, w_desc, idx_ptr, perm_ptr, start, end, m0, BN: tl.constexpr, BK: tl.constexpr,
+                       TRANSPOSED: tl.constexpr, BLOCK_M: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                       DOT_IN_FP32: tl.constexpr):  # fmt: skip
+    """X's M tile at row ``m0`` times the stored tiles ``start:end`` of one block row of W (one block column when
+    ``TRANSPOSED``): an fp32 ``(BLOCK_M, OUT_B)`` tile, zero for an empty row."""
+    OUT_B: tl.constexpr = BK if TRANSPOSED else BN
+    IN_B: tl.constexpr = BN if TRANSPOSED else BK
+    acc = tl.zeros((BLOCK_M, OUT_B), dtype=tl.float32)
+    for j in range(start, end):
+        x_tile = x_desc.load([m0, tl.load(idx_ptr + j) * IN_B])
+        tile = tl.load(perm_ptr + j) if TRANSPOSED else j
+        w_tile = w_desc.load([tile * BN, 0])
+        acc = accumulate_dot(acc, x_tile, w_tile if TRANSPOSED else tl.trans(w_tile), DOT_IN_FP32, INPUT_PRECISION)
+    return acc
 
 
 @triton.jit(do_not_specialize=["IN", "M_BUCKET", "DENSITY_BUCKET"])
@@ -44,6 +64,7 @@ def _spmm_tma_kernel(
     #             the next layer's dY (M, N2), box (BLOCK_M, BN2)
     w2_desc,  # GRAD_FROM_PRODUCT only: the next layer's tiles stacked, (nnz2 · BN2, OUT_B), box (BN2, OUT_B)
     y_desc,  # (M, OUT), box (BLOCK_M, OUT_B)
+    gate_desc,  # GATED only: the gate's tiles stacked, (gate nnz · BN, BK), box (BN, BK)
     bias_grad_ptr,  # (M tiles, OUT) fp32: column sums of each M tile's dZ, written in the BIAS_GRAD mode only
     ptr_ptr,  # (n_out_blocks + 1,) int32: crow_indices, or ccol_indices when TRANSPOSED
     idx_ptr,  # (nnz,) int32: col_indices, or row_indices when TRANSPOSED
@@ -53,6 +74,9 @@ def _spmm_tma_kernel(
     ccol2_ptr,  # GRAD_FROM_PRODUCT only, the next layer's (n2_block_cols + 1,) ccol_indices,
     row2_ptr,  # (nnz2,) row_indices
     perm2_ptr,  # and (nnz2,) transpose_perm
+    gate_crow_ptr,  # GATED only: the gate's (n_out_blocks + 1,) crow_indices,
+    gate_col_ptr,  # (gate nnz,) col_indices
+    gate_bias_ptr,  # and (OUT,) bias (HAS_GATE_BIAS)
     OUT,
     n_out_blocks,
     # autotuning keys only (reduction width, shape bucket, density bucket)
@@ -71,9 +95,10 @@ def _spmm_tma_kernel(
     BN2: tl.constexpr,  # W2's block height (GRAD_FROM_PRODUCT only)
     INPUT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
+    GATED: tl.constexpr,  # forward only: Y = act(X·Wgᵀ + bg) ⊙ (X·Wᵀ + b), W the up projection, Wg the gate
+    HAS_GATE_BIAS: tl.constexpr,
 ):
     OUT_B: tl.constexpr = BK if TRANSPOSED else BN
-    IN_B: tl.constexpr = BN if TRANSPOSED else BK
     pid = tl.program_id(0)
     m0 = (pid // n_out_blocks) * BLOCK_M
     out_block = tl.load(order_ptr + pid % n_out_blocks)
@@ -88,21 +113,24 @@ def _spmm_tma_kernel(
     elif GRAD_EPILOGUE:  # issued before the loop, so its latency hides behind the products
         grad_tile = grad_desc.load([m0, out_block * OUT_B])
 
-    acc = tl.zeros((BLOCK_M, OUT_B), dtype=tl.float32)
-    for j in range(start, end):
-        x_tile = x_desc.load([m0, tl.load(idx_ptr + j) * IN_B])
-        tile = tl.load(perm_ptr + j) if TRANSPOSED else j
-        w_tile = w_desc.load([tile * BN, 0])
-        acc = accumulate_dot(acc, x_tile, w_tile if TRANSPOSED else tl.trans(w_tile), DOT_IN_FP32, INPUT_PRECISION)
+    acc = _block_row_product(x_desc, w_desc, idx_ptr, perm_ptr, start, end, m0, BN, BK, TRANSPOSED, BLOCK_M,
+                             INPUT_PRECISION, DOT_IN_FP32)  # fmt: skip
+    if GATED:  # the gate's own block row: it may store other tiles than up's, or none
+        gate = _block_row_product(x_desc, gate_desc, gate_col_ptr, gate_col_ptr, tl.load(gate_crow_ptr + out_block),
+                                  tl.load(gate_crow_ptr + out_block + 1), m0, BN, BK, False, BLOCK_M,
+                                  INPUT_PRECISION, DOT_IN_FP32)  # fmt: skip
 
+    offs_out = out_block * OUT_B + tl.arange(0, OUT_B)
     if HAS_BIAS:
-        offs_out = out_block * OUT_B + tl.arange(0, OUT_B)
-        acc += tl.load(bias_ptr + offs_out, mask=offs_out < OUT, other=0.0).to(tl.float32)[None, :]
+        acc = add_bias(acc, bias_ptr, offs_out, OUT)
     if GRAD_EPILOGUE:
         acc = grad_tile.to(tl.float32) * activation_grad(acc, ACTIVATION)
         if BIAS_GRAD:  # rows past M hold zeros (the copy engine filled their dY with 0)
-            offs_out = out_block * OUT_B + tl.arange(0, OUT_B)
             store_column_sums(bias_grad_ptr + (pid // n_out_blocks) * OUT, acc, offs_out, OUT)
+    elif GATED:
+        if HAS_GATE_BIAS:
+            gate = add_bias(gate, gate_bias_ptr, offs_out, OUT)
+        acc = gated_product(gate, acc, ACTIVATION, y_desc.dtype)
     else:
         acc = apply_activation(acc, ACTIVATION)
     y_desc.store([m0, out_block * OUT_B], acc.to(y_desc.dtype))
@@ -127,15 +155,26 @@ def _aligned(t: torch.Tensor) -> bool:
     return t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
 
 
-def tma_fits(x2: torch.Tensor, w: BlockSparseMatrix, transposed: bool, grad2: torch.Tensor | None = None) -> bool:
-    """Whether the descriptor kernel can take ``x2`` ``(M, IN)``, ``grad2`` and the ``(M, OUT)`` output."""
+def _tiles_fit(w: BlockSparseMatrix) -> bool:
+    """Whether a descriptor can address ``w``'s stored tiles: at least one, contiguous, 16-byte aligned."""
+    return w.nnz > 0 and w.values.is_contiguous() and w.values.data_ptr() % 16 == 0
+
+
+def tma_fits(
+    x2: torch.Tensor,
+    w: BlockSparseMatrix,
+    transposed: bool,
+    grad2: torch.Tensor | None = None,
+    gate: BlockSparseMatrix | None = None,
+) -> bool:
+    """Whether the descriptor kernel can take ``x2`` ``(M, IN)``, ``grad2``, ``gate`` and the ``(M, OUT)``
+    output."""
     out_features = w.shape[1] if transposed else w.shape[0]
     return (
         (triton_interpreting() or (x2.is_cuda and hopper_or_later(x2.device)))  # below: plain loads, never measured
         and x2.element_size() == 2  # fp32 multiplied on the CUDA cores from descriptor-loaded tiles ran 5-15x slower
-        and w.nnz > 0
-        and w.values.is_contiguous()
-        and w.values.data_ptr() % 16 == 0
+        and _tiles_fit(w)
+        and (gate is None or _tiles_fit(gate))
         and x2.shape[0] > 0
         and (out_features * x2.element_size()) % 16 == 0
         and _aligned(x2)
@@ -170,11 +209,14 @@ def launch_tma(
     grad2: torch.Tensor | None,
     bias_grad_parts: torch.Tensor | None,
     grad_weight: BlockSparseMatrix | None = None,
+    gate: BlockSparseMatrix | None = None,
+    gate_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
     """``_spmm_tma_kernel`` on inputs that ``tma_fits``; ``index``, ``meta`` and ``bias_grad_parts`` as the pointer
     kernel's launch builds them (``kernels/spmm.py``). With ``grad_weight`` (W2, the next layer of an MLP) ``grad2``
-    is that layer's output gradient and the epilogue's gradient is ``grad2 · W2`` (``GRAD_FROM_PRODUCT``).
-    Returns ``(M, OUT)`` and the BLOCK_M it ran with."""
+    is that layer's output gradient and the epilogue's gradient is ``grad2 · W2`` (``GRAD_FROM_PRODUCT``). With
+    ``gate`` (``GATED``) the output is ``act(x2 · gateᵀ + gate_bias) ⊙ (x2 · wᵀ + bias)``. Returns ``(M, OUT)`` and
+    the BLOCK_M it ran with."""
     (n, k), (bn, bk), (n_block_rows, n_block_cols) = w.shape, w.block_shape, w.block_grid
     out_features, out_b, n_out_blocks = (k, bk, n_block_cols) if transposed else (n, bn, n_block_rows)
     m = x2.shape[0]
@@ -201,10 +243,13 @@ def launch_tma(
         grad_desc,
         second[0],
         descriptor(y, out_b),
+        tiles(gate.values) if gate is not None else w_desc,  # never read without GATED
         bias_grad_parts if bias_grad_parts is not None else y,  # written in the BIAS_GRAD mode only
         *index,
         bias if bias is not None else y,  # never read without HAS_BIAS
         *second[1:],
+        *((gate.crow_indices, gate.col_indices) if gate is not None else index[:2]),
+        gate_bias if gate_bias is not None else y,  # never read without HAS_GATE_BIAS
         out_features,
         n_out_blocks,
         n if transposed else k,

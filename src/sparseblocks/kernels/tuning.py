@@ -21,7 +21,7 @@ import triton
 
 # The row kernel's autotuning key, in both its versions (pointer loads, tensor descriptors).
 ROW_KERNEL_TUNING_KEY = ["M_BUCKET", "OUT", "IN", "BN", "BK", "TRANSPOSED", "DENSITY_BUCKET", "HAS_BIAS", "ACTIVATION",
-                         "GRAD_EPILOGUE", "BIAS_GRAD", "INPUT_PRECISION"]  # fmt: skip
+                         "GRAD_EPILOGUE", "BIAS_GRAD", "INPUT_PRECISION", "GATED", "HAS_GATE_BIAS"]  # fmt: skip
 
 
 # Host-side integer helpers: triton.cdiv and triton.next_power_of_2 are constexpr functions (Triton 3.6), ~3 µs a
@@ -51,6 +51,21 @@ def prune_large_m_tiles(configs: list, named_args: dict, **kwargs) -> list:
     largest_useful = max(64, named_args["M_BUCKET"])
     kept = [c for c in configs if c.kwargs["BLOCK_M"] <= largest_useful]
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
+
+
+# A gated launch holds two fp32 accumulators (up's and the gate's): past this many of their registers per thread the
+# compiler spills them to local memory. A config's accumulators cost BLOCK_M · BN / (32 · num_warps) registers each.
+MAX_ACCUMULATOR_REGISTERS = 128
+
+
+def prune_row_kernel_configs(configs: list, named_args: dict, **kwargs) -> list:
+    """Autotuner pruning for the row kernel: ``prune_large_m_tiles``, and in the ``GATED`` mode configs whose two
+    accumulators would not fit in ``MAX_ACCUMULATOR_REGISTERS`` (the one with the fewest kept if none fits)."""
+    kept = prune_large_m_tiles(configs, named_args, **kwargs)
+    if not kwargs.get("GATED"):
+        return kept
+    registers = lambda c: 2 * c.kwargs["BLOCK_M"] * kwargs["BN"] / (32 * c.num_warps)
+    return [c for c in kept if registers(c) <= MAX_ACCUMULATOR_REGISTERS] or [min(kept, key=registers)]
 
 
 def m_tile_grid(m: int, blocks: int) -> Callable[[dict], tuple[int]]:
@@ -107,8 +122,9 @@ def autotune_row_kernel(
     **options: Any,
 ) -> TunedKernel:
     """One version of the row kernel under the autotuner: its ``(BLOCK_M, num_warps, num_stages)`` configs, keyed
-    on ``ROW_KERNEL_TUNING_KEY`` plus ``extra_key`` (that version's own modes), oversized M tiles pruned."""
+    on ``ROW_KERNEL_TUNING_KEY`` plus ``extra_key`` (that version's own modes), pruned by
+    ``prune_row_kernel_configs``."""
     configs = [triton.Config({"BLOCK_M": block_m}, num_warps=warps, num_stages=stages, pre_hook=pre_hook)
                for block_m, warps, stages in launch_configs]  # fmt: skip
     return TunedKernel(kernel, configs, [*ROW_KERNEL_TUNING_KEY, *extra_key],
-                       prune_configs_by={"early_config_prune": prune_large_m_tiles}, **options)  # fmt: skip
+                       prune_configs_by={"early_config_prune": prune_row_kernel_configs}, **options)  # fmt: skip

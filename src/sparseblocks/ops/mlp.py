@@ -1,6 +1,7 @@
-"""``sparse_mlp``: a whole block-sparse MLP; for inference one kernel, ``sparseblocks::fused_mlp`` (torch.compile
-traces it), which runs ``kernels/fused_mlp.py`` on CUDA (at one token, two launches of the one-token decode kernel)
-and ``reference.mlp`` elsewhere.
+"""``sparse_mlp``: a whole block-sparse MLP; for inference one op, ``sparseblocks::fused_mlp`` (torch.compile
+traces it), which runs ``kernels/fused_mlp.py`` on CUDA (at one token, two launches of the one-token decode kernel;
+for a gated MLP where the fused kernel does not pay, the row kernel's gated mode, then down) and ``reference.mlp``
+elsewhere.
 
 The fused op has no backward of its own: while gradients are needed, :func:`sparse_mlp` computes the forward as
 separate products; a plain (ungated, no dropout) MLP outside torch.compile trains through ``_EagerPlainMLP``, whose
@@ -12,7 +13,7 @@ backward keeps the hidden gradient on chip, everything else through :func:`~spar
 import torch
 
 from sparseblocks import reference
-from sparseblocks.backend import on_device_of, triton_interpreting, use_triton
+from sparseblocks.backend import on_device_of, triton_available, triton_interpreting, use_triton
 from sparseblocks.format import INDEX_NAMES, BlockSparseMatrix
 from sparseblocks.ops.spmm import (
     _column_sums,
@@ -66,11 +67,23 @@ def fused_pays(m: int, up: BlockSparseMatrix, down: BlockSparseMatrix, gate: Blo
 def inference_path(m: int, up: BlockSparseMatrix, down: BlockSparseMatrix, gate: BlockSparseMatrix | None) -> str:
     """The path ``sparse_mlp(..., fused=True)`` takes for ``m`` tokens when it needs no gradient and no dropout:
     ``"one_token"`` (two launches of the one-token decode kernel: the hidden activation — gated: gate, up and
-    their product at once —, then down), ``"fused"`` (one kernel, :func:`fused_pays`) or ``"unfused"`` (a product
-    per matrix, through ``spmm``)."""
-    if m == 1 and (gate is None or gate.block_shape == up.block_shape):
+    their product at once —, then down), ``"fused"`` (one kernel, :func:`fused_pays`), ``"gated"`` (a gated MLP
+    the fused kernel does not pay for: one launch of the row kernel for the hidden activation, act(gate) ⊙ up,
+    then down through ``spmm``) or ``"unfused"`` (a product per matrix, through ``spmm``).
+
+    ``"gated"`` needs gate tiled like up, weights the row kernel runs on (CUDA with Triton, or the interpreter;
+    elsewhere nothing changes), and as many tokens as ``spmm`` would give the row kernel: below, each product's
+    decode kernel streams the weights faster (``decode_pays``; gate's answer is up's, same shapes)."""
+    same_tiles = gate is not None and gate.block_shape == up.block_shape
+    if m == 1 and (gate is None or same_tiles):
         return "one_token"
-    return "fused" if fused_pays(m, up, down, gate) else "unfused"
+    if fused_pays(m, up, down, gate):
+        return "fused"
+    if not (same_tiles and (triton_interpreting() or (up.values.is_cuda and triton_available()))):
+        return "unfused"
+    from sparseblocks.kernels.decode import decode_pays  # imports Triton, which a CPU-only install may lack
+
+    return "unfused" if decode_pays(m, up) else "gated"
 
 
 def recompute_factor(down: BlockSparseMatrix) -> float:
@@ -94,7 +107,8 @@ def _fused_mlp_op(
     activation: str,
 ) -> torch.Tensor:
     up, down, gate = (*_matrices(values, indices, shapes), None)[:3]
-    return _fused_mlp(x, up, down, gate, biases, activation)
+    path = inference_path(x.numel() // x.shape[-1], up, down, gate)
+    return _fused_mlp(x, up, down, gate, biases, activation, path)
 
 
 def _fused_mlp(
@@ -104,17 +118,25 @@ def _fused_mlp(
     gate: BlockSparseMatrix | None,
     biases: list[torch.Tensor | None],
     activation: str,
+    path: str,
 ) -> torch.Tensor:
-    """The fused op's implementation, also called directly outside torch.compile (a custom op's dispatch costs
-    more CPU than a one-token MLP's two kernels take on the GPU)."""
+    """The fused op's implementation on the ``path`` that :func:`inference_path` chose (not ``"unfused"``), also
+    called directly outside torch.compile (a custom op's dispatch costs more CPU than a one-token MLP's two kernels
+    take on the GPU)."""
     x2 = x.reshape(-1, up.shape[1])
     if use_triton(x):
         from sparseblocks.kernels.decode import one_token_mlp_triton
         from sparseblocks.kernels.fused_mlp import fused_mlp_triton
+        from sparseblocks.kernels.spmm import gated_spmm_triton, spmm_triton
 
-        kernel = one_token_mlp_triton if x2.shape[0] == 1 else fused_mlp_triton
+        up_bias, down_bias, gate_bias = biases
         with on_device_of(x2):
-            y = kernel(x2, up, down, gate, *biases, activation)
+            if path == "gated":
+                hidden = gated_spmm_triton(x2, up, gate, up_bias, gate_bias, activation)  # (M, H)
+                y = spmm_triton(hidden, down, down_bias)
+            else:
+                kernel = one_token_mlp_triton if path == "one_token" else fused_mlp_triton
+                y = kernel(x2, up, down, gate, *biases, activation)
     else:
         y = reference.mlp(x2, up, down, gate, *biases, activation)
     return y.reshape(*x.shape[:-1], down.shape[0])
@@ -171,9 +193,10 @@ def sparse_mlp(
     up and gate: logical ``(H, K)``; down: ``(N, H)`` whose block columns are as wide as up's block rows.
     hidden_dropout: the dropout probability on the hidden activation (pass 0 in eval mode). With ``fused`` and
     neither gradients nor dropout to compute, one kernel does it all where it pays (:func:`fused_pays`), the
-    hidden activation kept on chip, and at one token two launches of the decode kernel do (:func:`inference_path`);
-    otherwise separate differentiable products do, and with ``fused`` a plain MLP (no gate, no dropout) trained
-    outside torch.compile keeps its hidden *gradient* on chip in the backward.
+    hidden activation kept on chip, at one token two launches of the decode kernel do, and a gated MLP elsewhere
+    computes its hidden activation in one launch, gate and up never stored (:func:`inference_path`); otherwise
+    separate differentiable products do, and with ``fused`` a plain MLP (no gate, no dropout) trained outside
+    torch.compile keeps its hidden *gradient* on chip in the backward.
     """
     x, (up, down, *gates), (up_bias, down_bias, gate_bias) = autocast_inputs(
         x, [up, down] + ([gate] if gate is not None else []), [up_bias, down_bias, gate_bias]
@@ -188,9 +211,10 @@ def sparse_mlp(
     biases = [up_bias, down_bias, gate_bias]
     training = needs_grad(x, *(w.values for w in matrices), *biases)
     inference = fused and not training and hidden_dropout == 0.0
-    if inference and inference_path(x.numel() // x.shape[-1], up, down, gate) != "unfused":
+    path = inference_path(x.numel() // x.shape[-1], up, down, gate) if inference else "unfused"
+    if path != "unfused":
         if not torch.compiler.is_compiling():
-            return _fused_mlp(x, up, down, gate, biases, activation)
+            return _fused_mlp(x, up, down, gate, biases, activation, path)
         return _fused_mlp_op(
             x,
             [w.values for w in matrices],
