@@ -14,7 +14,8 @@ block:
   sentence embeddings (cosine) and token states (MSE; ``--all-layers``: every layer's) on the training pool
   (student dropout off with ``--no-dropout``; ``--spans``: runs of words across consecutive pool lines instead
   of whole lines); with ``--gradual F`` the student starts dense instead and is pruned during the distillation,
-  on a cubic schedule reaching the target at F of the steps;
+  on a cubic schedule reaching the target at F of the steps (``--method fisher``: tiles scored by the damped
+  diagonal Fisher of the distillation loss, gathered between mask updates; gradual only);
 
 then the cosine similarity of each held-out sentence's embedding (mean pooling, normalised, as
 sentence-transformers does for this model) to the dense model's, parameters and bytes. ``--allocation global``
@@ -113,6 +114,8 @@ def recover(model, dense, tokenizer, pool: list[str], pruner: Pruner, args: argp
         mse = sum(torch.nn.functional.mse_loss(hiddens[i], targets[i]) for i in layers)
         loss = (1 - cosine).mean() + mse
         loss.backward()
+        if pruner.method == "fisher":  # squared gradients of the distillation loss: the next update's saliency
+            pruner.observe_gradients()
         optimizer.step()
         schedule.step()
         optimizer.zero_grad()
@@ -133,7 +136,12 @@ def main() -> None:
     parser.add_argument("--recovery-steps", type=int, default=300, help="0: one-shot rows only")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--method", default="magnitude", choices=("magnitude", "activation_magnitude"))
+    parser.add_argument(
+        "--method",
+        default="magnitude",
+        choices=("magnitude", "activation_magnitude", "fisher"),
+        help="fisher (damped diagonal, gradients of the distillation loss) needs --gradual",
+    )
     parser.add_argument("--allocation", default="layer", choices=("layer", "global"), help="tiles ranked per layer, "
                         "or across layers to the same overall sparsity")  # fmt: skip
     parser.add_argument("--gradual", type=float, default=0.0, metavar="FRACTION",
@@ -152,6 +160,8 @@ def main() -> None:
     args = parser.parse_args()
     if not 0.0 <= args.gradual <= 1.0:
         parser.error("--gradual takes a fraction of the recovery steps, 0 to 1")
+    if args.method == "fisher" and not args.gradual:
+        parser.error("--method fisher scores tiles by distillation gradients, zero at the dense start: use --gradual")
     if args.gradual and args.reconstruct:
         parser.error("--reconstruct refits the kept weights of a one-shot mask; --gradual starts from the dense model")
     torch.set_num_threads(2)
@@ -190,6 +200,8 @@ def main() -> None:
                 block = int(block)
                 config = SparsityConfig(sparsity, block, "mlp")
             trainings = ("none", "recovery") if sparsity >= 0.5 and args.recovery_steps else ("none",)
+            if args.method == "fisher":  # no one-shot row: its scores come from training gradients
+                trainings = ("recovery",)
             for training in trainings:
                 start = time.perf_counter()
                 gradual = training == "recovery" and args.gradual > 0
