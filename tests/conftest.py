@@ -1,8 +1,19 @@
 import pytest
 import torch
 
+from sparseblocks.backend import triton_interpreting
 from sparseblocks.format import BlockSparseMatrix
 from sparseblocks.masks import random_block_mask
+
+# The kernel test modules' device and marks: compiled on a GPU, through Triton's interpreter on the CPU, fp32
+# products in true fp32. Each such module sets `pytestmark = KERNEL_TEST_MARKS`.
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+KERNEL_TEST_MARKS = [
+    pytest.mark.skipif(
+        KERNEL_DEVICE == "cpu" and not triton_interpreting(), reason="needs a CUDA GPU or TRITON_INTERPRET=1"
+    ),
+    pytest.mark.usefixtures("no_tf32"),
+]
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -6,15 +6,11 @@ Like test_spmm_kernel.py: through the interpreter on the CPU, compiled on a GPU 
 import pytest
 import torch
 
-from conftest import random_sparse, relative_error
+from conftest import KERNEL_DEVICE, KERNEL_TEST_MARKS, random_sparse, relative_error
 from sparseblocks import BlockSparseMatrix, reference
-from sparseblocks.backend import triton_interpreting
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = [
-    pytest.mark.skipif(DEVICE == "cpu" and not triton_interpreting(), reason="needs a CUDA GPU or TRITON_INTERPRET=1"),
-    pytest.mark.usefixtures("no_tf32"),
-]
+DEVICE = KERNEL_DEVICE
+pytestmark = KERNEL_TEST_MARKS
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 BLOCKS = [16, 32, 64, 128, (16, 128), (64, 32)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

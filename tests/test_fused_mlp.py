@@ -3,15 +3,11 @@
 import pytest
 import torch
 
-from conftest import random_sparse, relative_error
+from conftest import KERNEL_DEVICE, KERNEL_TEST_MARKS, random_sparse, relative_error
 from sparseblocks import reference
-from sparseblocks.backend import triton_interpreting
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = [
-    pytest.mark.skipif(DEVICE == "cpu" and not triton_interpreting(), reason="needs a CUDA GPU or TRITON_INTERPRET=1"),
-    pytest.mark.usefixtures("no_tf32"),
-]
+DEVICE = KERNEL_DEVICE
+pytestmark = KERNEL_TEST_MARKS
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 

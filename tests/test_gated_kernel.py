@@ -11,15 +11,12 @@ import importlib
 import pytest
 import torch
 
-from conftest import random_sparse, relative_error
+from conftest import KERNEL_DEVICE, KERNEL_TEST_MARKS, random_sparse, relative_error
 from sparseblocks import BlockSparseMatrix, reference
 from sparseblocks.backend import triton_interpreting
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = [
-    pytest.mark.skipif(DEVICE == "cpu" and not triton_interpreting(), reason="needs a CUDA GPU or TRITON_INTERPRET=1"),
-    pytest.mark.usefixtures("no_tf32"),
-]
+DEVICE = KERNEL_DEVICE
+pytestmark = KERNEL_TEST_MARKS
 # ‖out − ref‖ / ‖ref‖ bounds: act(gate), up and their product are each rounded to the dtype, as the unfused path does
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 ROW_KERNEL_CONFIG = {"BLOCK_M": 16, "num_warps": 4, "num_stages": 2}

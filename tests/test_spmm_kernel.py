@@ -7,16 +7,13 @@ on a GPU the same cases run compiled, plus the ``gpu``-marked real sizes.
 import pytest
 import torch
 
-from conftest import random_sparse, relative_error
+from conftest import KERNEL_DEVICE, KERNEL_TEST_MARKS, random_sparse, relative_error
 from sparseblocks import BlockSparseMatrix, reference
 from sparseblocks.backend import triton_interpreting
 from sparseblocks.masks import skewed_block_mask
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = [
-    pytest.mark.skipif(DEVICE == "cpu" and not triton_interpreting(), reason="needs a CUDA GPU or TRITON_INTERPRET=1"),
-    pytest.mark.usefixtures("no_tf32"),
-]
+DEVICE = KERNEL_DEVICE
+pytestmark = KERNEL_TEST_MARKS
 # ‖out − ref‖ / ‖ref‖ bounds; the output itself is rounded to its dtype.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
