@@ -88,14 +88,14 @@ def overall_sparsity(pruner: Pruner) -> float:
 
 def recover(model, dense, tokenizer, pool: list[str], pruner: Pruner, args: argparse.Namespace) -> None:
     """Distil the pruned model toward the dense one on ``pool`` (``args``: recovery_steps, batch_size, lr,
-    dropout, spans, all_layers); ``pruner.step()`` after each optimizer step keeps the pruned tiles at zero (and
-    prunes more, on its schedule). ``dropout``: the student's dropout on (the teacher never has it); ``spans``:
-    batches of word runs across lines (:func:`text_span`) instead of whole lines; ``all_layers``: the MSE on every
-    layer's token states, not only the last."""
+    dropout, spans, all_layers, seed); ``pruner.step()`` after each optimizer step keeps the pruned tiles at zero
+    (and prunes more, on its schedule). ``dropout``: the student's dropout on (the teacher never has it);
+    ``spans``: batches of word runs across lines (:func:`text_span`) instead of whole lines; ``all_layers``: the
+    MSE on every layer's token states, not only the last; ``seed``: of the batches' sampling."""
     steps, batch_size, lr = args.recovery_steps, args.batch_size, args.lr
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(args.seed)
     device = next(model.parameters()).device
     model.train(args.dropout)
     start = time.perf_counter()
@@ -135,6 +135,7 @@ def main() -> None:
     parser.add_argument("--held-out", type=int, default=300)
     parser.add_argument("--recovery-steps", type=int, default=300, help="0: one-shot rows only")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the recovery batches' sampling")
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument(
         "--method",
@@ -253,7 +254,7 @@ def main() -> None:
                "calibration_sentences": args.calibration, "held_out_sentences": len(held_out),
                "training_pool": len(pool), "data": args.data, "device": args.device, "device_name": device_name,
                "recovery": {"steps": args.recovery_steps, "batch_size": args.batch_size, "lr": args.lr,
-                            "loss": "1 - cos(sentence embeddings) + MSE(token states"
+                            "seed": args.seed, "loss": "1 - cos(sentence embeddings) + MSE(token states"
                             + (", every layer)" if args.all_layers else ")"), "pruning": pruning,
                             "inputs": "word runs across lines" if args.spans else "lines",
                             "gradual": args.gradual, "prune_every": args.prune_every,
@@ -267,7 +268,8 @@ def main() -> None:
         f"{', reconstructed' if args.reconstruct else ''}), {len(held_out)} held-out sentences\n",
         f"Command: `{command}` ({device_name}, torch {torch.__version__}). Cosine similarity of each held-out "
         f"sentence embedding to the dense model's. `recovery` = {args.recovery_steps} steps of distillation (batch "
-        f"{args.batch_size}, AdamW one-cycle to {args.lr}, student dropout {'on' if args.dropout else 'off'}) on "
+        f"{args.batch_size}, seed {args.seed}, AdamW one-cycle to {args.lr}, student dropout "
+        f"{'on' if args.dropout else 'off'}) on "
         f"{'word runs across ' if args.spans else ''}{len(pool)} other lines"
         f"{', MSE on every layer' if args.all_layers else ''}, {pruning}. `reload` = bitwise-identical output "
         f"after save_sparse and load_sparse in a fresh process on the same device. `seconds`: pruning, training "
