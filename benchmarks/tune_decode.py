@@ -29,7 +29,7 @@ SHAPES = {
     "llama_1b_down": (2048, 8192),
 }
 CONFIGS = [{"num_warps": w, "num_stages": s} for w, s in [(4, 2), (4, 3), (4, 4), (8, 3)]]
-CASES = [(0.9, 64), (0.9, 32), (0.8, 64), (0.5, 64), (0.5, 32)]  # (sparsity, block)
+CASES = [(0.9, 64), (0.9, 32), (0.8, 64), (0.5, 64), (0.5, 32), (0.9, 128), (0.5, 128)]  # (sparsity, block)
 
 
 def main() -> None:
