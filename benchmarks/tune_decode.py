@@ -4,7 +4,7 @@
 
 Prints, per shape and token count, the time of every (programs per SM, num_warps, num_stages) against dense and
 the row kernel, with weights rotated past the L2 as in ``sparseblocks bench decode``. Chose
-``decode.PROGRAMS_PER_SM`` (one token has its own kernel, one program per tile: not tuned here).
+``decode.PROGRAMS_PER_SM``, by tile size (one token has its own kernel, one program per tile: not tuned here).
 (``results/h200/tune_decode.txt`` also swept how many partial sums the reducing program loads at once: one was
 best everywhere, so that knob is gone.)
 """

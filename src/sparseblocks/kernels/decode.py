@@ -50,7 +50,12 @@ ALWAYS_TOKENS = 16  # up to here it beat the row kernel in nearly every case of 
 EMPTY_ROWS_PER_PROGRAM = 32
 REDUCE_CHUNK = 16  # partial sums of a cut row added per load at one token
 ONE_TOKEN_LAUNCH = {"num_warps": 2, "num_stages": 1}  # 2 warps beat 1 and 4 (benchmarks/decode_overhead.py)
-PROGRAMS_PER_SM = 8  # tiles per program = ceil(nnz / (PROGRAMS_PER_SM · SMs)); see benchmarks/NOTES.md
+# Programs per SM of the few-token kernel (tiles per program = ceil(nnz / (programs per SM · SMs))): tiles of at
+# most SMALL_TILE elements take more programs, each streaming its tiles one after the other, to hide the latency of
+# their small loads; larger tiles take fewer (benchmarks/results/h200/tune_decode_4_16_tokens.txt).
+PROGRAMS_PER_SM = 4
+PROGRAMS_PER_SM_SMALL_TILES = 8
+SMALL_TILE = 32 * 32  # elements
 
 
 @triton.jit
@@ -401,10 +406,13 @@ def arrival_counters(device: torch.device, n_rows: int) -> torch.Tensor:
 
 
 def default_tiles_per_program(w: BlockSparseMatrix) -> int:
-    """Tiles per program so that about ``PROGRAMS_PER_SM`` programs run on each SM."""
+    """Tiles per program so that about ``PROGRAMS_PER_SM`` programs (``PROGRAMS_PER_SM_SMALL_TILES`` for small
+    tiles) run on each SM."""
     if triton_interpreting() or not w.values.is_cuda:
         return 2  # small test shapes: still cut rows into pieces
-    return max(1, cdiv(w.nnz, PROGRAMS_PER_SM * multiprocessors(w.values.device)))
+    bn, bk = w.block_shape
+    per_sm = PROGRAMS_PER_SM_SMALL_TILES if bn * bk <= SMALL_TILE else PROGRAMS_PER_SM
+    return max(1, cdiv(w.nnz, per_sm * multiprocessors(w.values.device)))
 
 
 def decode_pays(m: int, w: BlockSparseMatrix) -> bool:
