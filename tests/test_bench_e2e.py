@@ -3,12 +3,14 @@
 import json
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 
 from transformers import BertConfig, LlamaConfig, ViTConfig  # noqa: E402
 
+from sparseblocks.bench import e2e  # noqa: E402
 from sparseblocks.cli import main  # noqa: E402
 
 TINY = {
@@ -70,3 +72,18 @@ def test_dry_run_times_every_path_and_writes_tables(tmp_path, kind, metrics, tar
 def test_unknown_model_is_refused(tmp_path):
     with pytest.raises(ValueError, match="vit_b_16, llama-3.2-1b"):
         main(["bench", "e2e", "--model", str(tmp_path / "missing"), "--dry-run"])
+
+
+def test_compiled_prefill_of_a_sparse_model(tmp_path):
+    """A grid with a compiled mode also times the prefill through torch.compile (Inductor, for real: the fused
+    MLP's custom op inside the graph)."""
+    grid = e2e.Grid(**{**e2e.DEFAULT_GRIDS["causal_lm"].__dict__, **e2e.DRY_RUN, "modes": ("compiled_graph",)})
+    assert e2e.prefill_modes(grid) == ["eager", "compiled"]
+    TINY["llama"].save_pretrained(tmp_path / "llama")
+    dense, _ = e2e.build_model(str(tmp_path / "llama"), torch.float32, torch.device("cpu"))
+    model = e2e.sparse_models(dense, 0.75, 16, "mlp")[0]["sparseblocks"]
+    with torch.no_grad():
+        row = e2e.prefill_measurement(model, grid, repeats=2, mode="compiled")
+    assert (row["metric"], row["mode"], row["tokens"]) == ("prefill_ms", "compiled", grid.prefill_tokens)
+    assert row["value"] > 0
+    torch._dynamo.reset()

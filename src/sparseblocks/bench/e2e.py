@@ -6,7 +6,8 @@ Models (random weights from their configs unless a folder holds weights):
   of torchvision's ``vit_b_16``. (torchvision's own attention packs q, k and v into ``nn.MultiheadAttention``,
   which the patcher cannot make sparse; this one has a linear per projection.) Metric: images/s per batch.
 * ``llama-3.2-1b``, ``llama-3.1-8b`` (or a Hugging Face folder of a causal LM): decode tokens/s at batch 1 and 8
-  (one step with a static KV cache, captured in a CUDA graph), and the time of a 2048-token prefill.
+  (one step with a static KV cache, captured in a CUDA graph), and the time of a 2048-token prefill (eager, and
+  compiled too when the grid has a compiled mode).
 * a Hugging Face folder of a BERT-style encoder (``bert``, ``roberta``, ``xlm-roberta``; e.g. the sentence-transformers
   all-MiniLM-L6-v2): sentences/s of a forward over a batch of ``sequence``-token inputs.
 
@@ -259,13 +260,21 @@ def decode_measurements(model: nn.Module, batch: int, grid: Grid, mode: str, rep
              "call_bytes": _call_bytes(fn, tokens[0])}]  # fmt: skip
 
 
-def prefill_measurement(model: nn.Module, grid: Grid, repeats: int) -> dict:
-    """Milliseconds of one eager forward over ``grid.prefill_tokens`` tokens (batch 1, last position's logits)."""
+def prefill_modes(grid: Grid) -> list[str]:
+    """The modes a causal LM's prefill is timed in: eager always, and compiled too when the grid times any
+    compiled mode (a 2048-token prefill is not replayed from a CUDA graph here: compiled is its fast mode)."""
+    return ["eager"] + (["compiled"] if any(mode.startswith("compiled") for mode in grid.modes) else [])
+
+
+def prefill_measurement(model: nn.Module, grid: Grid, repeats: int, mode: str = "eager") -> dict:
+    """Milliseconds of one forward over ``grid.prefill_tokens`` tokens (batch 1, last position's logits), eager or
+    through ``torch.compile`` (``mode`` "compiled"; compiled during the warm-up calls)."""
     device = next(model.parameters()).device
     ids = [torch.randint(model.config.vocab_size, (1, grid.prefill_tokens), device=device) for _ in range(2)]
-    prefill = lambda t: model(t, use_cache=False, logits_to_keep=1).logits
+    forward = torch.compile(model) if mode == "compiled" else model
+    prefill = lambda t: forward(t, use_cache=False, logits_to_keep=1).logits
     ms = _time_eager_ms(prefill, ids, repeats)
-    return {"metric": "prefill_ms", "value": ms, "ms": ms, "mode": "eager", "batch": 1,
+    return {"metric": "prefill_ms", "value": ms, "ms": ms, "mode": mode, "batch": 1,
             "tokens": grid.prefill_tokens, "call_bytes": _call_bytes(prefill, ids[0])}  # fmt: skip
 
 
@@ -289,10 +298,11 @@ def run(model_name: str, grid: Grid | None, dry_run: bool, out_dir: Path | None,
         """Every (mode, batch) of one model into the payload; a case that fails is recorded with its error."""
         with torch.no_grad():  # not inference_mode: PyTorch's BSR F.linear fails on inference tensors
             cases = [(mode, batch) for mode, batch in itertools.product(grid.modes, grid.batches)]
-            for mode, batch in cases + ([("prefill", 1)] if kind == "causal_lm" else []):
+            prefills = [(f"prefill {mode}", 1) for mode in prefill_modes(grid)] if kind == "causal_lm" else []
+            for mode, batch in cases + prefills:
                 try:
-                    if mode == "prefill":
-                        rows = [prefill_measurement(model, grid, repeats)]
+                    if mode.startswith("prefill"):
+                        rows = [prefill_measurement(model, grid, repeats, mode.split()[1])]
                     elif kind == "vit":
                         rows = vit_measurements(model, batch, DTYPES[base["dtype"]], mode, repeats)
                     elif kind == "encoder":
