@@ -6,7 +6,9 @@
 ``unfused`` is ``sparse_mlp(..., fused=False)`` (gate with silu, up, their product, down: four launches);
 ``gated`` is ``sparse_mlp`` where ``inference_path`` chooses ``"gated"`` (gate, up and their product in one launch
 of the row kernel, then down). Weights are rotated past the L2 as in ``sparseblocks bench mlp``. Prints a table and
-writes ``DIR/gated_mlp.json`` (rows: shape, M, sparsity, block, impl, ms).
+writes ``DIR/gated_mlp.json`` in ``bench mlp``'s form (rows: shape, M, K, H, dtype, sparsity, block, impl —
+``dense``, ``sparseblocks_unfused``, ``sparseblocks`` with the ``dispatch`` taken —, ms, floor_ms), which
+``sparseblocks report`` reads as an MLP run.
 """
 
 import argparse
@@ -16,8 +18,8 @@ from pathlib import Path
 import torch
 
 from sparseblocks.bench.decode import weight_copies
-from sparseblocks.bench.harness import start_run, write_json
-from sparseblocks.bench.mlp import SHAPES, _copy, _nbytes, _time, _weights, mlp_paths
+from sparseblocks.bench.harness import measure_ceilings, start_run, write_json
+from sparseblocks.bench.mlp import SHAPES, _copy, _nbytes, _time, _weights, floor_ms, mlp_paths
 from sparseblocks.bench.spmm import random_weight
 from sparseblocks.ops.mlp import inference_path
 
@@ -31,6 +33,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/gated_mlp"))
     args = parser.parse_args()
     payload, _ = start_run("gated_mlp", "PYTHONPATH=src python3 " + " ".join(sys.argv), args.out)
+    ceilings = measure_ceilings()
+    payload["ceilings"] = ceilings.__dict__
     generator = torch.Generator().manual_seed(0)
     print(f"{payload['gpu']}: ms per MLP call (speedup over dense)")
     with torch.inference_mode():
@@ -41,8 +45,9 @@ def main() -> None:
             dense_sets = weight_copies(lambda one=dense_one: _copy(one), _nbytes(dense_one))
             for m in (int(t) for t in args.tokens.split(",")):
                 dense_ms, _ = _time(paths["dense"], m, shape.width, dense_sets)
-                base = {"shape": shape_name, "M": m, "block": args.block}
-                payload["rows"].append({**base, "sparsity": 0.0, "impl": "dense", "ms": dense_ms})
+                base = {"shape": shape_name, "M": m, "K": shape.width, "H": shape.hidden, "dtype": "bf16"}
+                payload["rows"].append({**base, "sparsity": 0.0, "block": None, "impl": "dense", "ms": dense_ms,
+                                        "floor_ms": floor_ms(ceilings, shape, m, dense_one)})  # fmt: skip
                 for sparsity in (float(s) for s in args.sparsities.split(",")):
                     one = _weights(shape, lambda n, k, s=sparsity: random_weight(n, k, s, args.block, torch.bfloat16,
                                                                                  generator))  # fmt: skip
@@ -50,8 +55,10 @@ def main() -> None:
                     sets = weight_copies(lambda one=one: _copy(one), _nbytes(one))
                     unfused_ms, _ = _time(paths["sparseblocks_unfused"], m, shape.width, sets)
                     chosen_ms, _ = _time(paths["sparseblocks"], m, shape.width, sets)
-                    for impl, ms in (("unfused", unfused_ms), (path, chosen_ms)):
-                        payload["rows"].append({**base, "sparsity": sparsity, "impl": impl, "ms": ms})
+                    sparse = {**base, "sparsity": sparsity, "block": args.block,
+                              "floor_ms": floor_ms(ceilings, shape, m, one)}  # fmt: skip
+                    payload["rows"].append({**sparse, "impl": "sparseblocks_unfused", "ms": unfused_ms})
+                    payload["rows"].append({**sparse, "impl": "sparseblocks", "dispatch": path, "ms": chosen_ms})
                     print(f"{shape_name} M={m:5} s={sparsity}: dense {dense_ms:.4f} | unfused {unfused_ms:.4f} "
                           f"({dense_ms / unfused_ms:.2f}x) | {path} {chosen_ms:.4f} ({dense_ms / chosen_ms:.2f}x)",
                           flush=True)  # fmt: skip

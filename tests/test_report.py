@@ -167,6 +167,13 @@ def test_sections_without_files_are_left_out(results):
     assert "## Whole MLPs" not in page and "## Whole models" not in page and "## Decode" in page
 
 
+def test_an_mlp_run_without_floors_gets_a_dash_there(results):
+    rows = [{k: v for k, v in r.items() if k != "floor_ms"} for r in FILES["h200/mlp.json"]["rows"]]
+    (results / "h200" / "gated.json").write_text(json.dumps({**HEAD, "rows": rows}))
+    line = "| gated.json | llama_1b | 8192 | 1.2000 | 0.80x | 2.00x | 3.00x | 1.50x | **3.00x** | unfused | 64 | — |"
+    assert line in render(results)
+
+
 def test_a_broken_file_is_named_and_the_rest_still_rendered(results):
     (results / "h200" / "broken.json").write_text("{not json")
     (results / "h200" / "other.json").write_text(json.dumps({"rows": [{"x": 1}]}))

@@ -267,7 +267,7 @@ def _mlp(page: _Page, sources: list[Source]) -> None:
             rows.append([
                 s.path.name, shape, m, f"{dense_ms:.4f}", _ratio(dense_ms, compiled.get((shape, m)), 2),
                 *(_x(v) for v in others), f"**{_x(speedup)}**", ours.get("dispatch", "—"), block,
-                f"{ours['floor_ms'] / ours['ms']:.0%}",
+                f"{ours['floor_ms'] / ours['ms']:.0%}" if ours.get("floor_ms") else "—",
             ])  # fmt: skip
     page.table(["source", "MLP", "tokens", "dense ms", "compiled dense", "torch_bsr", "unfused", "fused",
                 "sparseblocks", "dispatch", "block", "of floor"], rows)  # fmt: skip
