@@ -1,13 +1,14 @@
 """Compile a kernel for an H100/H200 (sm_90) on any machine, no GPU needed, and show how Triton pipelined it.
 
-    PYTHONPATH=src python3 benchmarks/kernel_ir.py rows [--block-m 128] [--block 64] [--stages 3] [--warps 4]
-        [--out FILE.ttgir]
+    PYTHONPATH=src python3 benchmarks/kernel_ir.py rows [--mode forward] [--block-m 128] [--block 64] [--stages 3]
+        [--warps 4] [--out FILE.ttgir]
 
 Kernels: ``rows`` (the pointer row kernel, forward), ``rows_tma`` (its descriptor version), ``decode`` (the
-few-token kernel, 16 rows of x). bf16, no bias, no activation; pointers 16-byte aligned and unit strides
-specialised to 1, as Triton specialises them at run time. Prints the shared-memory buffers the pipeliner
-allocated (``NxTILE``: N copies in flight or landing) and its waits (``num``: copies left outstanding), the
-things that tell whether a loop's loads overlap its products; ``--out`` keeps the whole TTGIR.
+few-token kernel, 16 rows of x); the row kernels in ``--mode`` forward, gated (SwiGLU's act(gate) ⊙ up) or
+transposed (the input gradient, W walked through its transpose). bf16, no bias, no activation; pointers 16-byte
+aligned and unit strides specialised to 1, as Triton specialises them at run time. Prints the shared-memory
+buffers the pipeliner allocated (``NxTILE``: N copies in flight or landing) and its waits (``num``: copies left
+outstanding), the things that tell whether a loop's loads overlap its products; ``--out`` keeps the whole TTGIR.
 """
 
 import argparse
@@ -26,12 +27,12 @@ UNIT_STRIDES = ("stride_xk", "stride_yn", "stride_gn")  # 1 at run time: Triton 
 ALIGNED_INTS = ("stride_xm", "stride_ym", "stride_gm", "OUT", "IN", "N", "K")  # multiples of 16 here
 
 
-def kernel_spec(name: str, block_m: int, block: int) -> tuple:
+def kernel_spec(name: str, mode: str, block_m: int, block: int) -> tuple:
     """(JIT function, {argument: type} for the non-constexpr ones, {constexpr: value})."""
     common = {"BN": block, "BK": block, "INPUT_PRECISION": "tf32", "DOT_IN_FP32": False, "HAS_BIAS": False,
               "ACTIVATION": 0}  # fmt: skip
-    row_modes = {"TRANSPOSED": False, "BLOCK_M": block_m, "GRAD_EPILOGUE": False, "BIAS_GRAD": False,
-                 "GATED": False, "HAS_GATE_BIAS": False}  # fmt: skip
+    row_modes = {"TRANSPOSED": mode == "transposed", "BLOCK_M": block_m, "GRAD_EPILOGUE": False,
+                 "BIAS_GRAD": False, "GATED": mode == "gated", "HAS_GATE_BIAS": False}  # fmt: skip
     if name == "decode":
         fn, const = _decode_kernel, {**common, "BLOCK_M": 16, "EMPTY_ROWS_PER_PROGRAM": 32, "EVEN_K": True}
         types = {"partial_ptr": "*fp32", "crow_ptr": "*i32", "col_ptr": "*i32", "tile_row_ptr": "*i32",
@@ -62,13 +63,14 @@ def kernel_spec(name: str, block_m: int, block: int) -> tuple:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("kernel", choices=("rows", "rows_tma", "decode"))
+    parser.add_argument("--mode", default="forward", choices=("forward", "gated", "transposed"), help="row kernels")
     parser.add_argument("--block-m", type=int, default=128, help="M tile of the row kernels")
     parser.add_argument("--block", type=int, default=64, help="square weight tiles of this size")
     parser.add_argument("--stages", type=int, default=3)
     parser.add_argument("--warps", type=int, default=4)
     parser.add_argument("--out", type=Path, help="write the whole TTGIR here")
     args = parser.parse_args()
-    fn, signature, const = kernel_spec(args.kernel, args.block_m, args.block)
+    fn, signature, const = kernel_spec(args.kernel, args.mode, args.block_m, args.block)
     aligned = [a for a, t in signature.items() if t.startswith("*") or a in ALIGNED_INTS]
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
     compiled = triton.compile(ASTSource(fn, signature, const, attrs), target=GPUTarget("cuda", 90, 32),
@@ -76,8 +78,9 @@ def main() -> None:
     ttgir = compiled.asm["ttgir"]
     if args.out:
         args.out.write_text(ttgir)
-    print(f"{args.kernel}: BLOCK_M {const['BLOCK_M']}, tiles {args.block}x{args.block}, {args.stages} stages, "
-          f"{args.warps} warps; shared memory {compiled.metadata.shared} bytes")  # fmt: skip
+    mode = "few tokens" if args.kernel == "decode" else args.mode
+    print(f"{args.kernel} ({mode}): BLOCK_M {const['BLOCK_M']}, tiles {args.block}x{args.block}, {args.stages} "
+          f"stages, {args.warps} warps; shared memory {compiled.metadata.shared} bytes")  # fmt: skip
     for line in ttgir.splitlines():
         buffer = re.search(r"= ttg\.local_alloc : \(\) -> !ttg\.memdesc<([^,]+),", line)
         wait = re.search(r"(ttg\.async_wait|ttng\.wait_barrier|ttng\.warp_group_dot_wait)", line)
