@@ -23,6 +23,7 @@ from sparseblocks.format import BlockSparseMatrix
 from sparseblocks.kernels.epilogue import (
     ACTIVATION_CODES,
     accumulate_dot,
+    add_bias,
     apply_activation,
     gated_product,
     input_precision,
@@ -106,12 +107,12 @@ def _fused_mlp_kernel(
         hidden = _project_rows(x_rows, row_in_range, offs_k, K, stride_xk, w1_ptr, w1_crow_ptr, w1_col_ptr, h, BH,
                                BK, BLOCK_M, INPUT_PRECISION, DOT_IN_FP32, EVEN_K)  # fmt: skip
         if HAS_B1:
-            hidden += tl.load(b1_ptr + offs_h, mask=offs_h < H, other=0.0).to(tl.float32)[None, :]
+            hidden = add_bias(hidden, b1_ptr, offs_h, H)
         if GATED:
             gate = _project_rows(x_rows, row_in_range, offs_k, K, stride_xk, wg_ptr, wg_crow_ptr, wg_col_ptr, h,
                                  BH, BK, BLOCK_M, INPUT_PRECISION, DOT_IN_FP32, EVEN_K)  # fmt: skip
             if HAS_BG:
-                gate += tl.load(bg_ptr + offs_h, mask=offs_h < H, other=0.0).to(tl.float32)[None, :]
+                gate = add_bias(gate, bg_ptr, offs_h, H)
             hidden = gated_product(gate, hidden, ACTIVATION, y_ptr.dtype.element_ty)
         else:
             hidden = apply_activation(hidden, ACTIVATION)
@@ -121,7 +122,7 @@ def _fused_mlp_kernel(
         acc = accumulate_dot(acc, hidden, tl.trans(w2_tile), DOT_IN_FP32, INPUT_PRECISION)
 
     if HAS_B2:
-        acc += tl.load(b2_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        acc = add_bias(acc, b2_ptr, offs_n, N)
     y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_in_range & (offs_n[None, :] < N))
 
