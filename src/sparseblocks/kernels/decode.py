@@ -220,14 +220,19 @@ def _decode_kernel(
     tail_end = tl.load(crow_ptr + tail_row + 1)
     head_is_piece = head_start < first
     # The loop has no branches, so Triton pipelines its loads: a whole row that ends inside it is written by a
-    # masked store, and the head piece is kept aside (head_acc) for after the loop.
+    # masked store, and the head piece is kept aside (head_acc) for after the loop. Each tile's row and column
+    # index is loaded one tile ahead: an x gather addressed by an index loaded in the same iteration kept
+    # Triton 3.6's pipeliner to one buffer of each operand, waited on at every tile (the TTGIR for sm_90); with
+    # the index carried over, x and w are copied num_stages - 1 tiles ahead.
     head_acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
+    row = head_row
+    col = tl.load(col_ptr + first)
     for t in range(first, last):
-        row = tl.load(tile_row_ptr + t)
-        next_row = tl.load(tile_row_ptr + t + 1, mask=t + 1 < last, other=row)
-        k_index = tl.load(col_ptr + t) * BK + offs_k
-        x_tile = load_x_columns(x_rows, row_in_range, k_index, K, stride_xk, EVEN_K)
+        has_next = t + 1 < last
+        next_row = tl.load(tile_row_ptr + t + 1, mask=has_next, other=row)
+        next_col = tl.load(col_ptr + t + 1, mask=has_next, other=0)
+        x_tile = load_x_columns(x_rows, row_in_range, col * BK + offs_k, K, stride_xk, EVEN_K)
         w_tile = tl.load(w_ptrs)
         w_ptrs += BN * BK
         acc = accumulate_dot(acc, x_tile, tl.trans(w_tile), DOT_IN_FP32, INPUT_PRECISION)
@@ -237,6 +242,7 @@ def _decode_kernel(
         _finish_row(acc, row, offs_m, M, N, bias_ptr, y_ptr, stride_ym, stride_yn, BN, HAS_BIAS, ACTIVATION,
                     row_ends & ~is_head_piece)  # fmt: skip
         acc = tl.where(row_ends, 0.0, acc)
+        row, col = next_row, next_col
 
     if head_is_piece & (head_row != tail_row):  # the head piece ended inside the loop
         head_was_last = _store_piece(head_acc, head_row, head_start, head_end, pid, partial_ptr, arrived_ptr,

@@ -66,22 +66,25 @@ def _block_row_product(x_rows, row_in_range, IN, stride_xk, values_ptr, idx_ptr,
     offs_in = tl.arange(0, IN_B)
     tile_offsets = tl.arange(0, BN)[:, None] * BK + tl.arange(0, BK)[None, :]
     # The forward walks the row's tiles in storage order (a pointer bump a step); the transpose follows the
-    # permutation into the same values.
+    # permutation into the same values. Indices are loaded one tile ahead (see ``kernels/decode.py``): with the
+    # index of a gather loaded in the same iteration, Triton 3.6 pipelines X and W one buffer deep.
     w_ptrs = values_ptr + start.to(tl.int64) * (BN * BK) + tile_offsets
-    idx_ptrs = idx_ptr + start
-    perm_ptrs = perm_ptr + start
+    in_block = tl.load(idx_ptr + start, mask=start < end, other=0)
+    tile = tl.load(perm_ptr + start, mask=start < end, other=0) if TRANSPOSED else start
     acc = tl.zeros((BLOCK_M, OUT_B), dtype=tl.float32)
-    for _ in range(start, end):
-        in_index = tl.load(idx_ptrs) * IN_B + offs_in
-        x_tile = load_x_columns(x_rows, row_in_range, in_index, IN, stride_xk, EVEN_IN)
+    for j in range(start, end):
+        has_next = j + 1 < end
+        next_in_block = tl.load(idx_ptr + j + 1, mask=has_next, other=0)
+        x_tile = load_x_columns(x_rows, row_in_range, in_block * IN_B + offs_in, IN, stride_xk, EVEN_IN)
         if TRANSPOSED:
-            w_tile = tl.load(values_ptr + tl.load(perm_ptrs).to(tl.int64) * (BN * BK) + tile_offsets)
-            perm_ptrs += 1
+            next_tile = tl.load(perm_ptr + j + 1, mask=has_next, other=0)
+            w_tile = tl.load(values_ptr + tile.to(tl.int64) * (BN * BK) + tile_offsets)
+            tile = next_tile
         else:
             w_tile = tl.load(w_ptrs)
             w_ptrs += BN * BK
         acc = accumulate_dot(acc, x_tile, w_tile if TRANSPOSED else tl.trans(w_tile), DOT_IN_FP32, INPUT_PRECISION)
-        idx_ptrs += 1
+        in_block = next_in_block
     return acc
 
 

@@ -47,12 +47,19 @@ def _block_row_product(x_desc, w_desc, idx_ptr, perm_ptr, start, end, m0, BN: tl
     ``TRANSPOSED``): an fp32 ``(BLOCK_M, OUT_B)`` tile, zero for an empty row."""
     OUT_B: tl.constexpr = BK if TRANSPOSED else BN
     IN_B: tl.constexpr = BN if TRANSPOSED else BK
+    # Indices are loaded one tile ahead (see ``kernels/decode.py``): with a copy's coordinate loaded in the same
+    # iteration, Triton 3.6 kept two buffers per operand whatever num_stages; now it keeps num_stages.
+    in_block = tl.load(idx_ptr + start, mask=start < end, other=0)
+    tile = tl.load(perm_ptr + start, mask=start < end, other=0) if TRANSPOSED else start
     acc = tl.zeros((BLOCK_M, OUT_B), dtype=tl.float32)
     for j in range(start, end):
-        x_tile = x_desc.load([m0, tl.load(idx_ptr + j) * IN_B])
-        tile = tl.load(perm_ptr + j) if TRANSPOSED else j
+        has_next = j + 1 < end
+        next_in_block = tl.load(idx_ptr + j + 1, mask=has_next, other=0)
+        next_tile = tl.load(perm_ptr + j + 1, mask=has_next, other=0) if TRANSPOSED else j + 1
+        x_tile = x_desc.load([m0, in_block * IN_B])
         w_tile = w_desc.load([tile * BN, 0])
         acc = accumulate_dot(acc, x_tile, w_tile if TRANSPOSED else tl.trans(w_tile), DOT_IN_FP32, INPUT_PRECISION)
+        in_block, tile = next_in_block, next_tile
     return acc
 
 
