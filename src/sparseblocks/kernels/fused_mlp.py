@@ -41,12 +41,14 @@ def _project_rows(x_rows, row_in_range, offs_k, K, stride_xk, values_ptr, crow_p
     end = tl.load(crow_ptr + h + 1)
     w_ptrs = values_ptr + start.to(tl.int64) * (BH * BK) + tl.arange(0, BH)[:, None] * BK + tl.arange(0, BK)[None, :]
     acc = tl.zeros((BLOCK_M, BH), dtype=tl.float32)
+    col = tl.load(col_ptr + start, mask=start < end, other=0)  # one tile ahead: see kernels/spmm.py
     for t in range(start, end):
-        k_index = tl.load(col_ptr + t) * BK + offs_k
-        x_tile = load_x_columns(x_rows, row_in_range, k_index, K, stride_xk, EVEN_K)
+        next_col = tl.load(col_ptr + t + 1, mask=t + 1 < end, other=0)
+        x_tile = load_x_columns(x_rows, row_in_range, col * BK + offs_k, K, stride_xk, EVEN_K)
         w_tile = tl.load(w_ptrs)
         acc = accumulate_dot(acc, x_tile, tl.trans(w_tile), DOT_IN_FP32, INPUT_PRECISION)
         w_ptrs += BH * BK
+        col = next_col
     return acc
 
 

@@ -113,10 +113,16 @@ def _spmm_tma_kernel(
     end = tl.load(ptr_ptr + out_block + 1)
     if GRAD_FROM_PRODUCT:  # an MLP's hidden gradient dH = dY2 · W2, one (BLOCK_M, OUT_B) tile, kept on chip
         grad_tile = tl.zeros((BLOCK_M, OUT_B), dtype=tl.float32)
-        for j2 in range(tl.load(ccol2_ptr + out_block), tl.load(ccol2_ptr + out_block + 1)):
-            dy2_tile = grad_desc.load([m0, tl.load(row2_ptr + j2) * BN2])
-            w2_tile = w2_desc.load([tl.load(perm2_ptr + j2) * BN2, 0])
+        start2, end2 = tl.load(ccol2_ptr + out_block), tl.load(ccol2_ptr + out_block + 1)
+        row2 = tl.load(row2_ptr + start2, mask=start2 < end2, other=0)  # indices one tile ahead, as below
+        tile2 = tl.load(perm2_ptr + start2, mask=start2 < end2, other=0)
+        for j2 in range(start2, end2):
+            next_row2 = tl.load(row2_ptr + j2 + 1, mask=j2 + 1 < end2, other=0)
+            next_tile2 = tl.load(perm2_ptr + j2 + 1, mask=j2 + 1 < end2, other=0)
+            dy2_tile = grad_desc.load([m0, row2 * BN2])
+            w2_tile = w2_desc.load([tile2 * BN2, 0])
             grad_tile = accumulate_dot(grad_tile, dy2_tile, w2_tile, DOT_IN_FP32, INPUT_PRECISION)
+            row2, tile2 = next_row2, next_tile2
     elif GRAD_EPILOGUE:  # issued before the loop, so its latency hides behind the products
         grad_tile = grad_desc.load([m0, out_block * OUT_B])
 
