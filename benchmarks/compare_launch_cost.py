@@ -4,7 +4,7 @@
     PYTHONPATH=src python3 benchmarks/compare_launch_cost.py /tmp/old/src src --parts pieces,prefill --out DIR
 
 Each workload runs in a fresh process per tree, old first: the launch pieces (``launch_overhead.py``), Llama-3.2-1B's
-eager prefill (``prefill_alone.py``), the GPT-2-small training step (``bench train --sections train_step``) and
+eager prefill (``llama_step.py``), the GPT-2-small training step (``bench train --sections train_step``) and
 ViT-B/16 eager inference at 1, 32 and 256 images (``bench e2e``); JSON results go to ``DIR/<part>_<tree #>``.
 """
 
@@ -16,7 +16,7 @@ import sys
 BENCH = [sys.executable, "-m", "sparseblocks.cli", "bench"]
 PARTS = {
     "pieces": lambda out: [sys.executable, "benchmarks/launch_overhead.py"],
-    "prefill": lambda out: [sys.executable, "benchmarks/prefill_alone.py", "--model", "llama-3.2-1b"],
+    "prefill": lambda out: [sys.executable, "benchmarks/llama_step.py", "--model", "llama-3.2-1b"],
     "train_step": lambda out: [*BENCH, "train", "--sections", "train_step", "--models", "gpt2_small", "--out", out],
     "vit_eager": lambda out: [*BENCH, "e2e", "--model", "vit_b_16", "--modes", "eager", "--batches", "1,32,256",
                               "--dtypes", "bf16", "--sparsities", "0.9", "--blocks", "64", "--targets", "mlp",

@@ -234,8 +234,9 @@ def encoder_measurements(model: nn.Module, batch: int, grid: Grid, mode: str, re
              "call_bytes": _call_bytes(fn, inputs[0])}]  # fmt: skip
 
 
-def decode_measurements(model: nn.Module, batch: int, grid: Grid, mode: str, repeats: int) -> list[dict]:
-    """tokens/s of one decode step after ``grid.context`` cached tokens."""
+def decode_call(model: nn.Module, batch: int, grid: Grid, mode: str) -> tuple[Callable, list[torch.Tensor]]:
+    """One decode step after ``grid.context`` cached tokens (static cache, prompt already run), compiled when
+    ``mode`` is, and two ``(batch, 1)`` token inputs for it."""
     from transformers import StaticCache
 
     device = next(model.parameters()).device
@@ -255,6 +256,12 @@ def decode_measurements(model: nn.Module, batch: int, grid: Grid, mode: str, rep
                 layer.cumulative_length.fill_(grid.context)
         return step(token, past_key_values=cache, cache_position=position, use_cache=True, logits_to_keep=1).logits
 
+    return fn, tokens
+
+
+def decode_measurements(model: nn.Module, batch: int, grid: Grid, mode: str, repeats: int) -> list[dict]:
+    """tokens/s of one decode step after ``grid.context`` cached tokens."""
+    fn, tokens = decode_call(model, batch, grid, mode)
     ms = time_mode_ms(fn, tokens, mode, repeats)
     return [{"metric": "tokens_per_s", "value": batch / (ms * 1e-3), "ms": ms,
              "call_bytes": _call_bytes(fn, tokens[0])}]  # fmt: skip
@@ -266,13 +273,18 @@ def prefill_modes(grid: Grid) -> list[str]:
     return ["eager"] + (["compiled"] if any(mode.startswith("compiled") for mode in grid.modes) else [])
 
 
-def prefill_measurement(model: nn.Module, grid: Grid, repeats: int, mode: str = "eager") -> dict:
-    """Milliseconds of one forward over ``grid.prefill_tokens`` tokens (batch 1, last position's logits), eager or
-    through ``torch.compile`` (``mode`` "compiled"; compiled during the warm-up calls)."""
+def prefill_call(model: nn.Module, grid: Grid, mode: str) -> tuple[Callable, list[torch.Tensor]]:
+    """One forward over ``grid.prefill_tokens`` tokens (batch 1, last position's logits), through
+    ``torch.compile`` when ``mode`` is "compiled" (compiled at its first call), and two inputs for it."""
     device = next(model.parameters()).device
     ids = [torch.randint(model.config.vocab_size, (1, grid.prefill_tokens), device=device) for _ in range(2)]
     forward = torch.compile(model) if mode == "compiled" else model
-    prefill = lambda t: forward(t, use_cache=False, logits_to_keep=1).logits
+    return (lambda t: forward(t, use_cache=False, logits_to_keep=1).logits), ids
+
+
+def prefill_measurement(model: nn.Module, grid: Grid, repeats: int, mode: str = "eager") -> dict:
+    """Milliseconds of one prefill (:func:`prefill_call`), eager or compiled (compiled during the warm-up)."""
+    prefill, ids = prefill_call(model, grid, mode)
     ms = _time_eager_ms(prefill, ids, repeats)
     return {"metric": "prefill_ms", "value": ms, "ms": ms, "mode": mode, "batch": 1,
             "tokens": grid.prefill_tokens, "call_bytes": _call_bytes(prefill, ids[0])}  # fmt: skip
