@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from sparseblocks.bench.decode import clone_matrix, dense_weights, time_us, weight_copies
 from sparseblocks.bench.spmm import random_weight
-from sparseblocks.kernels.decode import spmm_decode_triton
+from sparseblocks.kernels.decode import LAUNCH_CONFIGS, spmm_decode_triton
 from sparseblocks.kernels.spmm import spmm_triton
 
 # name -> (N, K)
@@ -28,7 +28,7 @@ SHAPES = {
     "llama_1b_up": (8192, 2048),
     "llama_1b_down": (2048, 8192),
 }
-CONFIGS = [{"num_warps": w, "num_stages": s} for w, s in [(4, 2), (4, 3), (4, 4), (8, 3)]]
+CONFIGS = [{"num_warps": w, "num_stages": s} for w, s in LAUNCH_CONFIGS]  # the ones the kernel autotunes over
 CASES = [(0.9, 64), (0.9, 32), (0.8, 64), (0.5, 64), (0.5, 32), (0.9, 128), (0.5, 128)]  # (sparsity, block)
 
 

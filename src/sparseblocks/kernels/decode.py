@@ -384,9 +384,13 @@ def _one_token_kernel(
                 _finish_row(total, row, offs_m, 1, N, bias_ptr, y_ptr, 0, stride_yn, BN, HAS_BIAS, ACTIVATION)
 
 
+# (num_warps, num_stages). One stage: no pipelining, for programs that get about one tile (Llama-1B at 50%/b128
+# has 512 tiles for 528 programs), where the pipelined loop ran 0.87x of the unpipelined one's speed at 4 tokens
+# (decode_ab_prefetch.txt, H200); whether the autotuner's pick of it recovers that is not measured yet.
+LAUNCH_CONFIGS = [(4, 1), (4, 2), (4, 3), (4, 4), (8, 3)]
 decode_tuned = TunedKernel(
     _decode_kernel,
-    [triton.Config({}, num_warps=warps, num_stages=stages) for warps, stages in [(4, 2), (4, 3), (4, 4), (8, 3)]],
+    [triton.Config({}, num_warps=warps, num_stages=stages) for warps, stages in LAUNCH_CONFIGS],
     key=["BLOCK_M", "N", "K", "BN", "BK", "DENSITY_BUCKET", "HAS_BIAS", "ACTIVATION", "INPUT_PRECISION"],
     cache_results=True,
 )
