@@ -15,20 +15,24 @@ logger = logging.getLogger("sparseblocks")
 
 
 # Looked up once, at import: torch.compile (2.11) refuses to trace find_spec, and ops.mlp.inference_path asks
-# inside compiled models.
+# inside compiled models. Read as Triton reads it when it decorates the kernels at import.
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+_TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Kept in a plain global rather than behind functools.cache, which torch.compile warns about when it traces it.
+_triton_available: bool | None = None
 
 
-@functools.cache
 def triton_available() -> bool:
-    """Triton is importable and can compile for a CUDA GPU here."""
-    return _TRITON_INSTALLED and torch.cuda.is_available()
+    """Triton is importable and can compile for a CUDA GPU here (asked once: each CUDA query costs ~1 µs)."""
+    global _triton_available
+    if _triton_available is None:
+        _triton_available = _TRITON_INSTALLED and torch.cuda.is_available()
+    return _triton_available
 
 
-@functools.cache  # read once, as Triton reads it when it decorates the kernels at import (each read costs ~1 µs)
 def triton_interpreting() -> bool:
     """``TRITON_INTERPRET=1``: Triton kernels run on CPU tensors through its interpreter (tests)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _TRITON_INTERPRET
 
 
 _forced_reference = False
