@@ -1,14 +1,16 @@
 """Compile a kernel for an H100/H200 (sm_90) on any machine, no GPU needed, and show how Triton pipelined it.
 
     PYTHONPATH=src python3 benchmarks/kernel_ir.py rows [--mode forward] [--block-m 128] [--block 64] [--stages 3]
-        [--warps 4] [--out FILE.ttgir]
+        [--warps 4] [--dtype bf16] [--precision tf32] [--out FILE.ttgir]
 
 Kernels: ``rows`` (the pointer row kernel, forward), ``rows_tma`` (its descriptor version), ``decode`` (the
 few-token kernel, 16 rows of x); the row kernels in ``--mode`` forward, gated (SwiGLU's act(gate) ⊙ up) or
-transposed (the input gradient, W walked through its transpose). bf16, no bias, no activation; pointers 16-byte
-aligned and unit strides specialised to 1, as Triton specialises them at run time. Prints the shared-memory
-buffers the pipeliner allocated (``NxTILE``: N copies in flight or landing) and its waits (``num``: copies left
-outstanding), the things that tell whether a loop's loads overlap its products; ``--out`` keeps the whole TTGIR.
+transposed (the input gradient, W walked through its transpose). bf16 or fp32 (``--precision``: the fp32 dot's),
+no bias, no activation; pointers 16-byte aligned and unit strides specialised to 1, as Triton specialises them at
+run time. Prints the shared-memory buffers the pipeliner allocated (``NxTILE``: N copies in flight or landing), its
+waits (``num``: copies left outstanding), the things that tell whether a loop's loads overlap its products, and
+how the products run (tensor-core ``warp_group_dot`` ops, or a ``tt.dot`` left for the CUDA cores); ``--out``
+keeps the whole TTGIR.
 """
 
 import argparse
@@ -27,9 +29,9 @@ UNIT_STRIDES = ("stride_xk", "stride_yn", "stride_gn")  # 1 at run time: Triton 
 ALIGNED_INTS = ("stride_xm", "stride_ym", "stride_gm", "OUT", "IN", "N", "K")  # multiples of 16 here
 
 
-def kernel_spec(name: str, mode: str, block_m: int, block: int) -> tuple:
-    """(JIT function, {argument: type} for the non-constexpr ones, {constexpr: value})."""
-    common = {"BN": block, "BK": block, "INPUT_PRECISION": "tf32", "DOT_IN_FP32": False, "HAS_BIAS": False,
+def kernel_spec(name: str, mode: str, block_m: int, block: int, dtype: str = "bf16", precision: str = "tf32") -> tuple:
+    """(JIT function, {argument: type} for the non-constexpr ones, {constexpr: value}); data in ``dtype``."""
+    common = {"BN": block, "BK": block, "INPUT_PRECISION": precision, "DOT_IN_FP32": False, "HAS_BIAS": False,
               "ACTIVATION": 0}  # fmt: skip
     row_modes = {"TRANSPOSED": mode == "transposed", "BLOCK_M": block_m, "GRAD_EPILOGUE": False,
                  "BIAS_GRAD": False, "GATED": mode == "gated", "HAS_GATE_BIAS": False}  # fmt: skip
@@ -43,7 +45,7 @@ def kernel_spec(name: str, mode: str, block_m: int, block: int) -> tuple:
                                                                     "gate_crow_ptr", "gate_col_ptr")}}  # fmt: skip
     else:
         fn, const = _spmm_tma_kernel, {**common, **row_modes, "GRAD_FROM_PRODUCT": False, "BN2": block}
-        m_box, w_box = f"tensordesc<bf16[{block_m}, {block}]>", f"tensordesc<bf16[{block}, {block}]>"
+        m_box, w_box = f"tensordesc<{dtype}[{block_m}, {block}]>", f"tensordesc<{dtype}[{block}, {block}]>"
         types = {"x_desc": m_box, "grad_desc": m_box, "y_desc": m_box, "w_desc": w_box, "w2_desc": w_box,
                  "gate_desc": w_box, "bias_grad_ptr": "*fp32",
                  **{p: "*i32" for p in ("ptr_ptr", "idx_ptr", "perm_ptr", "order_ptr", "ccol2_ptr", "row2_ptr",
@@ -55,8 +57,8 @@ def kernel_spec(name: str, mode: str, block_m: int, block: int) -> tuple:
             signature[arg] = "constexpr"
         elif arg in types:
             signature[arg] = types[arg]
-        else:  # the remaining pointers hold bf16 data, the rest are sizes, strides and tuning keys
-            signature[arg] = "*bf16" if arg.endswith("_ptr") else "i32"
+        else:  # the remaining pointers hold the data, the rest are sizes, strides and tuning keys
+            signature[arg] = f"*{dtype}" if arg.endswith("_ptr") else "i32"
     return fn, signature, const
 
 
@@ -68,9 +70,11 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=64, help="square weight tiles of this size")
     parser.add_argument("--stages", type=int, default=3)
     parser.add_argument("--warps", type=int, default=4)
+    parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
+    parser.add_argument("--precision", default="tf32", choices=("ieee", "tf32", "tf32x3"), help="fp32 dots")
     parser.add_argument("--out", type=Path, help="write the whole TTGIR here")
     args = parser.parse_args()
-    fn, signature, const = kernel_spec(args.kernel, args.mode, args.block_m, args.block)
+    fn, signature, const = kernel_spec(args.kernel, args.mode, args.block_m, args.block, args.dtype, args.precision)
     aligned = [a for a, t in signature.items() if t.startswith("*") or a in ALIGNED_INTS]
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
     compiled = triton.compile(ASTSource(fn, signature, const, attrs), target=GPUTarget("cuda", 90, 32),
@@ -80,7 +84,9 @@ def main() -> None:
         args.out.write_text(ttgir)
     mode = "few tokens" if args.kernel == "decode" else args.mode
     print(f"{args.kernel} ({mode}): BLOCK_M {const['BLOCK_M']}, tiles {args.block}x{args.block}, {args.stages} "
-          f"stages, {args.warps} warps; shared memory {compiled.metadata.shared} bytes")  # fmt: skip
+          f"stages, {args.warps} warps, {args.dtype}; shared memory {compiled.metadata.shared} bytes")  # fmt: skip
+    print(f"  products: {ttgir.count('ttng.warp_group_dot ')} warp_group_dot (tensor cores), "
+          f"{ttgir.count('tt.dot ')} tt.dot (CUDA cores)")  # fmt: skip
     for line in ttgir.splitlines():
         buffer = re.search(r"= ttg\.local_alloc : \(\) -> !ttg\.memdesc<([^,]+),", line)
         wait = re.search(r"(ttg\.async_wait|ttng\.wait_barrier|ttng\.warp_group_dot_wait)", line)

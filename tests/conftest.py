@@ -1,3 +1,8 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -22,6 +27,15 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     if not torch.isfinite(out).all():
         return float("inf")
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def kernel_ir(*args: str) -> str:
+    """What ``benchmarks/kernel_ir.py`` prints for ``args``: a kernel compiled for sm_90 on this machine, no GPU
+    (in a subprocess without ``TRITON_INTERPRET``, which would interpret rather than compile)."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_ir.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True,
+                          check=True).stdout  # fmt: skip
 
 
 def random_sparse(

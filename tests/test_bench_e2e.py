@@ -46,9 +46,11 @@ TINY = {
 def test_dry_run_times_every_path_and_writes_tables(tmp_path, kind, metrics, targets):
     TINY[kind].save_pretrained(tmp_path / kind)
     argv = ["bench", "e2e", "--model", str(tmp_path / kind), "--dry-run", "--dtypes", "fp32", "--modes", "eager",
-            "--sparsities", "0.75", "--blocks", "16", "--targets", targets, "--out", str(tmp_path / "out")]  # fmt: skip
+            "--sparsities", "0.75", "--blocks", "16", "--targets", targets, "--fp32-precision", "tf32x3",
+            "--out", str(tmp_path / "out")]  # fmt: skip
     assert main(argv) == 0
     payload = json.loads((tmp_path / "out" / "e2e.json").read_text())
+    assert payload["fp32_precision"] == "tf32x3"
     rows = payload["rows"]
     assert all(r["value"] and r["value"] > 0 for r in rows), [r.get("error") for r in rows]
     assert {r["metric"] for r in rows} == metrics

@@ -49,6 +49,10 @@ def test_table_and_plots_render(tmp_path):
     assert "| vit_b_fc1 | 50432 | bf16 | 0.9 | 64 | random | 4.00x | 0.80x |  | 4.00x |" in table
     assert "| vit_b_fc1 | 50432 | bf16 | 0.5 | None | 2:4 |  |  | 1.60x | 4.00x |" in table
     assert "| — |" in table
+    assert "tf32x3" not in (tmp_path / "spmm.md").read_text()
+    path.write_text(json.dumps({**payload, "fp32_precision": "tf32x3"}))
+    spmm_report(path)
+    assert "Our fp32 rows multiply tiles in `tf32x3`" in (tmp_path / "spmm.md").read_text()
 
 
 def _train_row(case, impl, ms, sparsity=0.9, block=64, **extra):
@@ -129,3 +133,17 @@ def test_spmm_floor_reads_only_the_columns_some_tile_multiplies():
     case = Case("toy", 1000, 56, 32, "bf16", 0.625, 16)
     expected_bytes = 2 * 1000 * (16 + 8 + 32) + w.nbytes
     assert _floor_ms(ceilings, case, torch.bfloat16, w) == pytest.approx(1e3 * expected_bytes / 1e9)
+
+
+def test_spmm_floor_of_tf32x3_is_three_tf32_products():
+    """fp32 through three TF32 products: the arithmetic floor is 3x the FLOPs at the TF32 rate."""
+    from sparseblocks import BlockSparseMatrix
+    from sparseblocks.bench.harness import Ceilings
+    from sparseblocks.bench.spmm import Case, _floor_ms
+
+    w = BlockSparseMatrix.from_dense(torch.randn(32, 64), 16, mask=torch.ones(2, 4, dtype=torch.bool))
+    case = Case("toy", 1000, 64, 32, "fp32", 0.0, 16)
+    ceilings = Ceilings(copy_bytes_per_s=1e30, bf16_flops=1e12, fp32_flops=1e12, tf32_flops=6e12)
+    flops = 2 * 1000 * 64 * 32
+    assert _floor_ms(ceilings, case, torch.float32, w) == pytest.approx(1e3 * flops / 1e12)
+    assert _floor_ms(ceilings, case, torch.float32, w, "tf32x3") == pytest.approx(1e3 * 3 * flops / 6e12)

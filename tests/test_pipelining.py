@@ -4,25 +4,20 @@ Checked on the kernels compiled for sm_90 on the CPU (``benchmarks/kernel_ir.py`
 loaded in the same iteration, Triton 3.6 kept one or two buffers whatever ``num_stages`` (NOTES.md).
 """
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from conftest import kernel_ir
+
 pytest.importorskip("triton")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_ir.py"
 STAGES = 4
 
 
 def tile_buffers(kernel: str, mode: str) -> list[int]:
     """How many copies of each bf16 tile the pipeliner allocated (the script's ``buffer NxRxCxbf16`` lines)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, do not interpret
-    command = [sys.executable, str(SCRIPT), kernel, "--mode", mode, "--stages", str(STAGES)]
-    printed = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
+    printed = kernel_ir(kernel, "--mode", mode, "--stages", str(STAGES))
     return [int(n) for n in re.findall(r"buffer (\d+)x\d+x\d+xbf16", printed)]
 
 

@@ -4,11 +4,13 @@ Public API: :class:`BlockSparseMatrix` (the format), :func:`spmm` (the op), :cla
 module), :class:`SemiStructuredLinear` (2:4 weights), :class:`SparseMLP` and :func:`fuse_mlps` (whole MLPs),
 :func:`sparsify` / :func:`densify` with :class:`SparsityConfig` (whole models), :func:`save_sparse` /
 :func:`load_sparse` (checkpoints), :class:`Pruner` with :class:`CubicSchedule` (choosing the tiles),
-:func:`reconstruct` (refitting the kept weights to calibration data).
+:func:`reconstruct` (refitting the kept weights to calibration data), :func:`fp32_precision` (how the kernels
+multiply fp32 tiles).
 """
 
 __version__ = "0.1.0"
 
+from sparseblocks.backend import fp32_precision
 from sparseblocks.checkpoint import load_sparse, save_sparse
 from sparseblocks.format import BlockSparseMatrix
 from sparseblocks.nn import BlockSparseLinear, SemiStructuredLinear, SparseMLP
@@ -27,6 +29,7 @@ __all__ = [
     "SparsityConfig",
     "__version__",
     "densify",
+    "fp32_precision",
     "fuse_mlps",
     "load_sparse",
     "reconstruct",

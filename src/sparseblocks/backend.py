@@ -52,6 +52,41 @@ def reference_mode() -> Iterator[None]:
         _forced_reference = previous
 
 
+FP32_PRECISIONS = ("ieee", "tf32", "tf32x3")
+_fp32_precision: str | None = None  # None: follow torch.backends.cuda.matmul.allow_tf32
+
+
+@contextlib.contextmanager
+def fp32_precision(precision: str) -> Iterator[None]:
+    """Within the block, the Triton kernels multiply fp32 tiles in ``precision``:
+
+    - ``"ieee"``: fp32 products on the CUDA cores (what dense fp32 does when TF32 is off);
+    - ``"tf32"``: one TF32 tensor-core product (about 1e-3 relative error, as dense with TF32 on);
+    - ``"tf32x3"``: three TF32 products on each operand's high and low parts, fp32 accumulation: errors of the
+      order of fp32's on random inputs, at tensor-core speed.
+
+    Outside any block they follow ``torch.backends.cuda.matmul.allow_tf32`` ("tf32" or "ieee"), as dense does.
+    The TF32 modes need an Ampere or later GPU. Read at each launch: a CUDA graph keeps the precision it was
+    captured with. bf16 and fp16 are unaffected.
+    """
+    if precision not in FP32_PRECISIONS:
+        raise ValueError(f"fp32 precision must be one of {FP32_PRECISIONS}, got {precision!r}")
+    global _fp32_precision
+    previous, _fp32_precision = _fp32_precision, precision
+    try:
+        yield
+    finally:
+        _fp32_precision = previous
+
+
+def fp32_dot_precision() -> str:
+    """The precision fp32 tiles are multiplied in now: the innermost :func:`fp32_precision`, else what
+    ``torch.backends.cuda.matmul.allow_tf32`` says."""
+    if _fp32_precision is not None:
+        return _fp32_precision
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
 def on_device_of(t: torch.Tensor) -> contextlib.AbstractContextManager:
     """``torch.cuda.device(t.device)`` where that is not the current device, else nothing: Triton launches on the
     current device whatever device the tensors are on (a model on ``cuda:1`` with device 0 current)."""

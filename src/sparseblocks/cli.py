@@ -90,6 +90,7 @@ def _bench_spmm(args: argparse.Namespace) -> int:
         out_dir=args.out and Path(args.out),
         name=args.name,
         command="sparseblocks " + shlex.join(args.argv),
+        fp32=args.fp32_precision,
     )
     return 0
 
@@ -230,8 +231,14 @@ def _bench_e2e(args: argparse.Namespace) -> int:
         default = e2e.DEFAULT_GRIDS[e2e.model_kind(e2e.model_config(args.model))].__dict__
         grid = e2e.Grid(**{**default, **{k: numbers(t, f) for k, (t, f) in options.items() if t is not None}})
     command = "sparseblocks " + shlex.join(args.argv)
-    e2e.run(args.model, grid, args.dry_run, args.out and Path(args.out), args.name, command)
+    e2e.run(args.model, grid, args.dry_run, args.out and Path(args.out), args.name, command, args.fp32_precision)
     return 0
+
+
+def _add_fp32_precision(bench: argparse.ArgumentParser) -> None:
+    bench.add_argument("--fp32-precision", default="ieee", choices=("ieee", "tf32x3"),
+                       help="how our kernels multiply fp32 tiles (sparseblocks.fp32_precision); dense keeps "
+                            "PyTorch's TF32 setting (off)")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -340,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--shapes", default="vit_b_fc1,vit_b_fc2,llama_1b_up,llama_1b_down", help="comma-separated layer shapes"
     )
     bench_spmm.add_argument("--no-sweep", dest="sweep", action="store_false", help="skip the ViT fc1 batch sweep")
+    _add_fp32_precision(bench_spmm)
     bench_spmm.add_argument("--name", default="spmm", help="result file stem (default spmm)")
     bench_spmm.add_argument("--out", help="folder for spmm.json and plots (default benchmarks/results/<gpu>)")
     bench_spmm.set_defaults(run=_bench_spmm)
@@ -367,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
                          ("impls", "sparse paths: torch_bsr,sparseblocks")]:  # fmt: skip
         bench_e2e.add_argument(f"--{option}", help=f"comma-separated {what} (default: the issue's grid)")
     bench_e2e.add_argument("--dry-run", action="store_true", help="tiny inputs, two repeats; runs on a CPU")
+    _add_fp32_precision(bench_e2e)
     bench_e2e.add_argument("--name", default="e2e", help="result file stem (default e2e)")
     bench_e2e.add_argument("--out", help="folder for e2e.json (default benchmarks/results/<gpu>)")
     bench_e2e.set_defaults(run=_bench_e2e)

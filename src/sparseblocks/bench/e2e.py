@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparseblocks.backend import fp32_precision
 from sparseblocks.bench.harness import environment, gpu_folder, time_ms, write_json
 from sparseblocks.bench.plots import e2e_plot
 from sparseblocks.nn import BlockSparseLinear
@@ -290,15 +291,25 @@ def prefill_measurement(model: nn.Module, grid: Grid, repeats: int, mode: str = 
             "tokens": grid.prefill_tokens, "call_bytes": _call_bytes(prefill, ids[0])}  # fmt: skip
 
 
-def run(model_name: str, grid: Grid | None, dry_run: bool, out_dir: Path | None, name: str, command: str) -> dict:
+def run(
+    model_name: str,
+    grid: Grid | None,
+    dry_run: bool,
+    out_dir: Path | None,
+    name: str,
+    command: str,
+    fp32: str = "ieee",
+) -> dict:
     """Time every case of ``grid`` (the model kind's default grid when None); write ``<name>.json`` and ``.md``.
 
     ``dry_run``: tiny inputs and two repeats, on the CPU when there is no GPU (for tests of the whole path).
+    ``fp32``: how our kernels multiply fp32 tiles, "ieee" or "tf32x3" (only they read it: dense, PyTorch BSR and
+    cuDNN follow PyTorch's own TF32 switches).
     """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not dry_run:
         raise RuntimeError("bench e2e times GPU kernels: it needs a CUDA GPU (or --dry-run)")
-    payload = {**environment(command), "model": model_name, "rows": []}
+    payload = {**environment(command), "model": model_name, "fp32_precision": fp32, "rows": []}
     folder = out_dir or Path("benchmarks/results") / gpu_folder(payload["gpu"])
     repeats = 2 if dry_run else 20
     kind = model_kind(model_config(model_name))
@@ -308,7 +319,8 @@ def run(model_name: str, grid: Grid | None, dry_run: bool, out_dir: Path | None,
 
     def measure(model: nn.Module, base: dict) -> None:
         """Every (mode, batch) of one model into the payload; a case that fails is recorded with its error."""
-        with torch.no_grad():  # not inference_mode: PyTorch's BSR F.linear fails on inference tensors
+        # not inference_mode: PyTorch's BSR F.linear fails on inference tensors
+        with torch.no_grad(), fp32_precision(fp32):
             cases = [(mode, batch) for mode, batch in itertools.product(grid.modes, grid.batches)]
             prefills = [(f"prefill {mode}", 1) for mode in prefill_modes(grid)] if kind == "causal_lm" else []
             for mode, batch in cases + prefills:

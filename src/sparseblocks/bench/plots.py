@@ -79,6 +79,8 @@ def spmm_report(json_path: Path) -> list[Path]:
         f"(torch {payload['torch']}, triton {payload['triton']}, commit {payload['commit']}).\n\n"
         f"Command: `{payload['command']}`\n\n"
     )
+    if payload.get("fp32_precision", "ieee") != "ieee":
+        header += f"Our fp32 rows multiply tiles in `{payload['fp32_precision']}`; dense stays IEEE fp32.\n\n"
     (folder / f"{stem}.md").write_text(header + spmm_table(payload["rows"]))
     written = [folder / f"{stem}.md"]
 

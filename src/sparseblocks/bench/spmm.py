@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from sparseblocks.backend import fp32_precision
 from sparseblocks.bench.harness import (
     Ceilings,
     input_sets,
@@ -95,11 +96,17 @@ def sparse_weight(case: Case, dtype: torch.dtype, seed: int = 0, device: str = "
 
 
 def implementations(
-    w: BlockSparseMatrix,
+    w: BlockSparseMatrix, fp32: str = "ieee"
 ) -> tuple[dict[str, Callable[[torch.Tensor], torch.Tensor]], Callable[[torch.Tensor], torch.Tensor]]:
-    """The sparse paths that compute x·wᵀ (stk only where it applies and imports), and the dense one."""
+    """The sparse paths that compute x·wᵀ (stk only where it applies and imports), and the dense one; ours
+    multiplies fp32 tiles in ``fp32`` precision (:func:`~sparseblocks.backend.fp32_precision`)."""
     dense = w.to_dense()
-    paths = {"sparseblocks": lambda x: spmm(x, w)}
+
+    def ours(x: torch.Tensor) -> torch.Tensor:
+        with fp32_precision(fp32):
+            return spmm(x, w)
+
+    paths = {"sparseblocks": ours}
     bsr = w.to_torch_bsr()
     paths["torch_bsr"] = lambda x: F.linear(x, bsr)
     stk_path = stk_linear(w)
@@ -140,7 +147,9 @@ def two_of_four_linear(n: int, k: int, dtype: torch.dtype, generator: torch.Gene
     return (lambda x: F.linear(x, weight)), nbytes
 
 
-def _floor_ms(ceilings: Ceilings, case: Case, dtype: torch.dtype, w: BlockSparseMatrix | None) -> float:
+def _floor_ms(
+    ceilings: Ceilings, case: Case, dtype: torch.dtype, w: BlockSparseMatrix | None, fp32: str = "ieee"
+) -> float:
     size = torch.finfo(dtype).bits // 8
     tf32 = torch.backends.cuda.matmul.allow_tf32
     if w is None:  # the dense problem
@@ -152,7 +161,10 @@ def _floor_ms(ceilings: Ceilings, case: Case, dtype: torch.dtype, w: BlockSparse
     bk = w.block_shape[1]
     read_columns = int((case.k - torch.unique(w.col_indices).long() * bk).clamp(max=bk).sum())  # ragged last one
     bytes_moved = size * case.m * (read_columns + case.n) + w.nbytes
-    return ceilings.floor_ms(2 * case.m * case.k * case.n * w.density, bytes_moved, dtype, tf32)
+    flops = 2 * case.m * case.k * case.n * w.density
+    if dtype == torch.float32 and fp32 == "tf32x3":  # three TF32 tensor-core products per fp32 one
+        return ceilings.floor_ms(3 * flops, bytes_moved, dtype, tf32=True)
+    return ceilings.floor_ms(flops, bytes_moved, dtype, tf32)
 
 
 def _time_two_of_four(rows: list, base: dict, case: Case, dtype: torch.dtype, xs, ceilings: Ceilings) -> str:
@@ -182,9 +194,13 @@ def run(
     out_dir: Path | None,
     name: str,
     command: str,
+    fp32: str = "ieee",
 ) -> dict:
-    """Run the cases; write ``<out_dir or benchmarks/results/<gpu>>/<name>.json`` plus plots; return the payload."""
+    """Run the cases; write ``<out_dir or benchmarks/results/<gpu>>/<name>.json`` plus plots; return the payload.
+
+    ``fp32``: how our kernels multiply fp32 tiles, "ieee" or "tf32x3" (dense stays IEEE fp32: TF32 off)."""
     payload, folder = start_run("spmm", command, out_dir)
+    payload["fp32_precision"] = fp32
     ceilings = measure_ceilings()
     payload["ceilings"] = ceilings.__dict__
     rows = payload["rows"]
@@ -198,7 +214,7 @@ def run(
             case.m * case.k * w.values.element_size(),
         )
         base = {"shape": case.shape, "M": case.m, "K": case.k, "N": case.n, "dtype": case.dtype}
-        paths, dense_path = implementations(w)
+        paths, dense_path = implementations(w, fp32)
         dense_key = (case.shape, case.m, case.dtype)
         if dense_key not in dense_ms:
             ms, timer = time_ms(dense_path, xs)
@@ -208,7 +224,7 @@ def run(
                          "floor_ms": dense_floor, "timer": timer})  # fmt: skip
             print(f"{case.shape:<14} M={case.m:<6} {case.dtype} dense {ms:.3f} ms  "
                   f"{_time_two_of_four(rows, base, case, dtype, xs, ceilings)}", flush=True)  # fmt: skip
-        floor = _floor_ms(ceilings, case, dtype, w)
+        floor = _floor_ms(ceilings, case, dtype, w, fp32)
         sparse_base = {**base, "sparsity": case.sparsity, "block": case.block, "mask": case.mask, "floor_ms": floor}
         summary = []
         for impl, fn in paths.items():

@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sparseblocks.backend import fp32_dot_precision
+
 ACTIVATION_CODES = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
 
 
@@ -104,7 +106,6 @@ def multiprocessors(device: torch.device) -> int:
 
 
 def input_precision(dtype: torch.dtype) -> str:
-    """tl.dot precision for fp32 inputs follows ``torch.backends.cuda.matmul.allow_tf32``, as dense does."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
+    """tl.dot precision: for fp32 inputs :func:`~sparseblocks.backend.fp32_dot_precision` (by default what
+    ``torch.backends.cuda.matmul.allow_tf32`` says, as dense does); ignored for 16-bit inputs."""
+    return fp32_dot_precision() if dtype == torch.float32 else "tf32"
