@@ -1,6 +1,7 @@
 """sparsify / densify and save_sparse / load_sparse on tiny random models of every family the presets know."""
 
 import copy
+import importlib
 import json
 import logging
 
@@ -21,6 +22,8 @@ from sparseblocks import (
 )
 from sparseblocks.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from sparseblocks.gpt import GPT, GPTConfig
+from sparseblocks.nn import SparseLinearActivation
+from sparseblocks.patch import FUSED_MODULES
 
 logging.getLogger("sparseblocks").setLevel(logging.ERROR)  # the CPU-reference notice
 
@@ -35,6 +38,11 @@ TEXT = dict(vocab_size=64, hidden_size=48, num_hidden_layers=2, num_attention_he
 LLAMA = dict(TEXT, num_key_value_heads=1, tie_word_embeddings=False)
 VIT = dict(TEXT, image_size=16, patch_size=8)
 del VIT["vocab_size"]
+
+
+def _has(class_name, module):
+    """Whether the installed transformers defines ``class_name`` in ``transformers.models.<module>``."""
+    return hasattr(importlib.import_module(f"transformers.models.{module}"), class_name)
 
 
 def _timm():
@@ -53,11 +61,12 @@ def _gpt():
 
 # family -> (builder, example input, linears per layer that the "mlp" preset takes, whether its MLP fuses)
 FAMILIES = {
-    "bert": (lambda: _hf("BertConfig", "BertModel", **TEXT), "tokens", 2, False),
+    "bert": (lambda: _hf("BertConfig", "BertModel", **TEXT), "tokens", 2, True),  # its intermediate half
     "llama": (lambda: _hf("LlamaConfig", "LlamaForCausalLM", **LLAMA), "tokens", 3, True),
     "mistral": (lambda: _hf("MistralConfig", "MistralForCausalLM", **LLAMA), "tokens", 3, True),
     "qwen2": (lambda: _hf("Qwen2Config", "Qwen2ForCausalLM", **LLAMA), "tokens", 3, True),
-    "hf_vit": (lambda: _hf("ViTConfig", "ViTModel", **VIT), "image16", 2, False),
+    # HF ViT's MLP is one module (ViTMLP) from transformers 5 on, two before (as BERT's)
+    "hf_vit": (lambda: _hf("ViTConfig", "ViTModel", **VIT), "image16", 2, lambda: _has("ViTMLP", "vit.modeling_vit")),
     "timm_vit": (_timm, "image32", 2, True),
     "torchvision_vit": (_torchvision, "image32", 2, True),
     "gpt": (_gpt, "tokens", 2, True),
@@ -110,6 +119,7 @@ def test_sparsify_matches_masked_dense_and_survives_save_and_load(family, tmp_pa
 def test_fused_mlps_compute_the_same_keep_their_keys_and_reload_fused(family, tmp_path):
     make, kind, _, fuses = FAMILIES[family]
     build = make()
+    fuses = fuses() if callable(fuses) else fuses
     torch.manual_seed(0)
     unfused = build()
     sparsify(unfused, SparsityConfig(sparsity=0.5, block_size=16, targets="mlp"))
@@ -123,9 +133,9 @@ def test_fused_mlps_compute_the_same_keep_their_keys_and_reload_fused(family, tm
         return
     save_sparse(fused, tmp_path)
     reloaded = load_sparse(tmp_path, build())
-    assert sum(isinstance(m, SparseMLP) for m in reloaded.modules()) == 2
+    assert sum(isinstance(m, FUSED_MODULES) for m in reloaded.modules()) == 2
     dense = densify(fused)
-    assert not any(isinstance(m, SparseMLP | BlockSparseLinear) for m in dense.modules())
+    assert not any(isinstance(m, (*FUSED_MODULES, BlockSparseLinear)) for m in dense.modules())
     with torch.no_grad():
         assert torch.equal(out, _output(reloaded, kind))
         assert relative_error(out, _output(dense, kind)) < 1e-5
@@ -148,6 +158,28 @@ def test_sparse_mlp_trains_and_refuses_mismatched_layers():
         SparseMLP(mlp.fc, mlp.fc)
     with pytest.raises(ValueError, match="activation"):
         SparseMLP(mlp.fc, mlp.proj, activation="tanh")
+
+
+def test_a_linear_and_its_activation_run_as_one_product_where_spmm_fuses_the_activation():
+    build = _hf("BertConfig", "BertModel", **TEXT)
+    torch.manual_seed(0)
+    model = build()
+    sparsify(model, SparsityConfig(sparsity=0.5, block_size=16, targets="mlp"))
+    intermediate = model.encoder.layer[0].intermediate
+    fused = copy.deepcopy(intermediate)
+    fused.intermediate_act_fn = nn.Tanh()  # not an activation spmm has
+    assert fuse_mlps(nn.Sequential(fused)) == 0
+    wrapper = nn.Sequential(copy.deepcopy(intermediate))
+    assert fuse_mlps(wrapper) == 1
+    one_product = wrapper[0]
+    assert isinstance(one_product, SparseLinearActivation) and one_product.activation == "gelu"
+    x = torch.randn(2, 5, 48, requires_grad=True)
+    one_product(x).square().sum().backward()  # trains: spmm's backward through the fused activation
+    assert x.grad is not None and one_product.dense.values.grad is not None
+    with torch.no_grad():
+        assert relative_error(one_product(x), intermediate(x)) < 1e-6
+    with pytest.raises(ValueError, match="activation"):
+        SparseLinearActivation(intermediate.dense, "tanh")
 
 
 @pytest.mark.parametrize("tokens", [1, 3])

@@ -20,9 +20,9 @@ from safetensors.torch import save_model
 from torch import nn
 
 from sparseblocks.format import BlockSparseMatrix, normalize_block_size
-from sparseblocks.nn import BlockSparseLinear, SemiStructuredLinear, SparseMLP
+from sparseblocks.nn import BlockSparseLinear, SemiStructuredLinear
 from sparseblocks.nn.semi_structured import GROUP, KEPT
-from sparseblocks.patch import PATTERNS, fuse_mlps, replace_module, sparse_layers
+from sparseblocks.patch import FUSED_MODULES, PATTERNS, fuse_mlps, replace_module, sparse_layers
 
 WEIGHTS_FILE = "sparseblocks.safetensors"
 CONFIG_FILE = "sparseblocks.json"
@@ -48,7 +48,7 @@ def save_sparse(model: nn.Module, folder: str | Path) -> Path:
             "dtype": str(layer.values.dtype).removeprefix("torch."),
             "bias": layer.bias is not None,
         }
-    fused = [name for name, module in model.named_modules() if isinstance(module, SparseMLP)]
+    fused = [name for name, module in model.named_modules() if isinstance(module, FUSED_MODULES)]
     config = {"format": "sparseblocks", "format_version": FORMAT_VERSION, "library_version": __version__}
     (folder / CONFIG_FILE).write_text(json.dumps({**config, "layers": layers, "fused_mlps": fused}, indent=1) + "\n")
     save_model(model, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -150,7 +150,7 @@ def _materialize_meta(model: nn.Module) -> None:
 def load_sparse(folder: str | Path, model: nn.Module, strict: bool = True) -> nn.Module:
     """Load a ``save_sparse`` folder into ``model`` (same architecture, freshly built, on any device or on
     ``meta``): its saved sparse layers become ``BlockSparseLinear``, every tensor is loaded, and MLPs that ran as
-    ``SparseMLP`` when saved do so again. Returns ``model``.
+    ``SparseMLP`` (or ``SparseLinearActivation``) when saved do so again. Returns ``model``.
 
     strict: the file and the model must hold the same tensors (tied weights count once).
     """
@@ -197,7 +197,7 @@ def load_sparse(folder: str | Path, model: nn.Module, strict: bool = True) -> nn
     if config["fused_mlps"]:
         fuse_mlps(model)
         modules = dict(model.named_modules())
-        unfused = [name for name in config["fused_mlps"] if not isinstance(modules.get(name), SparseMLP)]
+        unfused = [name for name in config["fused_mlps"] if not isinstance(modules.get(name), FUSED_MODULES)]
         if unfused:
             raise ValueError(f"the checkpoint ran these MLPs fused, the model cannot: {unfused[:5]}")
     return model

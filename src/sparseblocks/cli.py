@@ -303,7 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
     sparsity_options.add_argument(
         "--exclude", default="", help="comma-separated presets, globs or re:<regex> to leave dense"
     )
-    sparsity_options.add_argument("--fuse-mlp", action="store_true", help="run known MLPs as one SparseMLP module")
+    sparsity_options.add_argument(
+        "--fuse-mlp",
+        action="store_true",
+        help="run known MLPs as one SparseMLP module (BERT's first half as one product)",
+    )
     sparsify = commands.add_parser(
         "sparsify", parents=[sparsity_options], help="sparsify a Hugging Face model folder and save it"
     )

@@ -1,9 +1,11 @@
 """One-line sparsification of whole models: ``sparsify(model, SparsityConfig(...))`` and ``densify(model)``.
 
-Per-architecture knowledge is kept in two small tables: :data:`PRESETS` (which linears a preset means: module-name
+Per-architecture knowledge is kept in small tables: :data:`PRESETS` (which linears a preset means: module-name
 patterns for HF Llama/Mistral/Qwen2, BERT and sentence-transformers, HF ViT, timm ViT, torchvision ViT and
-``sparseblocks.gpt``) and :data:`MLP_LAYOUTS` (which MLP modules :func:`fuse_mlps` can run as one
-:class:`~sparseblocks.nn.SparseMLP`). Module *instances* are replaced, so a model's own forward keeps working.
+``sparseblocks.gpt``), :data:`MLP_LAYOUTS` (which MLP modules :func:`fuse_mlps` can run as one
+:class:`~sparseblocks.nn.SparseMLP`) and :data:`LINEAR_ACTIVATION_LAYOUTS` (halves of MLPs split in two, run as
+one :class:`~sparseblocks.nn.SparseLinearActivation`). Module *instances* are replaced, so a model's own forward
+keeps working.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from sparseblocks.nn import BlockSparseLinear, SemiStructuredLinear, SparseMLP
+from sparseblocks.nn import BlockSparseLinear, SemiStructuredLinear, SparseLinearActivation, SparseMLP
 from sparseblocks.nn.semi_structured import GROUP, KEPT
 
 logger = logging.getLogger("sparseblocks")
@@ -60,13 +62,14 @@ class MLPLayout:
     identities: tuple[str, ...] = ()
 
 
-# (package, class name) -> layout. BERT and HF ViT split their MLP over two modules (intermediate, output), with
-# the residual and LayerNorm in the second: they stay as separate BlockSparseLinear.
+# (package, class name) -> layout. BERT (and HF ViT before transformers 5) split their MLP over two modules
+# (intermediate, output), with the residual and LayerNorm in the second: see LINEAR_ACTIVATION_LAYOUTS.
 _SWIGLU = MLPLayout(up="up_proj", down="down_proj", gate="gate_proj", activation_module="act_fn")
 MLP_LAYOUTS: dict[tuple[str, str], MLPLayout] = {
     ("transformers", "LlamaMLP"): _SWIGLU,
     ("transformers", "MistralMLP"): _SWIGLU,
     ("transformers", "Qwen2MLP"): _SWIGLU,
+    ("transformers", "ViTMLP"): MLPLayout(up="fc1", down="fc2", activation_module="activation_fn"),  # transformers 5
     ("timm", "Mlp"): MLPLayout(
         up="fc1", down="fc2", activation_module="act", dropouts=("drop1", "drop2"), identities=("norm",)
     ),  # fmt: skip
@@ -74,6 +77,16 @@ MLP_LAYOUTS: dict[tuple[str, str], MLPLayout] = {
     ("sparseblocks", "MLP"): MLPLayout(up="fc", down="proj", activation="gelu"),  # sparseblocks.gpt
 }
 
+
+# (package, class name) -> (child name of the linear, of the activation): modules computing activation(linear(x)),
+# which fuse_mlps runs as one SparseLinearActivation (the first half of the MLPs above that split in two)
+LINEAR_ACTIVATION_LAYOUTS: dict[tuple[str, str], tuple[str, str]] = {
+    ("transformers", name): ("dense", "intermediate_act_fn")
+    for name in ("BertIntermediate", "RobertaIntermediate", "XLMRobertaIntermediate", "ViTIntermediate")
+}
+
+
+FUSED_MODULES = (SparseMLP, SparseLinearActivation)  # what fuse_mlps puts in a model
 
 PATTERNS = ("block", "2:4")
 
@@ -87,7 +100,8 @@ class SparsityConfig:
     targets / exclude: preset names (``"mlp"``, ``"attention"``, ``"all-linear"``), shell globs over module names
     (``"model.layers.*.mlp.up_proj"``) or regular expressions written ``"re:..."``. method: how tiles are chosen;
     ``"magnitude"`` keeps the tiles of largest L2 norm. fuse_mlp: run each MLP that :data:`MLP_LAYOUTS` knows
-    as one :class:`~sparseblocks.nn.SparseMLP` (activation fused into the first product) once its linears are sparse.
+    as one :class:`~sparseblocks.nn.SparseMLP` (activation fused into the first product) once its linears are sparse,
+    and BERT's first MLP half as one product (:func:`fuse_mlps`).
     pattern: ``"block"`` (tiles of ``block_size``, :class:`~sparseblocks.nn.BlockSparseLinear`) or ``"2:4"`` (2 of
     every 4 weights along a row, :class:`~sparseblocks.nn.SemiStructuredLinear`; sparsity 0.5, block_size unused).
     """
@@ -273,12 +287,38 @@ def _activation_name(module: nn.Module) -> str | None:
     return names.get(type(module).__name__)
 
 
-def _sparse_mlp(module: nn.Module) -> SparseMLP | None:
-    """``module`` as a ``SparseMLP`` holding its own linears, or None where its layout is unknown or not sparse."""
+def _fused(module: nn.Module) -> SparseMLP | SparseLinearActivation | None:
+    """``module`` as a ``SparseMLP`` (or, a linear and its activation, a ``SparseLinearActivation``) holding its own
+    linears, or None where its layout is unknown, its linears not sparse or its activation not one spmm fuses."""
     kind = type(module)
-    layout = MLP_LAYOUTS.get((kind.__module__.partition(".")[0], kind.__name__))
-    if layout is None:
+    key = (kind.__module__.partition(".")[0], kind.__name__)
+    if key in MLP_LAYOUTS:
+        fused = _sparse_mlp(module, MLP_LAYOUTS[key])
+    elif key in LINEAR_ACTIVATION_LAYOUTS:
+        fused = _sparse_linear_activation(module, *LINEAR_ACTIVATION_LAYOUTS[key])
+    else:
         return None
+    if fused is not None:
+        fused.train(module.training)
+        fused.unfused = (module,)  # a tuple: not registered as a submodule, so state dict keys stay the same
+    return fused
+
+
+def _computes_with_only(module: nn.Module, layers: list[nn.Module]) -> bool:
+    """Whether every parameter of ``module`` belongs to ``layers``, the only ones the fused module computes with."""
+    own = {id(p) for layer in layers for p in layer.parameters()}
+    return all(id(p) in own for p in module.parameters())
+
+
+def _sparse_linear_activation(module: nn.Module, linear: str, activation: str) -> SparseLinearActivation | None:
+    layer, name = getattr(module, linear), _activation_name(getattr(module, activation))
+    if not isinstance(layer, BlockSparseLinear) or name is None or not _computes_with_only(module, [layer]):
+        return None
+    return SparseLinearActivation(layer, name, linear)
+
+
+def _sparse_mlp(module: nn.Module, layout: MLPLayout) -> SparseMLP | None:
+    kind = type(module)
     roles = {role: getattr(layout, role) for role in ("up", "down", "gate") if getattr(layout, role) is not None}
     layers = {role: module.get_submodule(name) for role, name in roles.items()}
     if not all(isinstance(layer, BlockSparseLinear) for layer in layers.values()):
@@ -289,23 +329,21 @@ def _sparse_mlp(module: nn.Module) -> SparseMLP | None:
     if activation is None:
         logger.info("sparseblocks: %s stays unfused: its activation is not one spmm fuses", kind.__name__)
         return None
-    own = {id(p) for layer in layers.values() for p in layer.parameters()}
-    if any(id(p) not in own for p in module.parameters()):  # parameters SparseMLP would not compute with
+    if not _computes_with_only(module, list(layers.values())):
         return None
     dropout = tuple(0.0 if name is None else module.get_submodule(name).p for name in layout.dropouts)
-    fused = SparseMLP(activation=activation, dropout=dropout, names=roles, **layers)
-    fused.train(module.training)
-    fused.unfused = (module,)  # a tuple: not registered as a submodule, so state dict keys stay the same
-    return fused
+    return SparseMLP(activation=activation, dropout=dropout, names=roles, **layers)
 
 
 def fuse_mlps(model: nn.Module) -> int:
     """Replace, in place, every MLP module of a :data:`MLP_LAYOUTS` layout whose linears are all
-    ``BlockSparseLinear`` by a :class:`~sparseblocks.nn.SparseMLP` holding the same linears; returns how many.
-    ``model`` itself is never replaced (there is nothing to put it in): pass the model that contains the MLP."""
+    ``BlockSparseLinear`` by a :class:`~sparseblocks.nn.SparseMLP` holding the same linears, and every module of a
+    :data:`LINEAR_ACTIVATION_LAYOUTS` layout (BERT's intermediate) by a
+    :class:`~sparseblocks.nn.SparseLinearActivation`; returns how many. ``model`` itself is never replaced (there
+    is nothing to put it in): pass the model that contains the MLP."""
     fused = 0
     for name, module in list(model.named_modules()):
-        sparse = _sparse_mlp(module) if name else None
+        sparse = _fused(module) if name else None
         if sparse is not None:
             replace_module(model, name, sparse)
             fused += 1
@@ -316,7 +354,7 @@ def densify(model: nn.Module) -> nn.Module:
     """Undo :func:`sparsify` in place: fused MLPs become their original modules again and every
     ``BlockSparseLinear`` or ``SemiStructuredLinear`` an equivalent dense ``nn.Linear`` (zeros where pruned)."""
     for name, module in list(model.named_modules()):
-        if isinstance(module, SparseMLP) and hasattr(module, "unfused"):
+        if isinstance(module, FUSED_MODULES) and hasattr(module, "unfused"):
             original = module.unfused[0]
             for child, layer in module.named_children():  # the linears may have moved or been retrained
                 setattr(original, child, layer)

@@ -10,7 +10,8 @@ kept on chip) where ``ops.mlp.fused_pays`` says it is faster; training, ``fused=
 three products with the activation fused into the first one's epilogue.
 
 The linears are registered under the names the dense module gave them (``gate_proj``, ``fc1``, ``0`` ...), so a
-model's state dict keeps its keys; ``sparseblocks.patch.fuse_mlps`` builds these from a sparsified model.
+model's state dict keeps its keys; ``sparseblocks.patch.fuse_mlps`` builds these from a sparsified model, and
+``SparseLinearActivation`` (one linear and its activation, one product) where a model splits its MLP in two.
 """
 
 from __future__ import annotations
@@ -20,8 +21,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparseblocks.nn.linear import BlockSparseLinear
-from sparseblocks.ops import sparse_mlp
+from sparseblocks.ops import sparse_mlp, spmm
 from sparseblocks.reference import ACTIVATIONS
+
+
+def _check_activation(activation: str) -> None:
+    if activation not in ACTIVATIONS or activation is None:
+        raise ValueError(f"activation must be one of {[a for a in ACTIVATIONS if a]}, got {activation!r}")
 
 
 class SparseMLP(nn.Module):
@@ -40,8 +46,7 @@ class SparseMLP(nn.Module):
         fused: bool = True,
     ) -> None:
         super().__init__()
-        if activation not in ACTIVATIONS or activation is None:
-            raise ValueError(f"activation must be one of {[a for a in ACTIVATIONS if a]}, got {activation!r}")
+        _check_activation(activation)
         if down.in_features != up.out_features or (gate is not None and gate.out_features != up.out_features):
             raise ValueError(
                 f"hidden sizes disagree: up {up.out_features}, down takes {down.in_features}"
@@ -77,3 +82,23 @@ class SparseMLP(nn.Module):
     def extra_repr(self) -> str:
         form = "gated" if self.gated else "plain"
         return f"{form}, activation={self.activation}, dropout={self.dropout}, fused={self.fused}"
+
+
+class SparseLinearActivation(nn.Module):
+    """``activation(linear(x))`` as one ``spmm``, the activation in the product's epilogue rather than a separate
+    pass over the output: for modules made of a linear and an activation, such as the first half of an MLP that
+    BERT splits over two modules (``BertIntermediate``). ``name``: the linear's attribute name, so the state dict
+    keeps the dense module's keys."""
+
+    def __init__(self, linear: BlockSparseLinear, activation: str, name: str = "linear") -> None:
+        super().__init__()
+        _check_activation(activation)
+        self.name, self.activation = name, activation
+        self.add_module(name, linear)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        linear = self.get_submodule(self.name)
+        return spmm(x, linear.matrix, linear.bias, self.activation)
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation}"
