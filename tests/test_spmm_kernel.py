@@ -211,10 +211,22 @@ def test_decode_rows_cut_into_pieces(tiles_per_program, m):
 
 @pytest.mark.parametrize("m", [1, 2])
 def test_decode_row_of_many_pieces(m):
-    """64 one-tile pieces per row: the last piece sums all of them (one token: in chunks of 16), in order."""
-    w, _ = random_sparse(32, 2048, 16, 0.5, seed=6)
+    """60 one-tile pieces per row: the last piece sums all of them (one token: in chunks of 16), in order."""
+    w, _ = random_sparse(32, 2048, 16, 0.47, seed=6)
     w, x = w.to(DEVICE), torch.randn(m, 2048, device=DEVICE)
     check_output(run_decode(x, w, tiles_per_program=1), reference_float64(x, w), torch.float32)
+
+
+def test_one_token_over_rows_of_many_small_tiles_takes_the_few_token_kernel(monkeypatch):
+    from sparseblocks.kernels import decode
+
+    many_small, _ = random_sparse(32, 2048, 16, 0.5, seed=6)  # 64 tiles of 16 x 16 per row
+    assert decode.one_token_kernel_pays(random_sparse(32, 2048, 16, 0.47, seed=6)[0])  # 60 per row
+    assert decode.one_token_kernel_pays(random_sparse(32, 4096, 64, 1.0)[0])  # 64 per row, larger tiles
+    assert not decode.one_token_kernel_pays(many_small)
+    monkeypatch.setattr(decode, "_one_token", lambda *args: pytest.fail("took the one-token kernel"))
+    w, x, bias = many_small.to(DEVICE), torch.randn(1, 2048, device=DEVICE), torch.randn(32, device=DEVICE)
+    check_output(run_decode(x, w, bias, "silu"), reference_float64(x, w, bias, "silu"), torch.float32)
 
 
 @pytest.mark.parametrize("empty_rows", [[0], [3], [5], [0, 1, 4, 5], [1, 2, 3]])

@@ -56,6 +56,12 @@ ONE_TOKEN_LAUNCH = {"num_warps": 2, "num_stages": 1}  # 2 warps beat 1 and 4 (be
 PROGRAMS_PER_SM = 4
 PROGRAMS_PER_SM_SMALL_TILES = 8
 SMALL_TILE = 32 * 32  # elements
+# At one token, rows of at least this many small tiles stream faster through the few-token kernel (several tiles per
+# program) than through the one-token kernel (a program per tile). Same run, with 4 tokens standing in for one (the
+# same kernel and 16-row x tile), blocks of 32 at 50%: Llama-1B down 12.4 µs vs the one-token kernel's 15.7 at one
+# token, Llama-8B up 25.5 vs 32.9, down 25.7 vs 39.9; rows of 32 small tiles (Llama-1B up: 12.1 vs 11.1) and larger
+# tiles went faster through the one-token kernel (benchmarks/results/h200/decode_ab_prefetch.txt).
+FEW_TOKEN_KERNEL_MIN_TILES_PER_ROW = 64
 
 
 @triton.jit
@@ -442,6 +448,13 @@ def decode_pays(m: int, w: BlockSparseMatrix) -> bool:
     return few_block_rows and w.block_shape[0] < 128
 
 
+def one_token_kernel_pays(w: BlockSparseMatrix) -> bool:
+    """Whether one row of x goes faster through the one-token kernel than through the few-token one: unless
+    ``w``'s tiles are small and its rows hold ``FEW_TOKEN_KERNEL_MIN_TILES_PER_ROW`` of them on average."""
+    bn, bk = w.block_shape
+    return bn * bk > SMALL_TILE or w.nnz < FEW_TOKEN_KERNEL_MIN_TILES_PER_ROW * w.block_grid[0]
+
+
 def spmm_decode_triton(
     x2: torch.Tensor,
     w: BlockSparseMatrix,
@@ -452,7 +465,8 @@ def spmm_decode_triton(
 ) -> torch.Tensor:
     """``act(x2 · wᵀ + bias)`` for a 2-D ``x2`` ``(M, K)`` with ``1 ≤ M ≤ MAX_TOKENS``: ``(M, N)`` of x2's dtype.
 
-    ``tiles_per_program`` (few-token kernel only; one token takes one tile per program) and ``config``
+    One row takes the one-token kernel where :func:`one_token_kernel_pays`, else the few-token kernel.
+    ``tiles_per_program`` (few-token kernel only; the one-token kernel takes one tile per program) and ``config``
     (``num_warps``, ``num_stages``) override the defaults: for tuning.
     """
     m = x2.shape[0]
@@ -464,7 +478,7 @@ def spmm_decode_triton(
             y += bias
         return ACTIVATIONS[activation](y).to(x2.dtype)
     bias = None if bias is None else bias.contiguous()  # read as one flat array
-    if m == 1:
+    if m == 1 and one_token_kernel_pays(w):
         return _one_token(x2, w, bias, activation, config)
     (n, k), (bn, bk), (n_rows, _) = w.shape, w.block_shape, w.block_grid
     tiles = tiles_per_program or default_tiles_per_program(w)
