@@ -136,6 +136,32 @@ def test_tuned_launch_whichever_m_tile_wins(monkeypatch, winner, dtype):
     assert len(tuned._chosen) == 2  # the forward and the activation gradient
 
 
+@pytest.mark.skipif(not triton_interpreting(), reason="pretends a CUDA-graph capture around the tuned launch")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])  # the descriptor kernel, the pointer kernel
+def test_a_first_launch_inside_a_graph_capture_runs_the_first_config_untuned(monkeypatch, dtype):
+    """Tuning would time the configs and synchronize inside the capture: the first config runs instead, nothing is
+    remembered, and the first launch outside a capture tunes."""
+    from sparseblocks.kernels import spmm as kernels
+    from sparseblocks.kernels import spmm_tma, tuning
+
+    tuned = spmm_tma.spmm_tma_tuned if dtype == torch.float16 else kernels.spmm_tuned
+    monkeypatch.setattr(tuned, "_chosen", {})
+    monkeypatch.setattr(tuned.autotuner, "cache", {})
+    monkeypatch.setattr(tuned.autotuner, "cache_results", False)
+    monkeypatch.setattr(kernels, "INTERPRETER_CONFIG", None)
+    monkeypatch.setattr(tuning, "stream_capturing", lambda: True)
+    monkeypatch.setitem(tuned.autotuner.__dict__, "do_bench", lambda call, quantiles: pytest.fail("tuned"))
+    w, _ = random_sparse(96, 64, 32, 0.6, dtype=dtype, seed=9)
+    x = torch.randn(70, 64).to(dtype)
+    expected = reference.spmm(x.double(), w.to(dtype=torch.float64), None, "relu")
+    check_output(kernels.spmm_triton(x, w, None, "relu"), expected, dtype)
+    assert tuned._chosen == {}
+    monkeypatch.setattr(tuning, "stream_capturing", lambda: False)
+    monkeypatch.setitem(tuned.autotuner.__dict__, "do_bench", lambda call, quantiles: (call(), [1.0] * 3)[1])
+    check_output(kernels.spmm_triton(x, w, None, "relu"), expected, dtype)
+    assert len(tuned._chosen) == 1
+
+
 @pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu"])
 def test_fused_activations(activation):
     w, _ = random_sparse(64, 96, 32, 0.5, seed=2)

@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
+import torch
 import triton
 
 # The row kernel's autotuning key, in both its versions (pointer loads, tensor descriptors).
@@ -73,6 +74,11 @@ def m_tile_grid(m: int, blocks: int) -> Callable[[dict], tuple[int]]:
     return lambda meta: (cdiv(m, meta["BLOCK_M"]) * blocks,)
 
 
+def stream_capturing() -> bool:
+    """Whether the current CUDA stream is capturing a CUDA graph."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 class TunedKernel:
     """A Triton kernel under the autotuner, launched through :meth:`launch`; see the module docstring.
 
@@ -92,11 +98,16 @@ class TunedKernel:
         still apply). ``grid``: a tuple, or a callable of the launch's constexprs (config included).
 
         ``key`` plus ``meta`` must determine the autotuner's key (the runtime values it is keyed on, and the
-        argument dtypes); finer is fine (more tuning calls). Returns the config the launch ran with.
+        argument dtypes); finer is fine (more tuning calls). A first call inside a CUDA-graph capture runs the first
+        config without tuning (the graph keeps it). Returns the config the launch ran with.
         """
         key = (key, *meta.items())
         chosen = self._chosen.get(key)
-        if chosen is None:
+        if chosen is None and stream_capturing():
+            # Tuning times each config and synchronizes, which breaks a CUDA-graph capture: the first config (every
+            # list puts its smallest first) runs unremembered, and the first call outside a capture tunes.
+            chosen = (self.configs[0], self.configs[0].all_kwargs())
+        elif chosen is None:
             with self._tuning:
                 self.autotuner[grid](*args, **meta)
                 config = self.autotuner.best_config
