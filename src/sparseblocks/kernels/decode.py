@@ -426,9 +426,14 @@ def default_tiles_per_program(w: BlockSparseMatrix) -> int:
     tiles) run on each SM."""
     if triton_interpreting() or not w.values.is_cuda:
         return 2  # small test shapes: still cut rows into pieces
-    bn, bk = w.block_shape
-    per_sm = PROGRAMS_PER_SM_SMALL_TILES if bn * bk <= SMALL_TILE else PROGRAMS_PER_SM
+    per_sm = PROGRAMS_PER_SM_SMALL_TILES if _small_tiles(w) else PROGRAMS_PER_SM
     return max(1, cdiv(w.nnz, per_sm * multiprocessors(w.values.device)))
+
+
+def _small_tiles(w: BlockSparseMatrix) -> bool:
+    """Whether ``w``'s tiles hold at most ``SMALL_TILE`` elements."""
+    bn, bk = w.block_shape
+    return bn * bk <= SMALL_TILE
 
 
 def decode_pays(m: int, w: BlockSparseMatrix) -> bool:
@@ -451,8 +456,7 @@ def decode_pays(m: int, w: BlockSparseMatrix) -> bool:
 def one_token_kernel_pays(w: BlockSparseMatrix) -> bool:
     """Whether one row of x goes faster through the one-token kernel than through the few-token one: unless
     ``w``'s tiles are small and its rows hold ``FEW_TOKEN_KERNEL_MIN_TILES_PER_ROW`` of them on average."""
-    bn, bk = w.block_shape
-    return bn * bk > SMALL_TILE or w.nnz < FEW_TOKEN_KERNEL_MIN_TILES_PER_ROW * w.block_grid[0]
+    return not _small_tiles(w) or w.nnz < FEW_TOKEN_KERNEL_MIN_TILES_PER_ROW * w.block_grid[0]
 
 
 def spmm_decode_triton(
