@@ -1,11 +1,11 @@
 """Time the forward kernels under each launch config on a few telling cases (GPU only).
 
-    PYTHONPATH=src python3 benchmarks/tune_spmm.py [--kernels rows,tma]
+    PYTHONPATH=src python3 benchmarks/tune_spmm.py [--kernels rows,tma] [--dtype fp32 --fp32-precision tf32x3]
 
 Prints, per case, dense cuBLAS time and each kernel's best configs as speedups over it (same run), so the
 autotuner's config sets and the choice between kernels come from measurements. ``rows``: the pointer-load row
 kernel (``kernels/spmm.py``); ``tma``: the same work split with tensor descriptors (``kernels/spmm_tma.py``,
-what ``spmm`` runs where the inputs allow).
+what ``spmm`` runs where the inputs allow). Dense is cuBLAS in the same dtype (fp32: IEEE, TF32 off).
 Notes of what was learnt go to benchmarks/NOTES.md.
 """
 
@@ -14,27 +14,35 @@ import argparse
 import torch
 import torch.nn.functional as F
 
+from sparseblocks.backend import FP32_PRECISIONS, fp32_precision
 from sparseblocks.bench.harness import input_sets, time_ms
-from sparseblocks.bench.spmm import SHAPES, Case, sparse_weight
-from sparseblocks.kernels.spmm import _launch
-from sparseblocks.kernels.spmm_tma import tma_fits
+from sparseblocks.bench.spmm import DTYPES, SHAPES, Case, sparse_weight
+from sparseblocks.kernels.spmm import _launch, spmm_tuned
+from sparseblocks.kernels.spmm_tma import spmm_tma_tuned, tma_fits
 
 CASES = [("llama_1b_up", 0.9, 64), ("llama_1b_down", 0.9, 64), ("vit_b_fc1", 0.9, 64), ("vit_b_fc2", 0.9, 64),
          ("vit_b_fc1", 0.9, 32), ("llama_1b_up", 0.9, 128), ("llama_1b_up", 0.5, 64), ("vit_b_fc2", 0.9, 16),
          ("llama_1b_up", 0.9, 16)]  # fmt: skip
+
+
+def _launch_configs(kernel) -> list[tuple[int, int, int]]:
+    """A tuned kernel's configs as (BLOCK_M, num_warps, num_stages): the set its autotuner picks from."""
+    return [(c.kwargs["BLOCK_M"], c.num_warps, c.num_stages) for c in kernel.configs]
+
+
 KERNELS = {
     "rows": (lambda x, w, config: _launch(x, w, False, None, None, config, descriptors=False)[0],
-             [(64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 8, 2), (256, 8, 3), (256, 8, 4)]),
+             _launch_configs(spmm_tuned)),
     "tma": (lambda x, w, config: _launch(x, w, False, None, None, config, descriptors=True)[0],
-            [(64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 4, 4), (128, 4, 5), (128, 8, 3), (128, 8, 4), (256, 8, 3),
-             (256, 8, 4)]),
+            _launch_configs(spmm_tma_tuned)),
 }  # fmt: skip
 
 
-def tune_case(shape: str, sparsity: float, block: int, kernels: list[str]) -> None:
+def tune_case(shape: str, sparsity: float, block: int, kernels: list[str], dtype_name: str) -> None:
     m, k, n = SHAPES[shape]
-    w = sparse_weight(Case(shape, m, k, n, "bf16", sparsity, block), torch.bfloat16)
-    xs = input_sets(lambda: torch.randn(m, k, device="cuda", dtype=torch.bfloat16), m * k * 2)
+    dtype = DTYPES[dtype_name]
+    w = sparse_weight(Case(shape, m, k, n, dtype_name, sparsity, block), dtype)
+    xs = input_sets(lambda: torch.randn(m, k, device="cuda", dtype=dtype), m * k * dtype.itemsize)
     dense = w.to_dense()
     dense_ms, _ = time_ms(lambda x: F.linear(x, dense), xs)
     reference = F.linear(xs[0], dense).float()
@@ -63,7 +71,12 @@ def tune_case(shape: str, sparsity: float, block: int, kernels: list[str]) -> No
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kernels", default="rows,tma")
-    kernels = parser.parse_args().kernels.split(",")
-    print(torch.cuda.get_device_name())
-    for case in CASES:
-        tune_case(*case, kernels)
+    parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    parser.add_argument("--fp32-precision", choices=FP32_PRECISIONS, default="ieee", help="our kernels' fp32 products")
+    parser.add_argument("--cases", type=int, default=len(CASES), help="the first N cases only")
+    args = parser.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    print(torch.cuda.get_device_name(), args.dtype, args.fp32_precision)
+    with fp32_precision(args.fp32_precision):
+        for case in CASES[: args.cases]:
+            tune_case(*case, args.kernels.split(","), args.dtype)

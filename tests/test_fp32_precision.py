@@ -63,3 +63,21 @@ def test_tf32x3_runs_on_the_tensor_cores_of_a_hopper_gpu(precision, tensor_core_
     printed = kernel_ir("rows", "--dtype", "fp32", "--precision", precision, "--block-m", "64")
     products = re.search(r"products: (\d+) warp_group_dot \(tensor cores\), (\d+) tt\.dot", printed)
     assert (int(products.group(1)), int(products.group(2))) == (tensor_core_dots, cuda_core_dots)
+
+
+@NEEDS_KERNELS
+@pytest.mark.parametrize("descriptors", [True, False])
+def test_on_the_tensor_cores_fp32_may_take_the_descriptor_kernel(descriptors, no_tf32):
+    """IEEE fp32 keeps the pointer kernel; TF32 and tf32x3 tiles may come by descriptor, as 16-bit ones do."""
+    from sparseblocks.kernels.spmm import _launch
+    from sparseblocks.kernels.spmm_tma import tma_fits
+
+    w, dense = random_sparse(96, 80, 16, 0.5, seed=3)
+    x = torch.randn(40, 80)
+    x_on_device, w = x.to(KERNEL_DEVICE), w.to(KERNEL_DEVICE)
+    assert not tma_fits(x_on_device, w, False)
+    with fp32_precision("tf32x3"):
+        assert tma_fits(x_on_device, w, False)
+        config = {"BLOCK_M": 16, "num_warps": 4, "num_stages": 2}
+        out, _ = _launch(x_on_device, w, False, None, None, config, descriptors=descriptors)
+    assert relative_error(out.cpu(), x.double() @ dense.T) < 1e-5

@@ -368,6 +368,29 @@ def test_real_sizes_on_gpu(dtype, m, n, k, block):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["tf32", "tf32x3"])
+@pytest.mark.parametrize("block", [64, 128])
+def test_fp32_on_tensor_cores_on_gpu(precision, block):
+    """fp32 tiles multiplied on the tensor cores are staged in shared memory at 4 bytes an element: every tuned
+    launch (forward, input gradient, gated forward) must find a config that fits, and tf32x3 keeps fp32's error."""
+    from sparseblocks import fp32_precision
+    from sparseblocks.kernels.spmm import gated_spmm_triton, spmm_input_grad_triton
+
+    w, dense = random_sparse(1024, 512, block, 0.5, dtype=torch.float32, seed=6)
+    gate, _ = random_sparse(1024, 512, block, 0.5, dtype=torch.float32, seed=7)
+    w, gate, dense = w.to("cuda"), gate.to("cuda"), dense.to("cuda")
+    x, grad_out = torch.randn(512, 512, device="cuda"), torch.randn(512, 1024, device="cuda")
+    tolerance = 1e-3 if precision == "tf32" else TOLERANCE[torch.float32]
+    with fp32_precision(precision):
+        out, dx = run_kernel(x, w), spmm_input_grad_triton(grad_out, w)
+        gated = gated_spmm_triton(x, w, gate, None, None, "silu")
+    assert relative_error(out, reference_float64(x, w)) < tolerance
+    assert relative_error(dx, grad_out.double() @ dense) < tolerance
+    assert relative_error(gated, reference_float64(x, gate, None, "silu") * reference_float64(x, w)) < tolerance
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize(("h", "k", "block", "density"), [(8192, 2048, 64, 0.1), (14336, 4096, 32, 0.5)])
 def test_gated_one_token_real_sizes_on_gpu(h, k, block, density):
     up, _ = random_sparse(h, k, block, density, dtype=torch.bfloat16, seed=11)

@@ -57,10 +57,10 @@ PROGRAMS_PER_SM = 4
 PROGRAMS_PER_SM_SMALL_TILES = 8
 SMALL_TILE = 32 * 32  # elements
 # At one token, rows of at least this many small tiles stream faster through the few-token kernel (several tiles per
-# program) than through the one-token kernel (a program per tile). Same run, with 4 tokens standing in for one (the
-# same kernel and 16-row x tile), blocks of 32 at 50%: Llama-1B down 12.4 µs vs the one-token kernel's 15.7 at one
-# token, Llama-8B up 25.5 vs 32.9, down 25.7 vs 39.9; rows of 32 small tiles (Llama-1B up: 12.1 vs 11.1) and larger
-# tiles went faster through the one-token kernel (benchmarks/results/h200/decode_ab_prefetch.txt).
+# program) than through the one-token kernel (a program per tile). Blocks of 32 at 50%, one token, same H200 run
+# (decode_ab_one_stage.txt): Llama-1B down 12.4 µs vs the one-token kernel's 15.7, Llama-8B up 25.6 vs 33.0, down
+# 25.4 vs 40.3 (dense: 13.2, 30.2, 32.0). Rows of 32 small tiles (Llama-1B up: 12.1 vs 11.1 µs at 4 tokens, the same
+# kernel and x tile) and larger tiles went faster through the one-token kernel (decode_ab_prefetch.txt).
 FEW_TOKEN_KERNEL_MIN_TILES_PER_ROW = 64
 
 
@@ -390,10 +390,9 @@ def _one_token_kernel(
                 _finish_row(total, row, offs_m, 1, N, bias_ptr, y_ptr, 0, stride_yn, BN, HAS_BIAS, ACTIVATION)
 
 
-# (num_warps, num_stages). One stage: no pipelining, for programs that get about one tile (Llama-1B at 50%/b128
-# has 512 tiles for 528 programs), where the pipelined loop ran 0.87x of the unpipelined one's speed at 4 tokens
-# (decode_ab_prefetch.txt, H200); whether the autotuner's pick of it recovers that is not measured yet.
-LAUNCH_CONFIGS = [(4, 1), (4, 2), (4, 3), (4, 4), (8, 3)]
+# (num_warps, num_stages). A one-stage config, for programs of about one tile (Llama-1B 50%/b128), was tried: the
+# autotuner took it in one case of 24 (with no gain), never at blocks of 128 (decode_ab_one_stage.txt, H200).
+LAUNCH_CONFIGS = [(4, 2), (4, 3), (4, 4), (8, 3)]
 decode_tuned = TunedKernel(
     _decode_kernel,
     [triton.Config({}, num_warps=warps, num_stages=stages) for warps, stages in LAUNCH_CONFIGS],

@@ -34,6 +34,7 @@ from sparseblocks.kernels.epilogue import (
     apply_activation,
     gated_product,
     hopper_or_later,
+    input_precision,
     store_column_sums,
 )
 from sparseblocks.kernels.tuning import autotune_row_kernel, cdiv, density_bucket, m_bucket, m_tile_grid
@@ -190,7 +191,9 @@ def tma_fits(
     out_features = w.shape[1] if transposed else w.shape[0]
     return (
         (triton_interpreting() or (x2.is_cuda and hopper_or_later(x2.device)))  # below: plain loads, never measured
-        and x2.element_size() == 2  # fp32 multiplied on the CUDA cores from descriptor-loaded tiles ran 5-15x slower
+        # fp32 multiplied on the CUDA cores (IEEE) from descriptor-loaded tiles ran 5-15x slower than from pointer
+        # loads; on the tensor cores (TF32, tf32x3) the tiles go where the products read them, as 16-bit ones do
+        and (x2.element_size() == 2 or input_precision(x2.dtype) != "ieee")
         and _tiles_fit(w)
         and (gate is None or _tiles_fit(gate))
         and x2.shape[0] > 0
