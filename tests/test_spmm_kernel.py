@@ -380,7 +380,8 @@ def test_fp32_on_tensor_cores_on_gpu(precision, block):
     gate, _ = random_sparse(1024, 512, block, 0.5, dtype=torch.float32, seed=7)
     w, gate, dense = w.to("cuda"), gate.to("cuda"), dense.to("cuda")
     x, grad_out = torch.randn(512, 512, device="cuda"), torch.randn(512, 1024, device="cuda")
-    tolerance = 1e-3 if precision == "tf32" else TOLERANCE[torch.float32]
+    # TF32 keeps 10 of fp32's 23 mantissa bits (about 1e-3 of error per product, more through the gated product)
+    tolerance = 5e-3 if precision == "tf32" else TOLERANCE[torch.float32]
     with fp32_precision(precision):
         out, dx = run_kernel(x, w), spmm_input_grad_triton(grad_out, w)
         gated = gated_spmm_triton(x, w, gate, None, None, "silu")
