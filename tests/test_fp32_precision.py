@@ -68,7 +68,8 @@ def test_tf32x3_runs_on_the_tensor_cores_of_a_hopper_gpu(precision, tensor_core_
 @NEEDS_KERNELS
 @pytest.mark.parametrize("descriptors", [True, False])
 def test_on_the_tensor_cores_fp32_may_take_the_descriptor_kernel(descriptors, no_tf32):
-    """IEEE fp32 keeps the pointer kernel; TF32 and tf32x3 tiles may come by descriptor, as 16-bit ones do."""
+    """IEEE fp32 keeps the pointer kernel; in TF32 and tf32x3 the forward product's tiles may come by descriptor,
+    as 16-bit ones do."""
     from sparseblocks.kernels.spmm import _launch
     from sparseblocks.kernels.spmm_tma import tma_fits
 
@@ -78,6 +79,8 @@ def test_on_the_tensor_cores_fp32_may_take_the_descriptor_kernel(descriptors, no
     assert not tma_fits(x_on_device, w, False)
     with fp32_precision("tf32x3"):
         assert tma_fits(x_on_device, w, False)
+        grad_out = torch.randn(40, 96, device=KERNEL_DEVICE)
+        assert not tma_fits(grad_out, w, True)  # the input gradient (and other modes): not timed in fp32
         config = {"BLOCK_M": 16, "num_warps": 4, "num_stages": 2}
         out, _ = _launch(x_on_device, w, False, None, None, config, descriptors=descriptors)
     assert relative_error(out.cpu(), x.double() @ dense.T) < 1e-5

@@ -179,6 +179,15 @@ def _tiles_fit(w: BlockSparseMatrix) -> bool:
     return w.nnz > 0 and w.values.is_contiguous() and w.values.data_ptr() % 16 == 0
 
 
+def _fp32_forward_on_tensor_cores(
+    x2: torch.Tensor, transposed: bool, grad2: torch.Tensor | None, gate: BlockSparseMatrix | None
+) -> bool:
+    """Whether fp32 tiles may come by descriptor: multiplied on the CUDA cores (IEEE) they ran 5-15x slower than
+    from pointer loads; on the tensor cores (TF32, tf32x3) the plain forward product ran 1.14-1.44x faster
+    (results/h200/tune_fp32_tf32x3.txt). Its other modes (gradients, gate) are not yet timed in fp32."""
+    return input_precision(x2.dtype) != "ieee" and not transposed and grad2 is None and gate is None
+
+
 def tma_fits(
     x2: torch.Tensor,
     w: BlockSparseMatrix,
@@ -191,9 +200,7 @@ def tma_fits(
     out_features = w.shape[1] if transposed else w.shape[0]
     return (
         (triton_interpreting() or (x2.is_cuda and hopper_or_later(x2.device)))  # below: plain loads, never measured
-        # fp32 multiplied on the CUDA cores (IEEE) from descriptor-loaded tiles ran 5-15x slower than from pointer
-        # loads; on the tensor cores (TF32, tf32x3) the tiles go where the products read them, as 16-bit ones do
-        and (x2.element_size() == 2 or input_precision(x2.dtype) != "ieee")
+        and (x2.element_size() == 2 or _fp32_forward_on_tensor_cores(x2, transposed, grad2, gate))
         and _tiles_fit(w)
         and (gate is None or _tiles_fit(gate))
         and x2.shape[0] > 0
