@@ -15,6 +15,7 @@ import torch
 from sparseblocks import reference
 from sparseblocks.backend import on_device_of, triton_available, triton_interpreting, use_triton
 from sparseblocks.format import INDEX_NAMES, BlockSparseMatrix
+from sparseblocks.ops.library import define_op
 from sparseblocks.ops.spmm import (
     _column_sums,
     _forward,
@@ -97,8 +98,7 @@ def _matrices(values: list[torch.Tensor], indices: list[torch.Tensor], shapes: l
     return [_matrix(v, indices[i * per : (i + 1) * per], shapes[2 * i : 2 * i + 2]) for i, v in enumerate(values)]
 
 
-@torch.library.custom_op("sparseblocks::fused_mlp", mutates_args=())
-def _fused_mlp_op(
+def _fused_mlp_implementation(
     x: torch.Tensor,
     values: list[torch.Tensor],  # up, down[, gate]
     indices: list[torch.Tensor],  # each matrix's INDEX_NAMES arrays, one after the other
@@ -109,6 +109,13 @@ def _fused_mlp_op(
     up, down, gate = (*_matrices(values, indices, shapes), None)[:3]
     path = inference_path(x.numel() // x.shape[-1], up, down, gate)
     return _fused_mlp(x, up, down, gate, biases, activation, path)
+
+
+_fused_mlp_op = define_op(
+    "fused_mlp",
+    _fused_mlp_implementation,
+    lambda x, values, indices, shapes, biases, activation: x.new_empty((*x.shape[:-1], shapes[2])),
+)
 
 
 def _fused_mlp(
@@ -140,11 +147,6 @@ def _fused_mlp(
     else:
         y = reference.mlp(x2, up, down, gate, *biases, activation)
     return y.reshape(*x.shape[:-1], down.shape[0])
-
-
-@_fused_mlp_op.register_fake
-def _(x, values, indices, shapes, biases, activation):
-    return x.new_empty((*x.shape[:-1], shapes[2]))
 
 
 class _EagerPlainMLP(torch.autograd.Function):

@@ -1,7 +1,8 @@
 """``spmm``: ``Y = activation(X · Wᵀ + bias)`` with W block-sparse, and its autograd.
 
-Registered as ``torch.library`` custom ops with fake (meta) implementations, so ``torch.compile(fullgraph=True)``
-traces around them and CUDA graphs capture them. The backward is written in the same vocabulary:
+Registered as ``torch.library`` ops with fake (meta) implementations (``ops/library.py``), so
+``torch.compile(fullgraph=True)`` traces around them and CUDA graphs capture them. The backward is written in the
+same vocabulary:
 
 * ``sparseblocks::spmm``             Y  = act(X Wᵀ + b)     (dense · sparseᵀ -> dense)
 * ``sparseblocks::spmm_activation_grad`` dZ = dY ⊙ act'(X Wᵀ + b)  (Z recomputed tile by tile, never stored;
@@ -25,6 +26,7 @@ import torch
 from sparseblocks import reference
 from sparseblocks.backend import on_device_of, use_triton
 from sparseblocks.format import INDEX_NAMES, BlockSparseMatrix
+from sparseblocks.ops.library import define_op
 
 
 # A matrix's index arrays travel through the custom ops as one list[Tensor], in INDEX_NAMES order.
@@ -128,8 +130,7 @@ def _sddmm(grad_out: torch.Tensor, x: torch.Tensor, w: BlockSparseMatrix) -> tor
 # ---------------------------------------------------------------------------------------------- custom ops
 
 
-@torch.library.custom_op("sparseblocks::spmm", mutates_args=())
-def _spmm_op(
+def _spmm_implementation(
     x: torch.Tensor,
     values: torch.Tensor,
     index: list[torch.Tensor],
@@ -140,13 +141,14 @@ def _spmm_op(
     return _forward(x, _matrix(values, index, shape), bias, activation)
 
 
-@_spmm_op.register_fake
-def _(x, values, index, shape, bias, activation):
-    return x.new_empty((*x.shape[:-1], shape[0]))
+_spmm_op = define_op(
+    "spmm",
+    _spmm_implementation,
+    lambda x, values, index, shape, bias, activation: x.new_empty((*x.shape[:-1], shape[0])),
+)
 
 
-@torch.library.custom_op("sparseblocks::spmm_activation_grad", mutates_args=())
-def _spmm_activation_grad_op(
+def _activation_grad_implementation(
     grad_out: torch.Tensor,
     x: torch.Tensor,
     values: torch.Tensor,
@@ -161,34 +163,36 @@ def _spmm_activation_grad_op(
     return dz, column_sums if column_sums is not None else dz.new_empty(0, dtype=torch.float32)
 
 
-@_spmm_activation_grad_op.register_fake
-def _(grad_out, x, values, index, shape, bias, activation, bias_grad):
+def _activation_grad_fake(grad_out, x, values, index, shape, bias, activation, bias_grad):
     return grad_out.new_empty(grad_out.shape), grad_out.new_empty(shape[0] if bias_grad else 0, dtype=torch.float32)
 
 
-@torch.library.custom_op("sparseblocks::spmm_input_grad", mutates_args=())
-def _spmm_input_grad_op(
+_spmm_activation_grad_op = define_op("spmm_activation_grad", _activation_grad_implementation, _activation_grad_fake)
+
+
+def _input_grad_implementation(
     grad_out: torch.Tensor, values: torch.Tensor, index: list[torch.Tensor], shape: list[int]
 ) -> torch.Tensor:
     return _input_grad(grad_out, _matrix(values, index, shape))
 
 
-@_spmm_input_grad_op.register_fake
-def _(grad_out, values, index, shape):
-    return grad_out.new_empty((*grad_out.shape[:-1], shape[1]))
+_spmm_input_grad_op = define_op(
+    "spmm_input_grad",
+    _input_grad_implementation,
+    lambda grad_out, values, index, shape: grad_out.new_empty((*grad_out.shape[:-1], shape[1])),
+)
 
 
-@torch.library.custom_op("sparseblocks::sddmm", mutates_args=())
-def _sddmm_op(
+def _sddmm_implementation(
     grad_out: torch.Tensor, x: torch.Tensor, values: torch.Tensor, index: list[torch.Tensor], shape: list[int]
 ) -> torch.Tensor:
     """The gradient of ``values``; ``values`` itself only says the tile shape and dtype."""
     return _sddmm(grad_out, x, _matrix(values, index, shape))
 
 
-@_sddmm_op.register_fake
-def _(grad_out, x, values, index, shape):
-    return torch.empty_like(values)
+_sddmm_op = define_op(
+    "sddmm", _sddmm_implementation, lambda grad_out, x, values, index, shape: torch.empty_like(values)
+)
 
 
 # ---------------------------------------------------------------------------------------------- autograd
@@ -255,7 +259,7 @@ def _backward(ctx, grad_out):
     return grad_x, grad_values, [None] * len(index), None, grad_bias, None
 
 
-_spmm_op.register_autograd(_backward, setup_context=_setup_context)
+torch.library.register_autograd("sparseblocks::spmm", _backward, setup_context=_setup_context)
 
 
 class _EagerSpmm(torch.autograd.Function):
