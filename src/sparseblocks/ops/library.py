@@ -1,12 +1,13 @@
 """The ``sparseblocks::`` operators, defined through ``torch.library.Library``.
 
 ``torch.library.custom_op`` runs two Python wrappers around each call: an autograd kernel (registered even for an
-op without a backward) and a backend kernel that checks the outputs for aliasing. On the development machine's CPU
-a call of ``sparseblocks::fused_mlp`` (31 tensors, its kernels stubbed) cost 53-61 µs that way, 28-34 µs defined
-here; ``sparseblocks::spmm_input_grad`` 28-29 µs and 14 µs; ``sparseblocks::spmm``, which keeps an autograd
-kernel, about the same both ways (24-35 µs, noisy) (``benchmarks/op_dispatch.py``). Only code that
-``torch.compile`` traced calls these ops (eager code calls the implementations directly), and there a decode step
-or a prefill is host-bound.
+op without a backward) and a backend kernel that checks the outputs for aliasing. On the development machine's CPU,
+kernels stubbed (``benchmarks/op_dispatch.py``), a call of ``sparseblocks::fused_mlp`` (31 tensors) cost 53-61 µs
+that way and 28-34 µs defined here; ``sparseblocks::spmm_input_grad`` 28-29 µs and 14 µs. ``sparseblocks::spmm``
+keeps an autograd kernel (``register_autograd``) and costs about the same both ways, 24-35 µs; traced code that
+needs no gradient calls ``sparseblocks::spmm_inference`` instead, 19 µs. Only code that ``torch.compile`` traced
+calls these ops (eager code calls the implementations directly), and there a decode step or a prefill is
+host-bound.
 """
 
 # No `from __future__ import annotations` here: infer_schema reads the implementations' annotations at run time.
