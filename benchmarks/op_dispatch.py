@@ -49,18 +49,12 @@ def main() -> None:
     )
     calls = {
         "spmm": lambda: spmm_ops._spmm_op(x, w.values, spmm_ops._index(w), list(w.shape), up.bias, "gelu"),
-        "spmm_inference": lambda: spmm_ops._spmm_inference_op(
-            x, w.values, spmm_ops._index(w), list(w.shape), up.bias, "gelu"
-        ),
         "spmm_input_grad": lambda: spmm_ops._spmm_input_grad_op(grad, w.values, spmm_ops._index(w), list(w.shape)),
         "fused_mlp (SwiGLU)": lambda: mlp_ops._fused_mlp_op(x, *mlp_args, "silu"),
     }
     with torch.no_grad():
         for name, call in calls.items():
-            try:
-                print(f"{name:<20} {microseconds(call):6.1f} µs", flush=True)
-            except AttributeError:  # an op this tree does not have
-                print(f"{name:<20}      —", flush=True)
+            print(f"{name:<20} {microseconds(call):6.1f} µs", flush=True)
 
 
 if __name__ == "__main__":

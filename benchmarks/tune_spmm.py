@@ -47,7 +47,9 @@ def tune_case(shape: str, sparsity: float, block: int, kernels: list[str], dtype
     dense_ms, _ = time_ms(lambda x: F.linear(x, dense), xs)
     reference = F.linear(xs[0], dense).float()
     print(f"{shape} s={sparsity} b={block}: dense {dense_ms * 1e3:.0f} us", flush=True)
-    assert "tma" not in kernels or tma_fits(xs[0], w, False), "the tma rows would time the pointer kernel"
+    if "tma" in kernels and not tma_fits(xs[0], w, False):  # else its rows would time the pointer kernel
+        print("  tma: the descriptor kernel does not take these inputs (IEEE fp32?); skipped")
+        kernels = [name for name in kernels if name != "tma"]
     for name in kernels:
         kernel, configs = KERNELS[name]
         results = []

@@ -91,19 +91,3 @@ def test_module_compiles_fullgraph():
     x = torch.randn(4, 64)
     compiled = torch.compile(layer, fullgraph=True)
     torch.testing.assert_close(compiled(x), layer(x))
-
-
-@pytest.mark.parametrize("grad", [True, False])
-def test_traced_layer_calls_the_op_with_an_autograd_kernel_only_for_gradients(grad):
-    layer = BlockSparseLinear(64, 48, sparsity=0.5, block_size=16)
-    graphs = []
-
-    def backend(graph_module, example_inputs):
-        graphs.append(graph_module)
-        return graph_module.forward
-
-    with torch.set_grad_enabled(grad):
-        torch.compile(layer, backend=backend, fullgraph=True)(torch.randn(4, 64))
-    ops = {str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"}
-    assert ("sparseblocks.spmm.default" in ops) == grad
-    assert ("sparseblocks.spmm_inference.default" in ops) == (not grad)

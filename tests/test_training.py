@@ -11,6 +11,7 @@ from torch import nn
 
 from conftest import relative_error
 from sparseblocks import BlockSparseLinear, BlockSparseMatrix, reference
+from sparseblocks.format import INDEX_NAMES
 
 
 def _layer(seed=0, sparsity=0.5, block=16):
@@ -143,6 +144,17 @@ def test_mlp_without_activation_trains_through_the_products():
     out.sum().backward()
     expected = down.matrix.to_dense().sum(0) @ up.matrix.to_dense()
     assert relative_error(x.grad[0], expected) < 1e-5
+
+
+def test_ops_without_a_backward_refuse_inputs_that_need_gradients():
+    """PyTorch's fallback for an op with no autograd kernel would only warn and leave the gradient out."""
+    w = _layer().matrix
+    grad = torch.randn(3, 48, requires_grad=True)
+    args = (w.values.detach(), [getattr(w, name) for name in INDEX_NAMES], list(w.shape))
+    with pytest.raises(RuntimeError, match="no backward"):
+        torch.ops.sparseblocks.spmm_input_grad(grad, *args)
+    with torch.no_grad():
+        assert torch.ops.sparseblocks.spmm_input_grad(grad, *args).shape == (3, 64)
 
 
 def test_compiled_backward_keeps_eager_only_kernels_out(monkeypatch):
@@ -287,7 +299,7 @@ def test_layer_on_the_second_gpu_while_the_first_is_current():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("gated", [False, True])
-def test_fp32_mlp_trains_on_the_tensor_cores_on_gpu(gated):
+def test_fp32_mlp_trains_on_the_tensor_cores_on_gpu(gated, no_tf32):
     """Every kernel of an fp32 MLP's forward and backward (products, activation and hidden gradients, SDDMM) with
     tf32x3 tiles, staged in shared memory at 4 bytes an element, blocks of 128 (the largest): each launch finds a
     config that fits, and the gradients match the PyTorch reference's (IEEE fp32)."""

@@ -10,10 +10,10 @@ instead of masks.
 Measured on an H200 (``benchmarks/tune_spmm.py``, NOTES.md): 1.1-1.2x faster than the pointer kernel.
 
 Needs what TMA needs (``tma_fits``): a GPU with the copy engine (Hopper on), 16-byte aligned bases and row
-strides, unit column strides, at least one stored tile; and 16-bit data: in fp32 without TF32 (products on the
-CUDA cores) this version ran 5-15x slower than the pointer kernel on an H200 (ViT-B/16 fp32 MLPs: 519 against
-1925 images/s for PyTorch's BSR path), and fp32 with TF32 was not measured, so fp32 always takes the pointer
-kernel, as does every other input.
+strides, unit column strides, at least one stored tile; and 16-bit data, or fp32 in the forward mode with its
+products on the tensor cores (TF32, tf32x3), where this version ran 1.14-1.44x faster than the pointer kernel.
+IEEE fp32 (products on the CUDA cores) ran 5-15x slower here than there on an H200 (ViT-B/16 fp32 MLPs: 519
+against 1925 images/s for PyTorch's BSR path) and takes the pointer kernel, as does every other input.
 """
 
 from __future__ import annotations
@@ -185,7 +185,8 @@ def _fp32_forward_on_tensor_cores(
     """Whether fp32 tiles may come by descriptor: multiplied on the CUDA cores (IEEE) they ran 5-15x slower than
     from pointer loads; on the tensor cores (TF32, tf32x3) the plain forward product ran 1.14-1.44x faster
     (results/h200/tune_fp32_tf32x3.txt). Its other modes (gradients, gate) are not yet timed in fp32."""
-    return input_precision(x2.dtype) != "ieee" and not transposed and grad2 is None and gate is None
+    forward = not transposed and grad2 is None and gate is None
+    return x2.dtype == torch.float32 and input_precision(x2.dtype) != "ieee" and forward
 
 
 def tma_fits(

@@ -4,8 +4,7 @@ Registered as ``torch.library`` ops with fake (meta) implementations (``ops/libr
 ``torch.compile(fullgraph=True)`` traces around them and CUDA graphs capture them. The backward is written in the
 same vocabulary:
 
-* ``sparseblocks::spmm``             Y  = act(X Wᵀ + b)     (dense · sparseᵀ -> dense; ``spmm_inference``: the same
-  without an autograd kernel, where no gradient is needed)
+* ``sparseblocks::spmm``             Y  = act(X Wᵀ + b)     (dense · sparseᵀ -> dense)
 * ``sparseblocks::spmm_activation_grad`` dZ = dY ⊙ act'(X Wᵀ + b)  (Z recomputed tile by tile, never stored;
   optionally Σ dZ over tokens, the bias gradient, from the same tiles)
 * ``sparseblocks::spmm_input_grad``  dX = dZ W             (dense · sparse  -> dense, through W's transposed index)
@@ -142,14 +141,12 @@ def _spmm_implementation(
     return _forward(x, _matrix(values, index, shape), bias, activation)
 
 
-def _spmm_fake(x, values, index, shape, bias, activation):
-    return x.new_empty((*x.shape[:-1], shape[0]))
-
-
-_spmm_op = define_op("spmm", _spmm_implementation, _spmm_fake)  # its backward: register_autograd, below
-# The same product without an autograd kernel, for traced code that needs no gradient: the one register_autograd
-# adds runs on every call of the op, gradients or not, ~10 µs of Python (benchmarks/op_dispatch.py).
-_spmm_inference_op = define_op("spmm_inference", _spmm_implementation, _spmm_fake)
+_spmm_op = define_op(
+    "spmm",
+    _spmm_implementation,
+    lambda x, values, index, shape, bias, activation: x.new_empty((*x.shape[:-1], shape[0])),
+    differentiable=True,  # register_autograd, below
+)
 
 
 def _activation_grad_implementation(
@@ -344,11 +341,9 @@ def spmm(
     if isinstance(w, BlockSparseMatrix) and isinstance(x, torch.Tensor):
         x, (w,), (bias,) = autocast_inputs(x, [w], [bias])
     check_spmm_inputs(x, w, bias, activation)
-    inference = not needs_grad(x, w.values, bias)
     if torch.compiler.is_compiling():
-        op = _spmm_inference_op if inference else _spmm_op
-        return op(x, w.values, _index(w), list(w.shape), bias, activation)
-    if inference:  # the autograd.Function alone costs ~10 µs of CPU a call
+        return _spmm_op(x, w.values, _index(w), list(w.shape), bias, activation)
+    if not needs_grad(x, w.values, bias):  # inference: the autograd.Function alone costs ~10 µs of CPU a call
         return _forward(x, w, bias, activation)
     return _EagerSpmm.apply(x, w.values, bias, w, activation)
 
