@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from conftest import random_sparse
 from sparseblocks import BlockSparseMatrix
-from sparseblocks.format import BLOCK_SIZES
+from sparseblocks.format import BLOCK_SIZES, normalize_block_size
 from sparseblocks.masks import block_norms
 
 
@@ -147,6 +147,39 @@ def test_validate_names_the_broken_invariant(mutate, message):
     assert crow.tolist() == [0, 1, 3] or crow[-1] == 3  # 3 of 6 tiles kept
     with pytest.raises(ValueError, match=message):
         BlockSparseMatrix(*mutate(values, crow, col))
+
+
+def test_validate_requires_zero_padding_on_ragged_edges():
+    """The kernels multiply a ragged edge's padding by zeros: an inf there would turn outputs into NaN."""
+    matrix = BlockSparseMatrix.from_dense(torch.randn(20, 20), 16)
+    for padding in (lambda v: v[-1, 4:, :], lambda v: v[1, :, 4:]):  # past row N=20, past column K=20
+        values = matrix.values.clone()
+        padding(values).fill_(float("inf"))
+        with pytest.raises(ValueError, match="padding"):
+            BlockSparseMatrix(values, matrix.crow_indices, matrix.col_indices, matrix.shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int32])
+def test_only_the_value_dtypes_the_ops_take(dtype):
+    matrix, _ = random_sparse(32, 32, 16, 0.5)
+    with pytest.raises(ValueError, match="floating point"):
+        BlockSparseMatrix(matrix.values.to(dtype), matrix.crow_indices, matrix.col_indices, matrix.shape)
+    with pytest.raises(ValueError, match="floating point"):
+        BlockSparseMatrix.from_dense(torch.randn(32, 32).to(dtype), 16)
+
+
+def test_torch_bsr_indices_past_int32_are_refused_not_wrapped():
+    bsr = torch.sparse_bsr_tensor(
+        torch.tensor([0, 1]), torch.tensor([2**32]), torch.randn(1, 16, 16), (16, 32), check_invariants=False
+    )
+    with pytest.raises(ValueError, match="col_indices must lie in"):
+        BlockSparseMatrix.from_torch_bsr(bsr)
+
+
+@pytest.mark.parametrize("block_size", [None, 16.0, (16.5, 32), True, "16"])
+def test_block_sizes_must_be_integers(block_size):
+    with pytest.raises(ValueError, match="block_size"):
+        normalize_block_size(block_size)
 
 
 def test_validate_catches_mixed_devices():

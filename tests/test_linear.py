@@ -65,6 +65,42 @@ def test_loading_a_corrupt_state_dict_fails_clearly():
         layer.load_state_dict(state)
 
 
+def test_a_partial_state_dict_is_validated_and_refused_whole():
+    layer = BlockSparseLinear(64, 64, sparsity=0.5, block_size=16)
+    before = {name: tensor.clone() for name, tensor in layer.state_dict().items()}
+    with pytest.raises(ValueError, match="col_indices must lie in"):
+        layer.load_state_dict({"col_indices": torch.full_like(layer.col_indices, 99)}, strict=False)
+    assert all(torch.equal(layer.state_dict()[name], tensor) for name, tensor in before.items())
+
+
+def test_a_partial_state_dict_recomputes_the_derived_indices():
+    """Another pattern with the same row pointers, by its column indices alone: the transposed index follows."""
+    diagonal, anti = torch.eye(2, dtype=torch.bool), torch.eye(2, dtype=torch.bool).flip(1)
+    layer = BlockSparseLinear.from_linear(nn.Linear(32, 32), block_size=16, mask=diagonal)
+    target = BlockSparseMatrix.from_dense(torch.randn(32, 32), 16, mask=anti)
+    layer.load_state_dict({"col_indices": target.col_indices}, strict=False)
+    for name, index in target.index_tensors().items():
+        assert torch.equal(getattr(layer, name), index), name
+
+
+def test_assigned_state_dict_keeps_values_contiguous_and_indices_together():
+    source = BlockSparseLinear(64, 48, sparsity=0.5, block_size=16)
+    state = source.state_dict()
+    state["values"] = state["values"].transpose(1, 2).contiguous().transpose(1, 2)  # same values, other strides
+    target = BlockSparseLinear(64, 48, sparsity=0.5, block_size=16).to("meta")
+    target.load_state_dict(state, assign=True)
+    assert target.values.is_contiguous()
+    assert all(index.device == target.values.device for index in target.matrix.index_tensors().values())
+    x = torch.randn(3, 64)
+    assert torch.equal(target(x), source(x))
+
+
+def test_layers_made_from_one_matrix_do_not_share_buffers():
+    matrix, _ = random_sparse(48, 32, 16, 0.5)
+    first, second = BlockSparseLinear.from_matrix(matrix), BlockSparseLinear.from_matrix(matrix)
+    assert first.crow_indices.data_ptr() != second.crow_indices.data_ptr()
+
+
 def test_from_matrix_and_bad_input():
     matrix, _ = random_sparse(48, 32, 16, 0.5)
     layer = BlockSparseLinear.from_matrix(matrix, torch.zeros(48))

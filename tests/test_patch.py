@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import relative_error
+from conftest import random_sparse, relative_error
 from sparseblocks import (
     BlockSparseLinear,
     SparseMLP,
@@ -324,6 +324,7 @@ def _rewrite(folder, change):
         (lambda t: t.update({"blocks.0.mlp.fc.col_indices": t["blocks.0.mlp.fc.col_indices"].long()}), "int32"),
         (lambda t: t.update({"blocks.0.mlp.fc.values": t["blocks.0.mlp.fc.values"].to(torch.int32)}), "floating"),
         (lambda t: t.pop("blocks.1.mlp.proj.bias"), "no tensor"),
+        (lambda t: t.update({"blocks.0.mlp.fc.values": t["blocks.0.mlp.fc.values"].double()}), "float32, got"),
     ],
 )  # fmt: skip
 def test_corrupted_weights_are_rejected_clearly(saved, change, message):
@@ -338,13 +339,32 @@ def test_truncated_file_and_bad_config_are_rejected(saved):
     with pytest.raises(ValueError, match="not a readable safetensors"):
         load_sparse(saved, _gpt()())
     config = json.loads((saved / CONFIG_FILE).read_text())
-    config["layers"]["blocks.0.mlp.fc"]["block"] = [16, 48]
-    (saved / CONFIG_FILE).write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="block_size"):
-        load_sparse(saved, _gpt()())
-    (saved / CONFIG_FILE).write_text("{not json")
-    with pytest.raises(ValueError, match="not a readable sparseblocks config"):
-        load_sparse(saved, _gpt()())
+    for block, dtype in (([16, 48], "float32"), (None, "float32"), ([16.5, 16], "float32"), ([16, 16], "int8")):
+        config["layers"]["blocks.0.mlp.fc"].update(block=block, dtype=dtype)
+        (saved / CONFIG_FILE).write_text(json.dumps(config))
+        with pytest.raises(ValueError, match="block_size" if dtype == "float32" else "'dtype'"):
+            load_sparse(saved, _gpt()())
+    for text in (b"{not json", b"\xff\xfe"):
+        (saved / CONFIG_FILE).write_bytes(text)
+        with pytest.raises(ValueError, match="not a readable sparseblocks config"):
+            load_sparse(saved, _gpt()())
+
+
+def test_a_bare_sparse_layer_saves_and_loads(tmp_path):
+    layer = BlockSparseLinear(40, 24, sparsity=0.5, block_size=16)
+    save_sparse(layer, tmp_path)
+    loaded = load_sparse(tmp_path, nn.Linear(40, 24))
+    x = torch.randn(3, 40)
+    assert isinstance(loaded, BlockSparseLinear) and torch.equal(loaded(x), layer(x))
+
+
+def test_layers_sharing_one_matrix_save_and_load(tmp_path):
+    matrix, _ = random_sparse(32, 32, 16, 0.5)
+    model = nn.Sequential(BlockSparseLinear.from_matrix(matrix), BlockSparseLinear.from_matrix(matrix))
+    save_sparse(model, tmp_path)
+    loaded = load_sparse(tmp_path, nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32)))
+    x = torch.randn(2, 32)
+    assert torch.equal(loaded(x), model(x))
 
 
 def test_fused_mlp_names_in_a_checkpoint_are_checked(saved):

@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_model
 from torch import nn
 
-from sparseblocks.format import BlockSparseMatrix, normalize_block_size
+from sparseblocks.format import VALUE_DTYPES, BlockSparseMatrix, normalize_block_size
 from sparseblocks.nn import BlockSparseLinear, SemiStructuredLinear
 from sparseblocks.nn.semi_structured import GROUP, KEPT
 from sparseblocks.patch import FUSED_MODULES, PATTERNS, fuse_mlps, replace_module, sparse_layers
@@ -27,6 +27,12 @@ from sparseblocks.patch import FUSED_MODULES, PATTERNS, fuse_mlps, replace_modul
 WEIGHTS_FILE = "sparseblocks.safetensors"
 CONFIG_FILE = "sparseblocks.json"
 FORMAT_VERSION = 1
+DTYPE_NAMES = {str(dtype).removeprefix("torch."): dtype for dtype in VALUE_DTYPES}
+
+
+def _key(layer: str, part: str) -> str:
+    """A layer's tensor in the state dict: ``layer.part``, or ``part`` for the model itself (a bare layer)."""
+    return f"{layer}.{part}" if layer else part
 
 
 def save_sparse(model: nn.Module, folder: str | Path) -> Path:
@@ -58,7 +64,7 @@ def save_sparse(model: nn.Module, folder: str | Path) -> Path:
 def _read_config(folder: Path) -> dict:
     try:
         config = json.loads((folder / CONFIG_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"{folder / CONFIG_FILE}: not a readable sparseblocks config ({error})") from error
     if not isinstance(config, dict) or config.get("format") != "sparseblocks":
         raise ValueError(f"{folder / CONFIG_FILE}: not a sparseblocks config")
@@ -77,6 +83,8 @@ def _read_config(folder: Path) -> dict:
             raise ValueError(f"{CONFIG_FILE}: layer {name!r} needs non-negative integers {fields}")
         if not isinstance(entry.get("bias"), bool):
             raise ValueError(f"{CONFIG_FILE}: layer {name!r} needs a boolean 'bias'")
+        if entry.get("dtype") not in DTYPE_NAMES:
+            raise ValueError(f"{CONFIG_FILE}: layer {name!r} needs a 'dtype' of {sorted(DTYPE_NAMES)}")
         if entry["pattern"] == "block":
             normalize_block_size(entry.get("block"))
         elif entry["in_features"] % GROUP:
@@ -102,18 +110,20 @@ def _load_layer(name: str, entry: dict, tensors: dict[str, torch.Tensor]) -> Blo
     if entry["bias"]:
         expected["bias"] = (entry["out_features"],)
     for part, shape in expected.items():
-        tensor = tensors.get(f"{name}.{part}")
+        tensor = tensors.get(_key(name, part))
         if tensor is None:
-            raise ValueError(f"layer {name!r}: the weights file has no tensor {name}.{part}")
+            raise ValueError(f"layer {name!r}: the weights file has no tensor {_key(name, part)}")
         if tuple(tensor.shape) != shape:
             raise ValueError(f"layer {name!r}: {part} has shape {tuple(tensor.shape)}, expected {shape}")
-    values, bias = tensors[f"{name}.values"], tensors.get(f"{name}.bias") if entry["bias"] else None
-    if not values.is_floating_point() or (bias is not None and bias.dtype != values.dtype):
-        raise ValueError(f"layer {name!r}: values and bias must share one floating dtype")
+    values, bias = tensors[_key(name, "values")], tensors.get(_key(name, "bias")) if entry["bias"] else None
+    if values.dtype != DTYPE_NAMES[entry["dtype"]] or (bias is not None and bias.dtype != values.dtype):
+        dtypes = f"{values.dtype}" + ("" if bias is None else f" and {bias.dtype}")
+        raise ValueError(f"layer {name!r}: values and bias must be floating point {entry['dtype']}, got {dtypes}")
     try:
         if entry["pattern"] == "2:4":
-            return SemiStructuredLinear(values, tensors[f"{name}.groups"], bias)
-        matrix = BlockSparseMatrix(values, tensors[f"{name}.crow_indices"], tensors[f"{name}.col_indices"], (n, k))
+            return SemiStructuredLinear(values, tensors[_key(name, "groups")], bias)
+        crow, col = tensors[_key(name, "crow_indices")], tensors[_key(name, "col_indices")]
+        matrix = BlockSparseMatrix(values, crow, col, (n, k))
     except ValueError as error:
         raise ValueError(f"layer {name!r}: {error}") from error
     return BlockSparseLinear.from_matrix(matrix, bias)
@@ -150,7 +160,8 @@ def _materialize_meta(model: nn.Module) -> None:
 def load_sparse(folder: str | Path, model: nn.Module, strict: bool = True) -> nn.Module:
     """Load a ``save_sparse`` folder into ``model`` (same architecture, freshly built, on any device or on
     ``meta``): its saved sparse layers become ``BlockSparseLinear``, every tensor is loaded, and MLPs that ran as
-    ``SparseMLP`` (or ``SparseLinearActivation``) when saved do so again. Returns ``model``.
+    ``SparseMLP`` (or ``SparseLinearActivation``) when saved do so again. Returns ``model`` (for the checkpoint of
+    a bare sparse layer, the loaded layer: a module cannot replace itself).
 
     strict: the file and the model must hold the same tensors (tied weights count once).
     """
@@ -178,8 +189,11 @@ def load_sparse(folder: str | Path, model: nn.Module, strict: bool = True) -> nn
                 f"{entry['out_features']}x{entry['in_features']} linear"
             )
         layer = _load_layer(name, entry, tensors).to(device)
-        replace_module(model, name, layer)
-        sparse_keys.update(f"{name}.{key}" for key in layer.state_dict())
+        if name:
+            replace_module(model, name, layer)
+        else:  # the checkpoint of a bare layer: the loaded layer is the model
+            model = layer
+        sparse_keys.update(_key(name, key) for key in layer.state_dict())
 
     dense = {key: tensor for key, tensor in tensors.items() if key not in sparse_keys}
     result = model.load_state_dict(dense, strict=False)

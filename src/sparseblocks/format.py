@@ -23,6 +23,7 @@ whose padding is zero, while ``shape`` keeps the logical size and every op respe
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -31,6 +32,8 @@ from sparseblocks.masks import block_norms, top_blocks_mask
 
 BLOCK_SIZES = (16, 32, 64, 128)
 INDEX_DTYPE = torch.int32
+VALUE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what the ops and kernels take
+_VALUE_DTYPE_NAMES = ", ".join(str(dtype).removeprefix("torch.") for dtype in VALUE_DTYPES)
 # The index arrays a matrix holds, by attribute name: the two stored on disk, then those derived from them.
 STORED_INDEX_NAMES = ("crow_indices", "col_indices")
 DERIVED_INDEX_NAMES = (
@@ -46,12 +49,14 @@ INDEX_NAMES = STORED_INDEX_NAMES + DERIVED_INDEX_NAMES
 
 def normalize_block_size(block_size: int | Sequence[int]) -> tuple[int, int]:
     """``64`` or ``(32, 64)`` -> ``(bn, bk)``; raises ``ValueError`` unless each side is 16, 32, 64 or 128."""
-    if isinstance(block_size, int):
-        block = (block_size, block_size)
-    else:
-        block = tuple(int(b) for b in block_size)
-    if len(block) != 2 or any(b not in BLOCK_SIZES for b in block):
-        raise ValueError(f"block_size must be one of {BLOCK_SIZES} or a pair of them, got {block_size!r}")
+    message = f"block_size must be one of {BLOCK_SIZES} or a pair of them, got {block_size!r}"
+    sides = block_size if isinstance(block_size, tuple | list | torch.Size) else (block_size, block_size)
+    try:
+        block = tuple(operator.index(side) for side in sides)  # integers only: 16.5 or None is an error
+    except TypeError:
+        raise ValueError(message) from None
+    if len(block) != 2 or any(side not in BLOCK_SIZES for side in block):
+        raise ValueError(message)
     return block  # type: ignore[return-value]
 
 
@@ -139,8 +144,8 @@ class BlockSparseMatrix:
             raise ValueError("pass either mask or keep, not both")
         if dense.dim() != 2:
             raise ValueError(f"dense must be 2-D (N, K), got shape {tuple(dense.shape)}")
-        if not dense.is_floating_point():
-            raise ValueError(f"dense must be a floating-point tensor, got {dense.dtype}")
+        if dense.dtype not in VALUE_DTYPES:
+            raise ValueError(f"dense must be floating point ({_VALUE_DTYPE_NAMES}), got {dense.dtype}")
         if dense.shape[0] == 0 or dense.shape[1] == 0:
             raise ValueError(f"dense must have nonzero size, got shape {tuple(dense.shape)}")
         bn, bk = normalize_block_size(block_size)
@@ -168,12 +173,11 @@ class BlockSparseMatrix:
         """From a PyTorch ``torch.sparse_bsr`` tensor (its blocks must be 16..128 on each side)."""
         if bsr.layout != torch.sparse_bsr:
             raise ValueError(f"expected a torch.sparse_bsr tensor, got layout {bsr.layout}")
-        return cls(
-            bsr.values().contiguous(),
-            bsr.crow_indices().to(INDEX_DTYPE),
-            bsr.col_indices().to(INDEX_DTYPE),
-            bsr.shape,
-        )
+        crow, col = bsr.crow_indices(), bsr.col_indices()
+        for name, index in (("crow_indices", crow), ("col_indices", col)):
+            if index.numel() and (int(index.min()) < 0 or int(index.max()) > torch.iinfo(INDEX_DTYPE).max):
+                raise ValueError(f"{name} must lie in [0, 2^31), got [{int(index.min())}, {int(index.max())}]")
+        return cls(bsr.values().contiguous(), crow.to(INDEX_DTYPE), col.to(INDEX_DTYPE), bsr.shape)
 
     # ------------------------------------------------------------------ properties
 
@@ -288,8 +292,8 @@ class BlockSparseMatrix:
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> BlockSparseMatrix:
         """Move to ``device`` and/or cast the values to ``dtype`` (indices stay int32)."""
-        if dtype is not None and not dtype.is_floating_point:
-            raise ValueError(f"values must stay floating point, got dtype {dtype}")
+        if dtype is not None and dtype not in VALUE_DTYPES:
+            raise ValueError(f"values must stay floating point ({_VALUE_DTYPE_NAMES}), got dtype {dtype}")
         indices = {name: index.to(device=device) for name, index in self.index_tensors().items()}
         return BlockSparseMatrix.from_parts(self.values.to(device=device, dtype=dtype), self.shape, indices)
 
@@ -305,8 +309,8 @@ class BlockSparseMatrix:
             raise ValueError(f"shape must be two positive sizes (N, K), got {self.shape}")
         if not isinstance(values, torch.Tensor) or values.dim() != 3:
             raise ValueError(f"values must be a 3-D tensor (nnz, bn, bk), got {getattr(values, 'shape', values)}")
-        if not values.is_floating_point():
-            raise ValueError(f"values must be floating point, got {values.dtype}")
+        if values.dtype not in VALUE_DTYPES:
+            raise ValueError(f"values must be floating point ({_VALUE_DTYPE_NAMES}), got {values.dtype}")
         if not values.is_contiguous():
             raise ValueError("values must be contiguous")
         normalize_block_size(tuple(values.shape[1:]))
@@ -337,6 +341,16 @@ class BlockSparseMatrix:
         steps = col_cpu[1:] - col_cpu[:-1]
         if bool(((steps <= 0) & ~row_starts[1:]).any()):
             raise ValueError("col_indices must be strictly increasing within each block row (sorted, no duplicates)")
+        self._validate_padding(int(crow_cpu[-2]), col == cols - 1)
+
+    def _validate_padding(self, last_row_start: int, in_last_column: torch.Tensor) -> None:
+        """The kernels multiply a ragged edge's padding by zeros (x past K) or drop its products (rows past N): it
+        must be zero, or an inf or NaN there would reach the outputs."""
+        (n, k), (bn, bk) = self.shape, self.block_shape
+        if n % bn and bool(self.values[last_row_start:, n % bn :].ne(0).any()):
+            raise ValueError(f"the last block row's tiles must be zero past row N={n} (their padding)")
+        if k % bk and bool(self.values[in_last_column][:, :, k % bk :].ne(0).any()):
+            raise ValueError(f"the last block column's tiles must be zero past column K={k} (their padding)")
 
 
 def gather_tiles(tiles: torch.Tensor, source: torch.Tensor) -> torch.Tensor:

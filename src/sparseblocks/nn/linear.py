@@ -63,7 +63,8 @@ class BlockSparseLinear(nn.Module):
         self.values = nn.Parameter(matrix.values.detach().clone())
         for name, index in matrix.index_tensors().items():
             # Only the stored two go into the state dict; the derived ones are recomputed whenever a pattern is set.
-            self.register_buffer(name, index, persistent=name in STORED_INDEX_NAMES)
+            # A copy: layers made from one matrix would otherwise share buffers, which a checkpoint stores once.
+            self.register_buffer(name, index.clone(), persistent=name in STORED_INDEX_NAMES)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
 
     @classmethod
@@ -137,15 +138,32 @@ class BlockSparseLinear(nn.Module):
         )
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # A checkpoint may carry another pattern (another nnz): validate it, then resize to it before the
-        # ordinary copy. Nothing read from outside reaches a kernel unchecked.
-        values, crow, col = (state_dict.get(prefix + name) for name in ("values", *STORED_INDEX_NAMES))
-        if values is not None and crow is not None and col is not None:
-            incoming = BlockSparseMatrix(values.detach().contiguous(), crow, col, (self.out_features, self.in_features))
+        # A checkpoint may carry another pattern (another nnz). The pattern the load would leave (the state dict's
+        # parts over this layer's) is validated, and the layer resized to it, before anything is copied: nothing
+        # read from outside reaches a kernel unchecked, and a refused load changes nothing.
+        stored = ("values", *STORED_INDEX_NAMES)
+        loaded = {name: state_dict[prefix + name] for name in stored if prefix + name in state_dict}
+        if loaded:
+            parts = {name: loaded.get(name, getattr(self, name)).detach() for name in stored}
+            shape = (self.out_features, self.in_features)
+            incoming = BlockSparseMatrix(
+                parts["values"].contiguous(), parts["crow_indices"], parts["col_indices"], shape
+            )
             if incoming.values.shape != self.values.shape:
                 self.values = nn.Parameter(
                     self.values.new_empty(incoming.values.shape), requires_grad=self.values.requires_grad
                 )
             for name, index in incoming.index_tensors().items():
-                setattr(self, name, index.to(self.values.device))
+                setattr(self, name, index.to(self.values.device, copy=True))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if loaded:
+            self._settle_assigned_tensors(incoming)
+
+    def _settle_assigned_tensors(self, incoming: BlockSparseMatrix) -> None:
+        """After ``load_state_dict(..., assign=True)``, which installs the state dict's own tensors: values
+        contiguous, and every index on the values' device (the derived ones were made on the module's old one)."""
+        if not self.values.is_contiguous():
+            self.values = nn.Parameter(self.values.detach().contiguous(), requires_grad=self.values.requires_grad)
+        for name, index in incoming.index_tensors().items():
+            if self._buffers[name].device != self.values.device:
+                setattr(self, name, index.to(self.values.device, copy=True))
