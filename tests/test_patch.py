@@ -392,3 +392,57 @@ def test_patched_model_casts_autocasts_and_reloads_its_state_dict():
         other = _sparse_gpt(0.75)  # another tile count: load_state_dict resizes to the saved one
         other.load_state_dict(model.state_dict())
         assert torch.equal(other(tokens)[0], expected)
+
+
+# ---------------------------------------------------------------------------------------------- what a swap keeps
+
+
+class _Scaled(nn.Linear):
+    def forward(self, x):
+        return 10 * super().forward(x)
+
+
+def _hooked():
+    linear = nn.Linear(32, 32)
+    linear.register_forward_hook(lambda module, args, out: out * 2)
+    return linear
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: (lambda shared: nn.Sequential(shared, nn.ReLU(), shared))(nn.Linear(32, 32)), "also registered"),
+        (lambda: nn.Sequential(_Scaled(32, 32)), "own forward"),
+        (lambda: nn.Sequential(_hooked()), "hooks"),
+        (lambda: nn.Linear(32, 32), "the model itself"),
+    ],
+)
+def test_a_linear_a_sparse_layer_cannot_stand_in_for_is_refused(build, message):
+    model = build()
+    with pytest.raises(ValueError, match=message):
+        sparsify(model, SparsityConfig(0.5, 16, targets="all-linear" if isinstance(model, nn.Sequential) else "*"))
+    assert not any(isinstance(module, BlockSparseLinear) for module in model.modules())
+
+
+def test_frozen_layers_stay_frozen_through_sparsify_and_densify():
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
+    model[0].requires_grad_(False)
+    sparsify(model, SparsityConfig(0.5, 16, targets="all-linear"))
+    assert [p.requires_grad for p in model.parameters()] == [False, False, True, True]
+    densify(model)
+    assert [p.requires_grad for p in model.parameters()] == [False, False, True, True]
+
+
+def test_a_checkpoint_loads_in_the_dtype_of_the_model_it_fills(tmp_path):
+    save_sparse(_sparse_gpt(), tmp_path)
+    model = load_sparse(tmp_path, _gpt()().to(torch.bfloat16))
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model(torch.randint(64, (1, 8)))[0].dtype == torch.bfloat16
+
+
+def test_densify_refuses_a_fused_mlp_built_directly():
+    mlp = SparseMLP(BlockSparseLinear(32, 64, 0.5, 16), BlockSparseLinear(64, 32, 0.5, 16))
+    model = nn.Sequential(mlp)
+    with pytest.raises(ValueError, match="not by fuse_mlps"):
+        densify(model)
+    assert model[0] is mlp and isinstance(mlp.up, BlockSparseLinear)

@@ -87,6 +87,8 @@ def test_spmm_compiles_fullgraph():
         (lambda w: (torch.randn(4, 48), w, torch.randn(63)), ValueError, r"\(64,\)"),
         (lambda w: (torch.randn(4, 48), w, torch.randn(64).double()), ValueError, "bias must be"),
         (lambda w: (torch.randn(4, 48), w, None, "tanh"), ValueError, "activation"),
+        (lambda w: (torch.randn(4, 48), w, [0.0] * 64), TypeError, "bias must be a tensor"),
+        (lambda w: (torch.randn(4, 48), w, None, ["relu"]), ValueError, "activation"),
     ],
 )
 def test_spmm_rejects_bad_input(make_args, error, message):

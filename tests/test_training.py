@@ -157,6 +157,26 @@ def test_ops_without_a_backward_refuse_inputs_that_need_gradients():
         assert torch.ops.sparseblocks.spmm_input_grad(grad, *args).shape == (3, 64)
 
 
+def test_float64_stays_float64_under_autocast_and_in_its_bias_gradient():
+    """As F.linear: autocast leaves float64 alone; and the bias gradient is summed in float64, not fp32."""
+    layer = _layer(block=16).double()
+    x = torch.randn(4096, 64, dtype=torch.float64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.float64
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    assert torch.equal(layer.bias.grad, grad.sum(0))
+
+
+def test_a_gate_bias_needs_a_gate():
+    from sparseblocks.ops import sparse_mlp
+
+    up, down = _layer(), BlockSparseLinear(48, 40, sparsity=0.5, block_size=16)
+    with pytest.raises(ValueError, match="gate_bias needs a gate"):
+        sparse_mlp(torch.randn(2, 64), up.matrix, down.matrix, gate_bias=torch.zeros(48))
+
+
 def test_compiled_backward_keeps_eager_only_kernels_out(monkeypatch):
     """Inside a compiled backward tensors are fake: the bias gradient of a layer without activation must be traced
     PyTorch there, not the eager path's Triton column sum (which reads data pointers)."""

@@ -95,22 +95,26 @@ def on_device_of(t: torch.Tensor) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # float64 takes the reference, on any device
+
+
 def use_triton(x: torch.Tensor) -> bool:
     """Whether ops on ``x`` take the Triton path; warns once when they fall back to the reference."""
     if _forced_reference:
         return False
-    if x.is_cuda and triton_available():
+    if x.is_cuda and triton_available() and x.dtype in KERNEL_DTYPES:
         return True
-    _warn_reference_once(x.device.type)
+    dtype = "" if x.dtype in KERNEL_DTYPES else str(x.dtype).removeprefix("torch.") + " "
+    _warn_reference_once(dtype + x.device.type)
     return False
 
 
 @functools.cache
-def _warn_reference_once(device_type: str) -> None:
+def _warn_reference_once(kind: str) -> None:
     logger.warning(
         "sparseblocks: no Triton kernel for %s tensors; running the plain PyTorch reference "
-        "(correct, not fast). Move the model to a CUDA GPU for the block-sparse kernels.",
-        device_type,
+        "(correct, not fast). The block-sparse kernels take float16, bfloat16 and float32 tensors on a CUDA GPU.",
+        kind,
     )
 
 

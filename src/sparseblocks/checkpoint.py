@@ -188,7 +188,8 @@ def load_sparse(folder: str | Path, model: nn.Module, strict: bool = True) -> nn
                 f"layer {name!r}: the model has {current!r}, the checkpoint a "
                 f"{entry['out_features']}x{entry['in_features']} linear"
             )
-        layer = _load_layer(name, entry, tensors).to(device)
+        # on the model's device, in the dtype of the layer it replaces (as load_state_dict casts the dense tensors)
+        layer = _load_layer(name, entry, tensors).to(device=device, dtype=next(current.parameters()).dtype)
         if name:
             replace_module(model, name, layer)
         else:  # the checkpoint of a bare layer: the loaded layer is the model

@@ -206,7 +206,8 @@ def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
 def target_linears(model: nn.Module, config: SparsityConfig) -> list[tuple[str, nn.Linear]]:
     """The ``nn.Linear`` modules that ``config`` targets, by name, in model order; warns when there are none.
 
-    Raises ``ValueError`` for a target whose weight is shared (tied) with another module; leaves
+    Raises ``ValueError`` for a target that a sparse layer could not stand in for (``_check_swappable``: the model
+    itself, a module under two names, a tied weight, its own forward or hooks); leaves
     ``nn.MultiheadAttention``'s ``out_proj`` out with a warning (that module reads the weight directly, so a swapped
     module would never run).
     """
@@ -215,6 +216,9 @@ def target_linears(model: nn.Module, config: SparsityConfig) -> list[tuple[str, 
     for module in model.modules():
         for parameter in module.parameters(recurse=False):
             weight_users[id(parameter)] = weight_users.get(id(parameter), 0) + 1
+    names: dict[int, list[str]] = {}  # a module registered under several names is swapped under one only
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(name)
     chosen = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or not _matches(name, targets) or _matches(name, exclude):
@@ -223,8 +227,7 @@ def target_linears(model: nn.Module, config: SparsityConfig) -> list[tuple[str, 
         if isinstance(model.get_submodule(parent_name) if parent_name else model, nn.MultiheadAttention):
             logger.warning("sparseblocks: %s stays dense: nn.MultiheadAttention does not call its out_proj", name)
             continue
-        if weight_users[id(module.weight)] > 1:
-            raise ValueError(f"{name}: its weight is shared (tied) with another module; exclude it")
+        _check_swappable(name, module, names[id(module)], weight_users[id(module.weight)])
         chosen.append((name, module))
     if not chosen:
         message = (
@@ -234,6 +237,23 @@ def target_linears(model: nn.Module, config: SparsityConfig) -> list[tuple[str, 
         logger.warning(message)
         warnings.warn(message, UserWarning, stacklevel=3)
     return chosen
+
+
+def _check_swappable(name: str, module: nn.Linear, names: list[str], weight_users: int) -> None:
+    """Raise ``ValueError`` unless swapping ``module`` for a sparse layer keeps the model's function: not the model
+    itself, one name only, its own weight, and nothing but ``nn.Linear``'s forward (no override, no hooks)."""
+    if not name:
+        raise ValueError("the model itself is an nn.Linear: convert it with BlockSparseLinear.from_linear")
+    if len(names) > 1:
+        raise ValueError(f"{name}: the same module is also registered as {names[1]!r}; exclude it")
+    if weight_users > 1:
+        raise ValueError(f"{name}: its weight is shared (tied) with another module; exclude it")
+    hooks = module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+    if type(module).forward is not nn.Linear.forward or "forward" in module.__dict__ or hooks:
+        raise ValueError(
+            f"{name}: a {type(module).__name__} with its own forward or with hooks; a sparse layer would drop "
+            "them: exclude it"
+        )
 
 
 def sparsify(
@@ -352,13 +372,19 @@ def fuse_mlps(model: nn.Module) -> int:
 
 def densify(model: nn.Module) -> nn.Module:
     """Undo :func:`sparsify` in place: fused MLPs become their original modules again and every
-    ``BlockSparseLinear`` or ``SemiStructuredLinear`` an equivalent dense ``nn.Linear`` (zeros where pruned)."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, FUSED_MODULES) and hasattr(module, "unfused"):
-            original = module.unfused[0]
-            for child, layer in module.named_children():  # the linears may have moved or been retrained
-                setattr(original, child, layer)
-            replace_module(model, name, original)
+    ``BlockSparseLinear`` or ``SemiStructuredLinear`` an equivalent dense ``nn.Linear`` (zeros where pruned).
+    A fused MLP built directly, not by :func:`fuse_mlps`, has no original to go back to: a ``ValueError``, and
+    nothing changes."""
+    fused = {name: module for name, module in model.named_modules() if isinstance(module, FUSED_MODULES)}
+    if orphans := [name for name, module in fused.items() if not hasattr(module, "unfused")]:
+        raise ValueError(
+            f"{orphans[0]!r} was built as a fused MLP, not by fuse_mlps: there is no dense module to restore"
+        )
+    for name, module in fused.items():
+        original = module.unfused[0]
+        for child, layer in module.named_children():  # the linears may have moved or been retrained
+            setattr(original, child, layer)
+        replace_module(model, name, original)
     for name, module in list(model.named_modules()):
         if isinstance(module, BlockSparseLinear | SemiStructuredLinear):
             replace_module(model, name, module.to_linear())

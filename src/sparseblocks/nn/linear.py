@@ -13,6 +13,14 @@ from sparseblocks.masks import random_block_mask
 from sparseblocks.ops import spmm
 
 
+def trainable_as(parameters: tuple[nn.Parameter, nn.Parameter | None], like: tuple[torch.Tensor, torch.Tensor | None]):
+    """A conversion keeps trainability: each of a new layer's (weight or values, bias) requires gradients as its
+    counterpart in the layer converted did (a frozen layer stays frozen)."""
+    for parameter, original in zip(parameters, like, strict=True):
+        if parameter is not None and original is not None:
+            parameter.requires_grad_(original.requires_grad)
+
+
 def dense_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     """An ``nn.Linear`` holding copies of ``weight`` ``(N, K)`` and ``bias`` ``(N,)``, on their device and dtype."""
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
@@ -93,7 +101,9 @@ class BlockSparseLinear(nn.Module):
             raise TypeError(f"expected an nn.Linear, got {type(linear).__name__}")
         keep = None if mask is not None else 1.0 - sparsity
         matrix = BlockSparseMatrix.from_dense(linear.weight.detach(), block_size, mask=mask, keep=keep)
-        return cls.from_matrix(matrix, linear.bias)
+        layer = cls.from_matrix(matrix, linear.bias)
+        trainable_as((layer.values, layer.bias), (linear.weight, linear.bias))
+        return layer
 
     @property
     def matrix(self) -> BlockSparseMatrix:
@@ -128,7 +138,9 @@ class BlockSparseLinear(nn.Module):
 
     def to_linear(self) -> nn.Linear:
         """A dense ``nn.Linear`` with the same function (zeros where tiles are pruned)."""
-        return dense_linear(self.matrix.to_dense(), self.bias)
+        linear = dense_linear(self.matrix.to_dense(), self.bias)
+        trainable_as((linear.weight, linear.bias), (self.values, self.bias))
+        return linear
 
     def extra_repr(self) -> str:
         matrix = self.matrix

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparseblocks.masks import n_of_m_mask
-from sparseblocks.nn.linear import dense_linear
+from sparseblocks.nn.linear import dense_linear, trainable_as
 
 GROUP = 4  # weights per group along K
 KEPT = 2  # weights kept per group
@@ -86,7 +86,9 @@ class SemiStructuredLinear(nn.Module):
         mask = mask.to(device=weight.device, dtype=torch.bool)
         groups = pack_groups(mask)
         check_groups(groups, tuple(weight.shape))
-        return cls(weight[mask].reshape(weight.shape[0], -1), groups, linear.bias)
+        layer = cls(weight[mask].reshape(weight.shape[0], -1), groups, linear.bias)
+        trainable_as((layer.values, layer.bias), (linear.weight, linear.bias))
+        return layer
 
     def mask(self) -> torch.Tensor:
         """The bool ``(N, K)`` mask of kept weights."""
@@ -126,7 +128,9 @@ class SemiStructuredLinear(nn.Module):
 
     def to_linear(self) -> nn.Linear:
         """A dense ``nn.Linear`` with the same function (zeros where pruned)."""
-        return dense_linear(self.weight(), self.bias)
+        linear = dense_linear(self.weight(), self.bias)
+        trainable_as((linear.weight, linear.bias), (self.values, self.bias))
+        return linear
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, 2:4, bias={self.bias is not None}"

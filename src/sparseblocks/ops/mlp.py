@@ -204,6 +204,8 @@ def sparse_mlp(
         x, [up, down] + ([gate] if gate is not None else []), [up_bias, down_bias, gate_bias]
     )
     gate = gates[0] if gates else None
+    if gate is None and gate_bias is not None:
+        raise ValueError("gate_bias needs a gate")
     check_spmm_inputs(x, up, up_bias, activation)
     check_spmm_inputs(x.new_empty((0, down.shape[1])), down, down_bias, None)  # no elements: no allocation
     if gate is not None:

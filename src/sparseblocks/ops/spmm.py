@@ -89,9 +89,14 @@ def _hidden_grad(
 
 
 def _summed_over_tokens(grad: torch.Tensor, w: BlockSparseMatrix) -> torch.Tensor:
-    """``grad`` ``(..., N)`` summed over its leading dims, fp32 ``(N,)``: a bias gradient (plain PyTorch, which
-    torch.compile traces)."""
-    return grad.reshape(-1, w.shape[0]).sum(0, dtype=torch.float32)
+    """``grad`` ``(..., N)`` summed over its leading dims in fp32 (float64 for float64), ``(N,)``: a bias gradient
+    (plain PyTorch, which torch.compile traces)."""
+    return grad.reshape(-1, w.shape[0]).sum(0, dtype=_sums_dtype(grad))
+
+
+def _sums_dtype(grad: torch.Tensor) -> torch.dtype:
+    """Where a bias gradient is summed: fp32, float64 for float64."""
+    return torch.promote_types(grad.dtype, torch.float32)
 
 
 # From this many elements on, the column-sum kernel's GPU time saved (ViT-B fc2's 50432 x 768 dY: 39 µs against
@@ -159,13 +164,14 @@ def _activation_grad_implementation(
     activation: str,
     bias_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """dZ and, with ``bias_grad``, its column sums (fp32 ``(N,)``; else an empty tensor)."""
+    """dZ and, with ``bias_grad``, its column sums (``(N,)`` in ``_sums_dtype``; else an empty tensor)."""
     dz, column_sums = _activation_grad(grad_out, x, _matrix(values, index, shape), bias, activation, bias_grad)
-    return dz, column_sums if column_sums is not None else dz.new_empty(0, dtype=torch.float32)
+    return dz, column_sums if column_sums is not None else dz.new_empty(0, dtype=_sums_dtype(dz))
 
 
 def _activation_grad_fake(grad_out, x, values, index, shape, bias, activation, bias_grad):
-    return grad_out.new_empty(grad_out.shape), grad_out.new_empty(shape[0] if bias_grad else 0, dtype=torch.float32)
+    sums = grad_out.new_empty(shape[0] if bias_grad else 0, dtype=_sums_dtype(grad_out))
+    return grad_out.new_empty(grad_out.shape), sums
 
 
 _spmm_activation_grad_op = define_op("spmm_activation_grad", _activation_grad_implementation, _activation_grad_fake)
@@ -297,11 +303,13 @@ def check_spmm_inputs(x: torch.Tensor, w: BlockSparseMatrix, bias: torch.Tensor 
     if x.device != w.device:
         raise ValueError(f"x is on {x.device} but the weight is on {w.device}")
     if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a tensor or None, got {type(bias).__name__}")
         if bias.shape != (n,):
             raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
         if bias.dtype != x.dtype or bias.device != x.device:
             raise ValueError(f"bias must be {x.dtype} on {x.device}, got {bias.dtype} on {bias.device}")
-    if activation not in reference.ACTIVATIONS:
+    if not (activation is None or isinstance(activation, str)) or activation not in reference.ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(a for a in reference.ACTIVATIONS if a)} or None")
 
 
@@ -314,14 +322,14 @@ def _autocasting(device_type: str) -> bool:
 def autocast_inputs(
     x: torch.Tensor, matrices: list[BlockSparseMatrix], biases: list[torch.Tensor | None]
 ) -> tuple[torch.Tensor, list[BlockSparseMatrix], list[torch.Tensor | None]]:
-    """Under ``torch.autocast``, the inputs cast to the autocast dtype, as ``F.linear`` casts its own (the casts
-    are differentiable, so fp32 master weights get fp32 gradients); unchanged otherwise."""
+    """Under ``torch.autocast``, the inputs cast to the autocast dtype as ``F.linear`` casts its own: floating point
+    but not float64 (the casts are differentiable, so fp32 master weights get fp32 gradients); unchanged otherwise."""
     if not _autocasting(x.device.type):
         return x, matrices, biases
     dtype = torch.get_autocast_dtype(x.device.type)
-    x = x.to(dtype) if x.is_floating_point() else x
-    matrices = [BlockSparseMatrix.from_parts(w.values.to(dtype), w.shape, w.index_tensors()) for w in matrices]
-    return x, matrices, [None if b is None else b.to(dtype) for b in biases]
+    cast = lambda t: t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+    matrices = [BlockSparseMatrix.from_parts(cast(w.values), w.shape, w.index_tensors()) for w in matrices]
+    return cast(x), matrices, [cast(b) for b in biases]
 
 
 def spmm(
