@@ -219,3 +219,31 @@ def test_state_dict_round_trip_continues_the_same_pruning():
         Pruner(nn.Sequential(nn.Linear(32, 64)), SparsityConfig(0.5, 16, targets="all-linear")).load_state_dict(
             pruner.state_dict()
         )
+
+
+def test_a_layer_of_few_tiles_keeps_at_least_one():
+    """Python rounds 0.5 down to 0: one tile at 50% would have been pruned whole."""
+    assert top_blocks_mask(torch.randn(1, 1), 0.5).sum() == 1
+    model = nn.Sequential(nn.Linear(96, 32))
+    pruner = Pruner(model, SparsityConfig(0.9, 32, targets="all-linear"), balanced=True)
+    pruner.step()
+    assert pruner.masks["0"].sum(1).tolist() == [1]
+
+
+@pytest.mark.parametrize("settings", [{"every": 0}, {"initial": 1.5}, {"start": 5, "end": 2}])
+def test_a_schedule_refuses_impossible_settings(settings):
+    with pytest.raises(ValueError, match="schedule|initial"):
+        CubicSchedule(**settings)
+
+
+def test_a_pruner_state_with_masks_of_another_shape_is_refused():
+    pruner = Pruner(nn.Sequential(nn.Linear(32, 64)), SparsityConfig(0.5, 16, targets="all-linear"))
+    state = pruner.state_dict()
+    state["masks"] = {"0": torch.ones(2, 2, dtype=torch.bool)}
+    with pytest.raises(ValueError, match="mask of 0"):
+        pruner.load_state_dict(state)
+
+
+def test_a_target_regex_that_does_not_compile_is_refused():
+    with pytest.raises(ValueError, match="regular expression"):
+        SparsityConfig(0.5, 16, targets="re:(")

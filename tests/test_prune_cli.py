@@ -238,3 +238,13 @@ def test_two_of_four_from_the_command_line_with_reconstruction(folders, tmp_path
     assert errors[True] < 0.8 * errors[False]
     with pytest.raises(SystemExit, match="sparsity must be 0.5"):
         main(["sparsify", str(folders["bert"]), "--pattern", "2:4", "--sparsity", "0.9", "--out", str(tmp_path / "x")])
+
+
+def test_prune_refuses_to_write_over_its_model_folder(tmp_path):
+    with pytest.raises(SystemExit, match="--out must be another folder"):
+        main(["prune", str(tmp_path), "--out", str(tmp_path)])
+
+
+def test_sparsify_reports_a_missing_folder_without_a_traceback(tmp_path):
+    with pytest.raises(SystemExit, match="sparseblocks sparsify"):
+        main(["sparsify", str(tmp_path / "missing"), "--out", str(tmp_path / "out")])

@@ -174,3 +174,18 @@ def test_train_vit_command_on_an_image_folder(tmp_path, capsys):
     model = load_recipe_model(out)
     assert model(torch.rand(2, 3, 8, 8)).shape == (2, 3)
     assert isinstance(model.blocks[0].mlp.proj, BlockSparseLinear)
+
+
+def test_a_damaged_checkpoint_is_refused_clearly(tmp_path):
+    path = tmp_path / STATE_FILE
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header")
+    with pytest.raises(ResumeError, match="not a readable checkpoint"):
+        load_training_state(path)
+
+
+@pytest.mark.parametrize(
+    "settings", [{"sparsity": -0.1}, {"sparsity": 1.5}, {"batch_size": 0}, {"heads": 3}, {"patch_size": 0}]
+)
+def test_vit_recipe_refuses_impossible_settings(settings):
+    with pytest.raises(ValueError):
+        ViTRecipe(**settings)

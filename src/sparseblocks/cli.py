@@ -6,6 +6,7 @@ import argparse
 import platform
 import shlex
 import sys
+from pathlib import Path
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -60,7 +61,7 @@ def _train_gpt(args: argparse.Namespace) -> int:
     try:
         train_gpt(args.data, args.out, args.method, args.sparsity, args.block, Experiment(**settings),
                   args.checkpoint_every, args.resume, args.stop_after)  # fmt: skip
-    except (ResumeError, OSError) as error:
+    except (ResumeError, OSError, ValueError) as error:  # bad settings or data, a damaged checkpoint
         raise SystemExit(f"sparseblocks train gpt: {error}") from error
     return 0
 
@@ -69,8 +70,8 @@ def _train_vit(args: argparse.Namespace) -> int:
     from sparseblocks.recipes import ResumeError, ViTRecipe, train_vit
 
     settings = {name: getattr(args, name) for name in _VIT_SETTINGS if getattr(args, name) is not None}
-    recipe = ViTRecipe(sparsity=args.sparsity, block=args.block, **settings)
     try:
+        recipe = ViTRecipe(sparsity=args.sparsity, block=args.block, **settings)
         train_vit(args.data, args.out, recipe, args.image_size, args.resume, args.stop_after)
     except (ResumeError, OSError, ValueError, ImportError) as error:  # a folder without images, no scikit-learn
         raise SystemExit(f"sparseblocks train vit: {error}") from error
@@ -78,8 +79,6 @@ def _train_vit(args: argparse.Namespace) -> int:
 
 
 def _bench_spmm(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from sparseblocks.bench import spmm
 
     spmm.run(
@@ -96,8 +95,6 @@ def _bench_spmm(args: argparse.Namespace) -> int:
 
 
 def _bench_train(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from sparseblocks.bench import train
 
     train.run(
@@ -135,29 +132,34 @@ def _sparsity_config(args: argparse.Namespace):
     return SparsityConfig(sparsity, args.block, targets, exclude, fuse_mlp=args.fuse_mlp, pattern=args.pattern)
 
 
-def _sparsify(args: argparse.Namespace) -> int:
-    from pathlib import Path
+def _folders(command: str, args: argparse.Namespace) -> tuple[Path, Path]:
+    """The model folder and ``--out``, refused if they are one folder (the output would overwrite its source)."""
+    source, out = Path(args.model_dir), Path(args.out)
+    if out.resolve() == source.resolve():
+        raise SystemExit(f"sparseblocks {command}: --out must be another folder than {source}")
+    return source, out
 
+
+def _sparsify(args: argparse.Namespace) -> int:
     from sparseblocks import sparsify
     from sparseblocks.pretrained import load_pretrained
 
-    source, out = Path(args.model_dir), Path(args.out)
+    source, out = _folders("sparsify", args)
     try:
         config = _sparsity_config(args)
-    except ValueError as error:
+        model = load_pretrained(source)[0]  # with its head (a causal LM keeps lm_head)
+        report = sparsify(model, config)
+    except (OSError, ValueError) as error:
         raise SystemExit(f"sparseblocks sparsify: {error}") from error
-    model = load_pretrained(source)[0]  # with its head (a causal LM keeps lm_head)
-    return _save_hf_folder(model, sparsify(model, config), source, out)
+    return _save_hf_folder(model, report, source, out)
 
 
 def _prune(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     import torch
 
     from sparseblocks.pretrained import calibration_tokens, load_pretrained, prune_pretrained
 
-    source, out = Path(args.model_dir), Path(args.out)
+    source, out = _folders("prune", args)
     text = None
     if args.method != "magnitude" or args.reconstruct:  # read before the model loads: a wrong path fails at once
         if args.calibration is None:
@@ -168,6 +170,8 @@ def _prune(args: argparse.Namespace) -> int:
         except OSError as error:
             raise SystemExit(f"sparseblocks prune: cannot read --calibration {args.calibration}: {error}") from error
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"sparseblocks prune: --device {device}, but no CUDA GPU is visible")
     try:
         config = _sparsity_config(args)
         model, tokenizer, head = load_pretrained(source, device)
@@ -184,8 +188,6 @@ def _prune(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from sparseblocks.report import write
 
     results = Path(args.results)
@@ -196,8 +198,6 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _bench_decode(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from sparseblocks.bench import decode
 
     decode.run(args.quick, args.out and Path(args.out), args.name, "sparseblocks " + shlex.join(args.argv))
@@ -205,8 +205,6 @@ def _bench_decode(args: argparse.Namespace) -> int:
 
 
 def _bench_mlp(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from sparseblocks.bench import mlp
 
     shapes = tuple(s for s in args.shapes.split(",") if s)
@@ -218,8 +216,6 @@ def _bench_mlp(args: argparse.Namespace) -> int:
 
 
 def _bench_e2e(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from sparseblocks.bench import e2e
 
     numbers = lambda text, kind: tuple(kind(v) for v in text.split(",") if v)

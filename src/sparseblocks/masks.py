@@ -43,14 +43,15 @@ def expand_block_mask(mask: torch.Tensor, block: tuple[int, int], shape: Sequenc
 
 
 def blocks_to_keep(total: int, keep: float) -> int:
-    """How many of ``total`` blocks a keep fraction means: ``round(keep * total)``."""
+    """How many of ``total`` blocks a keep fraction means: ``round(keep * total)``, and at least one for any
+    ``keep > 0`` (a layer of a few blocks at 50% would otherwise round to none: Python rounds 0.5 to 0)."""
     if not 0.0 <= keep <= 1.0:
         raise ValueError(f"keep must be a fraction in [0, 1], got {keep}")
-    return round(keep * total)
+    return max(round(keep * total), 1 if keep > 0 and total > 0 else 0)
 
 
 def top_blocks_mask(scores: torch.Tensor, keep: float) -> torch.Tensor:
-    """Bool mask of the same shape as ``scores`` keeping exactly ``round(keep * scores.numel())`` largest scores."""
+    """Bool mask of the same shape as ``scores`` keeping the ``blocks_to_keep(scores.numel(), keep)`` largest."""
     count = blocks_to_keep(scores.numel(), keep)
     mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
     mask[torch.topk(scores.flatten().float(), count, sorted=False).indices] = True

@@ -125,6 +125,15 @@ class SparsityConfig:
                 raise ValueError(f"sparsity must lie in [0, 1), got {value}")
             if self.pattern == "2:4" and float(value) != 0.5:
                 raise ValueError(f"2:4 keeps 2 of every 4 weights: sparsity must be 0.5, got {value}")
+        patterns = [*_as_list(self.targets), *_as_list(self.exclude)]
+        if isinstance(self.sparsity, Mapping):
+            patterns += list(self.sparsity)
+        for pattern in patterns:
+            if pattern.startswith("re:"):
+                try:
+                    re.compile(pattern[3:])
+                except re.error as error:
+                    raise ValueError(f"{pattern!r} is not a regular expression: {error}") from error
 
     def sparsity_of(self, name: str) -> float:
         if not isinstance(self.sparsity, Mapping):

@@ -94,6 +94,8 @@ def calibration_tokens(
     (with a warning). Raises ``ValueError`` when the text holds fewer than ``seq_len`` tokens."""
     if samples < 1 or seq_len < 2:
         raise ValueError(f"need at least 1 sample of at least 2 tokens, got {samples} of {seq_len}")
+    if text is not None and not text.strip():
+        raise ValueError("the calibration text is empty")
     if tokenizer is None:
         message = (
             f"sparseblocks: the model folder has no tokenizer; calibrating on {samples} windows of random token "
@@ -102,8 +104,8 @@ def calibration_tokens(
         logger.warning(message)
         warnings.warn(message, UserWarning, stacklevel=2)
         return torch.randint(vocab_size, (samples, seq_len), generator=torch.Generator().manual_seed(seed))
-    if not text or not text.strip():
-        raise ValueError("the calibration text is empty")
+    if text is None:
+        raise ValueError("calibration needs text (or no tokenizer: random ids)")
 
     def encode(piece: str) -> list[int]:
         return tokenizer(piece, truncation=True, max_length=seq_len, verbose=False)["input_ids"]

@@ -42,7 +42,14 @@ import torch
 from torch import nn
 
 from sparseblocks.format import normalize_block_size
-from sparseblocks.masks import block_norms, block_sums, expand_block_mask, n_of_m_mask, top_blocks_mask
+from sparseblocks.masks import (
+    block_norms,
+    block_sums,
+    blocks_to_keep,
+    expand_block_mask,
+    n_of_m_mask,
+    top_blocks_mask,
+)
 from sparseblocks.nn.semi_structured import GROUP, KEPT
 from sparseblocks.nn.supermask import SupermaskLinear
 from sparseblocks.patch import SparsifyReport, SparsityConfig, replace_module, sparsify, target_linears
@@ -59,6 +66,12 @@ class CubicSchedule:
     end: int = 0
     every: int = 1
     initial: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.start <= self.end or self.every < 1:
+            raise ValueError(f"a schedule needs 0 <= start <= end and every >= 1, got {self}")
+        if not 0.0 <= self.initial < 1.0:
+            raise ValueError(f"the initial sparsity must be in [0, 1), got {self.initial}")
 
     def sparsity(self, step: int, final: float) -> float:
         if step >= self.end:
@@ -166,11 +179,16 @@ class Pruner:
                 score = block_norms(weight, self.block)
             elif self.method == "activation_magnitude":
                 if name not in self.input_sq:
-                    raise RuntimeError("activation_magnitude needs calibration batches run under observe_inputs()")
+                    raise RuntimeError(
+                        f"activation_magnitude has no inputs of {name}: run calibration batches under observe_inputs()"
+                    )
                 score = block_norms(weight * self.input_sq[name].sqrt()[None, :], self.block)
             else:
                 if name not in self.grad_sq:
-                    raise RuntimeError("fisher needs gradients: call observe_gradients() after backward passes")
+                    raise RuntimeError(
+                        f"fisher has no gradient of {name}: call observe_gradients() after backward passes, and "
+                        "leave out layers the loss does not reach (e.g. a pooler)"
+                    )
                 fisher = self.grad_sq[name] / self.gradient_batches + self.damping
                 score = block_sums(weight.square() * fisher / 2, self.block)
             out[name] = score.masked_fill(~self.masks[name], float("-inf"))
@@ -205,7 +223,7 @@ class Pruner:
             if self.two_of_four:
                 self.masks[name] = n_of_m_mask(score, KEPT, GROUP)
             elif self.balanced:
-                per_row = round(keep[name] * score.shape[1])
+                per_row = blocks_to_keep(score.shape[1], keep[name])
                 top = score.topk(per_row, dim=1).indices
                 self.masks[name] = torch.zeros_like(score, dtype=torch.bool).scatter_(1, top, True)
             else:
@@ -284,6 +302,13 @@ class Pruner:
         """Continue from :meth:`state_dict`; raises ``ValueError`` when it prunes other layers."""
         if set(state["masks"]) != set(self.layers):
             raise ValueError(f"the state prunes {sorted(state['masks'])}, this pruner {sorted(self.layers)}")
+        for name, mask in state["masks"].items():
+            mine = self.masks[name]
+            if not isinstance(mask, torch.Tensor) or mask.shape != mine.shape or mask.dtype != mine.dtype:
+                shown = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+                raise ValueError(
+                    f"the state's mask of {name} is {shown}, this pruner's {mine.dtype} {tuple(mine.shape)}"
+                )
         devices = {name: layer.weight.device for name, layer in self.layers.items()}
         self.step_count, self.gradient_batches = state["step_count"], state["gradient_batches"]
         for field in ("masks", "input_sq", "grad_sq"):

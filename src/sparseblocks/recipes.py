@@ -35,12 +35,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from sparseblocks.checkpoint import load_sparse, save_sparse
-from sparseblocks.experiments import Experiment, PruningRun
+from sparseblocks.experiments import TWO_OF_FOUR, Experiment, PruningRun
+from sparseblocks.format import normalize_block_size
 from sparseblocks.gpt import GPT, CharData, GPTConfig
 from sparseblocks.patch import SparsityConfig, model_size
 from sparseblocks.prune import CubicSchedule, Pruner
@@ -162,18 +163,23 @@ def save_training_state(path: str | Path, step: int, recipe: dict, parts: dict[s
 
 def load_training_state(path: str | Path, tensors: bool = True) -> tuple[int, dict, dict | None]:
     """``(step, recipe, state)`` of a checkpoint written by :func:`save_training_state`; ``tensors`` False reads
-    the metadata only (state None)."""
-    with safe_open(str(path), framework="pt", device="cpu") as file:
-        metadata = file.metadata() or {}
-        if metadata.get("format") != "sparseblocks-training":
-            raise ResumeError(f"{path}: not a sparseblocks training checkpoint")
-        if metadata.get("format_version") != str(STATE_FORMAT_VERSION):
-            raise ResumeError(f"{path}: format_version {metadata.get('format_version')!r} is not supported")
-        step, recipe = int(metadata["step"]), json.loads(metadata["recipe"])
-        if not tensors:
-            return step, recipe, None
-        saved = {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118 (safe_open is no dict)
-    return step, recipe, _decode(json.loads(metadata["state"]), saved)
+    the metadata only (state None). A file that cannot be read as one raises :class:`ResumeError`."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as file:
+            metadata = file.metadata() or {}
+            if metadata.get("format") != "sparseblocks-training":
+                raise ResumeError(f"{path}: not a sparseblocks training checkpoint")
+            if metadata.get("format_version") != str(STATE_FORMAT_VERSION):
+                raise ResumeError(f"{path}: format_version {metadata.get('format_version')!r} is not supported")
+            step, recipe = int(metadata["step"]), json.loads(metadata["recipe"])
+            if not tensors:
+                return step, recipe, None
+            saved = {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118 (safe_open is no dict)
+            return step, recipe, _decode(json.loads(metadata["state"]), saved)
+    except ResumeError:
+        raise
+    except (SafetensorError, KeyError, ValueError) as error:  # a damaged file, or metadata that is not ours
+        raise ResumeError(f"{path}: not a readable checkpoint ({error})") from error
 
 
 def run_training(
@@ -296,6 +302,8 @@ def train_gpt(
     out, experiment = Path(out), experiment or Experiment()
     if method == "dense":
         sparsity, block = 0.0, None
+    elif method in TWO_OF_FOUR:  # the pattern fixes both
+        sparsity, block = 0.5, None
     text = CharData(data)
     training = PruningRun(method, sparsity, block, text, experiment, _device())
     recipe = {
@@ -441,6 +449,22 @@ class ViTRecipe:
     patch_size: int | None = None
     ramp: float = 0.6  # Supermask's sparsity rises (cubic) over this fraction of the steps, then holds
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"sparsity must lie in [0, 1), got {self.sparsity}")
+        normalize_block_size(self.block)
+        counts = {"epochs": self.epochs, "batch_size": self.batch_size, "layers": self.layers, "heads": self.heads}
+        if bad := [f"{name}={value}" for name, value in counts.items() if value < 1]:
+            raise ValueError(f"{', '.join(bad)}: must be at least 1")
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} must be a multiple of heads {self.heads}")
+        if self.patch_size is not None and self.patch_size < 1:
+            raise ValueError(
+                f"patch_size must be at least 1 (or None: a quarter of the image side), got {self.patch_size}"
+            )
+        if not (self.lr > 0 and 0.0 < self.ramp <= 1.0):
+            raise ValueError(f"lr must be positive and ramp in (0, 1], got {self.lr} and {self.ramp}")
 
 
 def vit_training(data: ImageData, recipe: ViTRecipe) -> tuple[ClassifierTraining, Pruner | None]:
