@@ -72,7 +72,7 @@ def test_dry_run_times_every_path_and_writes_tables(tmp_path, kind, metrics, tar
 
 
 def test_unknown_model_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="vit_b_16, llama-3.2-1b"):
+    with pytest.raises(SystemExit, match="vit_b_16, llama-3.2-1b"):
         main(["bench", "e2e", "--model", str(tmp_path / "missing"), "--dry-run"])
 
 
@@ -89,3 +89,16 @@ def test_compiled_prefill_of_a_sparse_model(tmp_path):
     assert (row["metric"], row["mode"], row["tokens"]) == ("prefill_ms", "compiled", grid.prefill_tokens)
     assert row["value"] > 0
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--sparsities", "1.5"], "sparsities must lie"),
+        (["--blocks", "24"], "block_size"),
+        (["--batches", "0"], "batches must be"),
+    ],
+)
+def test_impossible_settings_are_refused_before_anything_runs(arguments, message):
+    with pytest.raises(SystemExit, match=message):
+        main(["bench", "e2e", "--dry-run", "--model", "vit_b_16", *arguments])

@@ -223,9 +223,13 @@ def _bench_e2e(args: argparse.Namespace) -> int:
                "blocks": (args.blocks, int), "targets": (args.targets, str), "modes": (args.modes, str),
                "impls": (args.impls, str)}  # fmt: skip
     grid = None
-    if any(text is not None for text, _ in options.values()):
-        default = e2e.DEFAULT_GRIDS[e2e.model_kind(e2e.model_config(args.model))].__dict__
-        grid = e2e.Grid(**{**default, **{k: numbers(t, f) for k, (t, f) in options.items() if t is not None}})
+    try:
+        kind = e2e.model_kind(e2e.model_config(args.model))  # an unknown model fails here, before anything runs
+        if any(text is not None for text, _ in options.values()):
+            default = e2e.DEFAULT_GRIDS[kind].__dict__
+            grid = e2e.Grid(**{**default, **{k: numbers(t, f) for k, (t, f) in options.items() if t is not None}})
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"sparseblocks bench e2e: {error}") from error
     command = "sparseblocks " + shlex.join(args.argv)
     e2e.run(args.model, grid, args.dry_run, args.out and Path(args.out), args.name, command, args.fp32_precision)
     return 0

@@ -36,6 +36,7 @@ from torch import nn
 from sparseblocks.backend import fp32_precision
 from sparseblocks.bench.harness import environment, gpu_folder, time_ms, write_json
 from sparseblocks.bench.plots import e2e_plot
+from sparseblocks.format import normalize_block_size
 from sparseblocks.nn import BlockSparseLinear
 from sparseblocks.patch import SparsityConfig, fuse_mlps, model_size, replace_module, sparsify
 
@@ -64,6 +65,12 @@ class Grid:
             unknown = set(getattr(self, field)) - set(allowed)
             if unknown:
                 raise ValueError(f"unknown {field} {sorted(unknown)}; known: {', '.join(allowed)}")
+        if not all(0.0 <= sparsity < 1.0 for sparsity in self.sparsities):
+            raise ValueError(f"sparsities must lie in [0, 1), got {self.sparsities}")
+        if not all(batch >= 1 for batch in self.batches):
+            raise ValueError(f"batches must be at least 1, got {self.batches}")
+        for block in self.blocks:
+            normalize_block_size(block)
 
 
 DEFAULT_GRIDS = {
