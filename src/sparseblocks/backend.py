@@ -104,13 +104,13 @@ def use_triton(x: torch.Tensor) -> bool:
         return False
     if x.is_cuda and triton_available() and x.dtype in KERNEL_DTYPES:
         return True
-    dtype = "" if x.dtype in KERNEL_DTYPES else str(x.dtype).removeprefix("torch.") + " "
-    _warn_reference_once(dtype + x.device.type)
+    _warn_reference_once(x.device.type, x.dtype)
     return False
 
 
 @functools.cache
-def _warn_reference_once(kind: str) -> None:
+def _warn_reference_once(device_type: str, dtype: torch.dtype) -> None:
+    kind = device_type if dtype in KERNEL_DTYPES else f"{str(dtype).removeprefix('torch.')} {device_type}"
     logger.warning(
         "sparseblocks: no Triton kernel for %s tensors; running the plain PyTorch reference "
         "(correct, not fast). The block-sparse kernels take float16, bfloat16 and float32 tensors on a CUDA GPU.",

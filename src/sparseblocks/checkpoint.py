@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_model
 from torch import nn
 
-from sparseblocks.format import VALUE_DTYPES, BlockSparseMatrix, normalize_block_size
+from sparseblocks.format import VALUE_DTYPES_BY_NAME, BlockSparseMatrix, normalize_block_size
 from sparseblocks.nn import BlockSparseLinear, SemiStructuredLinear
 from sparseblocks.nn.semi_structured import GROUP, KEPT
 from sparseblocks.patch import FUSED_MODULES, PATTERNS, fuse_mlps, replace_module, sparse_layers
@@ -27,7 +27,6 @@ from sparseblocks.patch import FUSED_MODULES, PATTERNS, fuse_mlps, replace_modul
 WEIGHTS_FILE = "sparseblocks.safetensors"
 CONFIG_FILE = "sparseblocks.json"
 FORMAT_VERSION = 1
-DTYPE_NAMES = {str(dtype).removeprefix("torch."): dtype for dtype in VALUE_DTYPES}
 
 
 def _key(layer: str, part: str) -> str:
@@ -83,8 +82,8 @@ def _read_config(folder: Path) -> dict:
             raise ValueError(f"{CONFIG_FILE}: layer {name!r} needs non-negative integers {fields}")
         if not isinstance(entry.get("bias"), bool):
             raise ValueError(f"{CONFIG_FILE}: layer {name!r} needs a boolean 'bias'")
-        if entry.get("dtype") not in DTYPE_NAMES:
-            raise ValueError(f"{CONFIG_FILE}: layer {name!r} needs a 'dtype' of {sorted(DTYPE_NAMES)}")
+        if entry.get("dtype") not in VALUE_DTYPES_BY_NAME:
+            raise ValueError(f"{CONFIG_FILE}: layer {name!r} needs a 'dtype' of {sorted(VALUE_DTYPES_BY_NAME)}")
         if entry["pattern"] == "block":
             normalize_block_size(entry.get("block"))
         elif entry["in_features"] % GROUP:
@@ -116,7 +115,7 @@ def _load_layer(name: str, entry: dict, tensors: dict[str, torch.Tensor]) -> Blo
         if tuple(tensor.shape) != shape:
             raise ValueError(f"layer {name!r}: {part} has shape {tuple(tensor.shape)}, expected {shape}")
     values, bias = tensors[_key(name, "values")], tensors.get(_key(name, "bias")) if entry["bias"] else None
-    if values.dtype != DTYPE_NAMES[entry["dtype"]] or (bias is not None and bias.dtype != values.dtype):
+    if values.dtype != VALUE_DTYPES_BY_NAME[entry["dtype"]] or (bias is not None and bias.dtype != values.dtype):
         dtypes = f"{values.dtype}" + ("" if bias is None else f" and {bias.dtype}")
         raise ValueError(f"layer {name!r}: values and bias must be floating point {entry['dtype']}, got {dtypes}")
     try:

@@ -33,7 +33,8 @@ from sparseblocks.masks import block_norms, top_blocks_mask
 BLOCK_SIZES = (16, 32, 64, 128)
 INDEX_DTYPE = torch.int32
 VALUE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what the ops and kernels take
-_VALUE_DTYPE_NAMES = ", ".join(str(dtype).removeprefix("torch.") for dtype in VALUE_DTYPES)
+VALUE_DTYPES_BY_NAME = {str(dtype).removeprefix("torch."): dtype for dtype in VALUE_DTYPES}  # as files name them
+_VALUE_DTYPE_NAMES = ", ".join(VALUE_DTYPES_BY_NAME)
 # The index arrays a matrix holds, by attribute name: the two stored on disk, then those derived from them.
 STORED_INDEX_NAMES = ("crow_indices", "col_indices")
 DERIVED_INDEX_NAMES = (

@@ -13,7 +13,9 @@ from sparseblocks.masks import random_block_mask
 from sparseblocks.ops import spmm
 
 
-def trainable_as(parameters: tuple[nn.Parameter, nn.Parameter | None], like: tuple[torch.Tensor, torch.Tensor | None]):
+def trainable_as(
+    parameters: tuple[nn.Parameter, nn.Parameter | None], like: tuple[torch.Tensor, torch.Tensor | None]
+) -> None:
     """A conversion keeps trainability: each of a new layer's (weight or values, bias) requires gradients as its
     counterpart in the layer converted did (a frozen layer stays frozen)."""
     for parameter, original in zip(parameters, like, strict=True):
