@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from sparseblocks import CubicSchedule, Pruner, SparsityConfig
-from sparseblocks.vit import ViT, ViTConfig, accuracy, digits, train_classifier
+from sparseblocks.recipes.vit import ViT, ViTConfig, accuracy, digits, train_classifier
 
 OUT = Path("benchmarks/results/accuracy")
 

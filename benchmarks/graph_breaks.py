@@ -5,7 +5,7 @@ PYTHONPATH=src python3 benchmarks/graph_breaks.py
 
 import torch
 
-from sparseblocks.gpt import GPT, GPTConfig, sparsify_mlps
+from sparseblocks.recipes.gpt import GPT, GPTConfig, sparsify_mlps
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
 model = GPT(GPTConfig(vocab_size=50, context=32, layers=2, heads=2, width=64)).to(device)

@@ -9,7 +9,7 @@ block:
 
 * one-shot: MLP tiles pruned by block magnitude (``--method``: or activation-aware magnitude, calibrated on
   ``--calibration`` sentences of the pool), optionally followed by layer-wise reconstruction of the kept weights
-  (``--reconstruct``: ``sparseblocks.reconstruct``, on the same calibration sentences), no training;
+  (``--reconstruct``: ``sparseblocks.pruning.reconstruct``, on the same calibration sentences), no training;
 * recovery (at 50/70/90%): the one-shot mask kept fixed, then the kept weights distilled toward the dense model's
   sentence embeddings (cosine) and token states (MSE; ``--all-layers``: every layer's) on the training pool
   (student dropout off with ``--no-dropout``; ``--spans``: runs of words across consecutive pool lines instead
@@ -38,8 +38,8 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from sparseblocks import CubicSchedule, Pruner, SparsityConfig, save_sparse
-from sparseblocks.patch import model_size
-from sparseblocks.reconstruct import reconstruct
+from sparseblocks.integrations.sparsify import model_size
+from sparseblocks.pruning.reconstruct import reconstruct
 
 RELOAD = """
 import sys, torch

@@ -11,7 +11,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from sparseblocks.gpt import GPT, GPTConfig, sparsify_mlps
+from sparseblocks.recipes.gpt import GPT, GPTConfig, sparsify_mlps
 
 config = GPTConfig(vocab_size=50304, context=1024, layers=12, heads=12, width=768)
 torch.manual_seed(0)

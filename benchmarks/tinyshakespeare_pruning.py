@@ -3,8 +3,8 @@
     PYTHONPATH=src python3 benchmarks/tinyshakespeare_pruning.py [--steps 3000] [--data FILE] [--shard I/N]
         [--time-budget SECONDS]
 
-Runs the grid of ``sparseblocks.experiments`` (dense, iso-parameter dense, and magnitude, activation-aware magnitude,
-Supermask, gradual magnitude, prune-and-grow and Fisher at MLP sparsity 0.5/0.8/0.9/0.95 with block 32, and
+Runs the grid of ``sparseblocks.recipes.experiments`` (dense, iso-parameter dense, and magnitude, activation-aware
+magnitude, Supermask, gradual magnitude, prune-and-grow and Fisher at MLP sparsity 0.5/0.8/0.9/0.95 with block 32, and
 blocks 16/64 at 0.9). Rows already in the result file are skipped, so an interrupted run resumes. Writes
 benchmarks/results/accuracy/tinyshakespeare.json, .md and .png.
 
@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from sparseblocks.bench.plots import save_figure
-from sparseblocks.experiments import Experiment, grid, run
-from sparseblocks.gpt import CharData
+from sparseblocks.recipes.experiments import Experiment, grid, run
+from sparseblocks.recipes.gpt import CharData
 
 
 def report(path: Path) -> None:

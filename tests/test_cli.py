@@ -18,7 +18,7 @@ def test_demo_trains_converts_checks_saves_and_plots(tmp_path, capsys):
     pytest.importorskip("sklearn")
     pytest.importorskip("matplotlib")
     from sparseblocks import BlockSparseLinear
-    from sparseblocks.recipes import load_recipe_model
+    from sparseblocks.recipes.training import load_recipe_model
 
     assert main(["demo", "--sparsity", "0.8", "--block", "32", "--epochs", "1", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -46,7 +46,7 @@ def test_bad_arguments_exit_with_usage():
 def test_sparsify_command_fuses_llama_mlps(tmp_path):
     transformers = pytest.importorskip("transformers")
     from sparseblocks import SparseMLP
-    from sparseblocks.checkpoint import load_hf_sparse
+    from sparseblocks.integrations.huggingface import load_hf_sparse
 
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=48, num_hidden_layers=2, num_attention_heads=2,
                                       num_key_value_heads=1, intermediate_size=80)  # fmt: skip
@@ -58,7 +58,7 @@ def test_sparsify_command_fuses_llama_mlps(tmp_path):
 
 def test_sparsify_command_round_trips_a_hugging_face_folder(tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
-    from sparseblocks.checkpoint import load_hf_sparse
+    from sparseblocks.integrations.huggingface import load_hf_sparse
 
     config = transformers.BertConfig(
         vocab_size=64, hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=80
@@ -77,7 +77,7 @@ def test_sparsify_command_round_trips_a_hugging_face_folder(tmp_path, capsys):
 
 def test_sparsify_keeps_a_causal_lm_head_and_reloads_it_without_naming_the_class(tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
-    from sparseblocks.checkpoint import load_hf_sparse
+    from sparseblocks.integrations.huggingface import load_hf_sparse
 
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=48, num_hidden_layers=2, num_attention_heads=2,
                                       num_key_value_heads=1, intermediate_size=80)  # fmt: skip

@@ -11,13 +11,13 @@ multiply fp32 tiles).
 __version__ = "0.1.0"
 
 from sparseblocks.backend import fp32_precision
-from sparseblocks.checkpoint import load_sparse, save_sparse
 from sparseblocks.format import BlockSparseMatrix
+from sparseblocks.integrations.checkpoint import load_sparse, save_sparse
+from sparseblocks.integrations.sparsify import SparsityConfig, densify, fuse_mlps, sparsify
 from sparseblocks.nn import BlockSparseLinear, SemiStructuredLinear, SparseMLP
 from sparseblocks.ops import spmm
-from sparseblocks.patch import SparsityConfig, densify, fuse_mlps, sparsify
-from sparseblocks.prune import CubicSchedule, Pruner
-from sparseblocks.reconstruct import reconstruct
+from sparseblocks.pruning.pruner import CubicSchedule, Pruner
+from sparseblocks.pruning.reconstruct import reconstruct
 
 __all__ = [
     "BlockSparseLinear",

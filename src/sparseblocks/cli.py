@@ -35,7 +35,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from sparseblocks.demo import run_demo
+    from sparseblocks.recipes.demo import run_demo
 
     try:
         import matplotlib  # noqa: F401
@@ -54,8 +54,8 @@ _VIT_SETTINGS = {"epochs": int, "lr": float, "batch_size": int, "layers": int, "
 
 
 def _train_gpt(args: argparse.Namespace) -> int:
-    from sparseblocks.experiments import Experiment
-    from sparseblocks.recipes import ResumeError, train_gpt
+    from sparseblocks.recipes.experiments import Experiment
+    from sparseblocks.recipes.training import ResumeError, train_gpt
 
     settings = {name: getattr(args, name) for name in _GPT_SETTINGS if getattr(args, name) is not None}
     try:
@@ -67,7 +67,7 @@ def _train_gpt(args: argparse.Namespace) -> int:
 
 
 def _train_vit(args: argparse.Namespace) -> int:
-    from sparseblocks.recipes import ResumeError, ViTRecipe, train_vit
+    from sparseblocks.recipes.training import ResumeError, ViTRecipe, train_vit
 
     settings = {name: getattr(args, name) for name in _VIT_SETTINGS if getattr(args, name) is not None}
     try:
@@ -114,11 +114,11 @@ def _bench_train(args: argparse.Namespace) -> int:
 def _save_hf_folder(model, report, source, out) -> int:
     """Print the report, save ``model`` as the sparse Hugging Face folder ``out`` (with ``source``'s config and
     tokenizer) and say how to load it; exit status 1 when nothing was sparsified."""
-    from sparseblocks.pretrained import save_hf_sparse
+    from sparseblocks.integrations.huggingface import save_hf_sparse
 
     print(report)
     save_hf_sparse(model, source, out)
-    print(f"saved to {out}; load it with sparseblocks.checkpoint.load_hf_sparse('{out}')")
+    print(f"saved to {out}; load it with sparseblocks.integrations.huggingface.load_hf_sparse('{out}')")
     return 0 if report.layers else 1
 
 
@@ -142,7 +142,7 @@ def _folders(command: str, args: argparse.Namespace) -> tuple[Path, Path]:
 
 def _sparsify(args: argparse.Namespace) -> int:
     from sparseblocks import sparsify
-    from sparseblocks.pretrained import load_pretrained
+    from sparseblocks.integrations.huggingface import load_pretrained
 
     source, out = _folders("sparsify", args)
     try:
@@ -157,7 +157,7 @@ def _sparsify(args: argparse.Namespace) -> int:
 def _prune(args: argparse.Namespace) -> int:
     import torch
 
-    from sparseblocks.pretrained import calibration_tokens, load_pretrained, prune_pretrained
+    from sparseblocks.integrations.huggingface import calibration_tokens, load_pretrained, prune_pretrained
 
     source, out = _folders("prune", args)
     text = None
@@ -188,7 +188,7 @@ def _prune(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from sparseblocks.report import write
+    from sparseblocks.bench.report import write
 
     results = Path(args.results)
     if not results.is_dir():
@@ -252,9 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="sparseblocks-demo", help="folder for the plot, numbers and model")
     demo.set_defaults(run=_demo)
 
-    from sparseblocks.experiments import METHODS, Experiment  # torch is loaded with the package: cheap here
-    from sparseblocks.patch import PATTERNS
-    from sparseblocks.recipes import ViTRecipe
+    from sparseblocks.integrations.sparsify import PATTERNS
+    from sparseblocks.recipes.experiments import METHODS, Experiment  # torch is loaded with the package: cheap here
+    from sparseblocks.recipes.training import ViTRecipe
 
     train = commands.add_parser("train", help="training recipes: prune while training, convert, save; resumable")
     recipes = train.add_subparsers(dest="recipe", required=True)

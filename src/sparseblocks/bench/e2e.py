@@ -37,8 +37,8 @@ from sparseblocks.backend import fp32_precision
 from sparseblocks.bench.harness import environment, gpu_folder, time_ms, write_json
 from sparseblocks.bench.plots import e2e_plot
 from sparseblocks.format import normalize_block_size
+from sparseblocks.integrations.sparsify import SparsityConfig, fuse_mlps, model_size, replace_module, sparsify
 from sparseblocks.nn import BlockSparseLinear
-from sparseblocks.patch import SparsityConfig, fuse_mlps, model_size, replace_module, sparsify
 
 IMPLS = ("dense", "torch_bsr", "sparseblocks")
 MODES = ("eager", "compiled", "cuda_graph", "compiled_graph")

@@ -176,7 +176,7 @@ class StepModel(NamedTuple):
 
 
 def _gpt2_small(quick: bool) -> StepModel:
-    from sparseblocks.gpt import GPT, GPTConfig, sparsify_mlps
+    from sparseblocks.recipes.gpt import GPT, GPTConfig, sparsify_mlps
 
     config = GPTConfig(vocab_size=50304, context=1024, layers=4 if quick else 12, heads=12, width=768)
     return StepModel(
@@ -196,7 +196,7 @@ def _llama_1b(quick: bool) -> StepModel:
     from transformers import AutoModelForCausalLM
 
     from sparseblocks.bench.e2e import model_config
-    from sparseblocks.patch import SparsityConfig, sparsify
+    from sparseblocks.integrations.sparsify import SparsityConfig, sparsify
 
     config = model_config("llama-3.2-1b")
     if quick:
@@ -328,7 +328,7 @@ def run_train_step(rows: list[dict], models: tuple[str, ...], quick: bool, save:
 
 def run_convergence(steps: int, data_path: Path) -> dict:
     """Train the same 90%-sparse character GPT twice, Triton kernels vs reference ops; both loss curves."""
-    from sparseblocks.gpt import GPT, CharData, GPTConfig, sparsify_mlps, train
+    from sparseblocks.recipes.gpt import GPT, CharData, GPTConfig, sparsify_mlps, train
 
     data = CharData(data_path)
     config = GPTConfig(vocab_size=data.vocab_size, context=256, layers=6, heads=6, width=384)

@@ -10,7 +10,8 @@ kept on chip) where ``ops.mlp.fused_pays`` says it is faster; training, ``fused=
 three products with the activation fused into the first one's epilogue.
 
 The linears are registered under the names the dense module gave them (``gate_proj``, ``fc1``, ``0`` ...), so a
-model's state dict keeps its keys; ``sparseblocks.patch.fuse_mlps`` builds these from a sparsified model, and
+model's state dict keeps its keys; ``sparseblocks.integrations.sparsify.fuse_mlps`` builds these from a sparsified
+model, and
 ``SparseLinearActivation`` (one linear and its activation, one product) where a model splits its MLP in two.
 """
 

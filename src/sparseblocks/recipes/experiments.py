@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
-from sparseblocks.gpt import GPT, CharData, GPTConfig
-from sparseblocks.patch import SparsifyReport, SparsityConfig
-from sparseblocks.prune import CubicSchedule, Pruner
+from sparseblocks.integrations.sparsify import SparsifyReport, SparsityConfig
+from sparseblocks.pruning.pruner import CubicSchedule, Pruner
+from sparseblocks.recipes.gpt import GPT, CharData, GPTConfig
 
 METHODS = (
     "dense",

@@ -9,7 +9,7 @@ from torch import nn
 from conftest import relative_error
 from sparseblocks import BlockSparseLinear, SparsityConfig, densify
 from sparseblocks.masks import block_norms, top_blocks_mask
-from sparseblocks.prune import CubicSchedule, Pruner
+from sparseblocks.pruning.pruner import CubicSchedule, Pruner
 
 
 def _mlp(seed=0):
@@ -179,7 +179,7 @@ def test_supermask_learns_scores_ramps_sparsity_and_folds():
 
 def test_trainer_callback_steps_the_pruner():
     pytest.importorskip("transformers")
-    from sparseblocks.prune import trainer_callback
+    from sparseblocks.pruning.pruner import trainer_callback
 
     pruner = Pruner(_mlp(), CONFIG)
     callback = trainer_callback(pruner)

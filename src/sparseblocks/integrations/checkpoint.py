@@ -20,9 +20,9 @@ from safetensors.torch import save_model
 from torch import nn
 
 from sparseblocks.format import VALUE_DTYPES_BY_NAME, BlockSparseMatrix, normalize_block_size
+from sparseblocks.integrations.sparsify import FUSED_MODULES, PATTERNS, fuse_mlps, replace_module, sparse_layers
 from sparseblocks.nn import BlockSparseLinear, SemiStructuredLinear
 from sparseblocks.nn.semi_structured import GROUP, KEPT
-from sparseblocks.patch import FUSED_MODULES, PATTERNS, fuse_mlps, replace_module, sparse_layers
 
 WEIGHTS_FILE = "sparseblocks.safetensors"
 CONFIG_FILE = "sparseblocks.json"
@@ -215,17 +215,3 @@ def load_sparse(folder: str | Path, model: nn.Module, strict: bool = True) -> nn
         if unfused:
             raise ValueError(f"the checkpoint ran these MLPs fused, the model cannot: {unfused[:5]}")
     return model
-
-
-def load_hf_sparse(folder: str | Path, model_class: type | None = None) -> nn.Module:
-    """A Hugging Face model folder written by ``sparseblocks sparsify`` or ``prune``: built from its
-    ``config.json`` (``model_class`` defaults to the auto class of the head its ``architectures`` name: causal LM,
-    masked LM, or the bare model), then :func:`load_sparse`; in eval mode."""
-    from transformers import AutoConfig
-
-    from sparseblocks.pretrained import model_class as head_class
-    from sparseblocks.pretrained import model_head
-
-    config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    model = (model_class or head_class(model_head(config))).from_config(config)
-    return load_sparse(folder, model).eval()

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparseblocks.integrations.sparsify import MLPLayout, register_mlp_layout
 from sparseblocks.masks import random_block_mask
 from sparseblocks.nn import BlockSparseLinear
 
@@ -29,7 +30,7 @@ class GPTConfig:
     mlp_ratio: int = 4
     mlp_hidden: int | None = None  # overrides mlp_ratio * width (iso-parameter baselines)
     dropout: float = 0.0
-    causal: bool = True  # False: bidirectional attention (the ViT in sparseblocks.vit reuses these blocks)
+    causal: bool = True  # False: bidirectional attention (the ViT in sparseblocks.recipes.vit reuses these blocks)
 
 
 class CausalSelfAttention(nn.Module):
@@ -57,6 +58,9 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(F.gelu(self.fc(x)))
+
+
+register_mlp_layout(MLP, MLPLayout(up="fc", down="proj", activation="gelu"))
 
 
 class Block(nn.Module):

@@ -10,18 +10,18 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from sparseblocks import BlockSparseLinear, SemiStructuredLinear  # noqa: E402
-from sparseblocks.checkpoint import load_hf_sparse  # noqa: E402
 from sparseblocks.cli import build_parser, main  # noqa: E402
-from sparseblocks.masks import expand_block_mask  # noqa: E402
-from sparseblocks.patch import SparsityConfig, sparse_layers  # noqa: E402
-from sparseblocks.pretrained import (  # noqa: E402
+from sparseblocks.integrations.huggingface import (  # noqa: E402
     PRUNE_METHODS,
+    auto_class,
     calibration_tokens,
+    load_hf_sparse,
     load_pretrained,
-    model_class,
     prune_pretrained,
     save_hf_sparse,
 )
+from sparseblocks.integrations.sparsify import SparsityConfig, sparse_layers  # noqa: E402
+from sparseblocks.masks import expand_block_mask  # noqa: E402
 
 WORDS = ("the king and queen of a castle were in their hall when he spoke to his men at night for she had come "
          "from far away with gold on her hands but no one knew why it was so").split()  # fmt: skip
@@ -88,14 +88,14 @@ def pruned(folders, tmp_path_factory):
 
 def _masks(folder, arch) -> dict[str, torch.Tensor]:
     head = {"bert": "base", "bert_mlm": "masked_lm", "llama": "causal_lm"}[arch]
-    model = load_hf_sparse(folder, model_class(head))
+    model = load_hf_sparse(folder, auto_class(head))
     return {name: layer.matrix.block_mask() for name, layer in sparse_layers(model).items()}
 
 
 @pytest.mark.parametrize(("arch", "method"), CASES)
 def test_reloads_as_the_dense_model_with_the_pruned_tiles_zeroed(folders, pruned, arch, method):
     model, _, head = load_pretrained(folders[arch])
-    sparse = load_hf_sparse(pruned[arch, method], model_class(head))
+    sparse = load_hf_sparse(pruned[arch, method], auto_class(head))
     layers = sparse_layers(sparse)
     assert len(layers) == 4 if arch.startswith("bert") else 6
     with torch.no_grad():
@@ -228,7 +228,7 @@ def test_two_of_four_from_the_command_line_with_reconstruction(folders, tmp_path
         argv = ["prune", str(folders["bert"]), "--pattern", "2:4", "--method", "activation_magnitude", "--calibration",
                 str(folders["calibration"]), "--samples", "6", "--seq-len", "16", "--out", str(out)]  # fmt: skip
         assert main(argv + ["--reconstruct"] * refit) == 0
-        model = load_hf_sparse(out, model_class(head))
+        model = load_hf_sparse(out, auto_class(head))
         layers = sparse_layers(model)
         assert len(layers) == 4 and all(isinstance(layer, SemiStructuredLinear) for layer in layers.values())
         for layer in layers.values():

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
+from sparseblocks.bench.report import classify, collect, higher_is_better, render, write
 from sparseblocks.cli import main
-from sparseblocks.report import classify, collect, higher_is_better, render, write
 
-RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 HEAD = {"gpu": "NVIDIA H200", "torch": "2.11.0", "triton": "3.6.0", "commit": "abc1234"}
 
 

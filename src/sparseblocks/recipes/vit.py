@@ -1,6 +1,6 @@
 """A small Vision Transformer and scikit-learn's 8×8 digits: the image model of the Supermask experiment and the demo.
 
-Patches are embedded by a linear layer, a class token is prepended, and the encoder is ``sparseblocks.gpt``'s
+Patches are embedded by a linear layer, a class token is prepended, and the encoder is ``sparseblocks.recipes.gpt``'s
 pre-norm blocks with bidirectional attention; the MLPs are what the ``mlp`` preset prunes.
 """
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sparseblocks.gpt import Block, GPTConfig
+from sparseblocks.recipes.gpt import Block, GPTConfig
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ from safetensors.torch import load_file
 
 from sparseblocks import BlockSparseLinear
 from sparseblocks.cli import main
-from sparseblocks.experiments import Experiment
-from sparseblocks.recipes import (
+from sparseblocks.recipes.experiments import Experiment
+from sparseblocks.recipes.training import (
     STATE_FILE,
     ResumeError,
     ViTRecipe,

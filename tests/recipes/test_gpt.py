@@ -8,10 +8,10 @@ import torch
 
 from conftest import relative_error
 from sparseblocks import BlockSparseLinear, densify
-from sparseblocks.gpt import GPT, CharData, GPTConfig, sparsify_mlps, train
+from sparseblocks.recipes.gpt import GPT, CharData, GPTConfig, sparsify_mlps, train
 
 TINY = GPTConfig(vocab_size=12, context=16, layers=2, heads=2, width=32)
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+SHAKESPEARE = Path(__file__).resolve().parents[3] / "shared" / "data" / "tinyshakespeare.txt"
 
 
 def test_sparse_mlps_compute_what_the_masked_dense_model_does():

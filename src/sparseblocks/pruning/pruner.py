@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from sparseblocks.format import normalize_block_size
+from sparseblocks.integrations.sparsify import SparsifyReport, SparsityConfig, replace_module, sparsify, target_linears
 from sparseblocks.masks import (
     block_norms,
     block_sums,
@@ -52,7 +53,6 @@ from sparseblocks.masks import (
 )
 from sparseblocks.nn.semi_structured import GROUP, KEPT
 from sparseblocks.nn.supermask import SupermaskLinear
-from sparseblocks.patch import SparsifyReport, SparsityConfig, replace_module, sparsify, target_linears
 
 METHODS = ("magnitude", "activation_magnitude", "fisher", "prune_grow", "supermask")
 

@@ -1,15 +1,15 @@
 """Training recipes behind ``sparseblocks train``: train, prune, convert to ``BlockSparseLinear``, save; resumable.
 
-* ``gpt``: the tinyshakespeare experiment of :mod:`sparseblocks.experiments` for one pruning method (a character
-  GPT, the method through :class:`~sparseblocks.prune.Pruner`), :func:`train_gpt`.
-* ``vit``: the superblock recipe, :func:`train_vit`: a small ViT (:mod:`sparseblocks.vit`) trained from scratch
+* ``gpt``: the tinyshakespeare experiment of :mod:`sparseblocks.recipes.experiments` for one pruning method (a character
+  GPT, the method through :class:`~sparseblocks.pruning.pruner.Pruner`), :func:`train_gpt`.
+* ``vit``: the superblock recipe, :func:`train_vit`: a small ViT (:mod:`sparseblocks.recipes.vit`) trained from scratch
   with Supermask on its MLPs (sparsity ramped over the first ``ramp`` of the steps), on scikit-learn's digits or on
   an image folder laid out as torchvision's ``ImageFolder`` (class subfolders of images, read with PIL).
 
-Both drive a step-wise training object (:class:`~sparseblocks.experiments.PruningRun`,
-:class:`~sparseblocks.vit.ClassifierTraining`) through one loop, :func:`run_training`: a progress bar, a checkpoint
-every ``checkpoint_every`` steps, and resumption that gives bitwise the same model as an uninterrupted run (on the
-CPU; CUDA kernels may reduce in another order from one run to the next).
+Both drive a step-wise training object (:class:`~sparseblocks.recipes.experiments.PruningRun`,
+:class:`~sparseblocks.recipes.vit.ClassifierTraining`) through one loop, :func:`run_training`: a progress bar, a
+checkpoint every ``checkpoint_every`` steps, and resumption that gives bitwise the same model as an uninterrupted run
+(on the CPU; CUDA kernels may reduce in another order from one run to the next).
 
 Files in OUT:
 
@@ -17,7 +17,7 @@ Files in OUT:
   moments, pruner masks and statistics, RNG states) in safetensors; the rest (step, the recipe's settings, optimizer
   hyper-parameters, scheduler counters) as JSON in the file's metadata. One file, replaced atomically: a run killed
   while saving leaves the previous checkpoint. No pickle is ever loaded.
-* ``sparseblocks.safetensors`` + ``sparseblocks.json`` (:func:`~sparseblocks.checkpoint.save_sparse`) and
+* ``sparseblocks.safetensors`` + ``sparseblocks.json`` (:func:`~sparseblocks.integrations.checkpoint.save_sparse`) and
   ``recipe.json`` (model config, vocabulary or class names, settings, results): :func:`load_recipe_model` rebuilds
   the converted model from them.
 
@@ -39,13 +39,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from sparseblocks.checkpoint import load_sparse, save_sparse
-from sparseblocks.experiments import TWO_OF_FOUR, Experiment, PruningRun
 from sparseblocks.format import normalize_block_size
-from sparseblocks.gpt import GPT, CharData, GPTConfig
-from sparseblocks.patch import SparsityConfig, model_size
-from sparseblocks.prune import CubicSchedule, Pruner
-from sparseblocks.vit import ClassifierTraining, ViT, ViTConfig, accuracy
+from sparseblocks.integrations.checkpoint import load_sparse, save_sparse
+from sparseblocks.integrations.sparsify import SparsityConfig, model_size
+from sparseblocks.pruning.pruner import CubicSchedule, Pruner
+from sparseblocks.recipes.experiments import TWO_OF_FOUR, Experiment, PruningRun
+from sparseblocks.recipes.gpt import GPT, CharData, GPTConfig
+from sparseblocks.recipes.vit import ClassifierTraining, ViT, ViTConfig, accuracy
 
 STATE_FILE = "training_state.safetensors"
 RECIPE_FILE = "recipe.json"
@@ -193,7 +193,8 @@ def run_training(
     description: str = "train",
 ) -> torch.Tensor:
     """Run ``training`` (an object with ``step``, ``steps``, ``train_step() -> loss`` and ``state() -> parts``, as
-    :class:`~sparseblocks.experiments.PruningRun`) to its last step or to ``stop_after`` steps, with a progress bar.
+    :class:`~sparseblocks.recipes.experiments.PruningRun`) to its last step or to ``stop_after`` steps, with a progress
+    bar.
 
     Without ``out``, no checkpoints. With ``out``, a checkpoint goes to ``out/training_state.safetensors`` every
     ``checkpoint_every`` steps and when the loop ends. ``resume`` continues from that checkpoint (whose ``recipe``, a
@@ -293,9 +294,10 @@ def train_gpt(
     stop_after: int | None = None,
     progress: bool = True,
 ) -> dict | None:
-    """Train the character GPT on the text file ``data`` with ``method`` (:data:`sparseblocks.experiments.METHODS`)
-    pruning its MLPs to ``sparsity`` in ``block``-sized tiles, convert it, print and return its result row (the
-    converted model's validation loss, params and bytes before/after) and save it in ``out``.
+    """Train the character GPT on the text file ``data`` with ``method``
+    (:data:`sparseblocks.recipes.experiments.METHODS`) pruning its MLPs to ``sparsity`` in ``block``-sized tiles,
+    convert it, print and return its result row (the converted model's validation loss, params and bytes
+    before/after) and save it in ``out``.
 
     Returns None when stopped at ``stop_after`` steps (the checkpoint in ``out`` continues with ``resume``).
     """
@@ -328,7 +330,7 @@ def train_gpt(
     print(f"  validation loss {row['val_loss']:.4f} (of the converted model)")
     _print_sizes(dense_size, sparse_size)
     save_recipe_model(training.model, out, recipe, row, vocabulary="".join(text.chars))
-    print(f"  saved to {out}; load it with sparseblocks.recipes.load_recipe_model('{out}')")
+    print(f"  saved to {out}; load it with sparseblocks.recipes.training.load_recipe_model('{out}')")
     return row
 
 
@@ -419,10 +421,10 @@ def image_folder(root: str | Path, image_size: int = 32, test_fraction: float = 
 
 
 def load_image_data(spec: str, image_size: int | None = None, seed: int = 0) -> ImageData:
-    """``"digits"`` (scikit-learn's 8×8 digits, :func:`sparseblocks.vit.digits`) or ``"imagefolder:PATH"``
+    """``"digits"`` (scikit-learn's 8×8 digits, :func:`sparseblocks.recipes.vit.digits`) or ``"imagefolder:PATH"``
     (:func:`image_folder`, ``image_size`` default 32)."""
     if spec == "digits":
-        from sparseblocks.vit import digits
+        from sparseblocks.recipes.vit import digits
 
         if image_size not in (None, 8):
             raise ValueError("digits are 8×8 images: leave image_size at 8")
@@ -551,5 +553,5 @@ def train_vit(
     print(f"  test accuracy {result['test_accuracy']:.2%} on {len(images.test_labels)} images (converted model)")
     _print_sizes(*zip(result["params"], result["bytes"], strict=True))
     save_recipe_model(training.model, out, settings, result, classes=list(images.classes))
-    print(f"  saved to {out}; load it with sparseblocks.recipes.load_recipe_model('{out}')")
+    print(f"  saved to {out}; load it with sparseblocks.recipes.training.load_recipe_model('{out}')")
     return result

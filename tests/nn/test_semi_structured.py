@@ -9,10 +9,10 @@ from torch import nn
 
 from conftest import relative_error
 from sparseblocks import Pruner, SemiStructuredLinear, SparsityConfig, densify, load_sparse, save_sparse, sparsify
-from sparseblocks.checkpoint import WEIGHTS_FILE
-from sparseblocks.gpt import GPT, GPTConfig
+from sparseblocks.integrations.checkpoint import WEIGHTS_FILE
 from sparseblocks.masks import n_of_m_mask
 from sparseblocks.nn.semi_structured import pack_groups, unpack_groups
+from sparseblocks.recipes.gpt import GPT, GPTConfig
 
 logging.getLogger("sparseblocks").setLevel(logging.ERROR)
 

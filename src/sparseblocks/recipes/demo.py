@@ -1,11 +1,11 @@
 """``sparseblocks demo``: the whole story on whatever machine, in about a minute on two CPU cores.
 
 A small ViT learns scikit-learn's digits twice from the same initialisation: dense, and with Supermask on its MLPs
-(the superblock recipe of :mod:`sparseblocks.recipes`: block scores trained with the weights, sparsity ramped).
+(the superblock recipe of :mod:`sparseblocks.recipes.training`: block scores trained with the weights, sparsity ramped).
 The Supermask model is converted to ``BlockSparseLinear``, checked against its masked dense twin, saved with
 ``save_sparse`` and loaded back. Printed: test accuracy, params and bytes of both, and on a CUDA GPU the forward
 time of the converted model against its dense twin. Written to ``out``: ``demo.json`` (the numbers), ``demo.png``
-(plotted from them) and ``model/`` (the converted model, :func:`sparseblocks.recipes.load_recipe_model`).
+(plotted from them) and ``model/`` (the converted model, :func:`sparseblocks.recipes.training.load_recipe_model`).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from torch import nn
 
 from sparseblocks.backend import describe
 from sparseblocks.bench.plots import save_figure
-from sparseblocks.patch import densify, model_size
-from sparseblocks.recipes import (
+from sparseblocks.integrations.sparsify import densify, model_size
+from sparseblocks.recipes.training import (
     ViTRecipe,
     finish_vit,
     load_image_data,

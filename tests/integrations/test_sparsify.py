@@ -20,10 +20,10 @@ from sparseblocks import (
     save_sparse,
     sparsify,
 )
-from sparseblocks.checkpoint import CONFIG_FILE, WEIGHTS_FILE
-from sparseblocks.gpt import GPT, GPTConfig
+from sparseblocks.integrations.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+from sparseblocks.integrations.sparsify import FUSED_MODULES
 from sparseblocks.nn import SparseLinearActivation
-from sparseblocks.patch import FUSED_MODULES
+from sparseblocks.recipes.gpt import GPT, GPTConfig
 
 logging.getLogger("sparseblocks").setLevel(logging.ERROR)  # the CPU-reference notice
 
@@ -83,7 +83,7 @@ def _output(model, kind):
     out = model(x)
     if isinstance(out, torch.Tensor):  # timm, torchvision
         return out
-    if isinstance(out, tuple):  # sparseblocks.gpt: (logits, loss)
+    if isinstance(out, tuple):  # sparseblocks.recipes.gpt: (logits, loss)
         return out[0]
     return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
 

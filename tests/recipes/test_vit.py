@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sparseblocks import BlockSparseLinear, CubicSchedule, Pruner, SparsityConfig
-from sparseblocks.vit import ViT, ViTConfig, accuracy, digits, train_classifier
+from sparseblocks.recipes.vit import ViT, ViTConfig, accuracy, digits, train_classifier
 
 
 def test_vit_classifies_images_and_its_mlps_are_the_mlp_preset():

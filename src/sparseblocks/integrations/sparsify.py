@@ -2,9 +2,10 @@
 
 Per-architecture knowledge is kept in small tables: :data:`PRESETS` (which linears a preset means: module-name
 patterns for HF Llama/Mistral/Qwen2, BERT and sentence-transformers, HF ViT, timm ViT, torchvision ViT and
-``sparseblocks.gpt``), :data:`MLP_LAYOUTS` (which MLP modules :func:`fuse_mlps` can run as one
-:class:`~sparseblocks.nn.SparseMLP`) and :data:`LINEAR_ACTIVATION_LAYOUTS` (halves of MLPs split in two, run as
-one :class:`~sparseblocks.nn.SparseLinearActivation`). Module *instances* are replaced, so a model's own forward
+nanoGPT-style models), :data:`MLP_LAYOUTS` (which MLP modules :func:`fuse_mlps` can run as one
+:class:`~sparseblocks.nn.SparseMLP`; :func:`register_mlp_layout` adds a model's own) and
+:data:`LINEAR_ACTIVATION_LAYOUTS` (halves of MLPs split in two, run as one
+:class:`~sparseblocks.nn.SparseLinearActivation`). Module *instances* are replaced, so a model's own forward
 keeps working.
 """
 
@@ -30,7 +31,7 @@ PRESETS: dict[str, tuple[str, ...]] = {
     "mlp": (
         r"(^|\.)mlp\.(gate_proj|up_proj|down_proj)$",  # HF Llama, Mistral, Qwen2
         r"(^|\.)mlp\.(fc1|fc2)$",  # timm Mlp, HF ViT (transformers 5)
-        r"(^|\.)mlp\.(fc|proj)$",  # sparseblocks.gpt
+        r"(^|\.)mlp\.(fc|proj)$",  # nanoGPT-style models
         r"(^|\.)mlp\.(0|3)$",  # torchvision MLPBlock (Linear, GELU, Dropout, Linear, Dropout)
         r"(^|\.)intermediate\.dense$",  # BERT, sentence-transformers, HF ViT (transformers 4)
         r"(^|\.)layer\.\d+\.output\.dense$",  # their second MLP linear (not attention.output.dense)
@@ -40,7 +41,7 @@ PRESETS: dict[str, tuple[str, ...]] = {
         r"(^|\.)attention\.(self|attention)\.(query|key|value)$",  # BERT, HF ViT (transformers 4)
         r"(^|\.)attention\.output\.dense$",
         r"(^|\.)attention\.(q_proj|k_proj|v_proj|o_proj)$",  # HF ViT (transformers 5)
-        r"(^|\.)attn\.(qkv|proj)$",  # timm ViT, sparseblocks.gpt
+        r"(^|\.)attn\.(qkv|proj)$",  # timm ViT, nanoGPT-style models
     ),
     # every nn.Linear but the output heads, which pruning usually leaves dense
     "all-linear": (r"^(?!(.*\.)?(lm_head|head|heads|classifier)(\.|$)).+$",),
@@ -74,8 +75,18 @@ MLP_LAYOUTS: dict[tuple[str, str], MLPLayout] = {
         up="fc1", down="fc2", activation_module="act", dropouts=("drop1", "drop2"), identities=("norm",)
     ),  # fmt: skip
     ("torchvision", "MLPBlock"): MLPLayout(up="0", down="3", activation_module="1", dropouts=("2", "4")),
-    ("sparseblocks", "MLP"): MLPLayout(up="fc", down="proj", activation="gelu"),  # sparseblocks.gpt
 }
+
+
+def register_mlp_layout(module_class: type[nn.Module], layout: MLPLayout) -> None:
+    """Let :func:`fuse_mlps` run instances of ``module_class`` (an MLP of your own model) as one
+    :class:`~sparseblocks.nn.SparseMLP`, its parts found where ``layout`` says."""
+    MLP_LAYOUTS[_layout_key(module_class)] = layout
+
+
+def _layout_key(module_class: type) -> tuple[str, str]:
+    """(top-level package, class name): how the layout tables know a module class."""
+    return module_class.__module__.partition(".")[0], module_class.__name__
 
 
 # (package, class name) -> (child name of the linear, of the activation): modules computing activation(linear(x)),
@@ -320,7 +331,7 @@ def _fused(module: nn.Module) -> SparseMLP | SparseLinearActivation | None:
     """``module`` as a ``SparseMLP`` (or, a linear and its activation, a ``SparseLinearActivation``) holding its own
     linears, or None where its layout is unknown, its linears not sparse or its activation not one spmm fuses."""
     kind = type(module)
-    key = (kind.__module__.partition(".")[0], kind.__name__)
+    key = _layout_key(kind)
     if key in MLP_LAYOUTS:
         fused = _sparse_mlp(module, MLP_LAYOUTS[key])
     elif key in LINEAR_ACTIVATION_LAYOUTS:

@@ -1,11 +1,11 @@
-"""Layer-wise reconstruction of the kept weights (``sparseblocks.reconstruct``) against hand-built cases."""
+"""Layer-wise reconstruction of the kept weights (``sparseblocks.pruning.reconstruct``) against hand-built cases."""
 
 import pytest
 import torch
 from torch import nn
 
 from sparseblocks.masks import expand_block_mask, random_block_mask
-from sparseblocks.reconstruct import fit_block_rows, reconstruct
+from sparseblocks.pruning.reconstruct import fit_block_rows, reconstruct
 
 
 def _output_error(x, fitted, dense):

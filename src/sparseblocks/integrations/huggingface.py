@@ -11,7 +11,8 @@ The folder's ``config.json`` ``architectures`` name its head, and the model is l
 model keeps its output layer and its own loss: ``*ForCausalLM`` (``causal_lm``), ``*ForMaskedLM`` (``masked_lm``),
 anything else (a bare encoder such as sentence-transformers' ``BertModel``) with ``AutoModel`` (``base``).
 
-Scores (see :mod:`sparseblocks.prune`), from ``samples`` windows of ``seq_len`` tokens spread evenly over the text:
+Scores (see :mod:`sparseblocks.pruning.pruner`), from ``samples`` windows of ``seq_len`` tokens spread evenly over
+the text:
 
 * ``magnitude``: the weights alone; no calibration.
 * ``activation_magnitude``: each target's input-feature norms over the windows.
@@ -36,9 +37,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sparseblocks.checkpoint import save_sparse
-from sparseblocks.patch import SparsifyReport, SparsityConfig
-from sparseblocks.prune import Pruner
+from sparseblocks.integrations.checkpoint import load_sparse, save_sparse
+from sparseblocks.integrations.sparsify import SparsifyReport, SparsityConfig
+from sparseblocks.pruning.pruner import Pruner
 
 logger = logging.getLogger("sparseblocks")
 
@@ -62,7 +63,7 @@ def model_head(config) -> str:
     return "base"
 
 
-def model_class(head: str) -> type:
+def auto_class(head: str) -> type:
     """The transformers auto class for a head of :data:`MODEL_CLASSES`."""
     import transformers
 
@@ -79,7 +80,7 @@ def load_pretrained(folder: str | Path, device: str | torch.device = "cpu"):
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder}: not a Hugging Face model folder (no config.json)")
     head = model_head(AutoConfig.from_pretrained(folder, local_files_only=True))
-    model = model_class(head).from_pretrained(folder, local_files_only=True).to(device).eval()
+    model = auto_class(head).from_pretrained(folder, local_files_only=True).to(device).eval()
     tokenizer = None
     if any((folder / name).is_file() for name in _TOKENIZER_FILES):
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
@@ -169,7 +170,7 @@ def prune_pretrained(
     ``(samples, seq_len)`` (unused by magnitude), and replace them by ``BlockSparseLinear``; returns the report.
 
     reconstruct: then refit the kept weights layer by layer to reproduce the dense layers' outputs on the
-    calibration tokens (:func:`sparseblocks.reconstruct.reconstruct`)."""
+    calibration tokens (:func:`sparseblocks.pruning.reconstruct.reconstruct`)."""
     if method not in PRUNE_METHODS:
         raise ValueError(f"method must be one of {PRUNE_METHODS}, got {method!r}")
     if head not in MODEL_CLASSES:
@@ -208,7 +209,7 @@ def prune_pretrained(
                 parameter.requires_grad_(flag)
     pruner.update_masks()  # at the configured sparsity
     if reconstruct:
-        from sparseblocks.reconstruct import reconstruct as refit
+        from sparseblocks.pruning.reconstruct import reconstruct as refit
 
         refit(model, pruner.masks, pruner.block, calibrate)
     return pruner.finalize()  # applies the masks, then BlockSparseLinear
@@ -222,3 +223,14 @@ def save_hf_sparse(model: nn.Module, source: str | Path, out: str | Path) -> Pat
         if path.is_file() and path.suffix not in _WEIGHT_SUFFIXES and not path.name.endswith(".index.json"):
             shutil.copy2(path, out / path.name)
     return out
+
+
+def load_hf_sparse(folder: str | Path, model_class: type | None = None) -> nn.Module:
+    """A Hugging Face model folder written by ``sparseblocks sparsify`` or ``prune``: built from its
+    ``config.json`` (``model_class`` defaults to the auto class of the head its ``architectures`` name: causal LM,
+    masked LM, or the bare model), then :func:`load_sparse`; in eval mode."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    model = (model_class or auto_class(model_head(config))).from_config(config)
+    return load_sparse(folder, model).eval()

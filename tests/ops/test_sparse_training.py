@@ -256,7 +256,7 @@ def test_ddp_all_reduces_the_gradient_over_gloo():
 def _sparse_gpt():
     """A tiny GPT whose MLPs (and attention) the patcher made block-sparse, MLPs fused: the same on every rank."""
     from sparseblocks import SparsityConfig, sparsify
-    from sparseblocks.gpt import GPT, GPTConfig
+    from sparseblocks.recipes.gpt import GPT, GPTConfig
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=17, context=8, layers=2, heads=2, width=32))

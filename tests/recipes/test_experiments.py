@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from sparseblocks.experiments import METHODS, Experiment, grid, run
-from sparseblocks.gpt import CharData
+from sparseblocks.recipes.experiments import METHODS, Experiment, grid, run
+from sparseblocks.recipes.gpt import CharData
 
 TOY = Experiment(layers=1, heads=2, width=32, context=16, batch_size=4, steps=12, eval_batches=2,
                  regrow_every=3, calibration_batches=1)  # fmt: skip

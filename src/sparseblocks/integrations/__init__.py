@@ -1,0 +1,1 @@
+"""Whole models: sparsify/densify and the architecture tables, checkpoints, Hugging Face folders."""
