@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import importlib.util
 import logging
@@ -14,7 +15,7 @@ import torch
 logger = logging.getLogger("sparseblocks")
 
 
-# Looked up once, at import: torch.compile (2.11) refuses to trace find_spec, and ops.mlp.inference_path asks
+# Looked up once, at import: torch.compile (2.11) refuses to trace find_spec, and the ops ask
 # inside compiled models. Read as Triton reads it when it decorates the kernels at import.
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 _TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -98,11 +99,28 @@ def on_device_of(t: torch.Tensor) -> contextlib.AbstractContextManager:
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # float64 takes the reference, on any device
 
 
+_interpreted_kernels: contextvars.ContextVar[bool] = contextvars.ContextVar("sparseblocks_interpreted", default=False)
+
+
+@contextlib.contextmanager
+def interpreted_kernels() -> Iterator[None]:
+    """Within the block, under Triton's interpreter (``TRITON_INTERPRET=1``), ops on CPU tensors run the Triton
+    kernels instead of the reference (``dispatch.force_plan`` enters it: a forced plan is meant to run)."""
+    token = _interpreted_kernels.set(True)
+    try:
+        yield
+    finally:
+        _interpreted_kernels.reset(token)
+
+
 def use_triton(x: torch.Tensor) -> bool:
     """Whether ops on ``x`` take the Triton path; warns once when they fall back to the reference."""
     if _forced_reference:
         return False
-    if x.is_cuda and triton_available() and x.dtype in KERNEL_DTYPES:
+    if x.dtype in KERNEL_DTYPES and (
+        (x.is_cuda and triton_available())
+        or (_TRITON_INTERPRET and x.device.type == "cpu" and _interpreted_kernels.get())
+    ):
         return True
     _warn_reference_once(x.device.type, x.dtype)
     return False

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -352,6 +353,28 @@ class BlockSparseMatrix:
             raise ValueError(f"the last block row's tiles must be zero past row N={n} (their padding)")
         if k % bk and bool(self.values[in_last_column][:, :, k % bk :].ne(0).any()):
             raise ValueError(f"the last block column's tiles must be zero past column K={k} (their padding)")
+
+
+class MLPWeights(NamedTuple):
+    """An MLP's block-sparse weights and biases: ``up`` and ``gate`` logical ``(H, K)`` (no gate: a plain MLP),
+    ``down`` ``(N, H)``; biases ``(H,)``, ``(N,)``, ``(H,)`` or None. The order is the ops' argument order."""
+
+    up: BlockSparseMatrix
+    down: BlockSparseMatrix
+    gate: BlockSparseMatrix | None = None
+    up_bias: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None
+    gate_bias: torch.Tensor | None = None
+
+    @property
+    def matrices(self) -> list[BlockSparseMatrix]:
+        """up, down and (if any) gate."""
+        return [self.up, self.down] + ([self.gate] if self.gate is not None else [])
+
+    @property
+    def biases(self) -> list[torch.Tensor | None]:
+        """up's, down's and gate's bias."""
+        return [self.up_bias, self.down_bias, self.gate_bias]
 
 
 def gather_tiles(tiles: torch.Tensor, source: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from sparseblocks.format import BlockSparseMatrix
+from sparseblocks.format import BlockSparseMatrix, MLPWeights
 
 ACTIVATIONS = {
     None: lambda y: y,
@@ -81,21 +81,17 @@ ACTIVATION_GRADS = {
 
 def mlp(
     x: torch.Tensor,
-    up: BlockSparseMatrix,
-    down: BlockSparseMatrix,
-    gate: BlockSparseMatrix | None = None,
-    up_bias: torch.Tensor | None = None,
-    down_bias: torch.Tensor | None = None,
-    gate_bias: torch.Tensor | None = None,
+    weights: MLPWeights,
     activation: str = "gelu",
     hidden_dropout: float = 0.0,
     product: Callable[..., torch.Tensor] = spmm,
 ) -> torch.Tensor:
     """A block-sparse MLP, plain ``down(drop(act(up(x))))`` or gated ``down(drop(act(gate(x)) ⊙ up(x)))``: x
-    ``(..., K)``, up and gate logical ``(H, K)``, down ``(N, H)`` -> ``(..., N)``.
+    ``(..., K)``, ``weights`` as :class:`~sparseblocks.format.MLPWeights` -> ``(..., N)``.
 
     ``product`` computes each ``act(x · wᵀ + b)`` (``ops.spmm`` makes this the differentiable unfused path).
     """
+    up, down, gate, up_bias, down_bias, gate_bias = weights
     if gate is None:
         hidden = product(x, up, up_bias, activation)
     else:

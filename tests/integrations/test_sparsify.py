@@ -186,7 +186,7 @@ def test_a_linear_and_its_activation_run_as_one_product_where_spmm_fuses_the_act
 def test_gated_mlp_inference_eager_and_compiled(tokens):
     """A SwiGLU SparseMLP without gradients: at one token the one-token path (two launches on a GPU), eager and
     inside a fullgraph compile; both match the separate products."""
-    from sparseblocks.ops.mlp import inference_path
+    from sparseblocks.dispatch import INTERPRETER, Tiles, mlp_plan
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
@@ -195,7 +195,8 @@ def test_gated_mlp_inference_eager_and_compiled(tokens):
     mlp = SparseMLP(up, down, gate=gate, activation="silu").to(device).eval()
     unfused = SparseMLP(up, down, gate=gate, activation="silu", fused=False).to(device).eval()
     x = torch.randn(tokens, 64, device=device)
-    assert (inference_path(tokens, up.matrix, down.matrix, gate.matrix) == "one_token") == (tokens == 1)
+    plan = mlp_plan(tokens, *(Tiles.of(m.matrix) for m in (up, down, gate)), INTERPRETER)
+    assert (plan.value == "one_token") == (tokens == 1)
     with torch.no_grad():
         expected = unfused(x)
         assert relative_error(mlp(x), expected) < 1e-5

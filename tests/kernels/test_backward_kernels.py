@@ -17,9 +17,26 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def input_grad(grad_out, w):
-    from sparseblocks.kernels.spmm import spmm_input_grad_triton
+    """dY · W by the row kernel through W's transposed index: pointer loads, and descriptors where they fit."""
+    from sparseblocks import dispatch
+    from sparseblocks.kernels.spmm import input_grad_rows
 
-    return spmm_input_grad_triton(grad_out, w)
+    out = input_grad_rows(grad_out, w)
+    if dispatch.descriptors_fit(grad_out.reshape(-1, w.shape[0]), w, "input_grad"):
+        assert_close(input_grad_rows(grad_out, w, descriptors=True), out.double(), out.dtype)
+    return out
+
+
+def mlp_hidden_grad(grad_out, x, up, bias, down):
+    """An MLP's hidden gradient (gelu) and its column sums, on the plan the dispatch picks: on chip where it can
+    (the test asserts which), else the input gradient and the activation-gradient launch."""
+    from sparseblocks import dispatch
+    from sparseblocks.ops.spmm import _hidden_grad
+
+    x2, grad2 = x.reshape(-1, up.shape[1]), grad_out.reshape(-1, down.shape[0])
+    on_chip = dispatch.hidden_grad_on_chip_fits(x2, grad2, up, down)
+    assert on_chip == (down.block_shape[1] == up.block_shape[0])
+    return _hidden_grad(grad_out, x, up, bias, down, "gelu", True)
 
 
 def sddmm(grad_out, x, w, split=None):
@@ -59,13 +76,13 @@ def test_sddmm_every_block_and_dtype_with_ragged_edges(block, dtype):
 @pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_activation_grad_recomputes_the_pre_activation(activation, dtype):
-    from sparseblocks.kernels.spmm import spmm_activation_grad_triton
+    from sparseblocks.kernels.spmm import activation_grad_rows
 
     w, _ = random_sparse(100, 96, (32, 64), 0.5, dtype=dtype, seed=8)
     w = w.to(DEVICE)
     x, bias = torch.randn(41, 96, device=DEVICE).to(dtype), torch.randn(100, device=DEVICE).to(dtype)
     grad_out = torch.randn(41, 100, device=DEVICE).to(dtype)
-    out, column_sums = spmm_activation_grad_triton(grad_out, x, w, bias, activation, bias_grad=True)
+    out, column_sums = activation_grad_rows(grad_out, x, w, bias, activation, bias_grad=True)
     ref = reference.spmm_activation_grad(
         grad_out.double(), x.double(), w.to(dtype=torch.float64), bias.double(), activation
     )
@@ -79,15 +96,15 @@ def test_activation_grad_recomputes_the_pre_activation(activation, dtype):
 )
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_mlp_hidden_gradient_from_the_next_layer(up_block, down_block, dtype):
-    """dZ = (dY · W_down) ⊙ act'(x · W_upᵀ + b) with the hidden gradient kept on chip, ragged M, H and N."""
-    from sparseblocks.kernels.spmm import mlp_hidden_grad_triton
+    """dZ = (dY · W_down) ⊙ act'(x · W_upᵀ + b) with the hidden gradient kept on chip where down's blocks chain
+    with up's (else the two products), ragged M, H and N."""
 
     up, _ = random_sparse(152, 136, up_block, 0.5, dtype=dtype, seed=11)
     down, down_dense = random_sparse(120, 152, down_block, 0.5, dtype=dtype, seed=12)
     x, bias = torch.randn(37, 136).to(dtype), torch.randn(152).to(dtype)
     grad_out = torch.randn(37, 120).to(dtype)
-    dz, column_sums = mlp_hidden_grad_triton(
-        grad_out.to(DEVICE), x.to(DEVICE), up.to(DEVICE), bias.to(DEVICE), down.to(DEVICE), "gelu", bias_grad=True
+    dz, column_sums = mlp_hidden_grad(
+        grad_out.to(DEVICE), x.to(DEVICE), up.to(DEVICE), bias.to(DEVICE), down.to(DEVICE)
     )
     hidden_grad = grad_out.double() @ down_dense
     ref = reference.spmm_activation_grad(hidden_grad, x.double(), up.to(dtype=torch.float64), bias.double(), "gelu")
@@ -178,14 +195,12 @@ def test_backward_real_sizes_on_gpu(m, n, k, block):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize(("m", "k", "hidden", "block"), [(50432, 768, 3072, 64), (4099, 2048, 8192, 128)])
 def test_mlp_hidden_gradient_real_sizes_on_gpu(m, k, hidden, block):
-    from sparseblocks.kernels.spmm import mlp_hidden_grad_triton
-
     up, _ = random_sparse(hidden, k, block, 0.1, dtype=torch.bfloat16, seed=13)
     down, down_dense = random_sparse(k, hidden, block, 0.1, dtype=torch.bfloat16, seed=14)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     bias = torch.randn(hidden, device="cuda", dtype=torch.bfloat16)
     grad_out = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    dz, column_sums = mlp_hidden_grad_triton(grad_out, x, up.to("cuda"), bias, down.to("cuda"), "gelu", True)
+    dz, column_sums = mlp_hidden_grad(grad_out, x, up.to("cuda"), bias, down.to("cuda"))
     hidden_grad = grad_out.double() @ down_dense.cuda()
     up64 = up.to("cuda", dtype=torch.float64)
     ref = reference.spmm_activation_grad(hidden_grad, x.double(), up64, bias.double(), "gelu")

@@ -70,17 +70,17 @@ def test_tf32x3_runs_on_the_tensor_cores_of_a_hopper_gpu(precision, tensor_core_
 def test_on_the_tensor_cores_fp32_may_take_the_descriptor_kernel(descriptors, no_tf32):
     """IEEE fp32 keeps the pointer kernel; in TF32 and tf32x3 the forward product's tiles may come by descriptor,
     as 16-bit ones do."""
-    from sparseblocks.kernels.spmm import _launch
-    from sparseblocks.kernels.spmm_tma import tma_fits
+    from sparseblocks.dispatch import descriptors_fit
+    from sparseblocks.kernels.spmm import spmm_rows
 
     w, dense = random_sparse(96, 80, 16, 0.5, seed=3)
     x = torch.randn(40, 80)
     x_on_device, w = x.to(KERNEL_DEVICE), w.to(KERNEL_DEVICE)
-    assert not tma_fits(x_on_device, w, False)
+    assert not descriptors_fit(x_on_device, w, "forward")
     with fp32_precision("tf32x3"):
-        assert tma_fits(x_on_device, w, False)
+        assert descriptors_fit(x_on_device, w, "forward")
         grad_out = torch.randn(40, 96, device=KERNEL_DEVICE)
-        assert not tma_fits(grad_out, w, True)  # the input gradient (and other modes): not timed in fp32
+        assert not descriptors_fit(grad_out, w, "input_grad")  # the input gradient (and other modes): not timed
         config = {"BLOCK_M": 16, "num_warps": 4, "num_stages": 2}
-        out, _ = _launch(x_on_device, w, False, None, None, config, descriptors=descriptors)
+        out = spmm_rows(x_on_device, w, descriptors=descriptors, config=config)
     assert relative_error(out.cpu(), x.double() @ dense.T) < 1e-5

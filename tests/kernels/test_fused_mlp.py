@@ -5,6 +5,7 @@ import torch
 
 from conftest import KERNEL_DEVICE, KERNEL_TEST_MARKS, random_sparse, relative_error
 from sparseblocks import reference
+from sparseblocks.format import MLPWeights
 
 DEVICE = KERNEL_DEVICE
 pytestmark = KERNEL_TEST_MARKS
@@ -18,13 +19,16 @@ def _mlp(k, hidden, n, up_block, down_block, density=0.5, gated=False, dtype=tor
     return up.to(DEVICE), down.to(DEVICE), None if gate is None else gate.to(DEVICE)
 
 
+def _float64(weights: MLPWeights) -> MLPWeights:
+    """The weights and biases in float64 (the reference's)."""
+    return MLPWeights(*(None if t is None else t.to(dtype=torch.float64) for t in weights))
+
+
 def _check(x, up, down, gate=None, biases=(None, None, None), activation="gelu"):
     from sparseblocks.kernels.fused_mlp import fused_mlp_triton
 
-    out = fused_mlp_triton(x, up, down, gate, *biases, activation)
-    as64 = [None if t is None else t.double() for t in biases]
-    double = [None if w is None else w.to(dtype=torch.float64) for w in (up, down, gate)]
-    ref = reference.mlp(x.double(), *double, *as64, activation)
+    out = fused_mlp_triton(x, MLPWeights(up, down, gate, *biases), activation)
+    ref = reference.mlp(x.double(), _float64(MLPWeights(up, down, gate, *biases)), activation)
     assert out.shape == ref.shape and out.dtype == x.dtype
     assert relative_error(out, ref) < TOLERANCE[x.dtype]
 
@@ -69,14 +73,16 @@ def test_padding_of_a_ragged_hidden_size_never_leaks():
 
 def test_hidden_tiles_that_do_not_chain_run_unfused():
     """down's block columns narrower than up's block rows: the fused kernel cannot take it, three products can."""
+    from sparseblocks.dispatch import Tiles, force_plan, tiles_chain
     from sparseblocks.ops import sparse_mlp
-    from sparseblocks.ops.mlp import fused_pays
 
     up, down, _ = _mlp(32, 64, 32, 16, (16, 32))
-    assert not fused_pays(8, up, down, None)
-    x = torch.randn(8, 32, device=DEVICE)
-    expected = reference.mlp(x.double(), up.to(dtype=torch.float64), down.to(dtype=torch.float64))
+    assert not tiles_chain(Tiles.of(up), Tiles.of(down), None)
+    x = torch.randn(80, 32, device=DEVICE)
+    expected = reference.mlp(x.double(), MLPWeights(up.to(dtype=torch.float64), down.to(dtype=torch.float64)))
     assert relative_error(sparse_mlp(x, up, down), expected) < TOLERANCE[torch.float32]
+    with force_plan(mlp="fused_mlp"), pytest.raises(ValueError, match="block rows"):
+        sparse_mlp(x, up, down)
 
 
 def test_weights_that_do_not_chain_are_refused():
@@ -112,15 +118,13 @@ def test_real_sizes_on_gpu(m, k, hidden, block, gated):
 @pytest.mark.parametrize("blocks", [(16, 16), (32, 16)])
 def test_one_token_mlp_both_forms(gated, with_biases, blocks):
     """One token through the whole MLP in two launches of the one-token kernel (ragged hidden and output sizes)."""
-    from sparseblocks.kernels.decode import one_token_mlp_triton
+    from sparseblocks.kernels.one_token import one_token_mlp
 
     up, down, gate = _mlp(70, 100, 50, *blocks, gated=gated)
     x = torch.randn(1, 70, device=DEVICE)
     biases = [torch.randn(size, device=DEVICE) if with_biases else None for size in (100, 50, 100)]
     activation = "silu" if gated else "gelu"
-    out = one_token_mlp_triton(x, up, down, gate if gated else None, *biases[:2], biases[2] if gated else None,
-                               activation)  # fmt: skip
-    as64 = [None if b is None else b.double() for b in biases]
-    double = [None if w is None else w.to(dtype=torch.float64) for w in (up, down, gate)]
-    ref = reference.mlp(x.double(), *double, *as64[:2], as64[2] if gated else None, activation)
+    weights = MLPWeights(up, down, gate if gated else None, *biases[:2], biases[2] if gated else None)
+    out = one_token_mlp(x, weights, activation)
+    ref = reference.mlp(x.double(), _float64(weights), activation)
     assert out.shape == ref.shape and relative_error(out, ref) < TOLERANCE[torch.float32]

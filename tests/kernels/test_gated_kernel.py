@@ -14,6 +14,7 @@ import torch
 from conftest import KERNEL_DEVICE, KERNEL_TEST_MARKS, random_sparse, relative_error
 from sparseblocks import BlockSparseMatrix, reference
 from sparseblocks.backend import triton_interpreting
+from sparseblocks.format import MLPWeights
 
 DEVICE = KERNEL_DEVICE
 pytestmark = KERNEL_TEST_MARKS
@@ -36,11 +37,12 @@ def _reference(x, up, gate, up_bias, gate_bias, activation):
     return gated * reference.spmm(x.double(), up.to(dtype=torch.float64), as64(up_bias))
 
 
-def _check(x, up, gate, up_bias=None, gate_bias=None, activation="silu", descriptors=None, config=ROW_KERNEL_CONFIG):
-    from sparseblocks.kernels.spmm import _launch
+def _check(x, up, gate, up_bias=None, gate_bias=None, activation="silu", descriptors=False, config=ROW_KERNEL_CONFIG):
+    from sparseblocks.kernels.row_launch import RowLaunch, RowMode
+    from sparseblocks.kernels.spmm import launch_rows
 
-    out, no_sums = _launch(x, up, False, up_bias, activation, config, descriptors=descriptors, gate=gate,
-                           gate_bias=gate_bias)  # fmt: skip
+    spec = RowLaunch(RowMode.GATED, up_bias, activation, gate=gate, gate_bias=gate_bias)
+    out, no_sums = launch_rows(x, up, spec, descriptors, config)
     ref = _reference(x, up, gate, up_bias, gate_bias, activation)
     assert out.shape == ref.shape and out.dtype == x.dtype and no_sums is None
     if ref.norm() == 0:
@@ -55,11 +57,11 @@ def _check(x, up, gate, up_bias=None, gate_bias=None, activation="silu", descrip
 def test_every_block_and_dtype_with_ragged_edges(block, dtype, descriptors):
     """H × K = 152 × 136 end in part-tiles for every block yet keep TMA's 16-byte rows (fp32 always takes the
     pointer kernel); M = 37 ends in a part M tile."""
-    from sparseblocks.kernels.spmm_tma import tma_fits
+    from sparseblocks.dispatch import descriptors_fit
 
     up, gate = _pair(152, 136, block, dtype, seed=1)
     x = torch.randn(37, 136, device=DEVICE).to(dtype)
-    assert tma_fits(x, up, False, gate=gate) == (dtype != torch.float32)
+    assert descriptors_fit(x, up, "gated_hidden", gate=gate) == (dtype != torch.float32)
     up_bias, gate_bias = (torch.randn(152, device=DEVICE).to(dtype) for _ in range(2))
     _check(x, up, gate, up_bias, gate_bias, descriptors=descriptors)
 
@@ -104,21 +106,22 @@ def test_row_counts_and_strided_x(m):
     _check(x, up, gate, activation="gelu", descriptors=False)
 
 
-def test_gated_spmm_triton_and_refused_inputs():
-    """The public entry (autotuned launch, interpreter config under the interpreter) and what ``_launch`` refuses."""
-    from sparseblocks.kernels.spmm import _launch, gated_spmm_triton
+def test_gated_rows_and_refused_inputs():
+    """The entry point (autotuned launch, interpreter config under the interpreter) and what a launch refuses."""
+    from sparseblocks.kernels.row_launch import RowLaunch, RowMode
+    from sparseblocks.kernels.spmm import gated_rows
 
     up, gate = _pair(64, 48, 16, torch.bfloat16, seed=4)
     x = torch.randn(70, 48, device=DEVICE).to(torch.bfloat16)
     bias = torch.randn(64, device=DEVICE).to(torch.bfloat16)
-    out = gated_spmm_triton(x, up, gate, bias, None, "silu")
+    out = gated_rows(x, up, gate, bias, None, "silu")
     assert relative_error(out, _reference(x, up, gate, bias, None, "silu")) < TOLERANCE[torch.bfloat16]
-    assert gated_spmm_triton(x[:0], up, gate, None, None, "silu").shape == (0, 64)
+    assert gated_rows(x[:0], up, gate, None, None, "silu").shape == (0, 64)
     other_blocks, _ = random_sparse(64, 48, 32, 0.5, torch.bfloat16)
     with pytest.raises(ValueError, match="must match"):
-        gated_spmm_triton(x, up, other_blocks.to(DEVICE), None, None, "silu")
-    with pytest.raises(ValueError, match="forward only"):
-        _launch(x, up, True, None, None, None, gate=gate)
+        gated_rows(x, up, other_blocks.to(DEVICE), None, None, "silu")
+    with pytest.raises(ValueError, match="gated mode"):
+        RowLaunch(RowMode.INPUT_GRAD, gate=gate)
 
 
 def test_gated_configs_fit_two_accumulators():
@@ -144,21 +147,22 @@ def _gated_mlp(k=48, hidden=64, n=40, dtype=torch.float32):
     return up, down.to(DEVICE), gate, biases
 
 
-def test_inference_path_takes_gated_above_the_decode_kernels_tokens():
-    from sparseblocks.kernels.decode import MAX_TOKENS
-    from sparseblocks.ops.mlp import inference_path
+def test_mlp_plan_takes_gated_rows_above_the_decode_kernels_tokens():
+    from sparseblocks.dispatch import ALWAYS_TOKENS, INTERPRETER, Tiles, mlp_plan
 
-    up, down, gate, _ = _gated_mlp()
-    assert inference_path(1, up, down, gate) == "one_token"
-    for m in (2, 16, MAX_TOKENS):  # the interpreter gives every product of up to MAX_TOKENS rows to decode
-        assert inference_path(m, up, down, gate) == "unfused"
-    for m in (MAX_TOKENS + 1, 8192):
-        assert inference_path(m, up, down, gate) == "gated"
-    assert inference_path(100, up, down, None) == "unfused"  # not gated
+    up, down, gate = _gated_mlp()[:3]
+    plan = lambda m, up, down, gate: mlp_plan(m, *(Tiles.of(w) if w is not None else None for w in (up, down, gate)),
+                                              INTERPRETER).value  # fmt: skip
+    assert plan(1, up, down, gate) == "one_token"
+    for m in (2, ALWAYS_TOKENS):  # few enough rows for the decode kernels: a product each
+        assert plan(m, up, down, gate) == "unfused"
+    for m in (ALWAYS_TOKENS + 1, 8192):
+        assert plan(m, up, down, gate) == "gated_rows"
+    assert plan(100, up, down, None) == "unfused"  # not gated
     gate_other_blocks = random_sparse(64, 48, 32, 0.5, seed=8)[0].to(DEVICE)
-    assert inference_path(100, up, down, gate_other_blocks) == "unfused"
+    assert plan(100, up, down, gate_other_blocks) == "unfused"
     chaining_down = random_sparse(40, 64, 16, 0.25, seed=9)[0].to(DEVICE)
-    assert inference_path(100, up, chaining_down, gate) == "fused"  # where the fused kernel pays, it still runs
+    assert plan(100, up, chaining_down, gate) == "fused_mlp"  # where the fused kernel pays, it still runs
 
 
 # The interpreter (Triton 3.6) casts fp32 to bf16 by truncation, torch's bf16 product rounds to nearest: under it a
@@ -177,8 +181,8 @@ def test_sparse_mlp_gated_path_equals_unfused(monkeypatch, dtype):
     for module in ("sparseblocks.ops.mlp", "sparseblocks.ops.spmm"):  # the package names the function spmm
         monkeypatch.setattr(importlib.import_module(module), "use_triton", lambda x: True)
     calls = []
-    gated = kernels.gated_spmm_triton
-    monkeypatch.setattr(kernels, "gated_spmm_triton", lambda *args: calls.append(1) or gated(*args))
+    gated = kernels.gated_rows
+    monkeypatch.setattr(kernels, "gated_rows", lambda *args: calls.append(1) or gated(*args))
     up, down, gate, (up_bias, down_bias, gate_bias) = _gated_mlp(dtype=dtype)
     x = torch.randn(2, 35, 48, device=DEVICE).to(dtype)
     run = lambda x, fused=True: sparse_mlp(x, up, down, gate, up_bias, down_bias, gate_bias, "silu", fused=fused)
@@ -186,8 +190,8 @@ def test_sparse_mlp_gated_path_equals_unfused(monkeypatch, dtype):
     assert not calls
     assert torch.equal(run(x), unfused) and len(calls) == 1
     assert torch.equal(torch.compile(run, backend="eager", fullgraph=True)(x), unfused) and len(calls) == 2
-    ref = reference.mlp(x.double(), *(w.to(dtype=torch.float64) for w in (up, down, gate)), up_bias.double(),
-                        down_bias.double(), gate_bias.double(), "silu")  # fmt: skip
+    ref = reference.mlp(x.double(), MLPWeights(*(w.to(dtype=torch.float64) for w in (up, down, gate)),
+                        up_bias.double(), down_bias.double(), gate_bias.double()), "silu")  # fmt: skip
     assert relative_error(unfused, ref) < TOLERANCE[dtype]
 
 
@@ -213,17 +217,17 @@ def test_llama_1b_mlp_size_on_gpu(m, descriptors):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize(("m", "path"), [(1, "one_token"), (16, "unfused"), (32, "gated"), (8192, "gated")])
+@pytest.mark.parametrize(("m", "path"), [(1, "one_token"), (16, "unfused"), (32, "gated_rows"), (8192, "gated_rows")])
 def test_llama_1b_sparse_mlp_paths_eager_and_compiled_on_gpu(m, path):
     """``sparse_mlp`` at Llama-3.2-1B's size: the decode kernels up to 16 tokens (gate and up have too many block
     rows for them past that), the gated launch above; eager and inside a fullgraph compile, against float64."""
+    from sparseblocks.dispatch import Tiles, device_facts, mlp_plan
     from sparseblocks.ops import sparse_mlp
-    from sparseblocks.ops.mlp import inference_path
 
     up, down, gate = _llama_1b_mlp()
-    assert inference_path(m, up, down, gate) == path
+    assert mlp_plan(m, Tiles.of(up), Tiles.of(down), Tiles.of(gate), device_facts(up.device)).value == path
     x = torch.randn(m, 2048, device=DEVICE).to(torch.bfloat16)
-    expected = reference.mlp(x.double(), *(w.to(dtype=torch.float64) for w in (up, down, gate)), activation="silu")
+    expected = reference.mlp(x.double(), MLPWeights(*(w.to(dtype=torch.float64) for w in (up, down, gate))), "silu")
     run = lambda x: sparse_mlp(x, up, down, gate, activation="silu")
     with torch.no_grad():
         assert relative_error(run(x), expected) < TOLERANCE[torch.bfloat16]

@@ -8,9 +8,12 @@ import pytest
 import torch
 
 from conftest import KERNEL_DEVICE, KERNEL_TEST_MARKS, random_sparse, relative_error
-from sparseblocks import BlockSparseMatrix, reference
+from sparseblocks import BlockSparseMatrix, dispatch, reference
 from sparseblocks.backend import triton_interpreting
+from sparseblocks.dispatch import MAX_TOKENS, Plan, force_plan
+from sparseblocks.kernels.row_launch import RowLaunch, RowMode
 from sparseblocks.masks import skewed_block_mask
+from sparseblocks.ops.spmm import forward_with_kernels
 
 DEVICE = KERNEL_DEVICE
 pytestmark = KERNEL_TEST_MARKS
@@ -18,23 +21,32 @@ pytestmark = KERNEL_TEST_MARKS
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
-# A fixed config forces the row kernel; without one, up to MAX_TOKENS rows take the decode kernel.
 ROW_KERNEL_CONFIG = {"BLOCK_M": 16, "num_warps": 4, "num_stages": 2}
 
 
-def run_kernel(x, w, bias=None, activation=None, config=None):
-    from sparseblocks.kernels.spmm import spmm_triton
+def run_kernel(x, w, bias=None, activation=None, config=None, descriptors=False):
+    """The row kernel (pointer loads unless ``descriptors``)."""
+    from sparseblocks.kernels.spmm import spmm_rows
 
-    return spmm_triton(x, w, bias, activation, config)
+    return spmm_rows(x, w, bias, activation, descriptors, config)
+
+
+def forward_plans(x, w):
+    """Every plan of the forward that can take x: the row kernel always (by descriptor where the inputs allow it),
+    the few-token kernel up to MAX_TOKENS rows, the one-token kernel for one."""
+    x2 = x.reshape(-1, w.shape[1])
+    m = x2.shape[0]
+    plans = [Plan.ROWS] + ([Plan.ROWS_DESCRIPTORS] if dispatch.descriptors_fit(x2, w, "forward") else [])
+    return plans + ([Plan.FEW_TOKENS] if 1 <= m <= MAX_TOKENS else []) + ([Plan.ONE_TOKEN] if m == 1 else [])
 
 
 def check(x, w, bias=None, activation=None):
-    """Both kernels that can take x (the row kernel always; the decode kernel for few rows) match float64."""
-    from sparseblocks.kernels.decode import MAX_TOKENS
-
+    """Every kernel that can take x matches float64, and the row kernel in a fixed config too."""
     ref = reference.spmm(x.double(), w.to(dtype=torch.float64), None if bias is None else bias.double(), activation)
-    for config in [ROW_KERNEL_CONFIG, None] if x[..., 0].numel() <= MAX_TOKENS else [None]:
-        check_output(run_kernel(x, w, bias, activation, config), ref, x.dtype)
+    for plan in forward_plans(x, w):
+        with force_plan(forward=plan):
+            check_output(forward_with_kernels(x, w, bias, activation), ref, x.dtype)
+    check_output(run_kernel(x, w, bias, activation, ROW_KERNEL_CONFIG), ref, x.dtype)
 
 
 def check_output(out, ref, dtype):
@@ -65,40 +77,41 @@ def test_row_kernel_with_and_without_descriptors(block, dtype, descriptors):
     """Widths of whole 16-byte rows (TMA's rule) that still end in part-tiles, 152 × 136: the forward, the
     activation gradient and the input gradient, through tensor descriptors and through pointer loads (fp32
     always takes the pointers)."""
-    from sparseblocks.kernels.spmm import _launch
-    from sparseblocks.kernels.spmm_tma import tma_fits
+    from sparseblocks.kernels.spmm import launch_rows
 
     w, dense = random_sparse(152, 136, block, 0.5, dtype=dtype, seed=3)
     w = w.to(DEVICE)
     x, bias = torch.randn(37, 136, device=DEVICE).to(dtype), torch.randn(152, device=DEVICE).to(dtype)
     grad_out = torch.randn(37, 152, device=DEVICE).to(dtype)
-    assert tma_fits(x, w, False, grad_out) and tma_fits(grad_out, w, True)
-    assert not tma_fits(x.float(), w, False)
-    run = lambda *args, **kwargs: _launch(*args, config=ROW_KERNEL_CONFIG, descriptors=descriptors, **kwargs)
+    assert dispatch.descriptors_fit(x, w, "activation_grad", grad_out)
+    assert dispatch.descriptors_fit(grad_out, w, "input_grad")
+    assert not dispatch.descriptors_fit(x.float(), w, "forward")
+    run = lambda x2, spec: launch_rows(x2, w, spec, descriptors, ROW_KERNEL_CONFIG)
     w64, bias64 = w.to(dtype=torch.float64), bias.double()
-    out, no_sums = run(x, w, False, bias, "gelu")
+    out, no_sums = run(x, RowLaunch(RowMode.FORWARD, bias, "gelu"))
     check_output(out, reference.spmm(x.double(), w64, bias64, "gelu"), dtype)
     activation_grad = reference.spmm_activation_grad(grad_out.double(), x.double(), w64, bias64, "silu")
-    dz, column_sums = run(x, w, False, bias, "silu", grad2=grad_out, bias_grad=True)
+    dz, column_sums = run(x, RowLaunch(RowMode.ACTIVATION_GRAD, bias, "silu", grad_out, bias_grad=True))
     check_output(dz, activation_grad, dtype)
     check_output(column_sums, activation_grad.sum(0), torch.float32)  # from the fp32 tiles, before rounding
-    check_output(run(grad_out, w, True, None, None)[0], grad_out.double() @ dense.to(DEVICE), dtype)
+    check_output(run(grad_out, RowLaunch(RowMode.INPUT_GRAD))[0], grad_out.double() @ dense.to(DEVICE), dtype)
     assert no_sums is None
-    with pytest.raises(ValueError, match="activation-gradient mode"):
-        run(x, w, False, bias, "gelu", bias_grad=True)
+    with pytest.raises(ValueError, match="activation- or hidden-gradient mode"):
+        RowLaunch(RowMode.FORWARD, bias, "gelu", bias_grad=True)
 
 
 def test_inputs_the_copy_engine_cannot_address_take_the_pointer_kernel():
     """Misaligned bases and odd widths fall back to pointer loads (a descriptor would refuse them)."""
-    from sparseblocks.kernels.spmm_tma import tma_fits
-
     w, _ = random_sparse(64, 96, 32, 0.5, dtype=torch.float16, seed=5)
     w = w.to(DEVICE)
     storage = torch.empty(w.values.numel() + 1, device=DEVICE, dtype=torch.float16)[1:]  # 2 bytes off
     shifted = BlockSparseMatrix.from_parts(storage.view_as(w.values).copy_(w.values), w.shape, w.index_tensors())
     x = torch.randn(21, 97, device=DEVICE, dtype=torch.float16)
-    assert not tma_fits(x[:, 1:], w, False) and not tma_fits(x[:, :96], shifted, False)
-    assert tma_fits(x[:, :96].contiguous(), w, False)
+    fits = lambda x2, w: dispatch.descriptors_fit(x2, w, "forward")
+    assert not fits(x[:, 1:], w) and not fits(x[:, :96], shifted)
+    assert fits(x[:, :96].contiguous(), w)
+    with force_plan(forward="rows_descriptors"), pytest.raises(ValueError, match="alignment"):
+        forward_with_kernels(x[:, 1:], w, None, None)
     check(x[:, 1:], shifted)
     check(x[:, :96], w)
 
@@ -113,7 +126,8 @@ def test_tuned_launch_whichever_m_tile_wins(monkeypatch, winner, dtype):
     from sparseblocks.kernels import spmm as kernels
     from sparseblocks.kernels import spmm_tma
 
-    tuned = spmm_tma.spmm_tma_tuned if dtype == torch.float16 else kernels.spmm_tuned
+    descriptors = dtype == torch.float16
+    tuned = spmm_tma.spmm_tma_tuned if descriptors else kernels.spmm_tuned
     candidates = [next(c for c in tuned.configs if c.kwargs["BLOCK_M"] == block_m) for block_m in (64, 128)]
     timings = iter([1.0 if c.kwargs["BLOCK_M"] == winner else 2.0 for c in candidates] * 2)  # forward, then dZ
     monkeypatch.setattr(tuned.autotuner, "configs", candidates)
@@ -122,15 +136,15 @@ def test_tuned_launch_whichever_m_tile_wins(monkeypatch, winner, dtype):
     monkeypatch.setattr(tuned, "_chosen", {})
     # do_bench is a cached property: replace the cached value itself (reading it would look for a GPU)
     monkeypatch.setitem(tuned.autotuner.__dict__, "do_bench", lambda call, quantiles: (call(), [next(timings)] * 3)[1])
-    monkeypatch.setattr(kernels, "INTERPRETER_CONFIG", None)
+    monkeypatch.setattr(kernels, "launch_config", lambda config: config)
     w, _ = random_sparse(96, 64, 32, 0.6, dtype=dtype, seed=9)
     x, bias, grad_out = torch.randn(70, 64).to(dtype), torch.randn(96).to(dtype), torch.randn(70, 96).to(dtype)
     expected = reference.spmm(x.double(), w.to(dtype=torch.float64), bias.double(), "relu")
     dz = reference.spmm_activation_grad(grad_out.double(), x.double(), w.to(dtype=torch.float64), bias.double(), "silu")
     for _ in range(2):  # tuned, then remembered (the timings would run out if it tuned again)
-        check_output(kernels.spmm_triton(x, w, bias, "relu"), expected, dtype)
+        check_output(kernels.spmm_rows(x, w, bias, "relu", descriptors), expected, dtype)
         # the bias gradient's parts: one row per winning M tile, summed (the buffer is sized for the smallest)
-        _, column_sums = kernels.spmm_activation_grad_triton(grad_out, x, w, bias, "silu", bias_grad=True)
+        _, column_sums = kernels.activation_grad_rows(grad_out, x, w, bias, "silu", True, descriptors)
         check_output(column_sums, dz.sum(0), torch.float32)
     assert {config.kwargs["BLOCK_M"] for config, _ in tuned._chosen.values()} == {winner}
     assert len(tuned._chosen) == 2  # the forward and the activation gradient
@@ -144,21 +158,22 @@ def test_a_first_launch_inside_a_graph_capture_runs_the_first_config_untuned(mon
     from sparseblocks.kernels import spmm as kernels
     from sparseblocks.kernels import spmm_tma, tuning
 
-    tuned = spmm_tma.spmm_tma_tuned if dtype == torch.float16 else kernels.spmm_tuned
+    descriptors = dtype == torch.float16
+    tuned = spmm_tma.spmm_tma_tuned if descriptors else kernels.spmm_tuned
     monkeypatch.setattr(tuned, "_chosen", {})
     monkeypatch.setattr(tuned.autotuner, "cache", {})
     monkeypatch.setattr(tuned.autotuner, "cache_results", False)
-    monkeypatch.setattr(kernels, "INTERPRETER_CONFIG", None)
+    monkeypatch.setattr(kernels, "launch_config", lambda config: config)
     monkeypatch.setattr(tuning, "stream_capturing", lambda: True)
     monkeypatch.setitem(tuned.autotuner.__dict__, "do_bench", lambda call, quantiles: pytest.fail("tuned"))
     w, _ = random_sparse(96, 64, 32, 0.6, dtype=dtype, seed=9)
     x = torch.randn(70, 64).to(dtype)
     expected = reference.spmm(x.double(), w.to(dtype=torch.float64), None, "relu")
-    check_output(kernels.spmm_triton(x, w, None, "relu"), expected, dtype)
+    check_output(kernels.spmm_rows(x, w, None, "relu", descriptors), expected, dtype)
     assert tuned._chosen == {}
     monkeypatch.setattr(tuning, "stream_capturing", lambda: False)
     monkeypatch.setitem(tuned.autotuner.__dict__, "do_bench", lambda call, quantiles: (call(), [1.0] * 3)[1])
-    check_output(kernels.spmm_triton(x, w, None, "relu"), expected, dtype)
+    check_output(kernels.spmm_rows(x, w, None, "relu", descriptors), expected, dtype)
     assert len(tuned._chosen) == 1
 
 
@@ -214,11 +229,19 @@ def test_output_written_everywhere():
     assert torch.equal(out, torch.full_like(out, 3.0))
 
 
-def run_decode(x, w, bias=None, activation=None, tiles_per_program=None):
-    """The decode kernel (one token: one tile per program, ``tiles_per_program`` is the few-token kernel's)."""
-    from sparseblocks.kernels.decode import spmm_decode_triton
+def run_decode(x, w, bias=None, activation=None, tiles_per_program=2):
+    """The few-token kernel, ``tiles_per_program`` tiles per program."""
+    from sparseblocks.kernels.few_tokens import spmm_few_tokens
 
-    return spmm_decode_triton(x, w, bias, activation, tiles_per_program)
+    return spmm_few_tokens(x, w, bias, activation, tiles_per_program)
+
+
+def decode_outputs(x, w, bias=None, activation=None, tiles_per_program=2):
+    """The few-token kernel's output and, for one token, the one-token kernel's."""
+    from sparseblocks.kernels.one_token import spmm_one_token
+
+    one_token = [spmm_one_token(x, w, bias, activation)] if x.shape[0] == 1 else []
+    return [run_decode(x, w, bias, activation, tiles_per_program), *one_token]
 
 
 def reference_float64(x, w, bias=None, activation=None):
@@ -231,8 +254,8 @@ def test_decode_rows_cut_into_pieces(tiles_per_program, m):
     """Rows split across 1..many programs (their pieces reduced by the last to arrive), or all in one program."""
     w, _ = random_sparse(200, 300, 32, 0.6, seed=4)
     w, x, bias = w.to(DEVICE), torch.randn(m, 300, device=DEVICE), torch.randn(200, device=DEVICE)
-    out = run_decode(x, w, bias, "gelu", tiles_per_program)
-    check_output(out, reference_float64(x, w, bias, "gelu"), torch.float32)
+    for out in decode_outputs(x, w, bias, "gelu", tiles_per_program):
+        check_output(out, reference_float64(x, w, bias, "gelu"), torch.float32)
 
 
 @pytest.mark.parametrize("m", [1, 2])
@@ -240,19 +263,21 @@ def test_decode_row_of_many_pieces(m):
     """60 one-tile pieces per row: the last piece sums all of them (one token: in chunks of 16), in order."""
     w, _ = random_sparse(32, 2048, 16, 0.47, seed=6)
     w, x = w.to(DEVICE), torch.randn(m, 2048, device=DEVICE)
-    check_output(run_decode(x, w, tiles_per_program=1), reference_float64(x, w), torch.float32)
+    for out in decode_outputs(x, w, tiles_per_program=1):
+        check_output(out, reference_float64(x, w), torch.float32)
 
 
 def test_one_token_over_rows_of_many_small_tiles_takes_the_few_token_kernel(monkeypatch):
-    from sparseblocks.kernels import decode
+    from sparseblocks.kernels import one_token
 
+    tiles = lambda w: dispatch.Tiles.of(w)
     many_small, _ = random_sparse(32, 2048, 16, 0.5, seed=6)  # 64 tiles of 16 x 16 per row
-    assert decode.one_token_kernel_pays(random_sparse(32, 2048, 16, 0.47, seed=6)[0])  # 60 per row
-    assert decode.one_token_kernel_pays(random_sparse(32, 4096, 64, 1.0)[0])  # 64 per row, larger tiles
-    assert not decode.one_token_kernel_pays(many_small)
-    monkeypatch.setattr(decode, "_one_token", lambda *args: pytest.fail("took the one-token kernel"))
+    assert dispatch.one_token_kernel_pays(tiles(random_sparse(32, 2048, 16, 0.47, seed=6)[0]))  # 60 per row
+    assert dispatch.one_token_kernel_pays(tiles(random_sparse(32, 4096, 64, 1.0)[0]))  # 64 per row, larger tiles
+    assert not dispatch.one_token_kernel_pays(tiles(many_small))
+    monkeypatch.setattr(one_token, "spmm_one_token", lambda *args: pytest.fail("took the one-token kernel"))
     w, x, bias = many_small.to(DEVICE), torch.randn(1, 2048, device=DEVICE), torch.randn(32, device=DEVICE)
-    check_output(run_decode(x, w, bias, "silu"), reference_float64(x, w, bias, "silu"), torch.float32)
+    check_output(forward_with_kernels(x, w, bias, "silu"), reference_float64(x, w, bias, "silu"), torch.float32)
 
 
 @pytest.mark.parametrize("empty_rows", [[0], [3], [5], [0, 1, 4, 5], [1, 2, 3]])
@@ -265,15 +290,16 @@ def test_decode_empty_block_rows_anywhere(empty_rows, tiles_per_program, m):
     mask[empty_rows] = False
     w = BlockSparseMatrix.from_dense(torch.randn(6 * 16 - 5, 4 * 16), 16, mask=mask).to(DEVICE)
     x, bias = torch.randn(m, 64, device=DEVICE), torch.randn(91, device=DEVICE)
-    out = run_decode(x, w, bias, "silu", tiles_per_program)
-    check_output(out, reference_float64(x, w, bias, "silu"), torch.float32)
+    for out in decode_outputs(x, w, bias, "silu", tiles_per_program):
+        check_output(out, reference_float64(x, w, bias, "silu"), torch.float32)
 
 
 def test_decode_no_tiles_at_all():
     w, _ = random_sparse(64, 48, 16, 0.0)
     w, bias = w.to(DEVICE), torch.randn(64, device=DEVICE)
-    out = run_decode(torch.randn(2, 48, device=DEVICE), w, bias, "relu")
-    assert torch.equal(out, torch.relu(bias).expand(2, 64))
+    for m in (1, 2):
+        for out in decode_outputs(torch.randn(m, 48, device=DEVICE), w, bias, "relu"):
+            assert torch.equal(out, torch.relu(bias).expand(m, 64))
 
 
 def test_decode_is_deterministic_and_takes_strided_rows():
@@ -281,17 +307,20 @@ def test_decode_is_deterministic_and_takes_strided_rows():
     w = w.to(DEVICE)
     tokens = torch.randn(4, 9, 512, device=DEVICE).to(torch.bfloat16)[:, -1]  # last token of each sequence
     one = tokens[:1]
-    assert torch.equal(run_decode(one, w, tiles_per_program=1), run_decode(one, w, tiles_per_program=1))
-    check_output(run_decode(one, w, tiles_per_program=1), reference_float64(one, w), torch.bfloat16)
+    for first, second in zip(
+        decode_outputs(one, w, tiles_per_program=1), decode_outputs(one, w, tiles_per_program=1), strict=True
+    ):
+        assert torch.equal(first, second)
+        check_output(first, reference_float64(one, w), torch.bfloat16)
     first, second = run_decode(tokens, w, tiles_per_program=3), run_decode(tokens, w, tiles_per_program=3)
     assert torch.equal(first, second)
     check_output(first, reference_float64(tokens, w), torch.bfloat16)
 
 
 def run_gated(x, up, gate, up_bias=None, gate_bias=None, activation="silu"):
-    from sparseblocks.kernels.decode import gated_one_token_triton
+    from sparseblocks.kernels.one_token import gated_one_token
 
-    return gated_one_token_triton(x, up, gate, up_bias, gate_bias, activation)
+    return gated_one_token(x, up, gate, up_bias, gate_bias, activation)
 
 
 def reference_gated(x, up, gate, up_bias=None, gate_bias=None, activation="silu"):
@@ -344,6 +373,8 @@ def test_decode_rejects_too_many_rows():
     w, _ = random_sparse(32, 32, 16, 0.5)
     with pytest.raises(ValueError, match="1..64 rows"):
         run_decode(torch.randn(65, 32, device=DEVICE), w.to(DEVICE))
+    with force_plan(forward="few_tokens"), pytest.raises(ValueError, match="1..64 rows"):
+        forward_with_kernels(torch.randn(65, 32, device=DEVICE), w.to(DEVICE), None, None)
 
 
 @pytest.mark.gpu
@@ -374,7 +405,7 @@ def test_fp32_on_tensor_cores_on_gpu(precision, block):
     """fp32 tiles multiplied on the tensor cores are staged in shared memory at 4 bytes an element: every tuned
     launch (forward, input gradient, gated forward) must find a config that fits, and tf32x3 keeps fp32's error."""
     from sparseblocks import fp32_precision
-    from sparseblocks.kernels.spmm import _launch, gated_spmm_triton, spmm_input_grad_triton
+    from sparseblocks.kernels.spmm import gated_rows, input_grad_rows
 
     w, dense = random_sparse(1024, 512, block, 0.5, dtype=torch.float32, seed=6)
     gate, _ = random_sparse(1024, 512, block, 0.5, dtype=torch.float32, seed=7)
@@ -383,9 +414,9 @@ def test_fp32_on_tensor_cores_on_gpu(precision, block):
     # TF32 keeps 10 of fp32's 23 mantissa bits (about 1e-3 of error per product, more through the gated product)
     tolerance = 5e-3 if precision == "tf32" else TOLERANCE[torch.float32]
     with fp32_precision(precision):
-        out, dx = run_kernel(x, w), spmm_input_grad_triton(grad_out, w)
-        by_descriptor, _ = _launch(x, w, False, None, None, None, descriptors=True)  # tuned, as large products are
-        gated = gated_spmm_triton(x, w, gate, None, None, "silu")
+        out, dx = run_kernel(x, w), input_grad_rows(grad_out, w)
+        by_descriptor = run_kernel(x, w, descriptors=True)  # tuned, as large products are
+        gated = gated_rows(x, w, gate, None, None, "silu")
     for forward in (out, by_descriptor):
         assert relative_error(forward, reference_float64(x, w)) < tolerance
     assert relative_error(dx, grad_out.double() @ dense) < tolerance
@@ -407,15 +438,16 @@ def test_gated_one_token_real_sizes_on_gpu(h, k, block, density):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_decode_leaves_its_counters_zero():
     """The arrival counters are kept from call to call: both kernels (one token, a few) must leave them zero."""
-    from sparseblocks.kernels import decode
+    from sparseblocks.kernels import row_finish
 
     w, _ = random_sparse(1024, 2048, 64, 0.2, dtype=torch.bfloat16, seed=8)
     w = w.to("cuda")
     for m in (1, 1, 5, 16, 1):
         x = torch.randn(m, 2048, device="cuda", dtype=torch.bfloat16)
-        check_output(run_decode(x, w), reference_float64(x, w), torch.bfloat16)
+        for out in decode_outputs(x, w, tiles_per_program=3):
+            check_output(out, reference_float64(x, w), torch.bfloat16)
     torch.cuda.synchronize()
-    assert decode._COUNTERS and not any(counters.any() for counters in decode._COUNTERS.values())
+    assert row_finish._COUNTERS and not any(counters.any() for counters in row_finish._COUNTERS.values())
 
 
 @pytest.mark.gpu

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 from sparseblocks.bench.harness import L2_FLUSH_BYTES, measure_ceilings, start_run, time_ms, write_json
 from sparseblocks.bench.spmm import random_weight
+from sparseblocks.dispatch import force_plan
 from sparseblocks.format import BlockSparseMatrix
-from sparseblocks.kernels.spmm import spmm_triton
 from sparseblocks.ops import sparse_mlp, spmm
 
 # Llama (hidden, intermediate) sizes
@@ -65,13 +65,19 @@ def _dense_linear(x: torch.Tensor, weight: torch.Tensor, activation: str | None)
     return F.silu(y) if activation == "silu" else y
 
 
+def _row_kernel_spmm(x: torch.Tensor, w: BlockSparseMatrix, activation: str | None) -> torch.Tensor:
+    """``spmm`` through the row kernel (pointer loads, as it reads at these sizes) instead of the decode kernels."""
+    with force_plan(forward="rows"):
+        return spmm(x, w, activation=activation)
+
+
 def _paths(case: str) -> dict[str, Callable[[torch.Tensor, Weights], torch.Tensor]]:
     """impl -> fn(x, weights); each impl keys its own weight copies (dense, torch_bsr, or BlockSparseMatrix)."""
     linears = {
         "dense": _dense_linear,
         "torch_bsr": _dense_linear,  # F.linear dispatches on the BSR layout
         "sparseblocks": lambda x, w, act: spmm(x, w, activation=act),
-        "sparseblocks_rows": lambda x, w, act: spmm_triton(x, w, activation=act, kernel="rows"),
+        "sparseblocks_rows": _row_kernel_spmm,
     }
     if case == "mlp":
         paths = {impl: _mlp(linear) for impl, linear in linears.items()}

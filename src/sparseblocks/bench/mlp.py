@@ -29,10 +29,10 @@ from sparseblocks.bench.decode import clone_matrix, weight_copies
 from sparseblocks.bench.harness import Ceilings, measure_ceilings, start_run, time_ms, write_json
 from sparseblocks.bench.plots import mlp_plot
 from sparseblocks.bench.spmm import random_weight
-from sparseblocks.format import BlockSparseMatrix
+from sparseblocks.dispatch import Tiles, device_facts, mlp_plan, recompute_factor
+from sparseblocks.format import BlockSparseMatrix, MLPWeights
 from sparseblocks.kernels.fused_mlp import fused_mlp_triton
 from sparseblocks.ops import sparse_mlp
-from sparseblocks.ops.mlp import inference_path, recompute_factor
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,11 @@ FUSED_MAX_RECOMPUTE = 4.0
 Weights = dict[str, torch.Tensor | BlockSparseMatrix | None]  # up, down, gate, up_bias, down_bias
 
 
+def _mlp_weights(w: Weights) -> MLPWeights:
+    """One case's weights as the ops take them (no gate bias)."""
+    return MLPWeights(w["up"], w["down"], w["gate"], w["up_bias"], w["down_bias"])
+
+
 def _dense_product(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None):
     return reference.ACTIVATIONS[activation](F.linear(x, w, bias))  # F.linear also takes a BSR weight
 
@@ -75,8 +80,7 @@ def mlp_paths(shape: MLPShape) -> dict[str, Callable[[torch.Tensor, Weights], to
     act = shape.activation
 
     def dense(x, w):
-        return reference.mlp(x, w["up"], w["down"], w["gate"], w["up_bias"], w["down_bias"], None, act,
-                             product=_dense_product)  # fmt: skip
+        return reference.mlp(x, _mlp_weights(w), act, product=_dense_product)
 
     def ours(fused: bool):
         return lambda x, w: sparse_mlp(x, w["up"], w["down"], w["gate"], w["up_bias"], w["down_bias"],
@@ -89,9 +93,7 @@ def mlp_paths(shape: MLPShape) -> dict[str, Callable[[torch.Tensor, Weights], to
         "sparseblocks_unfused": ours(False),
         "sparseblocks": ours(True),
         # the kernel itself, whatever sparse_mlp would dispatch to
-        "sparseblocks_fused": lambda x, w: fused_mlp_triton(
-            x, w["up"], w["down"], w["gate"], w["up_bias"], w["down_bias"], None, act
-        ),  # fmt: skip
+        "sparseblocks_fused": lambda x, w: fused_mlp_triton(x, _mlp_weights(w), act),
     }
 
 
@@ -163,9 +165,11 @@ def run(quick: bool, shapes: tuple[str, ...], out_dir: Path | None, name: str, c
                     floor = floor_ms(ceilings, shape, m, one)
                     measured = {}
                     impls = [("torch_bsr", bsr), ("sparseblocks_unfused", ours), ("sparseblocks", ours)]
-                    if recompute_factor(one["down"]) <= FUSED_MAX_RECOMPUTE:
+                    if recompute_factor(Tiles.of(one["down"])) <= FUSED_MAX_RECOMPUTE:
                         impls.append(("sparseblocks_fused", ours))
-                    dispatch = inference_path(m, one["up"], one["down"], one["gate"])
+                    gate = Tiles.of(one["gate"]) if one["gate"] is not None else None
+                    up, down = Tiles.of(one["up"]), Tiles.of(one["down"])
+                    dispatch = mlp_plan(m, up, down, gate, device_facts(one["up"].device)).value
                     for impl, weight_sets in impls:
                         measured[impl], timer = _time(paths[impl], m, shape.width, weight_sets)
                         path = {"dispatch": dispatch} if impl == "sparseblocks" else {}

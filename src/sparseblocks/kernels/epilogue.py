@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sparseblocks.backend import fp32_dot_precision
+from sparseblocks.backend import fp32_dot_precision, triton_interpreting
 
 ACTIVATION_CODES = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
 
@@ -103,6 +103,24 @@ def multiprocessors(device: torch.device) -> int:
     if device.type != "cuda":
         return 2
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def dot_in_fp32(dtype: torch.dtype) -> bool:
+    """The ``DOT_IN_FP32`` constexpr: 16-bit tiles go into ``tl.dot`` as fp32 under the interpreter, which
+    multiplies bf16 operands wrongly (triton-lang/triton#11584) and sums fp16 products in fp16, where a GPU sums in
+    fp32 (exact: 16-bit -> fp32 loses nothing)."""
+    return dtype in (torch.bfloat16, torch.float16) and triton_interpreting()
+
+
+# The interpreter runs one fixed, small config: tuning there would only time Python.
+INTERPRETER_CONFIG = {"BLOCK_M": 16, "num_warps": 4, "num_stages": 1}
+
+
+def launch_config(config: dict | None, interpreted: dict = INTERPRETER_CONFIG) -> dict | None:
+    """The config a launch runs with: the caller's, else ``interpreted`` under the interpreter, else None (tune)."""
+    if config is None and triton_interpreting():
+        return interpreted
+    return config
 
 
 def input_precision(dtype: torch.dtype) -> str:

@@ -18,15 +18,16 @@ import torch
 import triton
 import triton.language as tl
 
-from sparseblocks.backend import triton_interpreting
-from sparseblocks.format import BlockSparseMatrix
+from sparseblocks.format import MLPWeights
 from sparseblocks.kernels.epilogue import (
     ACTIVATION_CODES,
     accumulate_dot,
     add_bias,
     apply_activation,
+    dot_in_fp32,
     gated_product,
     input_precision,
+    launch_config,
     load_x_columns,
 )
 from sparseblocks.kernels.tuning import TunedKernel, cdiv, m_tile_grid
@@ -136,19 +137,10 @@ fused_mlp_tuned = TunedKernel(
     key=["K", "H", "N", "BK", "BH", "BN", "GATED", "ACTIVATION", "INPUT_PRECISION"],
     cache_results=True,
 )  # fmt: skip
-INTERPRETER_CONFIG = {"BLOCK_M": 16, "num_warps": 4, "num_stages": 1}
 
 
 def fused_mlp_triton(
-    x2: torch.Tensor,
-    up: BlockSparseMatrix,
-    down: BlockSparseMatrix,
-    gate: BlockSparseMatrix | None = None,
-    up_bias: torch.Tensor | None = None,
-    down_bias: torch.Tensor | None = None,
-    gate_bias: torch.Tensor | None = None,
-    activation: str = "gelu",
-    config: dict | None = None,
+    x2: torch.Tensor, weights: MLPWeights, activation: str = "gelu", config: dict | None = None
 ) -> torch.Tensor:
     """The MLP of the module docstring on a 2-D ``x2`` ``(M, K)``: ``(M, N)`` of x2's dtype; inputs are checked
     by ``ops.sparse_mlp``.
@@ -156,6 +148,7 @@ def fused_mlp_triton(
     ``activation`` applies to the up projection (plain) or to the gate (gated). ``config`` (``BLOCK_M``,
     ``num_warps``, ``num_stages``) skips the autotuner.
     """
+    up, down, gate, up_bias, down_bias, gate_bias = weights
     (hidden, k), (n, _) = up.shape, down.shape
     m = x2.shape[0]
     y = torch.empty((m, n), device=x2.device, dtype=x2.dtype)
@@ -180,11 +173,10 @@ def fused_mlp_triton(
         "HAS_B2": down_bias is not None,
         "ACTIVATION": ACTIVATION_CODES[activation],
         "INPUT_PRECISION": input_precision(x2.dtype),
-        "DOT_IN_FP32": triton_interpreting() and x2.dtype == torch.bfloat16,
+        "DOT_IN_FP32": dot_in_fp32(x2.dtype),
         "EVEN_K": k % up.block_shape[1] == 0,
     }
-    if config is None and triton_interpreting():
-        config = INTERPRETER_CONFIG
+    config = launch_config(config)
     if config is None:
         fused_mlp_tuned.launch((x2.dtype, k, hidden, n), m_tile_grid(m, down.block_grid[0]), args, meta)
     else:

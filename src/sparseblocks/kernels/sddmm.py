@@ -16,9 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from sparseblocks.backend import triton_interpreting
 from sparseblocks.format import BlockSparseMatrix
-from sparseblocks.kernels.epilogue import accumulate_dot, input_precision, multiprocessors
+from sparseblocks.kernels.epilogue import accumulate_dot, dot_in_fp32, input_precision, launch_config, multiprocessors
 from sparseblocks.kernels.tuning import TunedKernel, cdiv, m_bucket
 
 # Chunks of M are multiples of this, so that every BLOCK_M in the tuning set divides them.
@@ -85,7 +84,6 @@ sddmm_tuned = TunedKernel(
     key=["M_BUCKET", "N", "K", "nnz", "BN", "BK", "INPUT_PRECISION"],
     cache_results=True,
 )  # fmt: skip
-INTERPRETER_CONFIG = {"BLOCK_M": 16, "num_warps": 4, "num_stages": 1}
 
 
 def default_split(m: int, nnz: int, device: torch.device) -> int:
@@ -138,12 +136,11 @@ def sddmm_triton(
         "BN": bn,
         "BK": bk,
         "INPUT_PRECISION": input_precision(x.dtype),
-        "DOT_IN_FP32": triton_interpreting() and x.dtype == torch.bfloat16,
+        "DOT_IN_FP32": dot_in_fp32(x.dtype),
         "EVEN_N": n % bn == 0,
         "EVEN_K": k % bk == 0,
     }
-    if config is None and triton_interpreting():
-        config = INTERPRETER_CONFIG
+    config = launch_config(config)
     grid = (split * nnz,)
     if config is None:
         sddmm_tuned.launch((x2.dtype, grad2.dtype, n, k, nnz, m_bucket(m)), grid, args, meta)

@@ -11,14 +11,11 @@ tile of dX per program, columns heaviest first (``col_order``). No transposed co
 
 Gated (``GATED``, forward only): a SwiGLU MLP's hidden activation ``act(X·Wgᵀ + bg) ⊙ (X·Wᵀ + b)``, W the up
 projection: each program also walks the gate's block row (its own index: gate and up may store different tiles)
-into a second fp32 accumulator, so neither product is written to memory and read back (``gated_spmm_triton``).
+into a second fp32 accumulator, so neither product is written to memory and read back (:func:`gated_rows`).
 
-Where the inputs meet TMA's alignment rules the same loop runs with tensor descriptors (``kernels/spmm_tma.py``,
-1.1-1.2x faster on an H200) if the product is large enough for that to outweigh their CPU cost
-(``descriptors_pay``); this pointer version takes every other input (odd strides or widths, small products).
-
-A few tokens take the decode kernel instead (``kernels/decode.py``, chosen by ``decode.decode_pays``): with one M
-tile, programs per block row would leave most SMs idle.
+The same loop also runs with tensor descriptors (``kernels/spmm_tma.py``, 1.1-1.2x faster on an H200);
+:func:`launch_rows` runs either version of one :class:`~sparseblocks.kernels.row_launch.RowLaunch`, as the caller
+says (``sparseblocks.dispatch`` decides which, and when a few tokens take the decode kernels instead).
 
 Known limits (2026-11):
 * The Triton interpreter multiplies bf16 ``tl.dot`` operands wrongly (triton-lang/triton#11584), so under
@@ -31,27 +28,23 @@ Known limits (2026-11):
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import triton
 import triton.language as tl
 
-from sparseblocks.backend import triton_interpreting
 from sparseblocks.format import BlockSparseMatrix
-from sparseblocks.kernels.decode import decode_pays, spmm_decode_triton
 from sparseblocks.kernels.epilogue import (
-    ACTIVATION_CODES,
     accumulate_dot,
     activation_grad,
     add_bias,
     apply_activation,
     gated_product,
-    input_precision,
+    launch_config,
     load_x_columns,
     store_column_sums,
 )
-from sparseblocks.kernels.spmm_tma import launch_tma, spmm_tma_tuned, tma_fits
+from sparseblocks.kernels.row_launch import RowLaunch, RowMode, row_arguments
+from sparseblocks.kernels.spmm_tma import launch_tma, spmm_tma_tuned
 from sparseblocks.kernels.tuning import autotune_row_kernel, cdiv, density_bucket, m_bucket, m_tile_grid
 
 
@@ -66,7 +59,7 @@ def _block_row_product(x_rows, row_in_range, IN, stride_xk, values_ptr, idx_ptr,
     offs_in = tl.arange(0, IN_B)
     tile_offsets = tl.arange(0, BN)[:, None] * BK + tl.arange(0, BK)[None, :]
     # The forward walks the row's tiles in storage order (a pointer bump a step); the transpose follows the
-    # permutation into the same values. Indices are loaded one tile ahead (see ``kernels/decode.py``): with the
+    # permutation into the same values. Indices are loaded one tile ahead (see ``kernels/few_tokens.py``): with the
     # index of a gather loaded in the same iteration, Triton 3.6 pipelines X and W one buffer deep.
     w_ptrs = values_ptr + start.to(tl.int64) * (BN * BK) + tile_offsets
     in_block = tl.load(idx_ptr + start, mask=start < end, other=0)
@@ -189,93 +182,61 @@ spmm_tuned = autotune_row_kernel(
 
 SMALLEST_TUNED_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in spmm_tuned.configs + spmm_tma_tuned.configs)
 
-# The interpreter runs one fixed, small config: tuning there would only time Python.
-INTERPRETER_CONFIG = {"BLOCK_M": 16, "num_warps": 4, "num_stages": 1}
 
-
-def _launch(
+def launch_rows(
     x2: torch.Tensor,
     w: BlockSparseMatrix,
-    transposed: bool,
-    bias: torch.Tensor | None,
-    activation: str | None,
-    config: dict | None,
-    grad2: torch.Tensor | None = None,
-    descriptors: bool | None = None,
-    bias_grad: bool = False,
-    grad_weight: BlockSparseMatrix | None = None,
-    gate: BlockSparseMatrix | None = None,
-    gate_bias: torch.Tensor | None = None,
+    spec: RowLaunch,
+    descriptors: bool = False,
+    config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run the row kernel on a 2-D ``x2`` ``(M, IN)``: ``(M, OUT)``; with ``gate`` (shaped and tiled like ``w``,
-    forward only) ``act(x2·gateᵀ + gate_bias) ⊙ (x2·Wᵀ + b)`` instead; with ``grad2`` ``(M, OUT)``,
-    ``grad2 ⊙ act'(x2·Wᵀ + b)`` instead, and with ``bias_grad`` too its column sums (fp32 ``(OUT,)``, the bias
-    gradient; else None). With ``grad_weight`` (an MLP's W2, descriptor version only) ``grad2`` is W2's output
-    gradient and the epilogue multiplies by ``grad2 · W2`` computed on chip. The tensor-descriptor version
-    (``kernels/spmm_tma.py``) runs where the inputs allow it and, unless ``descriptors`` is True, where
-    ``descriptors_pay``; never with ``descriptors`` False. ``grad_weight`` takes it wherever the inputs allow."""
-    (n, k), (bn, bk), (n_block_rows, n_block_cols) = w.shape, w.block_shape, w.block_grid
-    if transposed:
-        out_features, in_features, n_out_blocks = k, n, n_block_cols
-        index = (w.ccol_indices, w.row_indices, w.transpose_perm, w.col_order)
-    else:
-        out_features, in_features, n_out_blocks = n, k, n_block_rows
-        index = (w.crow_indices, w.col_indices, w.col_indices, w.row_order)  # the third is never read
-    if bias_grad and (grad2 is None or transposed):
-        raise ValueError("bias_grad needs the activation-gradient mode (grad2 given, not transposed)")
-    if gate is not None and (transposed or grad2 is not None):
-        raise ValueError("gate is for the forward only (not transposed, no grad2)")
-    if gate is not None and (gate.shape, gate.block_shape) != (w.shape, w.block_shape):
-        raise ValueError(f"gate {tuple(gate.shape)} in {gate.block_shape} blocks must match {tuple(w.shape)} in "
-                         f"{w.block_shape} blocks")  # fmt: skip
+    """Run the row kernel as ``spec`` says on a 2-D ``x2`` ``(M, IN)``: ``(M, OUT)`` of x2's dtype, and with
+    ``spec.bias_grad`` the output's fp32 column sums ``(OUT,)`` (the bias gradient; else None).
+
+    ``descriptors``: the tensor-descriptor version (``kernels/spmm_tma.py``; the inputs must meet its rules,
+    ``dispatch.descriptors_fit``), else pointer loads; the hidden-gradient mode exists in the descriptor version
+    only. ``config`` (``BLOCK_M``, ``num_warps``, ``num_stages``) skips the autotuner: for tuning scripts.
+    """
+    if spec.mode is RowMode.HIDDEN_GRAD and not descriptors:
+        raise ValueError("the hidden gradient from dY · W2 runs in the descriptor kernel only")
+    geometry, meta = row_arguments(x2, w, spec)
     m = x2.shape[0]
     if m == 0:
-        empty_sums = x2.new_zeros(out_features, dtype=torch.float32) if bias_grad else None
-        return x2.new_empty((0, out_features)), empty_sums
-    bias, gate_bias = (None if b is None else b.contiguous() for b in (bias, gate_bias))  # read as flat arrays
-    meta = {
-        "BN": bn,
-        "BK": bk,
-        "TRANSPOSED": transposed,
-        "HAS_BIAS": bias is not None,
-        "ACTIVATION": ACTIVATION_CODES[activation],
-        "GRAD_EPILOGUE": grad2 is not None,
-        "BIAS_GRAD": bias_grad,
-        "INPUT_PRECISION": input_precision(x2.dtype),
-        "DOT_IN_FP32": triton_interpreting() and x2.dtype == torch.bfloat16,
-        "GATED": gate is not None,
-        "HAS_GATE_BIAS": gate_bias is not None,
-    }
-    if config is None and triton_interpreting():
-        config = INTERPRETER_CONFIG
+        empty_sums = x2.new_zeros(geometry.out_features, dtype=torch.float32) if spec.bias_grad else None
+        return x2.new_empty((0, geometry.out_features)), empty_sums
+    config = launch_config(config)
     parts = None
-    if bias_grad:  # a row of column sums per M tile, as many as the smallest M tile the tuner may pick makes
+    if spec.bias_grad:  # a row of column sums per M tile, as many as the smallest M tile the tuner may pick makes
         smallest_block_m = config["BLOCK_M"] if config else SMALLEST_TUNED_BLOCK_M
-        parts = torch.empty((cdiv(m, smallest_block_m), out_features), device=x2.device, dtype=torch.float32)
-    if descriptors is None:
-        descriptors = grad_weight is not None or descriptors_pay(m, w)
-    if descriptors and tma_fits(x2, w, transposed, grad2, gate):
-        y, block_m = launch_tma(x2, w, transposed, index, meta, config, bias, grad2, parts, grad_weight, gate,
-                                gate_bias)  # fmt: skip
-        return y, _bias_grad_from_parts(parts, m, block_m)
-    if grad_weight is not None:
-        raise ValueError("the hidden gradient from dY · W2 needs the descriptor kernel's inputs (see tma_fits)")
-    y = torch.empty((m, out_features), device=x2.device, dtype=x2.dtype)
+        parts = torch.empty((cdiv(m, smallest_block_m), geometry.out_features), device=x2.device, dtype=torch.float32)
+    if descriptors:
+        y, block_m = launch_tma(x2, w, spec, geometry, meta, config, parts)
+    else:
+        y, block_m = _launch_pointers(x2, w, spec, geometry, meta, config, parts)
+    return y, _bias_grad_from_parts(parts, m, block_m)
+
+
+def _launch_pointers(x2, w, spec, geometry, meta, config, parts) -> tuple[torch.Tensor, int]:
+    """``_spmm_kernel`` on the arguments :func:`launch_rows` built; returns ``(M, OUT)`` and its BLOCK_M."""
+    m = x2.shape[0]
+    y = torch.empty((m, geometry.out_features), device=x2.device, dtype=x2.dtype)
+    bias, gate, gate_bias, grad2 = spec.bias, spec.gate, spec.gate_bias, spec.grad
+    bias, gate_bias = (None if b is None else b.contiguous() for b in (bias, gate_bias))  # read as flat arrays
     buckets = (m_bucket(m), density_bucket(w.density))
     args = (
         x2,
         w.values,
-        *index,
+        *geometry.index,
         bias if bias is not None else y,  # never read without HAS_BIAS
         grad2 if grad2 is not None else y,  # never read without GRAD_EPILOGUE
         y,
         parts if parts is not None else y,  # written in the BIAS_GRAD mode only
-        *((gate.values, gate.crow_indices, gate.col_indices) if gate is not None else (w.values, *index[:2])),
+        *((gate.values, gate.crow_indices, gate.col_indices) if gate is not None else (w.values, *geometry.index[:2])),
         gate_bias if gate_bias is not None else y,  # never read without HAS_GATE_BIAS
         m,
-        out_features,
-        in_features,
-        n_out_blocks,
+        geometry.out_features,
+        geometry.in_features,
+        geometry.n_out_blocks,
         x2.stride(0),
         x2.stride(1),
         y.stride(0),
@@ -283,31 +244,12 @@ def _launch(
         *(grad2.stride() if grad2 is not None else y.stride()),
         *buckets,
     )
-    meta["EVEN_IN"] = in_features % (bn if transposed else bk) == 0
+    meta = {**meta, "EVEN_IN": geometry.in_features % geometry.in_block == 0}
     if config is None:
-        tuning_key = (x2.dtype, w.dtype, out_features, in_features, *buckets)
-        block_m = spmm_tuned.launch(tuning_key, m_tile_grid(m, n_out_blocks), args, meta).kwargs["BLOCK_M"]
-    else:
-        block_m = config["BLOCK_M"]
-        _spmm_kernel[(cdiv(m, block_m) * n_out_blocks,)](*args, **meta, **config)
-    return y, _bias_grad_from_parts(parts, m, block_m)
-
-
-# The descriptor kernel's GPU time is 10-20% shorter, its CPU time to issue ~40 µs longer: four TensorDescriptors
-# built and checked in Python and five encoded by the driver per launch (results/h200/launch_overhead.txt). A product
-# under about this many FLOPs takes less GPU time than that at the ~250 TFLOP/s these kernels reach (H200), so
-# in an eager model the CPU sets the pace there and the pointer kernel finishes first.
-DESCRIPTOR_MIN_FLOPS = 16e9
-
-
-def descriptors_pay(m: int, w: BlockSparseMatrix) -> bool:
-    """Whether the descriptor kernel should take an ``m``-row product with ``w`` (where the inputs allow it):
-    products of ``DESCRIPTOR_MIN_FLOPS`` or more, and any product under the interpreter (tests).
-
-    The choice depends on the shapes alone, not on whether a CUDA graph is being captured (where the CPU cost
-    would not matter): a kernel first chosen during a capture would be autotuned there, which breaks the capture.
-    """
-    return triton_interpreting() or 2 * m * w.nnz * w.values.shape[1] * w.values.shape[2] >= DESCRIPTOR_MIN_FLOPS
+        tuning_key = (x2.dtype, w.dtype, geometry.out_features, geometry.in_features, *buckets)
+        return y, spmm_tuned.launch(tuning_key, m_tile_grid(m, geometry.n_out_blocks), args, meta).kwargs["BLOCK_M"]
+    _spmm_kernel[(cdiv(m, config["BLOCK_M"]) * geometry.n_out_blocks,)](*args, **meta, **config)
+    return y, config["BLOCK_M"]
 
 
 def _bias_grad_from_parts(parts: torch.Tensor | None, m: int, block_m: int) -> torch.Tensor | None:
@@ -316,64 +258,56 @@ def _bias_grad_from_parts(parts: torch.Tensor | None, m: int, block_m: int) -> t
     return None if parts is None else parts[: cdiv(m, block_m)].sum(0)
 
 
-def spmm_triton(
+def spmm_rows(
     x: torch.Tensor,
     w: BlockSparseMatrix,
     bias: torch.Tensor | None = None,
     activation: str | None = None,
+    descriptors: bool = False,
     config: dict | None = None,
-    kernel: Literal["auto", "rows"] = "auto",
 ) -> torch.Tensor:
-    """``act(x · wᵀ + bias)``: x ``(..., K)`` -> ``(..., N)``; inputs are checked by ``ops.spmm``.
-
-    ``kernel="auto"`` runs the decode kernel (work spread over tiles, not rows) where ``decode_pays`` says so and
-    the row kernel otherwise; ``"rows"`` forces the row kernel (benchmarks compare the two). ``config`` (``BLOCK_M``,
-    ``num_warps``, ``num_stages``) also forces the row kernel and skips the autotuner: for tuning scripts.
-    """
-    if kernel not in ("auto", "rows"):
-        raise ValueError(f"kernel must be 'auto' or 'rows', got {kernel!r}")
+    """``act(x · wᵀ + bias)`` by the row kernel: x ``(..., K)`` -> ``(..., N)``; inputs are checked by ``ops.spmm``."""
     x2 = x.reshape(-1, w.shape[1])  # a view whenever the strides allow; the kernels take any strides
-    if kernel == "auto" and config is None and decode_pays(x2.shape[0], w):
-        y = spmm_decode_triton(x2, w, bias, activation)
-    else:
-        y, _ = _launch(x2, w, False, bias, activation, config)
+    y, _ = launch_rows(x2, w, RowLaunch(RowMode.FORWARD, bias, activation), descriptors, config)
     return y.reshape(*x.shape[:-1], w.shape[0])
 
 
-def gated_spmm_triton(
+def gated_rows(
     x2: torch.Tensor,
     up: BlockSparseMatrix,
     gate: BlockSparseMatrix,
     up_bias: torch.Tensor | None,
     gate_bias: torch.Tensor | None,
     activation: str | None,
+    descriptors: bool = False,
 ) -> torch.Tensor:
     """A gated MLP's hidden activation ``act(x2 · gateᵀ + gate_bias) ⊙ (x2 · upᵀ + up_bias)`` in one launch of
     the row kernel: x2 ``(M, K)`` -> ``(M, H)`` of x2's dtype; up and gate logical ``(H, K)`` in the same blocks
-    (each with its own pattern), biases ``(H,)`` or None. Neither product is written to memory; the result
-    equals the unfused path's (act(gate) and up are rounded to x2's dtype before the product, as two ``spmm``
-    outputs are). Inputs are checked by ``ops.sparse_mlp``; few-token inputs go faster unfused, through the
-    decode kernel (``decode_pays``)."""
-    return _launch(x2, up, False, up_bias, activation, None, gate=gate, gate_bias=gate_bias)[0]
+    (each with its own pattern), biases ``(H,)`` or None. Neither product is written to memory; the epilogue is
+    ``epilogue.gated_product``, as on every path."""
+    spec = RowLaunch(RowMode.GATED, up_bias, activation, gate=gate, gate_bias=gate_bias)
+    return launch_rows(x2, up, spec, descriptors)[0]
 
 
-def spmm_activation_grad_triton(
+def activation_grad_rows(
     grad_out: torch.Tensor,
     x: torch.Tensor,
     w: BlockSparseMatrix,
     bias: torch.Tensor | None,
     activation: str,
     bias_grad: bool = False,
+    descriptors: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``dZ = dY ⊙ act'(Z)`` with ``Z = x · wᵀ + bias`` recomputed tile by tile, never stored: ``(..., N)``; with
     ``bias_grad``, also dZ summed over all leading dims in fp32 (``(N,)``, the bias gradient; else None), from the
     same tiles."""
     x2, grad2 = x.reshape(-1, w.shape[1]), grad_out.reshape(-1, w.shape[0])
-    dz, column_sums = _launch(x2, w, False, bias, activation, None, grad2, bias_grad=bias_grad)
+    spec = RowLaunch(RowMode.ACTIVATION_GRAD, bias, activation, grad2, bias_grad)
+    dz, column_sums = launch_rows(x2, w, spec, descriptors)
     return dz.reshape(grad_out.shape), column_sums
 
 
-def mlp_hidden_grad_triton(
+def hidden_grad_on_chip(
     grad_out: torch.Tensor,
     x: torch.Tensor,
     up: BlockSparseMatrix,
@@ -383,28 +317,22 @@ def mlp_hidden_grad_triton(
     bias_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """For an MLP ``y = down(act(up(x)))``: ``dZ = (dY · W_down) ⊙ act'(x · W_upᵀ + b_up)``, ``(..., H)``, and with
-    ``bias_grad`` its fp32 column sums (up's bias gradient).
+    ``bias_grad`` its fp32 column sums (up's bias gradient), in one launch of the descriptor kernel that computes
+    each ``(M tile, hidden block)`` of dY · W_down on chip (never written to memory).
 
-    grad_out ``(..., N)`` is dY; x ``(..., K)``. Where the descriptor kernel takes the inputs and down's block
-    columns are as wide as up's block rows, one kernel computes each ``(M tile, hidden block)`` of dY · W_down
-    on chip (the hidden gradient is never written to memory); elsewhere the two products run one after the other.
+    grad_out ``(..., N)`` is dY; x ``(..., K)``; down's block columns as wide as up's block rows
+    (``dispatch.hidden_grad_on_chip_fits``).
     """
     x2, grad2 = x.reshape(-1, up.shape[1]), grad_out.reshape(-1, down.shape[0])
-    fused = (
-        down.block_shape[1] == up.block_shape[0]
-        and down.nnz > 0
-        and down.values.is_contiguous()
-        and down.values.data_ptr() % 16 == 0
-        and tma_fits(x2, up, False, grad2)
-    )
-    if not fused:
-        hidden_grad = spmm_input_grad_triton(grad_out, down)
-        return spmm_activation_grad_triton(hidden_grad, x, up, up_bias, activation, bias_grad)
-    dz, column_sums = _launch(x2, up, False, up_bias, activation, None, grad2, bias_grad=bias_grad, grad_weight=down)
+    spec = RowLaunch(RowMode.HIDDEN_GRAD, up_bias, activation, grad2, bias_grad, grad_weight=down)
+    dz, column_sums = launch_rows(x2, up, spec, descriptors=True)
     return dz.reshape(*grad_out.shape[:-1], up.shape[0]), column_sums
 
 
-def spmm_input_grad_triton(grad_out: torch.Tensor, w: BlockSparseMatrix, config: dict | None = None) -> torch.Tensor:
+def input_grad_rows(
+    grad_out: torch.Tensor, w: BlockSparseMatrix, descriptors: bool = False, config: dict | None = None
+) -> torch.Tensor:
     """``dX = dY · W`` through W's transposed index: grad_out ``(..., N)`` -> ``(..., K)``, no copy of W."""
     grad2 = grad_out.reshape(-1, w.shape[0])
-    return _launch(grad2, w, True, None, None, config)[0].reshape(*grad_out.shape[:-1], w.shape[1])
+    y, _ = launch_rows(grad2, w, RowLaunch(RowMode.INPUT_GRAD), descriptors, config)
+    return y.reshape(*grad_out.shape[:-1], w.shape[1])

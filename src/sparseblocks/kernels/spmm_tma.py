@@ -9,8 +9,8 @@ copies run ahead of the products asynchronously; ragged edges are the copy engin
 instead of masks.
 Measured on an H200 (``benchmarks/tune_spmm.py``, NOTES.md): 1.1-1.2x faster than the pointer kernel.
 
-Needs what TMA needs (``tma_fits``): a GPU with the copy engine (Hopper on), 16-byte aligned bases and row
-strides, unit column strides, at least one stored tile; and 16-bit data, or fp32 in the forward mode with its
+Needs what TMA needs (``dispatch.descriptors_fit``): a GPU with the copy engine (Hopper on), 16-byte aligned bases
+and row strides, unit column strides, at least one stored tile; and 16-bit data, or fp32 in the forward mode with its
 products on the tensor cores (TF32, tf32x3), where this version ran 1.14-1.44x faster than the pointer kernel.
 IEEE fp32 (products on the CUDA cores) ran 5-15x slower here than there on an H200 (ViT-B/16 fp32 MLPs: 519
 against 1925 images/s for PyTorch's BSR path) and takes the pointer kernel, as does every other input.
@@ -25,7 +25,6 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from sparseblocks.backend import triton_interpreting
 from sparseblocks.format import BlockSparseMatrix
 from sparseblocks.kernels.epilogue import (
     accumulate_dot,
@@ -33,10 +32,9 @@ from sparseblocks.kernels.epilogue import (
     add_bias,
     apply_activation,
     gated_product,
-    hopper_or_later,
-    input_precision,
     store_column_sums,
 )
+from sparseblocks.kernels.row_launch import RowGeometry, RowLaunch
 from sparseblocks.kernels.tuning import autotune_row_kernel, cdiv, density_bucket, m_bucket, m_tile_grid
 
 
@@ -48,7 +46,7 @@ def _block_row_product(x_desc, w_desc, idx_ptr, perm_ptr, start, end, m0, BN: tl
     ``TRANSPOSED``): an fp32 ``(BLOCK_M, OUT_B)`` tile, zero for an empty row."""
     OUT_B: tl.constexpr = BK if TRANSPOSED else BN
     IN_B: tl.constexpr = BN if TRANSPOSED else BK
-    # Indices are loaded one tile ahead (see ``kernels/decode.py``): with a copy's coordinate loaded in the same
+    # Indices are loaded one tile ahead (see ``kernels/few_tokens.py``): with a copy's coordinate loaded in the same
     # iteration, Triton 3.6 kept two buffers per operand whatever num_stages; now it keeps num_stages.
     in_block = tl.load(idx_ptr + start, mask=start < end, other=0)
     tile = tl.load(perm_ptr + start, mask=start < end, other=0) if TRANSPOSED else start
@@ -169,48 +167,6 @@ spmm_tma_tuned = autotune_row_kernel(  # no cache_results: not kept for configs 
 )
 
 
-def _aligned(t: torch.Tensor) -> bool:
-    """A 2-D tensor a descriptor can address: 16-byte aligned base and row stride, unit column stride."""
-    return t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
-
-
-def _tiles_fit(w: BlockSparseMatrix) -> bool:
-    """Whether a descriptor can address ``w``'s stored tiles: at least one, contiguous, 16-byte aligned."""
-    return w.nnz > 0 and w.values.is_contiguous() and w.values.data_ptr() % 16 == 0
-
-
-def _fp32_forward_on_tensor_cores(
-    x2: torch.Tensor, transposed: bool, grad2: torch.Tensor | None, gate: BlockSparseMatrix | None
-) -> bool:
-    """Whether fp32 tiles may come by descriptor: multiplied on the CUDA cores (IEEE) they ran 5-15x slower than
-    from pointer loads; on the tensor cores (TF32, tf32x3) the plain forward product ran 1.14-1.44x faster
-    (results/h200/tune_fp32_tf32x3.txt). Its other modes (gradients, gate) are not yet timed in fp32."""
-    forward = not transposed and grad2 is None and gate is None
-    return x2.dtype == torch.float32 and input_precision(x2.dtype) != "ieee" and forward
-
-
-def tma_fits(
-    x2: torch.Tensor,
-    w: BlockSparseMatrix,
-    transposed: bool,
-    grad2: torch.Tensor | None = None,
-    gate: BlockSparseMatrix | None = None,
-) -> bool:
-    """Whether the descriptor kernel can take ``x2`` ``(M, IN)``, ``grad2``, ``gate`` and the ``(M, OUT)``
-    output."""
-    out_features = w.shape[1] if transposed else w.shape[0]
-    return (
-        (triton_interpreting() or (x2.is_cuda and hopper_or_later(x2.device)))  # below: plain loads, never measured
-        and (x2.element_size() == 2 or _fp32_forward_on_tensor_cores(x2, transposed, grad2, gate))
-        and _tiles_fit(w)
-        and (gate is None or _tiles_fit(gate))
-        and x2.shape[0] > 0
-        and (out_features * x2.element_size()) % 16 == 0
-        and _aligned(x2)
-        and (grad2 is None or _aligned(grad2))
-    )
-
-
 _context_bound = threading.local()  # .devices: indices of the devices whose context this thread has made current
 
 
@@ -230,48 +186,43 @@ def _bind_context(device: torch.device) -> None:
 def launch_tma(
     x2: torch.Tensor,
     w: BlockSparseMatrix,
-    transposed: bool,
-    index: tuple[torch.Tensor, ...],
+    spec: RowLaunch,
+    geometry: RowGeometry,
     meta: dict,
     config: dict | None,
-    bias: torch.Tensor | None,
-    grad2: torch.Tensor | None,
     bias_grad_parts: torch.Tensor | None,
-    grad_weight: BlockSparseMatrix | None = None,
-    gate: BlockSparseMatrix | None = None,
-    gate_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
-    """``_spmm_tma_kernel`` on inputs that ``tma_fits``; ``index``, ``meta`` and ``bias_grad_parts`` as the pointer
-    kernel's launch builds them (``kernels/spmm.py``). With ``grad_weight`` (W2, the next layer of an MLP) ``grad2``
-    is that layer's output gradient and the epilogue's gradient is ``grad2 · W2`` (``GRAD_FROM_PRODUCT``). With
-    ``gate`` (``GATED``) the output is ``act(x2 · gateᵀ + gate_bias) ⊙ (x2 · wᵀ + bias)``. Returns ``(M, OUT)`` and
-    the BLOCK_M it ran with."""
-    (n, k), (bn, bk), (n_block_rows, n_block_cols) = w.shape, w.block_shape, w.block_grid
-    out_features, out_b, n_out_blocks = (k, bk, n_block_cols) if transposed else (n, bn, n_block_rows)
+    """``_spmm_tma_kernel`` for ``spec`` on inputs that ``dispatch.descriptors_fit``; ``geometry``, ``meta`` and
+    ``bias_grad_parts`` as ``kernels/spmm.py``'s ``launch_rows`` built them. In the hidden-gradient mode
+    ``spec.grad`` is the next layer's output gradient and the epilogue's gradient is ``grad · W2``
+    (``GRAD_FROM_PRODUCT``). Returns ``(M, OUT)`` and the BLOCK_M it ran with."""
     m = x2.shape[0]
     if x2.is_cuda:
         _bind_context(x2.device)
-    y = torch.empty((m, out_features), device=x2.device, dtype=x2.dtype)
+    y = torch.empty((m, geometry.out_features), device=x2.device, dtype=x2.dtype)
+    bias, gate, grad2, grad_weight = spec.bias, spec.gate, spec.grad, spec.grad_weight
+    bias, gate_bias = (None if b is None else b.contiguous() for b in (bias, spec.gate_bias))  # flat arrays
     block_m = config["BLOCK_M"] if config else 64  # the tuned launch's pre-hook resets the boxes per config
     descriptor = lambda t, width: TensorDescriptor(t, list(t.shape), [t.stride(0), 1], [block_m, width])
     tiles = lambda v: TensorDescriptor(v, [v.shape[0] * v.shape[1], v.shape[2]], [v.shape[2], 1], list(v.shape[1:]))
     w_desc = tiles(w.values)
+    index = geometry.index
     buckets = (m_bucket(m), density_bucket(w.density))
     meta = {**meta, "GRAD_FROM_PRODUCT": grad_weight is not None,
             "BN2": grad_weight.block_shape[0] if grad_weight is not None else 16}  # fmt: skip
     if grad_weight is None:
-        grad_desc = descriptor(grad2 if grad2 is not None else y, out_b)  # never read without GRAD_EPILOGUE
+        grad_desc = descriptor(grad2 if grad2 is not None else y, geometry.out_block)  # read in GRAD_EPILOGUE only
         second = (w_desc, index[0], index[1], index[1])  # never read without GRAD_FROM_PRODUCT
     else:
         grad_desc = descriptor(grad2, grad_weight.block_shape[0])
         second = (tiles(grad_weight.values), grad_weight.ccol_indices, grad_weight.row_indices,
                   grad_weight.transpose_perm)  # fmt: skip
     args = (
-        descriptor(x2, bn if transposed else bk),
+        descriptor(x2, geometry.in_block),
         w_desc,
         grad_desc,
         second[0],
-        descriptor(y, out_b),
+        descriptor(y, geometry.out_block),
         tiles(gate.values) if gate is not None else w_desc,  # never read without GATED
         bias_grad_parts if bias_grad_parts is not None else y,  # written in the BIAS_GRAD mode only
         *index,
@@ -279,14 +230,14 @@ def launch_tma(
         *second[1:],
         *((gate.crow_indices, gate.col_indices) if gate is not None else index[:2]),
         gate_bias if gate_bias is not None else y,  # never read without HAS_GATE_BIAS
-        out_features,
-        n_out_blocks,
-        n if transposed else k,
+        geometry.out_features,
+        geometry.n_out_blocks,
+        geometry.in_features,
         *buckets,
     )
     if config is None:
-        tuning_key = (x2.dtype, w.dtype, out_features, n if transposed else k, *buckets)
-        launched = spmm_tma_tuned.launch(tuning_key, m_tile_grid(m, n_out_blocks), args, meta)
+        tuning_key = (x2.dtype, w.dtype, geometry.out_features, geometry.in_features, *buckets)
+        launched = spmm_tma_tuned.launch(tuning_key, m_tile_grid(m, geometry.n_out_blocks), args, meta)
         return y, launched.kwargs["BLOCK_M"]
-    _spmm_tma_kernel[(cdiv(m, block_m) * n_out_blocks,)](*args, **meta, **config)
+    _spmm_tma_kernel[(cdiv(m, block_m) * geometry.n_out_blocks,)](*args, **meta, **config)
     return y, block_m

@@ -6,7 +6,7 @@ Two forms, for x ``(..., d)``:
 * gated (SwiGLU: Llama, Mistral, Qwen2): ``down(act(gate(x)) ⊙ up(x))``, the activation fused into the gate's.
 
 With ``fused=True`` (the default) inference runs as one kernel (``kernels/fused_mlp.py``, the hidden activation
-kept on chip) where ``ops.mlp.fused_pays`` says it is faster; training, ``fused=False`` and everywhere else run
+kept on chip) where ``dispatch.mlp_plan`` says it is faster; training, ``fused=False`` and everywhere else run
 three products with the activation fused into the first one's epilogue.
 
 The linears are registered under the names the dense module gave them (``gate_proj``, ``fc1``, ``0`` ...), so a

@@ -1,7 +1,7 @@
 """``sparse_mlp``: a whole block-sparse MLP; for inference one op, ``sparseblocks::fused_mlp`` (torch.compile
-traces it), which runs ``kernels/fused_mlp.py`` on CUDA (at one token, two launches of the one-token decode kernel;
-for a gated MLP where the fused kernel does not pay, the row kernel's gated mode, then down) and ``reference.mlp``
-elsewhere.
+traces it), which runs the plan ``dispatch.mlp_plan`` picks on CUDA (one fused kernel; at one token, two launches of
+the one-token kernel; for a gated MLP, the row kernel's gated mode, then down; or a product per matrix) and
+``reference.mlp`` elsewhere.
 
 The fused op has no backward of its own: while gradients are needed, :func:`sparse_mlp` computes the forward as
 separate products; a plain (ungated, no dropout) MLP outside torch.compile trains through ``_EagerPlainMLP``, whose
@@ -12,12 +12,14 @@ backward keeps the hidden gradient on chip, everything else through :func:`~spar
 
 import torch
 
-from sparseblocks import reference
-from sparseblocks.backend import on_device_of, triton_available, triton_interpreting, use_triton
-from sparseblocks.format import INDEX_NAMES, BlockSparseMatrix
+from sparseblocks import dispatch, reference
+from sparseblocks.backend import on_device_of, use_triton
+from sparseblocks.dispatch import Plan, Tiles
+from sparseblocks.format import INDEX_NAMES, BlockSparseMatrix, MLPWeights
 from sparseblocks.ops.library import define_op
 from sparseblocks.ops.spmm import (
     _column_sums,
+    _descriptors,
     _forward,
     _hidden_grad,
     _index,
@@ -39,57 +41,10 @@ def check_mlp_shapes(up: BlockSparseMatrix, down: BlockSparseMatrix, gate: Block
         raise ValueError(f"gate {tuple(gate.shape)} must match up {tuple(up.shape)}")
 
 
-def tiles_chain(up: BlockSparseMatrix, down: BlockSparseMatrix, gate: BlockSparseMatrix | None) -> bool:
-    """Whether the fused kernel can take these weights: up's (and gate's) block rows as tall as down's block
-    columns are wide (one hidden tile), gate tiled like up."""
-    return down.block_shape[1] == up.block_shape[0] and (gate is None or gate.block_shape == up.block_shape)
-
-
-# The fused kernel recomputes each hidden tile once per W2 block row that stores a tile in its column: the first
-# product costs (W2 block rows x W2 density) times the unfused one. Past this factor the unfused path wins.
-# Past a factor of 1 the unfused path was as fast or faster in `bench mlp` (H200: benchmarks/results/h200/mlp.md).
-MAX_RECOMPUTE = 1.0
-FUSED_MIN_TOKENS = 65  # below, the unfused products' decode kernel streams the weights faster (4x at one token)
-
-
-def fused_pays(m: int, up: BlockSparseMatrix, down: BlockSparseMatrix, gate: BlockSparseMatrix | None) -> bool:
-    """Whether the fused kernel beats three ``spmm`` calls for ``m`` tokens (``bench mlp``, H200).
-
-    At few tokens the unfused products take the decode kernel, which spreads the weight stream over every SM;
-    above, the fused kernel pays unless its recomputation of hidden tiles costs more than the hidden tensor's
-    round trip through memory: at 95% sparsity with blocks of 64 or 128, and at 90% with blocks of 128 on
-    ViT-B-sized MLPs. Under the interpreter (tests) it runs wherever it can.
-    """
-    if not tiles_chain(up, down, gate):
-        return False
-    return triton_interpreting() or (m >= FUSED_MIN_TOKENS and recompute_factor(down) <= MAX_RECOMPUTE)
-
-
-def inference_path(m: int, up: BlockSparseMatrix, down: BlockSparseMatrix, gate: BlockSparseMatrix | None) -> str:
-    """The path ``sparse_mlp(..., fused=True)`` takes for ``m`` tokens when it needs no gradient and no dropout:
-    ``"one_token"`` (two launches of the one-token decode kernel: the hidden activation — gated: gate, up and
-    their product at once —, then down), ``"fused"`` (one kernel, :func:`fused_pays`), ``"gated"`` (a gated MLP
-    the fused kernel does not pay for: one launch of the row kernel for the hidden activation, act(gate) ⊙ up,
-    then down through ``spmm``) or ``"unfused"`` (a product per matrix, through ``spmm``).
-
-    ``"gated"`` needs gate tiled like up, weights the row kernel runs on (CUDA with Triton, or the interpreter;
-    elsewhere nothing changes), and as many tokens as ``spmm`` would give the row kernel: below, each product's
-    decode kernel streams the weights faster (``decode_pays``; gate's answer is up's, same shapes)."""
-    same_tiles = gate is not None and gate.block_shape == up.block_shape
-    if m == 1 and (gate is None or same_tiles):
-        return "one_token"
-    if fused_pays(m, up, down, gate):
-        return "fused"
-    if not (same_tiles and (triton_interpreting() or (up.values.is_cuda and triton_available()))):
-        return "unfused"
-    from sparseblocks.kernels.decode import decode_pays  # imports Triton, which a CPU-only install may lack
-
-    return "unfused" if decode_pays(m, up) else "gated"
-
-
-def recompute_factor(down: BlockSparseMatrix) -> float:
-    """How many times the fused kernel computes each hidden tile: W2's block rows x W2's density."""
-    return down.nnz / down.block_grid[1]
+def _mlp_plan(m: int, weights: MLPWeights, device: torch.device) -> Plan:
+    """:func:`dispatch.mlp_plan` for these weights on ``device``."""
+    gate = Tiles.of(weights.gate) if weights.gate is not None else None
+    return dispatch.mlp_plan(m, Tiles.of(weights.up), Tiles.of(weights.down), gate, dispatch.device_facts(device))
 
 
 def _matrices(values: list[torch.Tensor], indices: list[torch.Tensor], shapes: list[int]) -> list[BlockSparseMatrix]:
@@ -107,8 +62,7 @@ def _fused_mlp_implementation(
     activation: str,
 ) -> torch.Tensor:
     up, down, gate = (*_matrices(values, indices, shapes), None)[:3]
-    path = inference_path(x.numel() // x.shape[-1], up, down, gate)
-    return _fused_mlp(x, up, down, gate, biases, activation, path)
+    return _inference(x, MLPWeights(up, down, gate, *biases), activation)
 
 
 _fused_mlp_op = define_op(
@@ -118,35 +72,33 @@ _fused_mlp_op = define_op(
 )
 
 
-def _fused_mlp(
-    x: torch.Tensor,
-    up: BlockSparseMatrix,
-    down: BlockSparseMatrix,
-    gate: BlockSparseMatrix | None,
-    biases: list[torch.Tensor | None],
-    activation: str,
-    path: str,
-) -> torch.Tensor:
-    """The fused op's implementation on the ``path`` that :func:`inference_path` chose (not ``"unfused"``), also
-    called directly outside torch.compile (a custom op's dispatch costs more CPU than a one-token MLP's two kernels
-    take on the GPU)."""
-    x2 = x.reshape(-1, up.shape[1])
-    if use_triton(x):
-        from sparseblocks.kernels.decode import one_token_mlp_triton
-        from sparseblocks.kernels.fused_mlp import fused_mlp_triton
-        from sparseblocks.kernels.spmm import gated_spmm_triton, spmm_triton
+def _inference(x: torch.Tensor, weights: MLPWeights, activation: str) -> torch.Tensor:
+    """The MLP without gradients or dropout, on the plan :func:`dispatch.mlp_plan` picks where the kernels run (the
+    reference elsewhere); the fused op's implementation, also called directly outside torch.compile (a custom op's
+    dispatch costs more CPU than a one-token MLP's two kernels take on the GPU)."""
+    if not use_triton(x):
+        return reference.mlp(x, weights, activation)
+    x2 = x.reshape(-1, weights.up.shape[1])
+    plan = _mlp_plan(x2.shape[0], weights, x.device)
+    with on_device_of(x2):
+        if plan is Plan.UNFUSED:
+            y = reference.mlp(x2, weights, activation, product=_forward)
+        elif plan is Plan.GATED_ROWS:
+            from sparseblocks.kernels.spmm import gated_rows
 
-        up_bias, down_bias, gate_bias = biases
-        with on_device_of(x2):
-            if path == "gated":
-                hidden = gated_spmm_triton(x2, up, gate, up_bias, gate_bias, activation)  # (M, H)
-                y = spmm_triton(hidden, down, down_bias)
-            else:
-                kernel = one_token_mlp_triton if path == "one_token" else fused_mlp_triton
-                y = kernel(x2, up, down, gate, *biases, activation)
-    else:
-        y = reference.mlp(x2, up, down, gate, *biases, activation)
-    return y.reshape(*x.shape[:-1], down.shape[0])
+            up, down, gate, up_bias, down_bias, gate_bias = weights
+            descriptors = _descriptors(x2.shape[0], up, "gated_hidden", x2, up, "gated_hidden", None, gate)
+            hidden = gated_rows(x2, up, gate, up_bias, gate_bias, activation, descriptors)  # (M, H)
+            y = _forward(hidden, down, down_bias, None)
+        elif plan is Plan.ONE_TOKEN:
+            from sparseblocks.kernels.one_token import one_token_mlp
+
+            y = one_token_mlp(x2, weights, activation)
+        else:
+            from sparseblocks.kernels.fused_mlp import fused_mlp_triton
+
+            y = fused_mlp_triton(x2, weights, activation)
+    return y.reshape(*x.shape[:-1], weights.down.shape[0])
 
 
 class _EagerPlainMLP(torch.autograd.Function):
@@ -194,9 +146,9 @@ def sparse_mlp(
 
     up and gate: logical ``(H, K)``; down: ``(N, H)`` whose block columns are as wide as up's block rows.
     hidden_dropout: the dropout probability on the hidden activation (pass 0 in eval mode). With ``fused`` and
-    neither gradients nor dropout to compute, one kernel does it all where it pays (:func:`fused_pays`), the
+    neither gradients nor dropout to compute, one kernel does it all where it pays (``dispatch.mlp_plan``), the
     hidden activation kept on chip, at one token two launches of the decode kernel do, and a gated MLP elsewhere
-    computes its hidden activation in one launch, gate and up never stored (:func:`inference_path`); otherwise
+    computes its hidden activation in one launch, gate and up never stored; otherwise
     separate differentiable products do, and with ``fused`` a plain MLP (no gate, no dropout) trained outside
     torch.compile keeps its hidden *gradient* on chip in the backward.
     """
@@ -211,23 +163,20 @@ def sparse_mlp(
     if gate is not None:
         check_spmm_inputs(x, gate, gate_bias, activation)
     check_mlp_shapes(up, down, gate)
-    matrices = [up, down] if gate is None else [up, down, gate]
-    biases = [up_bias, down_bias, gate_bias]
-    training = needs_grad(x, *(w.values for w in matrices), *biases)
-    inference = fused and not training and hidden_dropout == 0.0
-    path = inference_path(x.numel() // x.shape[-1], up, down, gate) if inference else "unfused"
-    if path != "unfused":
+    weights = MLPWeights(up, down, gate, up_bias, down_bias, gate_bias)
+    training = needs_grad(x, *(w.values for w in weights.matrices), *weights.biases)
+    if fused and not training and hidden_dropout == 0.0:
         if not torch.compiler.is_compiling():
-            return _fused_mlp(x, up, down, gate, biases, activation, path)
+            return _inference(x, weights, activation)
         return _fused_mlp_op(
             x,
-            [w.values for w in matrices],
-            [index for w in matrices for index in _index(w)],
-            [size for w in matrices for size in w.shape],
-            biases,
+            [w.values for w in weights.matrices],
+            [index for w in weights.matrices for index in _index(w)],
+            [size for w in weights.matrices for size in w.shape],
+            weights.biases,
             activation,
         )
     plain = gate is None and activation is not None and hidden_dropout == 0.0
     if fused and training and plain and not torch.compiler.is_compiling():
         return _EagerPlainMLP.apply(x, up.values, down.values, up_bias, down_bias, up, down, activation)
-    return reference.mlp(x, up, down, gate, *biases, activation, hidden_dropout=hidden_dropout, product=spmm)
+    return reference.mlp(x, weights, activation, hidden_dropout=hidden_dropout, product=spmm)

@@ -23,8 +23,9 @@ from typing import NamedTuple
 
 import torch
 
-from sparseblocks import reference
+from sparseblocks import dispatch, reference
 from sparseblocks.backend import on_device_of, use_triton
+from sparseblocks.dispatch import Plan, Tiles
 from sparseblocks.format import INDEX_NAMES, BlockSparseMatrix
 from sparseblocks.ops.library import define_op
 
@@ -39,17 +40,44 @@ def _index(w: BlockSparseMatrix) -> list[torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------- implementations
-# Triton on CUDA, the reference elsewhere. Shared by the custom ops (traced by torch.compile) and the eager path,
-# which calls them straight from an autograd.Function: a torch.library dispatch costs ~75 µs of CPU a call.
+# Triton on CUDA (the plan ``sparseblocks.dispatch`` names), the reference elsewhere. Shared by the custom ops
+# (traced by torch.compile) and the eager path, which calls them straight from an autograd.Function: a torch.library
+# dispatch costs 20-45 µs of CPU a call (benchmarks/op_dispatch.py).
 
 
-def _forward(x: torch.Tensor, w: BlockSparseMatrix, bias: torch.Tensor | None, activation: str | None) -> torch.Tensor:
+def forward_with_kernels(x: torch.Tensor, w: BlockSparseMatrix, bias: torch.Tensor | None, activation: str | None):
+    """``act(x · wᵀ + bias)`` by the kernel :func:`dispatch.forward_plan` picks (x on a device the kernels run on)."""
+    x2 = x.reshape(-1, w.shape[1])  # a view whenever the strides allow; the kernels take any strides
+    m, tiles, device = x2.shape[0], Tiles.of(w), dispatch.device_facts(x.device)
+    plan = dispatch.forward_plan(m, tiles, device, lambda: dispatch.descriptors_fit(x2, w, "forward"))
+    if plan is Plan.ONE_TOKEN:
+        from sparseblocks.kernels.one_token import spmm_one_token
+
+        y = spmm_one_token(x2, w, bias, activation)
+    elif plan is Plan.FEW_TOKENS:
+        from sparseblocks.kernels.few_tokens import spmm_few_tokens
+
+        y = spmm_few_tokens(x2, w, bias, activation, dispatch.few_token_tiles_per_program(tiles, device))
+    else:
+        from sparseblocks.kernels.spmm import spmm_rows
+
+        y = spmm_rows(x2, w, bias, activation, descriptors=plan is Plan.ROWS_DESCRIPTORS)
+    return y.reshape(*x.shape[:-1], w.shape[0])
+
+
+def _forward(
+    x: torch.Tensor, w: BlockSparseMatrix, bias: torch.Tensor | None = None, activation: str | None = None
+) -> torch.Tensor:
     if use_triton(x):
-        from sparseblocks.kernels.spmm import spmm_triton
-
         with on_device_of(x):
-            return spmm_triton(x, w, bias, activation)
+            return forward_with_kernels(x, w, bias, activation)
     return reference.spmm(x, w, bias, activation)
+
+
+def _descriptors(m: int, w: BlockSparseMatrix, decision: str, *fit_args) -> bool:
+    """Whether the row kernel reads by descriptor in a ``decision`` launch (:func:`dispatch.row_loads`)."""
+    fits = lambda: dispatch.descriptors_fit(*fit_args)
+    return dispatch.row_loads(m, Tiles.of(w), fits, decision) is Plan.ROWS_DESCRIPTORS
 
 
 def _activation_grad(
@@ -62,10 +90,12 @@ def _activation_grad(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """dZ, and with ``bias_grad`` its fp32 sum over all leading dims (the bias gradient; else None)."""
     if use_triton(x):
-        from sparseblocks.kernels.spmm import spmm_activation_grad_triton
+        from sparseblocks.kernels.spmm import activation_grad_rows
 
+        x2, grad2 = x.reshape(-1, w.shape[1]), grad_out.reshape(-1, w.shape[0])
+        descriptors = _descriptors(x2.shape[0], w, "activation_grad", x2, w, "activation_grad", grad2)
         with on_device_of(x):
-            return spmm_activation_grad_triton(grad_out, x, w, bias, activation, bias_grad)
+            return activation_grad_rows(grad_out, x, w, bias, activation, bias_grad, descriptors)
     dz = reference.spmm_activation_grad(grad_out, x, w, bias, activation)
     return dz, _summed_over_tokens(dz, w) if bias_grad else None
 
@@ -81,11 +111,14 @@ def _hidden_grad(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """An MLP's ``dZ = (dY · W_down) ⊙ act'(x · W_upᵀ + b_up)`` and, with ``bias_grad``, up's bias gradient."""
     if use_triton(x):
-        from sparseblocks.kernels.spmm import mlp_hidden_grad_triton
+        x2, grad2 = x.reshape(-1, up.shape[1]), grad_out.reshape(-1, down.shape[0])
+        on_chip = dispatch.hidden_grad_plan(lambda: dispatch.hidden_grad_on_chip_fits(x2, grad2, up, down))
+        if on_chip is Plan.HIDDEN_GRAD_ON_CHIP:
+            from sparseblocks.kernels.spmm import hidden_grad_on_chip
 
-        with on_device_of(x):
-            return mlp_hidden_grad_triton(grad_out, x, up, up_bias, down, activation, bias_grad)
-    return _activation_grad(reference.spmm_input_grad(grad_out, down), x, up, up_bias, activation, bias_grad)
+            with on_device_of(x):
+                return hidden_grad_on_chip(grad_out, x, up, up_bias, down, activation, bias_grad)
+    return _activation_grad(_input_grad(grad_out, down), x, up, up_bias, activation, bias_grad)
 
 
 def _summed_over_tokens(grad: torch.Tensor, w: BlockSparseMatrix) -> torch.Tensor:
@@ -99,14 +132,9 @@ def _sums_dtype(grad: torch.Tensor) -> torch.dtype:
     return torch.promote_types(grad.dtype, torch.float32)
 
 
-# From this many elements on, the column-sum kernel's GPU time saved (ViT-B fc2's 50432 x 768 dY: 39 µs against
-# torch.sum's 56 µs on an H200) outweighs its CPU cost (24 µs to issue against 8 µs).
-COLUMN_SUMS_KERNEL_MIN_ELEMENTS = 1 << 24
-
-
 def _column_sums(grad: torch.Tensor, w: BlockSparseMatrix) -> torch.Tensor:
-    """:func:`_summed_over_tokens`, by the Triton column-sum kernel on CUDA where the gradient is large."""
-    if grad.numel() >= COLUMN_SUMS_KERNEL_MIN_ELEMENTS and use_triton(grad):
+    """:func:`_summed_over_tokens`, by the Triton column-sum kernel where :func:`dispatch.bias_grad_plan` says."""
+    if use_triton(grad) and dispatch.bias_grad_plan(grad.numel()) is Plan.COLUMN_SUMS_KERNEL:
         from sparseblocks.kernels.column_sums import column_sums_triton
 
         with on_device_of(grad):
@@ -116,10 +144,12 @@ def _column_sums(grad: torch.Tensor, w: BlockSparseMatrix) -> torch.Tensor:
 
 def _input_grad(grad_out: torch.Tensor, w: BlockSparseMatrix) -> torch.Tensor:
     if use_triton(grad_out):
-        from sparseblocks.kernels.spmm import spmm_input_grad_triton
+        from sparseblocks.kernels.spmm import input_grad_rows
 
+        grad2 = grad_out.reshape(-1, w.shape[0])
+        descriptors = _descriptors(grad2.shape[0], w, "input_grad", grad2, w, "input_grad")
         with on_device_of(grad_out):
-            return spmm_input_grad_triton(grad_out, w)
+            return input_grad_rows(grad_out, w, descriptors)
     return reference.spmm_input_grad(grad_out, w)
 
 
