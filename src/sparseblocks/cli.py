@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="sparseblocks-demo", help="folder for the plot, numbers and model")
     demo.set_defaults(run=_demo)
 
-    from sparseblocks.integrations.sparsify import PATTERNS
+    from sparseblocks.integrations.layouts import LAYOUTS
     from sparseblocks.recipes.experiments import METHODS, Experiment  # torch is loaded with the package: cheap here
     from sparseblocks.recipes.training import ViTRecipe
 
@@ -292,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     sparsity_options = argparse.ArgumentParser(add_help=False)  # what _sparsity_config reads
     sparsity_options.add_argument("--sparsity", type=float, help="fraction of tiles pruned (default 0.9; 0.5 for 2:4)")
     sparsity_options.add_argument(
-        "--pattern", default="block", choices=PATTERNS, help="tiles, or 2 of every 4 weights (2:4)"
+        "--pattern", default="block", choices=tuple(LAYOUTS), help="tiles, or 2 of every 4 weights (2:4)"
     )
     sparsity_options.add_argument(
         "--block", type=int, default=32, choices=(16, 32, 64, 128), help="block size (default 32)"
