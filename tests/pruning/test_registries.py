@@ -27,6 +27,10 @@ def test_the_cli_offers_exactly_the_registered_methods_and_layouts():
     assert _choices("sparsify", dest="pattern") == _choices("prune", dest="pattern") == tuple(LAYOUTS)
     assert tuple(LAYOUTS) == ("block", "2:4")
     assert methods() == ("magnitude", "activation_magnitude", "fisher", "prune_grow", "supermask")
+    from sparseblocks.integrations.sparsify import PATTERNS
+    from sparseblocks.pruning.pruner import METHODS
+
+    assert methods() == METHODS and tuple(LAYOUTS) == PATTERNS  # the old names, following the registries
     # train gpt's methods are the experiment's: dense baselines, then plans of a registered method and layout each
     assert _choices("train", "gpt", dest="method") == EXPERIMENT_METHODS == ("dense", "dense_iso_params", *PLANS)
     assert {plan[0] for plan in PLANS.values()} == set(methods())

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from sparseblocks.integrations.layouts import get_layout, sparse_module_types
+from sparseblocks.integrations.layouts import LAYOUTS, get_layout, sparse_module_types
 from sparseblocks.nn import BlockSparseLinear, SparseLinearActivation, SparseMLP
 
 logger = logging.getLogger("sparseblocks")
@@ -98,6 +98,13 @@ LINEAR_ACTIVATION_LAYOUTS: dict[tuple[str, str], tuple[str, str]] = {
 
 
 FUSED_MODULES = (SparseMLP, SparseLinearActivation)  # what fuse_mlps puts in a model
+
+
+def __getattr__(name: str):
+    # PATTERNS, kept for imports of old: the registered layouts' names, read when asked for
+    if name == "PATTERNS":
+        return tuple(LAYOUTS)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass

@@ -51,6 +51,13 @@ from sparseblocks.masks import blocks_to_keep, top_blocks_mask
 from sparseblocks.pruning.strategies import methods, regrow, strategy_for
 
 
+def __getattr__(name: str):
+    # METHODS, kept for imports of old: every Pruner method, read from the registries when asked for
+    if name == "METHODS":
+        return methods()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 @dataclass(frozen=True)
 class CubicSchedule:
     """Gradual pruning (Zhu & Gupta): ``s_t = s_f + (s_0 - s_f)(1 - p)^3`` with p the progress from ``start`` to
