@@ -158,10 +158,11 @@ def _prune(args: argparse.Namespace) -> int:
     import torch
 
     from sparseblocks.integrations.huggingface import calibration_tokens, load_pretrained, prune_pretrained
+    from sparseblocks.pruning.scores import SCORES
 
     source, out = _folders("prune", args)
     text = None
-    if args.method != "magnitude" or args.reconstruct:  # read before the model loads: a wrong path fails at once
+    if SCORES[args.method].needs or args.reconstruct:  # read before the model loads: a wrong path fails at once
         if args.calibration is None:
             what = "--reconstruct" if args.reconstruct else f"--method {args.method}"
             raise SystemExit(f"sparseblocks prune: {what} needs --calibration FILE (plain text)")
@@ -252,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="sparseblocks-demo", help="folder for the plot, numbers and model")
     demo.set_defaults(run=_demo)
 
-    from sparseblocks.integrations.sparsify import PATTERNS
+    from sparseblocks.integrations.layouts import LAYOUTS
+    from sparseblocks.pruning.scores import SCORES
     from sparseblocks.recipes.experiments import METHODS, Experiment  # torch is loaded with the package: cheap here
     from sparseblocks.recipes.training import ViTRecipe
 
@@ -292,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     sparsity_options = argparse.ArgumentParser(add_help=False)  # what _sparsity_config reads
     sparsity_options.add_argument("--sparsity", type=float, help="fraction of tiles pruned (default 0.9; 0.5 for 2:4)")
     sparsity_options.add_argument(
-        "--pattern", default="block", choices=PATTERNS, help="tiles, or 2 of every 4 weights (2:4)"
+        "--pattern", default="block", choices=tuple(LAYOUTS), help="tiles, or 2 of every 4 weights (2:4)"
     )
     sparsity_options.add_argument(
         "--block", type=int, default=32, choices=(16, 32, 64, 128), help="block size (default 32)"
@@ -322,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument(
         "--method",
         default="magnitude",
-        choices=("magnitude", "activation_magnitude", "fisher"),
+        choices=tuple(SCORES),
         help="tile scores: weights, weights x input norms, or weights^2 x Fisher (default magnitude)",
     )
     prune.add_argument("--calibration", metavar="FILE", help="plain text for activation_magnitude and fisher")

@@ -2,7 +2,8 @@
 
 ``save_sparse(model, folder)`` writes ``sparseblocks.safetensors`` (the whole state dict: the sparse layers' tiles
 and indices, or 2:4 values and group masks, and every dense tensor, tied weights once) and ``sparseblocks.json``
-(library version and, per sparse layer, its pattern, shape, block, tile count, density and dtype).
+(library version and, per sparse layer, its pattern, shape, dtype, bias and what its layout records: block, tile
+count, density; see :mod:`sparseblocks.integrations.layouts`).
 ``load_sparse(folder, model)`` turns the named linears of a freshly built model into sparse layers and loads
 everything. Each tensor read from disk is checked against the JSON and each matrix or 2:4 mask is validated (index
 bounds, pointer monotonicity, shapes, dtypes, two of four kept) before any kernel can
@@ -19,10 +20,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_model
 from torch import nn
 
-from sparseblocks.format import VALUE_DTYPES_BY_NAME, BlockSparseMatrix, normalize_block_size
-from sparseblocks.integrations.sparsify import FUSED_MODULES, PATTERNS, fuse_mlps, replace_module, sparse_layers
-from sparseblocks.nn import BlockSparseLinear, SemiStructuredLinear
-from sparseblocks.nn.semi_structured import GROUP, KEPT
+from sparseblocks.format import VALUE_DTYPES_BY_NAME
+from sparseblocks.integrations.layouts import DEFAULT, LAYOUTS, layout_of, sparse_module_types
+from sparseblocks.integrations.sparsify import FUSED_MODULES, fuse_mlps, replace_module, sparse_layers
 
 WEIGHTS_FILE = "sparseblocks.safetensors"
 CONFIG_FILE = "sparseblocks.json"
@@ -42,15 +42,14 @@ def save_sparse(model: nn.Module, folder: str | Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     layers = {}
     for name, layer in sparse_layers(model).items():
+        layout = layout_of(layer)
         entry = {"out_features": layer.out_features, "in_features": layer.in_features}
-        if isinstance(layer, SemiStructuredLinear):
-            entry.update(pattern="2:4", density=KEPT / GROUP)
-        else:
-            matrix = layer.matrix
-            entry.update(block=list(matrix.block_shape), nnz=matrix.nnz, density=matrix.density)
+        if layout.name != DEFAULT:  # block entries name no pattern, as in the files written before 2:4 existed
+            entry["pattern"] = layout.name
         layers[name] = {
             **entry,
-            "dtype": str(layer.values.dtype).removeprefix("torch."),
+            **layout.config_entry(layer),
+            "dtype": str(layout.dtype(layer)).removeprefix("torch."),
             "bias": layer.bias is not None,
         }
     fused = [name for name, module in model.named_modules() if isinstance(module, FUSED_MODULES)]
@@ -73,39 +72,31 @@ def _read_config(folder: Path) -> dict:
     if not isinstance(layers, dict):
         raise ValueError(f"{folder / CONFIG_FILE}: 'layers' must be a mapping")
     for name, entry in layers.items():
-        if not isinstance(entry, dict) or entry.setdefault("pattern", "block") not in PATTERNS:
-            raise ValueError(f"{CONFIG_FILE}: layer {name!r} needs a mapping with a pattern of {PATTERNS}")
-        fields = (
-            ("out_features", "in_features", "nnz") if entry["pattern"] == "block" else ("out_features", "in_features")
-        )
+        pattern = entry.setdefault("pattern", DEFAULT) if isinstance(entry, dict) else None
+        if not isinstance(pattern, str) or pattern not in LAYOUTS:
+            raise ValueError(f"{CONFIG_FILE}: layer {name!r} needs a mapping with a pattern of {tuple(LAYOUTS)}")
+        layout = LAYOUTS[pattern]
+        fields = ("out_features", "in_features", *layout.integer_fields)
         if any(not isinstance(entry.get(f), int) or entry[f] < 0 for f in fields):
             raise ValueError(f"{CONFIG_FILE}: layer {name!r} needs non-negative integers {fields}")
         if not isinstance(entry.get("bias"), bool):
             raise ValueError(f"{CONFIG_FILE}: layer {name!r} needs a boolean 'bias'")
         if entry.get("dtype") not in VALUE_DTYPES_BY_NAME:
             raise ValueError(f"{CONFIG_FILE}: layer {name!r} needs a 'dtype' of {sorted(VALUE_DTYPES_BY_NAME)}")
-        if entry["pattern"] == "block":
-            normalize_block_size(entry.get("block"))
-        elif entry["in_features"] % GROUP:
-            raise ValueError(f"{CONFIG_FILE}: 2:4 layer {name!r} needs in_features divisible by {GROUP}")
+        try:
+            layout.check_entry(name, entry)
+        except ValueError as error:
+            raise ValueError(f"{CONFIG_FILE}: {error}") from error
     fused = config.setdefault("fused_mlps", [])
     if not isinstance(fused, list) or not all(isinstance(name, str) for name in fused):
         raise ValueError(f"{folder / CONFIG_FILE}: 'fused_mlps' must be a list of module names")
     return config
 
 
-def _load_layer(name: str, entry: dict, tensors: dict[str, torch.Tensor]) -> BlockSparseLinear | SemiStructuredLinear:
-    """Check a layer's tensors against its JSON entry and build the module (validating the matrix or 2:4 masks)."""
-    n, k = entry["out_features"], entry["in_features"]
-    if entry["pattern"] == "2:4":
-        expected = {"values": (n, k * KEPT // GROUP), "groups": (n, k // GROUP)}
-    else:
-        bn, bk = normalize_block_size(entry["block"])
-        expected = {
-            "values": (entry["nnz"], bn, bk),
-            "crow_indices": (-(-n // bn) + 1,),
-            "col_indices": (entry["nnz"],),
-        }
+def _load_layer(name: str, entry: dict, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """Check a layer's tensors against its JSON entry and build the module of its layout (which validates them)."""
+    layout = LAYOUTS[entry["pattern"]]
+    expected = layout.tensor_shapes(entry)
     if entry["bias"]:
         expected["bias"] = (entry["out_features"],)
     for part, shape in expected.items():
@@ -114,18 +105,13 @@ def _load_layer(name: str, entry: dict, tensors: dict[str, torch.Tensor]) -> Blo
             raise ValueError(f"layer {name!r}: the weights file has no tensor {_key(name, part)}")
         if tuple(tensor.shape) != shape:
             raise ValueError(f"layer {name!r}: {part} has shape {tuple(tensor.shape)}, expected {shape}")
-    values, bias = tensors[_key(name, "values")], tensors.get(_key(name, "bias")) if entry["bias"] else None
-    if values.dtype != VALUE_DTYPES_BY_NAME[entry["dtype"]] or (bias is not None and bias.dtype != values.dtype):
-        dtypes = f"{values.dtype}" + ("" if bias is None else f" and {bias.dtype}")
-        raise ValueError(f"layer {name!r}: values and bias must be floating point {entry['dtype']}, got {dtypes}")
+    parts = {part: tensors[_key(name, part)] for part in expected}
+    bias = parts.pop("bias", None)
     try:
-        if entry["pattern"] == "2:4":
-            return SemiStructuredLinear(values, tensors[_key(name, "groups")], bias)
-        crow, col = tensors[_key(name, "crow_indices")], tensors[_key(name, "col_indices")]
-        matrix = BlockSparseMatrix(values, crow, col, (n, k))
+        layout.check_dtypes(entry, parts, bias)
+        return layout.load(entry, parts, bias)
     except ValueError as error:
         raise ValueError(f"layer {name!r}: {error}") from error
-    return BlockSparseLinear.from_matrix(matrix, bias)
 
 
 def _materialize_meta(model: nn.Module) -> None:
@@ -158,8 +144,9 @@ def _materialize_meta(model: nn.Module) -> None:
 
 def load_sparse(folder: str | Path, model: nn.Module, strict: bool = True) -> nn.Module:
     """Load a ``save_sparse`` folder into ``model`` (same architecture, freshly built, on any device or on
-    ``meta``): its saved sparse layers become ``BlockSparseLinear``, every tensor is loaded, and MLPs that ran as
-    ``SparseMLP`` (or ``SparseLinearActivation``) when saved do so again. Returns ``model`` (for the checkpoint of
+    ``meta``): its saved sparse layers become the modules of their layouts (``BlockSparseLinear``,
+    ``SemiStructuredLinear``), every tensor is loaded, and MLPs that ran as ``SparseMLP`` (or
+    ``SparseLinearActivation``) when saved do so again. Returns ``model`` (for the checkpoint of
     a bare sparse layer, the loaded layer: a module cannot replace itself).
 
     strict: the file and the model must hold the same tensors (tied weights count once).
@@ -180,7 +167,7 @@ def load_sparse(folder: str | Path, model: nn.Module, strict: bool = True) -> nn
             current = model.get_submodule(name)
         except AttributeError as error:
             raise ValueError(f"layer {name!r} of the checkpoint is not in the model") from error
-        if not isinstance(current, nn.Linear | BlockSparseLinear | SemiStructuredLinear) or (
+        if not isinstance(current, (nn.Linear, *sparse_module_types())) or (
             (current.out_features, current.in_features) != (entry["out_features"], entry["in_features"])
         ):
             raise ValueError(

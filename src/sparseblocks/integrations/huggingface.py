@@ -40,10 +40,19 @@ from torch import nn
 from sparseblocks.integrations.checkpoint import load_sparse, save_sparse
 from sparseblocks.integrations.sparsify import SparsifyReport, SparsityConfig
 from sparseblocks.pruning.pruner import Pruner
+from sparseblocks.pruning.scores import SCORES
 
 logger = logging.getLogger("sparseblocks")
 
-PRUNE_METHODS = ("magnitude", "activation_magnitude", "fisher")  # the one-shot methods (no training loop)
+
+def __getattr__(name: str):
+    # PRUNE_METHODS, the one-shot methods (no training loop), are the registered scores, read when asked for: a
+    # score registered after this module loaded is one too
+    if name == "PRUNE_METHODS":
+        return tuple(SCORES)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 # head -> the transformers class that loads (and reloads) a folder with that head
 MODEL_CLASSES = {"causal_lm": "AutoModelForCausalLM", "masked_lm": "AutoModelForMaskedLM", "base": "AutoModel"}
 _HEAD_SUFFIXES = {"ForCausalLM": "causal_lm", "ForMaskedLM": "masked_lm"}
@@ -166,16 +175,18 @@ def prune_pretrained(
     seed: int = 0,
     reconstruct: bool = False,
 ) -> SparsifyReport:
-    """Prune ``model``'s targets in one shot by ``method`` (:data:`PRUNE_METHODS`) from calibration ``tokens``
-    ``(samples, seq_len)`` (unused by magnitude), and replace them by ``BlockSparseLinear``; returns the report.
+    """Prune ``model``'s targets in one shot by ``method`` (a score of :data:`~sparseblocks.pruning.scores.SCORES`)
+    from calibration ``tokens`` ``(samples, seq_len)`` (unused by scores that need no statistics, like magnitude),
+    and replace them by the sparse modules of ``config.pattern``; returns the report.
 
     reconstruct: then refit the kept weights layer by layer to reproduce the dense layers' outputs on the
     calibration tokens (:func:`sparseblocks.pruning.reconstruct.reconstruct`)."""
-    if method not in PRUNE_METHODS:
-        raise ValueError(f"method must be one of {PRUNE_METHODS}, got {method!r}")
+    if method not in SCORES:
+        raise ValueError(f"method must be one of {tuple(SCORES)}, got {method!r}")
     if head not in MODEL_CLASSES:
         raise ValueError(f"head must be one of {tuple(MODEL_CLASSES)}, got {head!r}")
-    if (method != "magnitude" or reconstruct) and tokens is None:
+    needs = SCORES[method].needs
+    if (needs or reconstruct) and tokens is None:
         raise ValueError(f"{method}{' with reconstruction' if reconstruct else ''} needs calibration tokens")
     positions = getattr(model.config, "max_position_embeddings", None)
     if tokens is not None and positions and tokens.shape[1] > positions:
@@ -188,10 +199,10 @@ def prune_pretrained(
         for batch in tokens.split(ACTIVATION_BATCH):
             model(input_ids=batch.to(device))
 
-    if method == "activation_magnitude":
+    if "inputs" in needs:
         with pruner.observe_inputs():
             calibrate()
-    elif method == "fisher":
+    if "gradients" in needs:
         generator = torch.Generator(device).manual_seed(seed)
         # gradients of the targets' weights only: no memory for the others' (embeddings can be the largest)
         trainable = {p: p.requires_grad for p in model.parameters()}

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from sparseblocks.nn import BlockSparseLinear, SemiStructuredLinear, SparseLinearActivation, SparseMLP
-from sparseblocks.nn.semi_structured import GROUP, KEPT
+from sparseblocks.integrations.layouts import LAYOUTS, get_layout, sparse_module_types
+from sparseblocks.nn import BlockSparseLinear, SparseLinearActivation, SparseMLP
 
 logger = logging.getLogger("sparseblocks")
 
@@ -99,7 +99,12 @@ LINEAR_ACTIVATION_LAYOUTS: dict[tuple[str, str], tuple[str, str]] = {
 
 FUSED_MODULES = (SparseMLP, SparseLinearActivation)  # what fuse_mlps puts in a model
 
-PATTERNS = ("block", "2:4")
+
+def __getattr__(name: str):
+    # PATTERNS, kept for imports of old: the registered layouts' names, read when asked for
+    if name == "PATTERNS":
+        return tuple(LAYOUTS)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -109,33 +114,40 @@ class SparsityConfig:
     sparsity: fraction of tiles pruned, one number or ``{pattern: sparsity}`` (first matching pattern wins; a
     targeted module no pattern matches is an error). block_size: 16, 32, 64, 128 or a ``(bn, bk)`` pair.
     targets / exclude: preset names (``"mlp"``, ``"attention"``, ``"all-linear"``), shell globs over module names
-    (``"model.layers.*.mlp.up_proj"``) or regular expressions written ``"re:..."``. method: how tiles are chosen;
-    ``"magnitude"`` keeps the tiles of largest L2 norm. fuse_mlp: run each MLP that :data:`MLP_LAYOUTS` knows
-    as one :class:`~sparseblocks.nn.SparseMLP` (activation fused into the first product) once its linears are sparse,
-    and BERT's first MLP half as one product (:func:`fuse_mlps`).
-    pattern: ``"block"`` (tiles of ``block_size``, :class:`~sparseblocks.nn.BlockSparseLinear`) or ``"2:4"`` (2 of
-    every 4 weights along a row, :class:`~sparseblocks.nn.SemiStructuredLinear`; sparsity 0.5, block_size unused).
+    (``"model.layers.*.mlp.up_proj"``) or regular expressions written ``"re:..."``. method: deprecated, and only
+    ``"magnitude"`` (what :func:`sparsify` always did: the tiles of largest L2 norm); name a score with
+    :class:`~sparseblocks.pruning.pruner.Pruner`'s ``method`` instead. fuse_mlp: run each MLP that
+    :data:`MLP_LAYOUTS` knows as one :class:`~sparseblocks.nn.SparseMLP` (activation fused into the first product)
+    once its linears are sparse, and BERT's first MLP half as one product (:func:`fuse_mlps`).
+    pattern: a layout of :data:`~sparseblocks.integrations.layouts.LAYOUTS`: ``"block"`` (tiles of ``block_size``,
+    :class:`~sparseblocks.nn.BlockSparseLinear`) or ``"2:4"`` (2 of every 4 weights along a row,
+    :class:`~sparseblocks.nn.SemiStructuredLinear`; sparsity 0.5, block_size unused).
     """
 
     sparsity: float | Mapping[str, float] = 0.9
     block_size: int | tuple[int, int] = 64
     targets: str | Sequence[str] = "mlp"
     exclude: str | Sequence[str] = ()
-    method: str = "magnitude"
+    method: str | None = None  # deprecated: sparsify only ever ranked tiles by magnitude
     fuse_mlp: bool = False
     pattern: str = "block"
 
     def __post_init__(self) -> None:
-        if self.method != "magnitude":
-            raise ValueError(f"method must be 'magnitude' (block L2 norm), got {self.method!r}")
-        if self.pattern not in PATTERNS:
-            raise ValueError(f"pattern must be one of {PATTERNS}, got {self.pattern!r}")
+        if self.method is not None:
+            if self.method != "magnitude":
+                raise ValueError(f"method must be 'magnitude' (block L2 norm), got {self.method!r}")
+            warnings.warn(
+                "SparsityConfig.method is deprecated and will be removed: sparsify always keeps the tiles of largest "
+                "magnitude; choose a score with Pruner(method=...)",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+        layout = get_layout(self.pattern)
         values = self.sparsity.values() if isinstance(self.sparsity, Mapping) else [self.sparsity]
         for value in values:
             if not 0.0 <= float(value) < 1.0:
                 raise ValueError(f"sparsity must lie in [0, 1), got {value}")
-            if self.pattern == "2:4" and float(value) != 0.5:
-                raise ValueError(f"2:4 keeps 2 of every 4 weights: sparsity must be 0.5, got {value}")
+            layout.check_sparsity(float(value))
         patterns = [*_as_list(self.targets), *_as_list(self.exclude)]
         if isinstance(self.sparsity, Mapping):
             patterns += list(self.sparsity)
@@ -279,24 +291,21 @@ def _check_swappable(name: str, module: nn.Linear, names: list[str], weight_user
 def sparsify(
     model: nn.Module, config: SparsityConfig | None = None, masks: Mapping[str, torch.Tensor] | None = None
 ) -> SparsifyReport:
-    """Replace the targeted ``nn.Linear`` modules of ``model`` by ``BlockSparseLinear`` (or, for the 2:4 pattern,
-    ``SemiStructuredLinear``) in place; return a report.
+    """Replace the targeted ``nn.Linear`` modules of ``model`` by the sparse modules of ``config.pattern``'s layout
+    (``BlockSparseLinear``; ``SemiStructuredLinear`` for 2:4) in place; return a report.
 
-    Tiles are chosen by ``config.method``, or given per layer name in ``masks`` (bool block masks, or element masks
+    Tiles are chosen by magnitude, or given per layer name in ``masks`` (bool block masks, or element masks
     for 2:4, as a pruner leaves them). Shapes that are not a multiple of the block are padded, never skipped. See
     :func:`target_linears` for what is refused or left dense; warns when nothing matched.
     """
     config = config or SparsityConfig()
     params_before, bytes_before = model_size(model)
     report = SparsifyReport()
+    layout = get_layout(config.pattern)
     for name, linear in target_linears(model, config):
         mask = masks.get(name) if masks is not None else None
-        if config.pattern == "2:4":
-            sparse = SemiStructuredLinear.from_linear(linear, mask)
-            block, density = (1, GROUP), KEPT / GROUP
-        else:
-            sparse = BlockSparseLinear.from_linear(linear, config.sparsity_of(name), config.block_size, mask)
-            block, density = sparse.matrix.block_shape, sparse.matrix.density
+        sparse = layout.from_linear(linear, config.sparsity_of(name), config.block_size, mask)
+        block, density = layout.describe(sparse)
         replace_module(model, name, sparse)
         before = [t for t in (linear.weight, linear.bias) if t is not None]
         report.layers.append(
@@ -392,7 +401,7 @@ def fuse_mlps(model: nn.Module) -> int:
 
 def densify(model: nn.Module) -> nn.Module:
     """Undo :func:`sparsify` in place: fused MLPs become their original modules again and every
-    ``BlockSparseLinear`` or ``SemiStructuredLinear`` an equivalent dense ``nn.Linear`` (zeros where pruned).
+    sparse layer of a registered layout an equivalent dense ``nn.Linear`` (zeros where pruned).
     A fused MLP built directly, not by :func:`fuse_mlps`, has no original to go back to: a ``ValueError``, and
     nothing changes."""
     fused = {name: module for name, module in model.named_modules() if isinstance(module, FUSED_MODULES)}
@@ -406,11 +415,13 @@ def densify(model: nn.Module) -> nn.Module:
             setattr(original, child, layer)
         replace_module(model, name, original)
     for name, module in list(model.named_modules()):
-        if isinstance(module, BlockSparseLinear | SemiStructuredLinear):
+        if isinstance(module, sparse_module_types()):
             replace_module(model, name, module.to_linear())
     return model
 
 
-def sparse_layers(model: nn.Module) -> dict[str, BlockSparseLinear | SemiStructuredLinear]:
-    """The sparse linears (``BlockSparseLinear`` and ``SemiStructuredLinear``) of a model, by name."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, BlockSparseLinear | SemiStructuredLinear)}
+def sparse_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The sparse linears of a model (modules of every registered layout: ``BlockSparseLinear``,
+    ``SemiStructuredLinear``), by name."""
+    types = sparse_module_types()
+    return {name: m for name, m in model.named_modules() if isinstance(m, types)}

@@ -11,13 +11,17 @@
     report = pruner.finalize()              # BlockSparseLinear modules with the final masks
 
 While pruning, the targeted ``nn.Linear`` stay dense and their pruned tiles are held at zero (masked dense
-training: the pattern still changes). Scores, per ``(bn, bk)`` tile of a weight W:
+training: the pattern still changes). The methods (:func:`~sparseblocks.pruning.strategies.methods`): every score
+of :data:`~sparseblocks.pruning.scores.SCORES`, per ``(bn, bk)`` tile of a weight W,
 
 * ``magnitude``: ‖W_tile‖₂.
 * ``activation_magnitude`` (Wanda-style): ‖W_tile · diag(‖x_j‖₂)‖₂, with input-feature norms from calibration
   batches run under :meth:`Pruner.observe_inputs`.
 * ``fisher`` (oBERT-style, damped diagonal): Σ_tile w² (F + λ) / 2 with the empirical Fisher F the mean squared
   gradient over the batches seen by :meth:`Pruner.observe_gradients`: the loss increase of removing the tile.
+
+and the strategies of :data:`~sparseblocks.pruning.strategies.STRATEGIES`:
+
 * ``prune_grow`` (blocked RigL): magnitude to reach the schedule's sparsity; then at every later update, the
   ``regrow_fraction`` (decaying with a cosine to zero at the schedule's end) of kept tiles with the smallest
   magnitude are dropped and as many pruned tiles with the largest dense-gradient norm (from
@@ -26,35 +30,32 @@ training: the pattern still changes). Scores, per ``(bn, bk)`` tile of a weight 
   trainable block scores (starting at the tile norms) pick the kept tiles in every forward; the schedule ramps
   their sparsity. Build the optimizer *after* the pruner, so that it trains the scores too.
 
-With ``SparsityConfig(0.5, pattern="2:4")`` the magnitude, activation and Fisher scores are taken per weight and the
-mask keeps the 2 best of every 4 along a row (NVIDIA's ASP recipe: prune once, at the schedule's first update,
-then train with the mask held fixed); :meth:`Pruner.finalize` leaves :class:`~sparseblocks.nn.SemiStructuredLinear`.
+With ``SparsityConfig(0.5, pattern="2:4")`` (a :mod:`layout <sparseblocks.integrations.layouts>` whose pattern
+fixes the density) the scores are taken per weight and the mask keeps the 2 best of every 4 along a row (NVIDIA's
+ASP recipe: prune once, at the schedule's first update, then train with the mask held fixed); :meth:`Pruner.finalize`
+leaves :class:`~sparseblocks.nn.SemiStructuredLinear`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from sparseblocks.format import normalize_block_size
-from sparseblocks.integrations.sparsify import SparsifyReport, SparsityConfig, replace_module, sparsify, target_linears
-from sparseblocks.masks import (
-    block_norms,
-    block_sums,
-    blocks_to_keep,
-    expand_block_mask,
-    n_of_m_mask,
-    top_blocks_mask,
-)
-from sparseblocks.nn.semi_structured import GROUP, KEPT
-from sparseblocks.nn.supermask import SupermaskLinear
+from sparseblocks.integrations.layouts import get_layout
+from sparseblocks.integrations.sparsify import SparsifyReport, SparsityConfig, sparsify, target_linears
+from sparseblocks.masks import blocks_to_keep, top_blocks_mask
+from sparseblocks.pruning.strategies import methods, regrow, strategy_for
 
-METHODS = ("magnitude", "activation_magnitude", "fisher", "prune_grow", "supermask")
+
+def __getattr__(name: str):
+    # METHODS, kept for imports of old: every Pruner method, read from the registries when asked for
+    if name == "METHODS":
+        return methods()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,9 @@ class CubicSchedule:
 
 
 class Pruner:
-    """Prunes the linears a :class:`SparsityConfig` targets, in place, by ``method`` (see :data:`METHODS`).
+    """Prunes the linears a :class:`SparsityConfig` targets, in place, by ``method`` (one of
+    :func:`~sparseblocks.pruning.strategies.methods`; its :class:`~sparseblocks.pruning.strategies.PruningStrategy`
+    is :attr:`strategy`, the config's layout :attr:`layout`).
 
     schedule: a :class:`CubicSchedule` for gradual pruning, or None to prune on the first :meth:`step`.
     optimizer: for ``prune_grow``, whose state of regrown tiles is reset.
@@ -105,38 +108,35 @@ class Pruner:
         regrow_fraction: float = 0.3,
         optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        strategy = strategy_for(method)
         if allocation not in ("layer", "global"):
             raise ValueError(f"allocation must be 'layer' or 'global', got {allocation!r}")
         if allocation == "global" and balanced:
             raise ValueError("balanced patterns need allocation='layer'")
-        self.model, self.config, self.method = model, config, method
+        self.model, self.config, self.method, self.strategy = model, config, method, strategy
         self.schedule = schedule or CubicSchedule()
-        if method in ("prune_grow", "supermask") and (allocation != "layer" or balanced):
+        if strategy.within_layer and (allocation != "layer" or balanced):
             raise ValueError(f"{method} works within each layer: use allocation='layer', balanced=False")
         self.allocation, self.balanced, self.damping = allocation, balanced, damping
         self.regrow_fraction, self.optimizer = regrow_fraction, optimizer
-        self.two_of_four = config.pattern == "2:4"
-        if self.two_of_four and (method in ("prune_grow", "supermask") or allocation != "layer" or balanced):
-            raise ValueError("the 2:4 pattern takes magnitude, activation_magnitude or fisher, per layer, unbalanced")
-        # 2:4 scores and masks are per weight: blocks of one element
-        self.block = (1, 1) if self.two_of_four else normalize_block_size(config.block_size)
+        self.layout = get_layout(config.pattern)
+        if not self.layout.free_masks and (not strategy.scores_only or allocation != "layer" or balanced):
+            scored = [name for name in methods() if strategy_for(name).scores_only]
+            raise ValueError(
+                f"the {self.layout.name} pattern takes {', '.join(scored[:-1])} or {scored[-1]}, per layer, unbalanced"
+            )
+        self.block = self.layout.mask_block(config.block_size)  # 2:4: blocks of one element
         self.layers = dict(target_linears(model, config))
         self.masks = {
             name: torch.ones(-(-w.out_features // self.block[0]), -(-w.in_features // self.block[1]),
                              dtype=torch.bool, device=w.weight.device)
             for name, w in self.layers.items()
         }  # fmt: skip
-        if method == "supermask":
-            for name, linear in list(self.layers.items()):
-                initial = self.schedule.sparsity(0, config.sparsity_of(name))
-                self.layers[name] = SupermaskLinear(linear, self.block, initial)
-                replace_module(model, name, self.layers[name])
         self.input_sq: dict[str, torch.Tensor] = {}
         self.grad_sq: dict[str, torch.Tensor] = {}
         self.gradient_batches = 0
         self.step_count = 0
+        strategy.prepare(self)
 
     # ------------------------------------------------------------------ statistics
 
@@ -169,43 +169,15 @@ class Pruner:
 
     def scores(self) -> dict[str, torch.Tensor]:
         """Each target's tile scores ``(N_blocks, K_blocks)`` (higher = keep), pruned tiles at -inf."""
-        out = {}
-        for name, layer in self.layers.items():
-            weight = layer.weight.detach().float()
-            if self.method == "supermask":
-                out[name] = layer.scores.detach().float()
-                continue
-            if self.method in ("magnitude", "prune_grow"):
-                score = block_norms(weight, self.block)
-            elif self.method == "activation_magnitude":
-                if name not in self.input_sq:
-                    raise RuntimeError(
-                        f"activation_magnitude has no inputs of {name}: run calibration batches under observe_inputs()"
-                    )
-                score = block_norms(weight * self.input_sq[name].sqrt()[None, :], self.block)
-            else:
-                if name not in self.grad_sq:
-                    raise RuntimeError(
-                        f"fisher has no gradient of {name}: call observe_gradients() after backward passes, and "
-                        "leave out layers the loss does not reach (e.g. a pooler)"
-                    )
-                fisher = self.grad_sq[name] / self.gradient_batches + self.damping
-                score = block_sums(weight.square() * fisher / 2, self.block)
-            out[name] = score.masked_fill(~self.masks[name], float("-inf"))
-        return out
+        return self.strategy.scores(self)
 
     def update_masks(self, step: int | None = None) -> None:
         """Recompute every mask at the schedule's sparsity for ``step`` (default: the current step)."""
-        step = self.step_count if step is None else step
-        if self.method == "supermask":  # the scores choose the tiles in each forward; the schedule sets how many
-            for name, layer in self.layers.items():
-                layer.sparsity = self.schedule.sparsity(step, self.config.sparsity_of(name))
-                self.masks[name] = layer.block_mask()
-            return
-        scores = self.scores()
-        if self.method == "fisher":  # each update uses the gradients gathered since the previous one
-            self.grad_sq.clear()
-            self.gradient_batches = 0
+        self.strategy.update_masks(self, self.step_count if step is None else step)
+
+    def choose_masks(self, scores: dict[str, torch.Tensor], step: int) -> None:
+        """Set the masks from ``scores`` (pruned tiles at -inf) at the schedule's sparsity for ``step``, allocated
+        per layer, balanced per block row, or across layers, as configured."""
         keep = {name: 1.0 - self.schedule.sparsity(step, self.config.sparsity_of(name)) for name in self.layers}
         if self.allocation == "global":
             total = sum(s.numel() for s in scores.values())
@@ -220,63 +192,25 @@ class Pruner:
                 self.masks[name] = part.reshape(normalized[name].shape)
             return
         for name, score in scores.items():
-            if self.two_of_four:
-                self.masks[name] = n_of_m_mask(score, KEPT, GROUP)
-            elif self.balanced:
+            if self.balanced:
                 per_row = blocks_to_keep(score.shape[1], keep[name])
                 top = score.topk(per_row, dim=1).indices
                 self.masks[name] = torch.zeros_like(score, dtype=torch.bool).scatter_(1, top, True)
             else:
-                self.masks[name] = top_blocks_mask(score, keep[name])
+                self.masks[name] = self.layout.select(score, keep[name])
 
-    @torch.no_grad()
     def apply_masks(self) -> None:
         """Zero the pruned tiles of every target (after each optimizer step, so pruned tiles stay pruned)."""
-        if self.method == "supermask":  # its forward masks; the weights under pruned tiles may come back
-            return
-        for name, layer in self.layers.items():
-            kept = expand_block_mask(self.masks[name], self.block, layer.weight.shape)
-            layer.weight.mul_(kept.to(layer.weight.dtype))
+        self.strategy.apply_masks(self)
 
     def regrow(self) -> None:
         """Drop the weakest kept tiles and grow as many pruned ones with the largest gradient norm (prune_grow)."""
-        if not self.grad_sq:
-            raise RuntimeError("prune_grow needs gradients: call observe_gradients() after backward passes")
-        progress = (self.step_count - self.schedule.start) / max(self.schedule.end - self.schedule.start, 1)
-        fraction = self.regrow_fraction * 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
-        for name, layer in self.layers.items():
-            mask = self.masks[name]
-            swaps = min(int(fraction * mask.sum().item()), int((~mask).sum().item()))
-            if swaps == 0:
-                continue
-            magnitude = block_norms(layer.weight.detach(), self.block).masked_fill(~mask, float("inf"))
-            growth = block_sums(self.grad_sq[name], self.block).masked_fill(mask, float("-inf"))
-            dropped = magnitude.flatten().topk(swaps, largest=False).indices
-            grown = growth.flatten().topk(swaps).indices
-            flat = mask.flatten().clone()
-            flat[dropped], flat[grown] = False, True
-            self.masks[name] = flat.view_as(mask)
-            self._restart(layer, expand_block_mask(~mask & self.masks[name], self.block, layer.weight.shape))
-        self.grad_sq.clear()
-        self.gradient_batches = 0
-
-    @torch.no_grad()
-    def _restart(self, layer: nn.Linear, grown: torch.Tensor) -> None:
-        """Grown weights start at zero, and without the optimizer moments they gathered while pruned."""
-        layer.weight.masked_fill_(grown, 0)
-        if self.optimizer is None or layer.weight not in self.optimizer.state:
-            return
-        for value in self.optimizer.state[layer.weight].values():
-            if isinstance(value, torch.Tensor) and value.shape == layer.weight.shape:
-                value.masked_fill_(grown, 0)
+        regrow(self)
 
     def step(self) -> None:
         """One training step passed: update the masks when the schedule says so; keep pruned tiles at zero."""
         if self.schedule.updates_at(self.step_count):
-            grown_before = self.method == "prune_grow" and self.step_count > self.schedule.start
-            self.update_masks()
-            if grown_before:
-                self.regrow()
+            self.strategy.on_update(self)
         self.apply_masks()
         self.step_count += 1
 
@@ -294,9 +228,7 @@ class Pruner:
             "input_sq": dict(self.input_sq),
             "grad_sq": dict(self.grad_sq),
         }
-        if self.method == "supermask":
-            state["sparsity"] = {name: layer.sparsity for name, layer in self.layers.items()}
-        return state
+        return {**state, **self.strategy.state(self)}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from :meth:`state_dict`; raises ``ValueError`` when it prunes other layers."""
@@ -313,17 +245,12 @@ class Pruner:
         self.step_count, self.gradient_batches = state["step_count"], state["gradient_batches"]
         for field in ("masks", "input_sq", "grad_sq"):
             setattr(self, field, {name: t.to(devices[name]) for name, t in state[field].items()})
-        for name, sparsity in state.get("sparsity", {}).items():
-            self.layers[name].sparsity = sparsity
+        self.strategy.load_state(self, state)
 
     def finalize(self) -> SparsifyReport:
         """Replace the targets by ``BlockSparseLinear`` (2:4: ``SemiStructuredLinear``) holding exactly the kept
         weights; returns the report."""
-        if self.method == "supermask":
-            self.update_masks()
-            for name, layer in list(self.layers.items()):
-                self.layers[name] = layer.to_linear()
-                replace_module(self.model, name, self.layers[name])
+        self.strategy.finalize(self)
         self.apply_masks()
         return sparsify(self.model, self.config, masks=self.masks)
 

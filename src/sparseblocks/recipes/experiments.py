@@ -22,23 +22,26 @@ from dataclasses import dataclass
 
 import torch
 
+from sparseblocks.integrations.layouts import get_layout
 from sparseblocks.integrations.sparsify import SparsifyReport, SparsityConfig
 from sparseblocks.pruning.pruner import CubicSchedule, Pruner
 from sparseblocks.recipes.gpt import GPT, CharData, GPTConfig
 
-METHODS = (
-    "dense",
-    "dense_iso_params",
-    "magnitude",
-    "activation_magnitude",
-    "supermask",
-    "gradual_magnitude",
-    "prune_grow",
-    "fisher",
-    "magnitude_2_4",
-    "activation_magnitude_2_4",
-)
-TWO_OF_FOUR = ("magnitude_2_4", "activation_magnitude_2_4")  # sparsity 0.5 only, no block
+# experiment method -> (Pruner method, schedule of _schedule, SparsityConfig pattern); the Pruner methods and the
+# patterns are those of the pruning and layout registries
+PLANS: dict[str, tuple[str, str, str]] = {
+    "magnitude": ("magnitude", "one_shot", "block"),
+    "activation_magnitude": ("activation_magnitude", "one_shot", "block"),
+    "supermask": ("supermask", "ramp", "block"),
+    "gradual_magnitude": ("magnitude", "gradual", "block"),
+    "prune_grow": ("prune_grow", "regrow", "block"),
+    "fisher": ("fisher", "gradual", "block"),
+    "magnitude_2_4": ("magnitude", "one_shot", "2:4"),
+    "activation_magnitude_2_4": ("activation_magnitude", "one_shot", "2:4"),
+}
+METHODS = ("dense", "dense_iso_params", *PLANS)
+# the methods whose pattern fixes the density (2:4): sparsity 0.5 only, no block
+TWO_OF_FOUR = tuple(name for name, plan in PLANS.items() if not get_layout(plan[2]).free_masks)
 CURVE_EVERY = 100  # each row's train_curve holds the mean training loss of every CURVE_EVERY steps
 
 
@@ -67,24 +70,26 @@ class Experiment:
     calibration_batches: int = 8
 
 
-def _pruner(method: str, model: GPT, sparsity: float, block: int, experiment: Experiment) -> Pruner | None:
+def _schedule(kind: str, sparsity: float, experiment: Experiment) -> CubicSchedule:
+    """The protocol's schedules (module docstring): pruned at once at ``prune_start``, gradually until ``prune_end``
+    (ten updates), regrown every ``regrow_every`` steps in between, or Supermask's ramp from the first step."""
     start, end = round(experiment.prune_start * experiment.steps), round(experiment.prune_end * experiment.steps)
+    if kind == "one_shot":
+        return CubicSchedule(start=start, end=start)
+    if kind == "gradual":
+        return CubicSchedule(start=start, end=end, every=max(1, (end - start) // 10))
+    if kind == "regrow":
+        return CubicSchedule(start=start, end=end, every=experiment.regrow_every, initial=sparsity)
+    return CubicSchedule(start=0, end=end)
+
+
+def _pruner(method: str, model: GPT, sparsity: float, block: int, experiment: Experiment) -> Pruner:
+    scoring, schedule, pattern = PLANS[method]
     if method in TWO_OF_FOUR:
-        config = SparsityConfig(0.5, targets="mlp", pattern="2:4")
-        return Pruner(model, config, method=method.removesuffix("_2_4"), schedule=CubicSchedule(start, start))
-    config = SparsityConfig(sparsity, block, targets="mlp")
-    if method in ("magnitude", "activation_magnitude"):
-        schedule = CubicSchedule(start=start, end=start)
-        scoring = method
-    elif method in ("gradual_magnitude", "fisher"):
-        schedule = CubicSchedule(start=start, end=end, every=max(1, (end - start) // 10))
-        scoring = "magnitude" if method == "gradual_magnitude" else "fisher"
-    elif method == "prune_grow":
-        schedule = CubicSchedule(start=start, end=end, every=experiment.regrow_every, initial=sparsity)
-        scoring = method
+        config = SparsityConfig(0.5, targets="mlp", pattern=pattern)
     else:
-        schedule, scoring = CubicSchedule(start=0, end=end), "supermask"
-    return Pruner(model, config, method=scoring, schedule=schedule)
+        config = SparsityConfig(sparsity, block, targets="mlp", pattern=pattern)
+    return Pruner(model, config, method=scoring, schedule=_schedule(schedule, sparsity, experiment))
 
 
 @torch.no_grad()
@@ -151,7 +156,7 @@ class PruningRun:
             scale = min(1.0, (step + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
             group["lr"] = experiment.lr * scale
         tokens, targets = data.batch("train", experiment.batch_size, experiment.context, self.generator, device)
-        if self.method.startswith("activation_magnitude") and pruner.schedule.updates_at(step):
+        if pruner is not None and "inputs" in pruner.strategy.needs and pruner.schedule.updates_at(step):
             with pruner.observe_inputs(), torch.no_grad():
                 for _ in range(experiment.calibration_batches):
                     model(*data.batch("train", experiment.batch_size, experiment.context, self.generator, device))
@@ -159,7 +164,7 @@ class PruningRun:
             loss = model(tokens, targets)[1]
         self.losses[step] = loss.detach()
         loss.backward()
-        if self.method in ("fisher", "prune_grow"):
+        if pruner is not None and "gradients" in pruner.strategy.needs:
             pruner.observe_gradients()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
