@@ -29,3 +29,12 @@ lint: $(BIN)/sparseblocks
 # On a CUDA machine (e.g. the device tool), with its own python: PYTHONPATH=src python3 -m pytest -m gpu tests
 test-gpu:
 	PYTHONPATH=src $(PYTHON) -m pytest -q -m gpu tests
+
+# The quick grids of the GPU benchmarks, on a CUDA machine with its own python (results in benchmarks/results/<gpu>/,
+# then the report): make bench PYTHON=python3
+bench:
+	PYTHONPATH=src $(PYTHON) -m sparseblocks.cli bench spmm --quick --name spmm_quick
+	PYTHONPATH=src $(PYTHON) -m sparseblocks.cli bench mlp --quick --name mlp_quick
+	PYTHONPATH=src $(PYTHON) -m sparseblocks.cli bench decode --quick --name decode_quick
+	PYTHONPATH=src $(PYTHON) -m sparseblocks.cli bench train --quick --sections linear,mlp,train_step --name train_quick
+	PYTHONPATH=src $(PYTHON) -m sparseblocks.cli report

@@ -1,4 +1,4 @@
-"""Supermask from scratch against dense on scikit-learn's digits (issue #7, experiment 3).
+"""Supermask from scratch against dense on scikit-learn's digits (accuracy experiment 3).
 
     PYTHONPATH=src python benchmarks/digits_supermask.py [--epochs 60]
 
@@ -8,7 +8,6 @@ Supermask models converted to BlockSparseLinear). Writes benchmarks/results/accu
 """
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 
 from sparseblocks import CubicSchedule, Pruner, SparsityConfig
+from sparseblocks.bench.results import markdown_table, new_result, write_result
 from sparseblocks.recipes.vit import ViT, ViTConfig, accuracy, digits, train_classifier
 
 OUT = Path("benchmarks/results/accuracy")
@@ -46,20 +46,20 @@ def main() -> None:
                          "seed": seed, "test_accuracy": accuracy(model, test_x, test_y)})  # fmt: skip
             print(rows[-1], flush=True)
     command = "PYTHONPATH=src python " + " ".join(sys.argv)
-    payload = {"model": "ViT 4x128, patch 2, MLP 512", "epochs": args.epochs, "lr": args.lr, "command": command,
-               "device": "cpu", "torch": torch.__version__, "rows": rows}  # fmt: skip
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "digits.json").write_text(json.dumps(payload, indent=1) + "\n")
-    lines = [
-        f"# ViT on scikit-learn digits: Supermask from scratch vs dense (3 seeds)\n\nCommand: `{command}` (CPU).\n",
-        "| method | sparsity | block | accuracy mean | per seed |",
-        "|---|---|---|---|---|",
-    ]
+    payload = new_result("accuracy_digits", command, model="ViT 4x128, patch 2, MLP 512", epochs=args.epochs,
+                         lr=args.lr, device="cpu")  # fmt: skip
+    payload["rows"] = rows
+    write_result(OUT / "digits.json", payload)
+    table = []
     for sparsity in (0.0, 0.5, 0.8, 0.9):
         scores = [100 * r["test_accuracy"] for r in rows if r["sparsity"] == sparsity]
         method, block = ("supermask", args.block) if sparsity else ("dense", "—")
         per_seed = ", ".join(f"{s:.2f}" for s in scores)
-        lines.append(f"| {method} | {sparsity} | {block} | {statistics.fmean(scores):.2f} | {per_seed} |")
+        table.append([method, sparsity, block, f"{statistics.fmean(scores):.2f}", per_seed])
+    lines = [
+        f"# ViT on scikit-learn digits: Supermask from scratch vs dense (3 seeds)\n\nCommand: `{command}` (CPU).\n",
+        *markdown_table(["method", "sparsity", "block", "accuracy mean", "per seed"], table),
+    ]
     (OUT / "digits.md").write_text("\n".join(lines) + "\n")
 
 

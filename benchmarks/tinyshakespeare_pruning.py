@@ -1,4 +1,4 @@
-"""Every pruning method on a character GPT trained on tinyshakespeare (issue #7, experiment 1).
+"""Every pruning method on a character GPT trained on tinyshakespeare (accuracy experiment 1).
 
     PYTHONPATH=src python3 benchmarks/tinyshakespeare_pruning.py [--steps 3000] [--data FILE] [--shard I/N]
         [--time-budget SECONDS]
@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from sparseblocks.bench.plots import save_figure
+from sparseblocks.bench.results import markdown_table, new_result, read_result, write_result
 from sparseblocks.recipes.experiments import Experiment, grid, run
 from sparseblocks.recipes.gpt import CharData
 
@@ -34,17 +35,16 @@ def report(path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    payload = json.loads(path.read_text())
+    payload = read_result(path)
     rows = payload["rows"]
     lines = [
-        f"# Pruning methods on tinyshakespeare\n\nCommand: `{payload['command']}` on {payload['device']}; "
+        f"# Pruning methods on tinyshakespeare\n\nCommand: `{payload['env']['command']}` on {payload['device']}; "
         f"settings {payload['experiment']}.\n",
         f"Rows merged from {len(payload.get('merged_from', []))} shard workers' files (their commands: the JSON's "
         "`merged_from`).\n",
-        "| method | sparsity | block | val loss |",
-        "|---|---|---|---|",
-    ]
-    lines += [f"| {r['method']} | {r['sparsity']} | {r['block']} | {r['val_loss']:.4f} |" for r in rows]
+        *markdown_table(["method", "sparsity", "block", "val loss"],
+                        ([r["method"], r["sparsity"], r["block"], f"{r['val_loss']:.4f}"] for r in rows)),
+    ]  # fmt: skip
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for method in sorted({r["method"] for r in rows if r["method"] != "dense"}):
@@ -84,8 +84,8 @@ def main() -> None:
         index, count = (int(part) for part in args.shard.split("/"))
         path = path.with_name(f"{path.stem}.shard{index}of{count}.json")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    payload = {"command": "python " + " ".join(sys.argv), "device": device, "experiment": asdict(experiment),
-               "rows": []}  # fmt: skip
+    payload = new_result("accuracy_tinyshakespeare", "python " + " ".join(sys.argv), device=device,
+                         experiment=asdict(experiment))  # fmt: skip
     done = []  # rows of this experiment in any file: a worker skips what another shard (of any count) ran
     devices, merged_commands = set(), set()
     for source in dict.fromkeys([path, *shard_files]):
@@ -96,7 +96,7 @@ def main() -> None:
                 payload["rows"] += [r for r in previous["rows"] if r not in payload["rows"]]
                 devices.add(previous["device"])
                 if source != path:
-                    merged_commands.add(previous["command"])
+                    merged_commands.add(previous["env"]["command"])
     done = {(r["method"], r["sparsity"], r["block"]) for r in done}
     runs = [point for point in all_runs if point not in done]
     if args.shard:  # workers started together split what is left
@@ -109,16 +109,14 @@ def main() -> None:
         payload["rows"].append(run(method, sparsity, block, data, experiment))
         longest = max(longest, time.monotonic() - began)
         print(payload["rows"][-1], flush=True)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(payload, indent=1) + "\n")
+        write_result(path, payload)
     if runs:
         devices.add(device)
     payload["device"] = ", ".join(sorted(devices))
     if not args.shard:
         payload["merged_from"] = sorted(merged_commands)
         payload["rows"].sort(key=lambda r: all_runs.index((r["method"], r["sparsity"], r["block"])))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(payload, indent=1) + "\n")
+        write_result(path, payload)
         report(path)
 
 

@@ -30,9 +30,9 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def kernel_ir(*args: str) -> str:
-    """What ``benchmarks/kernel_ir.py`` prints for ``args``: a kernel compiled for sm_90 on this machine, no GPU
+    """What ``tools/kernel_ir.py`` prints for ``args``: a kernel compiled for sm_90 on this machine, no GPU
     (in a subprocess without ``TRITON_INTERPRET``, which would interpret rather than compile)."""
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_ir.py"
+    script = Path(__file__).resolve().parents[1] / "tools" / "kernel_ir.py"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     return subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True,
                           check=True).stdout  # fmt: skip

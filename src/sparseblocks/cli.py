@@ -375,11 +375,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench_e2e = benches.add_parser("e2e", help=what)
     models = "vit_b_16, llama-3.2-1b, llama-3.1-8b or a HF folder (causal LM, ViT or BERT-style encoder)"
     bench_e2e.add_argument("--model", required=True, help=models)
-    for option, what in [("batches", "batch sizes"), ("dtypes", "bf16,fp32"), ("sparsities", "sparsities"),
-                         ("blocks", "block sizes"), ("targets", "target sets, each presets joined by +"),
-                         ("modes", "eager,compiled,cuda_graph,compiled_graph"),
-                         ("impls", "sparse paths: torch_bsr,sparseblocks")]:  # fmt: skip
-        bench_e2e.add_argument(f"--{option}", help=f"comma-separated {what} (default: the issue's grid)")
+    # the defaults are e2e.DEFAULT_GRIDS, by model kind (ViT, Llama-style causal LM, BERT-style encoder)
+    for option, what, default in [
+        ("batches", "batch sizes", "ViT 1,16,64,256,512; Llama 1,8; encoder 1,32,256"),
+        ("dtypes", "bf16,fp32", "ViT and encoder bf16,fp32; Llama bf16"),
+        ("sparsities", "sparsities", "ViT 0.7,0.8,0.9; Llama 0.8,0.9,0.95; encoder 0.5,0.7,0.9"),
+        ("blocks", "block sizes", "ViT 16,32,64; Llama 64; encoder 16,32"),
+        ("targets", "target sets, each presets joined by +", "ViT mlp,mlp+attention; the others mlp"),
+        ("modes", "eager,compiled,cuda_graph,compiled_graph", "ViT eager,compiled; Llama cuda_graph; "
+                                                              "encoder eager,cuda_graph"),
+        ("impls", "sparse paths: torch_bsr,sparseblocks", "both"),
+    ]:  # fmt: skip
+        bench_e2e.add_argument(f"--{option}", help=f"comma-separated {what} (default: {default})")
     bench_e2e.add_argument("--dry-run", action="store_true", help="tiny inputs, two repeats; runs on a CPU")
     _add_fp32_precision(bench_e2e)
     bench_e2e.add_argument("--name", default="e2e", help="result file stem (default e2e)")

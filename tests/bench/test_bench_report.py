@@ -6,6 +6,9 @@ import pytest
 import torch
 
 from sparseblocks.bench.plots import speedups, spmm_report, spmm_table
+from sparseblocks.bench.results import ResultError, markdown_table, new_result, read_result, write_result
+
+HEAD = {"schema": 1, "env": {"gpu": "NVIDIA H200", "torch": "2.11", "triton": "3.6", "commit": "abc", "command": "x"}}
 
 
 def _row(impl, ms, sparsity=0.9, block=64, m=50432, floor=0.1, mask="random"):
@@ -39,10 +42,34 @@ def test_speedups_are_ratios_to_the_same_runs_dense_row():
     assert table[("sparseblocks", 0.9, 50432, "random")]["floor_speedup"] == pytest.approx(4.0)
 
 
+def test_the_writer_refuses_what_is_not_a_schema_1_result(tmp_path):
+    good = {**HEAD, "kind": "spmm", "rows": []}
+    assert read_result(write_result(tmp_path / "a" / "good.json", good)) == good
+    bad = {
+        "schema 1": ({**good, "schema": 2}, "schema 2, not 1"),
+        "kind": ({**good, "kind": "spmm_old"}, "unknown kind 'spmm_old'; known: spmm, mlp"),
+        "env": ({**good, "env": {"gpu": "x", "torch": "2"}}, "env lacks triton, commit, command"),
+        "rows": ({**good, "rows": {}}, "rows is not a list"),
+    }
+    for payload, message in bad.values():
+        with pytest.raises(ResultError, match=message):
+            write_result(tmp_path / "bad.json", payload)
+    assert not (tmp_path / "bad.json").exists()
+    with pytest.raises(ResultError, match="unknown result kind"):
+        new_result("nope", "c")
+    fresh = new_result("e2e", "sparseblocks bench e2e", model="m")
+    assert list(fresh)[:3] == ["schema", "kind", "env"] and fresh["model"] == "m" and fresh["rows"] == []
+    assert fresh["env"]["command"] == "sparseblocks bench e2e" and fresh["env"]["torch"] == torch.__version__
+
+
+def test_markdown_table():
+    assert markdown_table(["a", "b"], [[1, "x|y"], [None, "two\nlines"]]) == [
+        "| a | b |", "|---|---|", "| 1 | x\\|y |", "| None | two lines |"]  # fmt: skip
+
+
 def test_table_and_plots_render(tmp_path):
-    payload = {"gpu": "NVIDIA H200", "torch": "2.11", "triton": "3.6", "commit": "abc", "command": "x", "rows": ROWS}
-    path = tmp_path / "spmm.json"
-    path.write_text(json.dumps(payload))
+    payload = {**HEAD, "kind": "spmm", "rows": ROWS}
+    path = write_result(tmp_path / "spmm.json", payload)
     written = spmm_report(path)
     assert {p.name for p in written} == {"spmm.md", "spmm_heatmap.png", "spmm_batch.png"}
     table = spmm_table(ROWS)
@@ -79,10 +106,8 @@ def test_train_report_renders_tables_and_plots(tmp_path):
         "final_loss_mean_last_20": {"triton": 3.17, "reference": 3.2},
         "max_abs_step_difference": 0.1,
     }
-    payload = {"gpu": "NVIDIA H200", "torch": "2.11", "triton": "3.6", "commit": "abc", "command": "x",
-               "rows": rows, "convergence": convergence}  # fmt: skip
-    path = tmp_path / "train.json"
-    path.write_text(json.dumps(payload))
+    payload = {**HEAD, "kind": "train", "rows": rows, "convergence": convergence}
+    path = write_result(tmp_path / "train.json", payload)
     assert {p.name for p in train_report(path)} == {"train.md", "train_speedup.png", "train_convergence.png"}
     tables = train_tables(payload)
     assert "| mlp | vit_b | 0.9 | 64 | sparseblocks | 1.000 | 3.00x | 1024 |" in tables
@@ -107,9 +132,7 @@ def test_decode_table_renders(tmp_path):
         {"shape": "llama_8b_mlp", "M": 1, "sparsity": 0.9, "block": 64, "impl": "sparseblocks", "us": 30.0,
          "floor_us": 9.0},
     ]  # fmt: skip
-    path = tmp_path / "decode.json"
-    path.write_text(json.dumps({"gpu": "H200", "torch": "2.11", "triton": "3.6", "commit": "x", "command": "c",
-                                "rows": rows}))  # fmt: skip
+    path = write_result(tmp_path / "decode.json", {**HEAD, "kind": "decode", "rows": rows})
     table = _write_table(path).read_text()
     assert "| llama_8b_up | 1 | 0.9 | 64 | 30.0 | 6.0 | 5.00x | 2.00x | 1.25x | 10.00x | 50% |" in table
     assert "| llama_8b_mlp | 1 | 0.9 | 64 | 90.0 | 30.0 | 3.00x | — | — | 10.00x | 30% |" in table

@@ -5,11 +5,16 @@ from pathlib import Path
 
 import pytest
 
-from sparseblocks.bench.report import classify, collect, higher_is_better, render, write
+from sparseblocks.bench.report import SECTIONS, collect, higher_is_better, render, write
+from sparseblocks.bench.results import ENV_KEYS, KINDS, check
 from sparseblocks.cli import main
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
-HEAD = {"gpu": "NVIDIA H200", "torch": "2.11.0", "triton": "3.6.0", "commit": "abc1234"}
+ENV = {"gpu": "NVIDIA H200", "torch": "2.11.0", "triton": "3.6.0", "commit": "abc1234"}
+
+
+def _result(kind, command, rows, env=ENV, **header):
+    return {"schema": 1, "kind": kind, "env": {**env, "command": command}, **header, "rows": rows}
 
 
 def _spmm(impl, ms, sparsity=0.9, block=64, m=50432, mask="random", floor=0.1):
@@ -47,59 +52,58 @@ def _train(case, impl, ms, sparsity=0.9, block=64, **extra):
 
 
 FILES = {
-    "h200/spmm.json": {**HEAD, "command": "sparseblocks bench spmm", "rows": [
+    "h200/spmm.json": _result("spmm", "sparseblocks bench spmm", [
         _spmm("dense", 0.4), _spmm("sparseblocks", 0.1), _spmm("sparseblocks", 0.2, block=32),
         _spmm("sparseblocks", 0.05, mask="skewed"), _spmm("torch_bsr", 0.5), _spmm("torch_bsr", None, block=32),
         _spmm("sparseblocks", 0.4, sparsity=0.5), _spmm("sparseblocks", 0.5, sparsity=0.5, block=32),
-    ]},
-    "h200/spmm_batch.json": {**HEAD, "command": "sparseblocks bench spmm --name spmm_batch", "rows": [
+    ]),
+    "h200/spmm_batch.json": _result("spmm", "sparseblocks bench spmm --name spmm_batch", [
         _spmm("dense", 0.1, m=3152), _spmm("sparseblocks", 0.08, m=3152),
-    ]},
-    "h200/mlp.json": {**HEAD, "command": "sparseblocks bench mlp", "rows": [
+    ]),
+    "h200/mlp.json": _result("mlp", "sparseblocks bench mlp", [
         _mlp("dense", 1.2), _mlp("dense_compiled", 1.5),
         _mlp("torch_bsr", 0.6), _mlp("sparseblocks_unfused", 0.4), _mlp("sparseblocks_fused", 0.8),
         _mlp("sparseblocks", 0.4, dispatch="unfused"),
         _mlp("torch_bsr", 0.6, block=128), _mlp("sparseblocks_unfused", 0.5, block=128),
         _mlp("sparseblocks", 0.5, block=128, dispatch="unfused"),
-    ]},
-    "h200/decode.json": {**HEAD, "command": "sparseblocks bench decode", "rows": [
+    ]),
+    "h200/decode.json": _result("decode", "sparseblocks bench decode", [
         _decode("dense", 10.0), _decode("sparseblocks", 5.0), _decode("sparseblocks", 4.0, block=128),
         _decode("sparseblocks", 8.0, sparsity=0.5), _decode("dense", 12.0, m=16), _decode("sparseblocks", 6.0, m=16),
         _decode("sparseblocks_rows", 2.0),
-    ]},
-    "h200/e2e.json": {**HEAD, "command": "sparseblocks bench e2e", "rows": [
+    ]),
+    "h200/e2e.json": _result("e2e", "sparseblocks bench e2e", [
         _e2e("dense", "tokens_per_s", 100.0), _e2e("dense", "tokens_per_s", 400.0, batch=8),
         _e2e("sparseblocks", "tokens_per_s", 150.0), _e2e("sparseblocks", "tokens_per_s", 120.0, block=32),
         _e2e("sparseblocks", "tokens_per_s", 600.0, batch=8), _e2e("torch_bsr", "tokens_per_s", 200.0, batch=8),
         _e2e("sparseblocks", "tokens_per_s", 900.0, batch=8, sparsity=0.95),
         _e2e("sparseblocks", None, None, batch=8, block=32, error="RuntimeError: no"),
         _e2e("dense", "prefill_ms", 10.0), _e2e("sparseblocks", "prefill_ms", 8.0),
-    ]},
-    "h200/train.json": {**HEAD, "command": "sparseblocks bench train", "rows": [
+    ]),
+    "h200/train.json": _result("train", "sparseblocks bench train", [
         _train("linear", "dense", 2.0, sparsity=0.0, block=None), _train("linear", "sparseblocks", 1.0),
         _train("linear", "stk", 1.6, block=128), _train("linear", "sparseblocks", 0.5, sparsity=0.95),
         _train("train_step", "dense", 30.0, sparsity=0.0, block=None, mode="eager", mlp_state_bytes=1000),
         _train("train_step", "sparseblocks", 40.0, mode="eager", mlp_state_bytes=101),
         _train("train_step", "dense", 25.0, sparsity=0.0, block=None, mode="cuda_graph", mlp_state_bytes=1000),
         _train("train_step", "sparseblocks", 20.0, mode="cuda_graph", mlp_state_bytes=101),
-    ]},
-    "h200/train_convergence.json": {**HEAD, "command": "sparseblocks bench train --sections convergence", "rows": [],
-                                    "convergence": {"model": "gpt 2x64", "steps": 30, "max_abs_step_difference": 0.01,
-                                                    "final_loss_mean_last_20": {"triton": 2.5, "reference": 2.51}}},
-    "accuracy/digits.json": {"model": "ViT 4x128", "device": "cpu", "torch": "2.13.0", "command": "python d.py",
-                             "rows": [
+    ]),
+    "h200/train_convergence.json": _result("train", "sparseblocks bench train --sections convergence", [],
+                                           convergence={"model": "gpt 2x64", "steps": 30,
+                                                        "max_abs_step_difference": 0.01,
+                                                        "final_loss_mean_last_20": {"triton": 2.5, "reference": 2.51}}),
+    "accuracy/digits.json": _result("accuracy_digits", "python d.py", [
         {"method": "dense", "sparsity": 0.0, "block": None, "seed": 0, "test_accuracy": 0.95},
         {"method": "supermask", "sparsity": 0.9, "block": 16, "seed": 0, "test_accuracy": 0.96},
         {"method": "supermask", "sparsity": 0.9, "block": 16, "seed": 1, "test_accuracy": 0.98},
-    ]},
-    "accuracy/shakespeare.json": {"device": "NVIDIA H200", "command": "python s.py", "experiment": {"steps": 3000},
-                                  "rows": [
+    ], env={"gpu": None, "torch": "2.13.0", "triton": None, "commit": None}, model="ViT 4x128", device="cpu"),
+    "accuracy/shakespeare.json": _result("accuracy_tinyshakespeare", "python s.py", [
         {"method": "dense", "sparsity": 0.0, "block": None, "val_loss": 1.5},
         {"method": "magnitude", "sparsity": 0.9, "block": 32, "val_loss": 1.54},
         {"method": "fisher", "sparsity": 0.9, "block": 32, "val_loss": 1.47},
         {"method": "magnitude", "sparsity": 0.5, "block": 32, "val_loss": 1.47},
         {"method": "fisher", "sparsity": 0.9, "block": 64, "val_loss": 1.48},
-    ]},
+    ], env={"gpu": "NVIDIA H200", "torch": None, "triton": None, "commit": None}, experiment={"steps": 3000}),
 }  # fmt: skip
 
 
@@ -169,33 +173,43 @@ def test_sections_without_files_are_left_out(results):
 
 def test_an_mlp_run_without_floors_gets_a_dash_there(results):
     rows = [{k: v for k, v in r.items() if k != "floor_ms"} for r in FILES["h200/mlp.json"]["rows"]]
-    (results / "h200" / "gated.json").write_text(json.dumps({**HEAD, "rows": rows}))
+    (results / "h200" / "gated.json").write_text(json.dumps(_result("mlp", "python gated_mlp.py", rows)))
     line = "| gated.json | llama_1b | 8192 | 1.2000 | 0.80x | 2.00x | 3.00x | 1.50x | **3.00x** | unfused | 64 | — |"
     assert line in render(results)
 
 
 def test_a_broken_file_is_named_and_the_rest_still_rendered(results):
     (results / "h200" / "broken.json").write_text("{not json")
-    (results / "h200" / "other.json").write_text(json.dumps({"rows": [{"x": 1}]}))
+    (results / "h200" / "old.json").write_text(json.dumps({**ENV, "command": "c", "rows": [{"x": 1}]}))
+    (results / "h200" / "other.json").write_text(json.dumps(_result("spmm_v2", "c", [{"x": 1}])))
+    (results / "h200" / "bare.json").write_text(json.dumps({"schema": 1, "kind": "spmm", "env": {"gpu": "x"},
+                                                            "rows": []}))  # fmt: skip
     rows = FILES["h200/decode.json"]["rows"]
-    (results / "h200" / "decode.json").write_text(json.dumps({"rows": [{k: v for k, v in r.items() if k != "impl"}
-                                                                      for r in rows]}))  # fmt: skip
+    (results / "h200" / "decode.json").write_text(json.dumps(_result("decode", "c", [
+        {k: v for k, v in r.items() if k != "impl"} for r in rows])))  # fmt: skip
     page = render(results)
-    assert "[h200/broken.json](h200/broken.json): not summarised (JSONDecodeError" in page
-    assert "[h200/other.json](h200/other.json): not summarised (rows of no known kind)" in page
+    assert "[h200/broken.json](h200/broken.json): **not summarised** (JSONDecodeError" in page
+    assert "[h200/old.json](h200/old.json): **not summarised** (ResultError: schema None, not 1)" in page
+    flagged = "[h200/{}.json](h200/{}.json): **not summarised** (ResultError: {}"
+    assert flagged.format("other", "other", "unknown kind 'spmm_v2'; known: spmm, mlp") in page
+    assert flagged.format("bare", "bare", "env lacks torch, triton, commit, command") in page
     assert "Could not summarise [h200/decode.json](h200/decode.json) (KeyError: 'impl')" in page
     assert "## Decode" not in page and "## Whole MLPs" in page and "## Accuracy" in page
 
 
-def test_classify_reads_the_rows_not_the_name():
-    kinds = {name: classify(payload) for name, payload in FILES.items()}
-    assert kinds == {
-        "h200/spmm.json": "spmm", "h200/spmm_batch.json": "spmm", "h200/mlp.json": "mlp",
-        "h200/decode.json": "decode", "h200/e2e.json": "e2e", "h200/train.json": "train",
-        "h200/train_convergence.json": "train", "accuracy/digits.json": "accuracy",
-        "accuracy/shakespeare.json": "accuracy",
-    }  # fmt: skip
-    assert classify({"rows": "no"}) is None and classify([]) is None
+def test_the_kind_picks_the_section_not_the_rows(results):
+    """Rows of an MLP run under kind decode go to the decode section (its sources), not the MLP one; a known kind
+    without a section is listed by its kind."""
+    (results / "h200" / "mlp.json").write_text(json.dumps({**FILES["h200/mlp.json"], "kind": "decode"}))
+    (results / "h200" / "tune_spmm.json").write_text(json.dumps(_result("tune_spmm", "python tune/spmm.py", [])))
+    page = render(results)
+    assert "## Whole MLPs" not in page
+    assert page.index("| [mlp.json](h200/mlp.json) |") > page.index("## Decode")
+    assert "- [h200/tune_spmm.json](h200/tune_spmm.json): `tune_spmm`" in page
+    assert set(SECTIONS) <= set(KINDS)
+
+
+def test_higher_is_better():
     assert higher_is_better("tokens_per_s") and not higher_is_better("ms") and not higher_is_better("latency_ms")
 
 
@@ -208,6 +222,15 @@ def test_command_writes_the_page_with_links_relative_to_it(results, tmp_path, ca
     assert (results / "REPORT.md").read_text() == render(results)
     with pytest.raises(SystemExit, match="no such results folder"):
         main(["report", "--results", str(tmp_path / "missing")])
+
+
+def test_every_committed_result_has_the_schema():
+    """Every JSON under benchmarks/results: schema 1, a known kind, every env key (null where not recorded)."""
+    paths = sorted(RESULTS.rglob("*.json"))
+    assert len(paths) > 50
+    for path in paths:
+        payload = check(json.loads(path.read_text()))  # raises, naming what is wrong
+        assert payload["kind"] in KINDS and all(key in payload["env"] for key in ENV_KEYS), path
 
 
 def test_the_real_results_folder_renders_every_file(tmp_path):

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sparseblocks.bench.harness import L2_FLUSH_BYTES, measure_ceilings, start_run, time_ms, write_json
+from sparseblocks.bench.harness import L2_FLUSH_BYTES, measure_ceilings, start_run, time_ms
+from sparseblocks.bench.results import markdown_table, read_result, versions, write_result
 from sparseblocks.bench.spmm import random_weight
 from sparseblocks.dispatch import force_plan
 from sparseblocks.format import BlockSparseMatrix
@@ -135,7 +136,7 @@ def run(quick: bool, out_dir: Path | None, name: str, command: str) -> dict:
                 print(f"{base['shape']:<13} M={m:<3} s={sparsity:.2f} b={block:<3} dense {dense_us:6.1f} us | "
                       f"{' | '.join(summary)} | floor {floor:5.1f} us ({dense_us / floor:.1f}x)",
                       flush=True)  # fmt: skip
-            write_json(folder / f"{name}.json", payload)
+            write_result(folder / f"{name}.json", payload)
         del dense_sets, sparse_sets
     _write_table(folder / f"{name}.json")
     return payload
@@ -143,31 +144,27 @@ def run(quick: bool, out_dir: Path | None, name: str, command: str) -> dict:
 
 def _write_table(json_path: Path) -> Path:
     """``<stem>.md``: per case, the speedup over dense of each path and of the floor, and our share of the floor."""
-    import json
-
-    payload = json.loads(Path(json_path).read_text())
-    rows = payload["rows"]
+    payload = read_result(json_path)
+    env, rows = payload["env"], payload["rows"]
     dense = {(r["shape"], r["M"]): r["us"] for r in rows if r["impl"] == "dense"}
-    lines = [
-        f"# decode on {payload['gpu']}\n",
-        f"CUDA-graph replays over L2-overflowing weight copies, same run (torch {payload['torch']}, triton "
-        f"{payload['triton']}, commit {payload['commit']}). Command: `{payload['command']}`\n",
-        "`sparseblocks` is `spmm` as it dispatched at that commit; `rows kernel` is spmm's row-per-program kernel.\n",
-        "| case | M | sparsity | block | dense µs | sparseblocks µs | speedup | rows kernel | torch_bsr | floor "
-        "| of floor |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
     case = lambda r: (r["shape"], r["M"], r["sparsity"], r["block"])
     others = {(r["impl"], case(r)): r["us"] for r in rows if r["impl"] in ("torch_bsr", "sparseblocks_rows")}
+    table = []
     for r in (r for r in rows if r["impl"] == "sparseblocks"):
         base = dense[(r["shape"], r["M"])]
         cells = [f"{base / others[impl, case(r)]:.2f}x" if (impl, case(r)) in others else "—"
                  for impl in ("sparseblocks_rows", "torch_bsr")]  # fmt: skip
-        lines.append(
-            f"| {r['shape']} | {r['M']} | {r['sparsity']} | {r['block']} | {base:.1f} | {r['us']:.1f} | "
-            f"{base / r['us']:.2f}x | {' | '.join(cells)} | {base / r['floor_us']:.2f}x | "
-            f"{r['floor_us'] / r['us']:.0%} |"
-        )
+        table.append([r["shape"], r["M"], r["sparsity"], r["block"], f"{base:.1f}", f"{r['us']:.1f}",
+                      f"{base / r['us']:.2f}x", *cells, f"{base / r['floor_us']:.2f}x",
+                      f"{r['floor_us'] / r['us']:.0%}"])  # fmt: skip
+    lines = [
+        f"# decode on {env['gpu']}\n",
+        f"CUDA-graph replays over L2-overflowing weight copies, same run ({versions(env)}). "
+        f"Command: `{env['command']}`\n",
+        "`sparseblocks` is `spmm` as it dispatched at that commit; `rows kernel` is spmm's row-per-program kernel.\n",
+        *markdown_table(["case", "M", "sparsity", "block", "dense µs", "sparseblocks µs", "speedup", "rows kernel",
+                         "torch_bsr", "floor", "of floor"], table),
+    ]  # fmt: skip
     path = Path(json_path).with_suffix(".md")
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import json
 import statistics
 import time
 from collections.abc import Callable
@@ -34,8 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparseblocks.backend import fp32_precision
-from sparseblocks.bench.harness import environment, gpu_folder, time_ms, write_json
+from sparseblocks.bench.harness import results_folder, time_ms
 from sparseblocks.bench.plots import e2e_plot
+from sparseblocks.bench.results import markdown_table, new_result, read_result, versions, write_result
 from sparseblocks.format import normalize_block_size
 from sparseblocks.integrations.sparsify import SparsityConfig, fuse_mlps, model_size, replace_module, sparsify
 from sparseblocks.nn import BlockSparseLinear
@@ -47,7 +47,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 @dataclass(frozen=True)
 class Grid:
-    """What one run covers; the defaults are issue #8's grid."""
+    """What one run covers; :data:`DEFAULT_GRIDS` holds each model kind's default."""
 
     batches: tuple[int, ...]
     dtypes: tuple[str, ...]
@@ -316,8 +316,8 @@ def run(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not dry_run:
         raise RuntimeError("bench e2e times GPU kernels: it needs a CUDA GPU (or --dry-run)")
-    payload = {**environment(command), "model": model_name, "fp32_precision": fp32, "rows": []}
-    folder = out_dir or Path("benchmarks/results") / gpu_folder(payload["gpu"])
+    payload = new_result("e2e", command, model=model_name, fp32_precision=fp32)
+    folder = out_dir or results_folder(payload)
     repeats = 2 if dry_run else 20
     kind = model_kind(model_config(model_name))
     grid = grid or DEFAULT_GRIDS[kind]
@@ -351,7 +351,7 @@ def run(
                     print(f"{base['impl']:<12} {base['dtype']} {mode:<10} batch {batch:<4} s={base['sparsity']} "
                           f"b={base['block']} {base['targets']:<14} {shown}", flush=True)  # fmt: skip
                 torch._dynamo.reset()  # compiled graphs hold their model alive
-        write_json(folder / f"{name}.json", payload)
+        write_result(folder / f"{name}.json", payload)
 
     for dtype_name in grid.dtypes:
         dense, _ = build_model(model_name, DTYPES[dtype_name], device)
@@ -378,22 +378,12 @@ def speedup(row: dict, dense: dict) -> float:
 
 def write_table(json_path: Path) -> Path:
     """``<stem>.md``: each sparse case's metric and its ratio to dense in the same mode, dtype and batch."""
-    payload = json.loads(Path(json_path).read_text())
-    rows = [r for r in payload["rows"] if r["value"]]
+    payload = read_result(json_path)
+    env, rows = payload["env"], [r for r in payload["rows"] if r["value"]]
     key = lambda r: (r["mode"], r["dtype"], r["batch"], r["metric"])
     dense = {key(r): r for r in rows if r["impl"] == "dense"}
     bsr = {(*key(r), r["sparsity"], r["block"], r["targets"]): r for r in rows if r["impl"] == "torch_bsr"}
-    lines = [
-        f"# {payload['model']} end to end on {payload['gpu']}\n",
-        f"One run (torch {payload['torch']}, triton {payload['triton']}, commit {payload['commit']}). "
-        f"Command: `{payload['command']}`\n",
-        "Speedup: the sparse model's images/s or tokens/s over dense's (prefill: dense's time over its), same "
-        "mode, dtype and batch. Bytes: the whole model's, ours over dense; and the targeted layers', after over "
-        "before (indices included).\n",
-        "| metric | mode | dtype | batch | targets | sparsity | block | dense | torch_bsr | sparseblocks | BSR "
-        "speedup | our speedup | model bytes | targeted layers' bytes |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    table = []
     for r in (r for r in rows if r["impl"] == "sparseblocks" and key(r) in dense):
         base = dense[key(r)]
         theirs = bsr.get((*key(r), r["sparsity"], r["block"], r["targets"]))
@@ -404,7 +394,16 @@ def write_table(json_path: Path) -> Path:
             f"{speedup(theirs, base):.2f}x" if theirs else "—", f"**{speedup(r, base):.2f}x**",
             f"{r['model_bytes'] / base['model_bytes']:.3f}", f"{layers['after'] / layers['before']:.3f}",
         ]  # fmt: skip
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+        table.append(cells)
+    lines = [
+        f"# {payload['model']} end to end on {env['gpu']}\n",
+        f"One run ({versions(env)}). Command: `{env['command']}`\n",
+        "Speedup: the sparse model's images/s or tokens/s over dense's (prefill: dense's time over its), same "
+        "mode, dtype and batch. Bytes: the whole model's, ours over dense; and the targeted layers', after over "
+        "before (indices included).\n",
+        *markdown_table(["metric", "mode", "dtype", "batch", "targets", "sparsity", "block", "dense", "torch_bsr",
+                         "sparseblocks", "BSR speedup", "our speedup", "model bytes", "targeted layers' bytes"], table),
+    ]  # fmt: skip
     path = Path(json_path).with_suffix(".md")
     path.write_text("\n".join(lines) + "\n")
     return path

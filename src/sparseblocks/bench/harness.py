@@ -1,4 +1,4 @@
-"""What every benchmark shares: the GPU's measured ceilings, timing, physical floors and the result file.
+"""What every benchmark shares: the GPU's measured ceilings, timing, physical floors and the result's head.
 
 Timing: each implementation is captured in a CUDA graph of many calls that cycle through several input sets
 (more bytes than the L2 holds, so no call reads warm inputs) and the graph is replayed; the median replay over
@@ -9,17 +9,15 @@ back to ``triton.testing.do_bench`` on the same rotating inputs and says so in t
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import platform
 import statistics
-import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from sparseblocks.bench.results import new_result
 
 L2_FLUSH_BYTES = 2 * 64 * 2**20  # twice a Hopper L2 (50-60 MB)
 
@@ -114,43 +112,20 @@ def time_ms(fn: Callable[[torch.Tensor], object], inputs: Sequence[torch.Tensor]
     return statistics.median(replays[1:]), "cuda_graph"
 
 
-def environment(command: str) -> dict:
-    """GPU, versions, commit and the command line, for the head of a result file."""
-    import triton
-
-    # SPARSEBLOCKS_COMMIT names the commit of a copied tree (the GPU machine's copy has no matching .git)
-    commit = os.environ.get("SPARSEBLOCKS_COMMIT")
-    if commit is None:
-        try:
-            commit = subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-            ).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            commit = "unknown"
-    return {
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "python": platform.python_version(),
-        "commit": commit,
-        "command": command,
-    }
-
-
 def gpu_folder(gpu_name: str) -> str:
     """Folder name for a GPU's results: 'NVIDIA H200' -> 'h200'."""
     return gpu_name.lower().replace("nvidia", "").strip().split()[0].replace(" ", "_")
 
 
-def start_run(bench: str, command: str, out_dir: Path | None) -> tuple[dict, Path]:
-    """A result payload headed by the environment, with empty ``rows``, and the folder it goes to
+def start_run(kind: str, command: str, out_dir: Path | None) -> tuple[dict, Path]:
+    """An empty result of ``kind`` (:func:`sparseblocks.bench.results.new_result`) and the folder it goes to
     (``out_dir`` or ``benchmarks/results/<gpu>``); raises without a CUDA GPU."""
     if not torch.cuda.is_available():
-        raise RuntimeError(f"bench {bench} times GPU kernels: it needs a CUDA GPU")
-    payload = {**environment(command), "rows": []}
-    return payload, out_dir or Path("benchmarks/results") / gpu_folder(payload["gpu"])
+        raise RuntimeError(f"bench {kind} times GPU kernels: it needs a CUDA GPU")
+    payload = new_result(kind, command)
+    return payload, out_dir or results_folder(payload)
 
 
-def write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=1) + "\n")
+def results_folder(payload: dict) -> Path:
+    """``benchmarks/results/<gpu>`` of a result's env."""
+    return Path("benchmarks/results") / gpu_folder(payload["env"]["gpu"])

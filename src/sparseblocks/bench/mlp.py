@@ -15,7 +15,6 @@ the bytes are x, y and the weights (values and indices) once — the hidden acti
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,8 +25,9 @@ import torch.nn.functional as F
 
 from sparseblocks import reference
 from sparseblocks.bench.decode import clone_matrix, weight_copies
-from sparseblocks.bench.harness import Ceilings, measure_ceilings, start_run, time_ms, write_json
+from sparseblocks.bench.harness import Ceilings, measure_ceilings, start_run, time_ms
 from sparseblocks.bench.plots import mlp_plot
+from sparseblocks.bench.results import markdown_table, read_result, versions, write_result
 from sparseblocks.bench.spmm import random_weight
 from sparseblocks.dispatch import Tiles, device_facts, mlp_plan, recompute_factor
 from sparseblocks.format import BlockSparseMatrix, MLPWeights
@@ -180,7 +180,7 @@ def run(quick: bool, shapes: tuple[str, ...], out_dir: Path | None, name: str, c
                         f"{impl} {ms:.4f} ms {dense_ms['dense'] / ms:5.2f}x" for impl, ms in measured.items())
                         + f" | floor {dense_ms['dense'] / floor:5.2f}x", flush=True)  # fmt: skip
                     del ours, bsr
-                write_json(folder / f"{name}.json", payload)
+                write_result(folder / f"{name}.json", payload)
             del dense_sets
             torch.cuda.empty_cache()
     write_table(folder / f"{name}.json")
@@ -190,35 +190,32 @@ def run(quick: bool, shapes: tuple[str, ...], out_dir: Path | None, name: str, c
 
 def write_table(json_path: Path) -> Path:
     """``<stem>.md``: per case, each path's speedup over the eager dense MLP, and ours against the floor."""
-    payload = json.loads(Path(json_path).read_text())
-    rows = payload["rows"]
+    payload = read_result(json_path)
+    env, rows = payload["env"], payload["rows"]
     key = lambda r: (r["shape"], r["M"], r["sparsity"], r["block"])
     ms = {(r["impl"], key(r)): r["ms"] for r in rows}
     dense = {(r["shape"], r["M"]): r["ms"] for r in rows if r["impl"] == "dense"}
     compiled = {(r["shape"], r["M"]): r["ms"] for r in rows if r["impl"] == "dense_compiled"}
-    lines = [
-        f"# Block-sparse MLPs on {payload['gpu']}\n",
-        f"bf16, CUDA-graph replays over L2-overflowing weight copies, one run (torch {payload['torch']}, triton "
-        f"{payload['triton']}, commit {payload['commit']}). Command: `{payload['command']}`\n",
-        "Speedups are over the eager dense MLP (cuBLAS linears). `sparseblocks` is what `sparse_mlp` dispatches "
-        "to (`dispatch`); `of floor` is the floor's time over that path's. The fused kernel is not timed where it "
-        f"recomputes each hidden tile more than {FUSED_MAX_RECOMPUTE:g} times (—).\n",
-        "| shape | M | sparsity | block | dense ms | compiled | torch_bsr | unfused | fused | sparseblocks | dispatch "
-        "| floor | of floor |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    table = []
     for r in (r for r in rows if r["impl"] == "sparseblocks"):
         base = dense[r["shape"], r["M"]]
         cells = [base / compiled[r["shape"], r["M"]]] + [
             base / ms[impl, key(r)] if (impl, key(r)) in ms else None
             for impl in ("torch_bsr", "sparseblocks_unfused", "sparseblocks_fused")
         ]
-        lines.append(
-            f"| {r['shape']} | {r['M']} | {r['sparsity']} | {r['block']} | {base:.4f} | "
-            + " | ".join("—" if c is None else f"{c:.2f}x" for c in cells)
-            + f" | **{base / r['ms']:.2f}x** | {r['dispatch']} | {base / r['floor_ms']:.2f}x | "
-            f"{r['floor_ms'] / r['ms']:.0%} |"
-        )
+        table.append([r["shape"], r["M"], r["sparsity"], r["block"], f"{base:.4f}",
+                      *("—" if c is None else f"{c:.2f}x" for c in cells), f"**{base / r['ms']:.2f}x**",
+                      r["dispatch"], f"{base / r['floor_ms']:.2f}x", f"{r['floor_ms'] / r['ms']:.0%}"])  # fmt: skip
+    lines = [
+        f"# Block-sparse MLPs on {env['gpu']}\n",
+        f"bf16, CUDA-graph replays over L2-overflowing weight copies, one run ({versions(env)}). "
+        f"Command: `{env['command']}`\n",
+        "Speedups are over the eager dense MLP (cuBLAS linears). `sparseblocks` is what `sparse_mlp` dispatches "
+        "to (`dispatch`); `of floor` is the floor's time over that path's. The fused kernel is not timed where it "
+        f"recomputes each hidden tile more than {FUSED_MAX_RECOMPUTE:g} times (—).\n",
+        *markdown_table(["shape", "M", "sparsity", "block", "dense ms", "compiled", "torch_bsr", "unfused", "fused",
+                         "sparseblocks", "dispatch", "floor", "of floor"], table),
+    ]  # fmt: skip
     path = Path(json_path).with_suffix(".md")
     path.write_text("\n".join(lines) + "\n")
     return path

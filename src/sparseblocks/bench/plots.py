@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import itertools
-import json
 from pathlib import Path
+
+from sparseblocks.bench.results import markdown_table, read_result, versions
 
 
 def save_figure(fig, path: Path) -> Path:
@@ -47,10 +48,7 @@ def spmm_table(rows: list[dict]) -> str:
         {(r["shape"], r["M"], r["dtype"], r["sparsity"], r["block"], r["mask"]) for r in table},
         key=lambda c: (c[2], c[0], c[1], c[5], c[3], c[4] or 0),  # 2:4 rows have no block
     )
-    lines = [
-        "| shape | M | dtype | sparsity | block | mask | " + " | ".join(impls) + " | floor |",
-        "|---|---|---|---|---|---|" + "---|" * (len(impls) + 1),
-    ]
+    lines = []
     for case in cases:
         found = {
             r["impl"]: r
@@ -59,8 +57,9 @@ def spmm_table(rows: list[dict]) -> str:
         }
         floor = next(iter(found.values()))["floor_speedup"]
         cells = [_fmt(found[i]["speedup"]) if i in found else "" for i in impls]
-        lines.append(f"| {' | '.join(str(c) for c in case)} | " + " | ".join(cells) + f" | {floor:.2f}x |")
-    return "\n".join(lines) + "\n"
+        lines.append([*case, *cells, f"{floor:.2f}x"])
+    header = ["shape", "M", "dtype", "sparsity", "block", "mask", *impls, "floor"]
+    return "\n".join(markdown_table(header, lines)) + "\n"
 
 
 def spmm_report(json_path: Path) -> list[Path]:
@@ -71,13 +70,13 @@ def spmm_report(json_path: Path) -> list[Path]:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    payload = json.loads(Path(json_path).read_text())
+    payload = read_result(json_path)
+    env = payload["env"]
     table = [r for r in speedups(payload["rows"]) if r["mask"] == "random"]
     folder, stem = Path(json_path).parent, Path(json_path).stem
     header = (
-        f"# spmm on {payload['gpu']}\n\nSpeedup over dense cuBLAS `F.linear` measured in the same run "
-        f"(torch {payload['torch']}, triton {payload['triton']}, commit {payload['commit']}).\n\n"
-        f"Command: `{payload['command']}`\n\n"
+        f"# spmm on {env['gpu']}\n\nSpeedup over dense cuBLAS `F.linear` measured in the same run "
+        f"({versions(env)}).\n\nCommand: `{env['command']}`\n\n"
     )
     if payload.get("fp32_precision", "ieee") != "ieee":
         header += f"Our fp32 rows multiply tiles in `{payload['fp32_precision']}`; dense stays IEEE fp32.\n\n"
@@ -113,7 +112,7 @@ def spmm_report(json_path: Path) -> list[Path]:
         ax.set_xlabel("block size")
         ax.set_ylabel("sparsity")
         ax.set_title(f"{shape} {dtype}, M={full_m[shape]}", fontsize=9)
-    fig.suptitle(f"sparseblocks spmm speedup over dense cuBLAS ({payload['gpu']})")
+    fig.suptitle(f"sparseblocks spmm speedup over dense cuBLAS ({env['gpu']})")
     save_figure(fig, folder / f"{stem}_heatmap.png")
     written.append(folder / f"{stem}_heatmap.png")
 
@@ -133,7 +132,7 @@ def spmm_report(json_path: Path) -> list[Path]:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("images (197 tokens each)")
         ax.set_ylabel("speedup over dense")
-        ax.set_title(f"ViT-B fc1, 90% sparse, bf16 ({payload['gpu']})")
+        ax.set_title(f"ViT-B fc1, 90% sparse, bf16 ({env['gpu']})")
         ax.legend(fontsize=7, ncol=2)
         save_figure(fig, folder / f"{stem}_batch.png")
         written.append(folder / f"{stem}_batch.png")
@@ -144,36 +143,35 @@ def train_tables(payload: dict) -> str:
     """Markdown for ``bench train``: layer/MLP speedups, the training step, and the convergence check."""
     rows = [r for r in payload["rows"] if r["case"] in ("linear", "mlp")]
     dense = {(r["case"], r["shape"]): r["ms"] for r in rows if r["impl"] == "dense"}
-    lines = []
-    if rows:
-        lines += [
-            "## Forward + backward of one layer / one MLP (bf16)\n",
-            "| case | shape | sparsity | block | impl | ms | speedup | peak memory (MiB) |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
+    lines, table = [], []
     for r in rows:
         base = dense.get((r["case"], r["shape"]))
         speedup = _fmt(base / r["ms"] if base and r["ms"] else None)
         ms = "—" if r["ms"] is None else f"{r['ms']:.3f}"
         memory = f"{r['peak_mem_bytes'] / 2**20:.0f}" if "peak_mem_bytes" in r else "—"
-        lines.append(f"| {r['case']} | {r['shape']} | {r['sparsity']} | {r['block']} | {r['impl']} | {ms} | "
-                     f"{speedup} | {memory} |")  # fmt: skip
+        table.append([r["case"], r["shape"], r["sparsity"], r["block"], r["impl"], ms, speedup, memory])
+    if rows:
+        lines += [
+            "## Forward + backward of one layer / one MLP (bf16)\n",
+            *markdown_table(["case", "shape", "sparsity", "block", "impl", "ms", "speedup", "peak memory (MiB)"],
+                            table),
+        ]  # fmt: skip
     steps = [r for r in payload["rows"] if r["case"] == "train_step"]
     if steps:
         dense_step = {(r["shape"], r.get("mode", "eager")): r for r in steps if r["impl"] == "dense"}
-        lines += [
-            "\n## Training step (forward, backward, AdamW; bf16 autocast, fp32 weights)\n",
-            "| model | mode | sparsity | block | ms | speedup | peak memory (MiB) | MLP weights+grads+AdamW (MiB) "
-            "| vs dense |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
+        table = []
         for r in steps:
             dense_row = dense_step[r["shape"], r.get("mode", "eager")]
-            lines.append(
-                f"| {r['shape']} | {r.get('mode', 'eager')} | {r['sparsity']} | {r['block']} | {r['ms']:.1f} | "
-                f"{dense_row['ms'] / r['ms']:.2f}x | {r['peak_mem_bytes'] / 2**20:.0f} | "
-                f"{r['mlp_state_bytes'] / 2**20:.1f} | {r['mlp_state_bytes'] / dense_row['mlp_state_bytes']:.3f}x |"
-            )
+            table.append([
+                r["shape"], r.get("mode", "eager"), r["sparsity"], r["block"], f"{r['ms']:.1f}",
+                f"{dense_row['ms'] / r['ms']:.2f}x", f"{r['peak_mem_bytes'] / 2**20:.0f}",
+                f"{r['mlp_state_bytes'] / 2**20:.1f}", f"{r['mlp_state_bytes'] / dense_row['mlp_state_bytes']:.3f}x",
+            ])  # fmt: skip
+        lines += [
+            "\n## Training step (forward, backward, AdamW; bf16 autocast, fp32 weights)\n",
+            *markdown_table(["model", "mode", "sparsity", "block", "ms", "speedup", "peak memory (MiB)",
+                             "MLP weights+grads+AdamW (MiB)", "vs dense"], table),
+        ]  # fmt: skip
     if "convergence" in payload:
         c = payload["convergence"]
         finals = ", ".join(f"{path} {loss:.4f}" for path, loss in c["final_loss_mean_last_20"].items())
@@ -192,11 +190,12 @@ def train_report(json_path: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    payload = json.loads(Path(json_path).read_text())
+    payload = read_result(json_path)
+    env = payload["env"]
     folder, stem = Path(json_path).parent, Path(json_path).stem
     header = (
-        f"# Sparse training on {payload['gpu']}\n\nMeasured in one run (torch {payload['torch']}, "
-        f"triton {payload['triton']}, commit {payload['commit']}).\n\nCommand: `{payload['command']}`\n\n"
+        f"# Sparse training on {env['gpu']}\n\nMeasured in one run ({versions(env)}).\n\n"
+        f"Command: `{env['command']}`\n\n"
     )
     (folder / f"{stem}.md").write_text(header + train_tables(payload))
     written = [folder / f"{stem}.md"]
@@ -221,7 +220,7 @@ def train_report(json_path: Path) -> list[Path]:
             ax.set_ylabel("speedup over dense (fwd+bwd)")
             ax.set_title(f"{case} {shape}", fontsize=9)
             ax.legend(fontsize=7)
-        fig.suptitle(f"forward + backward, bf16 ({payload['gpu']})")
+        fig.suptitle(f"forward + backward, bf16 ({env['gpu']})")
         save_figure(fig, folder / f"{stem}_speedup.png")
         written.append(folder / f"{stem}_speedup.png")
 
@@ -246,7 +245,7 @@ def mlp_plot(json_path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    payload = json.loads(Path(json_path).read_text())
+    payload = read_result(json_path)
     rows = [r for r in payload["rows"] if r["ms"]]
     dense = {(r["shape"], r["M"]): r["ms"] for r in rows if r["impl"] == "dense"}
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
@@ -275,7 +274,7 @@ def mlp_plot(json_path: Path) -> Path:
         ax.set(xlabel="tokens", ylabel="speedup over dense MLP", xscale="log", title=f"{shape}, 90%, block 64")
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.legend(fontsize=7)
-    fig.suptitle(f"whole MLPs, bf16 ({payload['gpu']})")
+    fig.suptitle(f"whole MLPs, bf16 ({payload['env']['gpu']})")
     return save_figure(fig, Path(json_path).with_suffix(".png"))
 
 
@@ -288,7 +287,7 @@ def e2e_plot(json_path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    payload = json.loads(Path(json_path).read_text())
+    payload = read_result(json_path)
     rows = [r for r in payload["rows"] if r["value"] and r["metric"] != "prefill_ms"]
     dense = {(r["mode"], r["dtype"], r["batch"], r["metric"]): r["value"] for r in rows if r["impl"] == "dense"}
     sparse = [r for r in rows if r["impl"] != "dense"]
@@ -324,5 +323,5 @@ def e2e_plot(json_path: Path) -> Path:
             ax.set_xticks(range(len(cases)), [f"{s:.0%} b{b}" for s, b in cases], fontsize=7)
             ax.set(ylabel="tokens/s", title=f"decode, batch {batch}")
             ax.legend(fontsize=7)
-    fig.suptitle(f"{payload['model']} ({payload['gpu']})")
+    fig.suptitle(f"{payload['model']} ({payload['env']['gpu']})")
     return save_figure(fig, Path(json_path).with_suffix(".png"))

@@ -1,17 +1,18 @@
 """``sparseblocks report``: one Markdown page over every stored benchmark and accuracy result.
 
 Reads the JSON files one folder below a results folder (``benchmarks/results/<gpu>/*.json``,
-``benchmarks/results/accuracy/*.json``), tells what each holds from its rows, not its name (``--name`` sets names
-freely), and writes per section a short headline table built from the rows, the plots and per-run tables stored
-beside each file (relative links), and where every number came from (GPU, versions, commit, command).
+``benchmarks/results/accuracy/*.json``), each a schema-1 result (:mod:`sparseblocks.bench.results`) whose ``kind``
+picks its section (:data:`SECTIONS`), and writes per section a short headline table built from the rows, the plots
+and per-run tables stored beside each file (relative links), and where every number came from (its ``env``: GPU,
+versions, commit, command).
 
 Every ratio is taken within one file, i.e. one run: a sparse row over the dense row of the same run, never across
 files. Where two files measured the same case (a run cut short and re-run), both appear, each with its source.
 
-Kinds, by their rows' keys: ``spmm`` (``mask``, ``ms``), ``mlp`` (``dispatch`` or ``H``), ``decode`` (``us``),
-``e2e`` (``metric``, ``value``), ``train`` (``case``, or a ``convergence`` record) and accuracy (a metric of
-:data:`ACCURACY_METRICS`). A file of no known kind, or one that cannot be read, is listed, not summarised; a
-known file whose rows lack a field its section needs gets a line saying so, and the rest of the page is made.
+A file of a kind without a section (tuning sweeps, A/B runs) is listed under "Other records"; a file that cannot
+be read, is not schema 1 or names an unknown kind is listed there too, flagged with what is wrong, and not
+summarised; a file whose rows lack a field its section needs gets a line saying so, and the rest of the page is
+made.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import statistics
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from sparseblocks.bench.results import ResultError, check, markdown_table
 
 # The sparsity every speed benchmark measures and the README quotes: the headline tables are taken there.
 HEADLINE_SPARSITY = 0.9
@@ -52,26 +55,6 @@ class Source:
         return self.payload.get("rows") or []
 
 
-def classify(payload: object) -> str | None:
-    """The kind of a result payload (see the module docstring), or None when no known kind fits."""
-    if not isinstance(payload, dict) or not isinstance(payload.get("rows"), list):
-        return None
-    keys = {key for row in payload["rows"] if isinstance(row, dict) for key in row}
-    if "convergence" in payload or "case" in keys:
-        return "train"
-    if {"metric", "value"} <= keys:
-        return "e2e"
-    if "us" in keys:
-        return "decode"
-    if "dispatch" in keys or "H" in keys:
-        return "mlp"
-    if {"mask", "ms"} <= keys:
-        return "spmm"
-    if keys & set(ACCURACY_METRICS):
-        return "accuracy"
-    return None
-
-
 def collect(results_dir: str | Path) -> tuple[list[Source], list[Path]]:
     """Every ``*.json`` one folder below ``results_dir``, read and classified, with the ``.md`` of the same stem
     and the plots it owns (a png belongs to the longest JSON stem that starts its name); and the other files."""
@@ -81,9 +64,9 @@ def collect(results_dir: str | Path) -> tuple[list[Source], list[Path]]:
         here = [Source(p) for p in files if p.suffix == ".json"]
         for source in here:
             try:
-                source.payload = json.loads(source.path.read_text())
-                source.kind = classify(source.payload)
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+                source.payload = check(json.loads(source.path.read_text()))
+                source.kind = source.payload["kind"]
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, ResultError) as error:
                 source.error = f"{type(error).__name__}: {error}"
             table = source.path.with_suffix(".md")
             source.table = table if table.exists() else None
@@ -136,14 +119,11 @@ class _Page:
         self.lines.extend(lines)
 
     def table(self, header: list[str], rows: Iterable[list[object]]) -> None:
-        def cell(value: object) -> str:
-            return str(value).replace("|", "\\|").replace("\n", " ")
-
-        lines = ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
-        if not lines:  # e.g. a quick run that measured no case at the headline sparsity
+        lines = markdown_table(header, rows)
+        if len(lines) == 2:  # e.g. a quick run that measured no case at the headline sparsity
             self.add(f"(No case of these files at {_sparsity(HEADLINE_SPARSITY)} sparsity against a dense row.)", "")
             return
-        self.add("| " + " | ".join(header) + " |", "|" + "---|" * len(header), *lines, "")
+        self.add(*lines, "")
 
     def plots(self, sources: list[Source]) -> None:
         for s in sources:
@@ -153,11 +133,13 @@ class _Page:
         """Where each file's numbers came from: machine, versions, commit, command, and its per-run table."""
         rows = []
         for s in sources:
-            p = s.payload
-            versions = ", ".join(f"{name} {p[name]}" for name in ("torch", "triton") if p.get(name)) or "—"
+            p, env = s.payload, s.payload["env"]
+            versions = ", ".join(f"{name} {env[name]}" for name in ("torch", "triton") if env.get(name)) or "—"
+            # an accuracy run on the CPU has no GPU: its header's device says where it ran
+            where = env["gpu"] if env.get("gpu") not in (None, "none") else p.get("device")
             rows.append([
-                self.link(s.path), p.get("gpu") or p.get("device") or "—", versions, p.get("commit", "—"),
-                f"`{p['command']}`" if p.get("command") else "—", self.link(s.table) if s.table else "—",
+                self.link(s.path), where or "—", versions, env.get("commit") or "—",
+                f"`{env['command']}`" if env.get("command") else "—", self.link(s.table) if s.table else "—",
             ])  # fmt: skip
         self.add("Sources:", "")
         self.table(["file", "run on", "versions", "commit", "command", "full table"], rows)
@@ -499,14 +481,17 @@ def _accuracy(page: _Page, sources: list[Source]) -> None:
 
 # ---------------------------------------------------------------------------------------------- the page
 
-# kind -> its section, in page order
+# kind -> its section, sections in page order; several kinds may share a section. A known kind that is not here
+# (tune_*, ab, ...) is listed under "Other records".
 SECTIONS: dict[str, Callable[[_Page, list[Source]], None]] = {
     "spmm": _spmm,
     "mlp": _mlp,
     "decode": _decode,
     "e2e": _e2e,
     "train": _train,
-    "accuracy": _accuracy,
+    "accuracy_tinyshakespeare": _accuracy,
+    "accuracy_minilm": _accuracy,
+    "accuracy_digits": _accuracy,
 }
 
 
@@ -532,8 +517,8 @@ def render(results_dir: str | Path, page_dir: str | Path | None = None) -> str:
     if notes:
         links = ", ".join(page.link(p, f"{p.parent.name}/README.md") for p in notes)
         page.add(f"How each folder's runs were made: {links}.", "")
-    for kind, build in SECTIONS.items():
-        mine = [s for s in sources if s.kind == kind]
+    for build in dict.fromkeys(SECTIONS.values()):
+        mine = [s for s in sources if s.kind is not None and SECTIONS.get(s.kind) is build]
         if not mine:
             continue
         section = _Page(page.base)
@@ -546,11 +531,12 @@ def render(results_dir: str | Path, page_dir: str | Path | None = None) -> str:
         else:
             page.add(*section.lines)
     unread = [s for s in sources if s.kind is None]
+    listed = [s for s in sources if s.kind is not None and s.kind not in SECTIONS]
     extra = [p for p in others if p.name != "README.md"]
-    if unread or extra:
+    if unread or listed or extra:
         page.add("## Other records", "")
-        page.add(*(f"- {page.link(s.path, page.rel(s.path))}: not summarised ({s.error or 'rows of no known kind'})"
-                   for s in unread))  # fmt: skip
+        page.add(*(f"- {page.link(s.path, page.rel(s.path))}: **not summarised** ({s.error})" for s in unread))
+        page.add(*(f"- {page.link(s.path, page.rel(s.path))}: `{s.kind}`" for s in listed))
         page.add(*(f"- {page.link(p, page.rel(p))}" for p in extra), "")
     return "\n".join(page.lines).rstrip() + "\n"
 

@@ -24,8 +24,8 @@ from sparseblocks.bench.harness import (
     measure_ceilings,
     start_run,
     time_ms,
-    write_json,
 )
+from sparseblocks.bench.results import write_result
 from sparseblocks.format import BlockSparseMatrix
 from sparseblocks.masks import random_block_mask, skewed_block_mask
 from sparseblocks.nn import SemiStructuredLinear
@@ -242,7 +242,7 @@ def run(
         )
         del xs, paths
         torch.cuda.empty_cache()
-        write_json(folder / f"{name}.json", payload)  # after every case: a run cut short keeps what it measured
+        write_result(folder / f"{name}.json", payload)  # after every case: a run cut short keeps what it measured
     from sparseblocks.bench.plots import spmm_report
 
     spmm_report(folder / f"{name}.json")

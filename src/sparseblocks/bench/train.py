@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from sparseblocks import reference
 from sparseblocks.backend import reference_mode
-from sparseblocks.bench.harness import input_sets, start_run, time_ms, write_json
+from sparseblocks.bench.harness import input_sets, start_run, time_ms
+from sparseblocks.bench.results import write_result
 from sparseblocks.bench.spmm import random_weight, stk_linear
 from sparseblocks.format import BlockSparseMatrix
 from sparseblocks.ops import sparse_mlp, spmm
@@ -145,17 +146,6 @@ def run_layers(
                 del forward
                 torch.cuda.empty_cache()
             save()
-
-
-def _mlp_state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """Bytes the MLPs hold in training: parameters, their gradients, optimizer state, index buffers."""
-    total = 0
-    for block in model.blocks:
-        for parameter in block.mlp.parameters():
-            tensors = [parameter, parameter.grad, *optimizer.state[parameter].values()]
-            total += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
-        total += sum(b.numel() * b.element_size() for b in block.mlp.buffers())
-    return total
 
 
 TRAIN_STEP_MODES = ("eager", "compiled", "cuda_graph")
@@ -366,7 +356,7 @@ def run(
 ) -> dict:
     """Run the sections; write ``<out_dir or benchmarks/results/<gpu>>/<name>.json`` and plots."""
     payload, folder = start_run("train", command, out_dir)
-    save = lambda: write_json(folder / f"{name}.json", payload)
+    save = lambda: write_result(folder / f"{name}.json", payload)
     layer_cases = tuple(case for case in ("linear", "mlp") if case in sections)
     if layer_cases:
         run_layers(payload["rows"], layer_cases, shapes, quick, save)

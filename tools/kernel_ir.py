@@ -1,6 +1,6 @@
 """Compile a kernel for an H100/H200 (sm_90) on any machine, no GPU needed, and show how Triton pipelined it.
 
-    PYTHONPATH=src python3 benchmarks/kernel_ir.py rows [--mode forward] [--block-m 128] [--block 64] [--stages 3]
+    PYTHONPATH=src python3 tools/kernel_ir.py rows [--mode forward] [--block-m 128] [--block 64] [--stages 3]
         [--warps 4] [--dtype bf16] [--precision tf32] [--out FILE.ttgir]
 
 Kernels: ``rows`` (the pointer row kernel, forward), ``rows_tma`` (its descriptor version), ``decode`` (the

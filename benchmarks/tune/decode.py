@@ -1,9 +1,10 @@
 """Tiles per program and launch config of the few-token decode kernel, on the decode benchmark's weights (bf16).
 
-    PYTHONPATH=src python3 benchmarks/tune_decode.py [--tokens 4,16] [--programs-per-sm 1,2,4,8,16]
+    PYTHONPATH=src python3 benchmarks/tune/decode.py [--tokens 4,16] [--programs-per-sm 1,2,4,8,16] [--out FILE]
 
 Prints, per shape and token count, the time of every (programs per SM, num_warps, num_stages) against dense and
-the row kernel, with weights rotated past the L2 as in ``sparseblocks bench decode``. Chose
+the row kernel, with weights rotated past the L2 as in ``sparseblocks bench decode``, and writes each as a row of a
+``tune_decode`` result (``--out``, default ``benchmarks/results/<gpu>/tune_decode.json``). Chose
 ``decode.PROGRAMS_PER_SM``, by tile size (one token has its own kernel, one program per tile: not tuned here).
 (``results/h200/tune_decode.txt`` also swept how many partial sums the reducing program loads at once: one was
 best everywhere, so that knob is gone.)
@@ -12,11 +13,16 @@ best everywhere, so that knob is gone.)
 import argparse
 import itertools
 import math
+import shlex
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from sparseblocks.bench.decode import clone_matrix, dense_weights, time_us, weight_copies
+from sparseblocks.bench.harness import start_run
+from sparseblocks.bench.results import write_result
 from sparseblocks.bench.spmm import random_weight
 from sparseblocks.kernels.decode import LAUNCH_CONFIGS, spmm_decode_triton
 from sparseblocks.kernels.spmm import spmm_triton
@@ -36,7 +42,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", default="4,16", help="rows of x, 2..64")
     parser.add_argument("--programs-per-sm", default="1,2,4,8,16")
+    parser.add_argument("--out", type=Path, help="result file (default benchmarks/results/<gpu>/tune_decode.json)")
     args = parser.parse_args()
+    payload, folder = start_run("tune_decode", "PYTHONPATH=src python3 " + shlex.join(sys.argv), None)
     tokens = [int(m) for m in args.tokens.split(",")]
     programs_per_sm = [int(p) for p in args.programs_per_sm.split(",")]
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -57,6 +65,9 @@ def main() -> None:
                     return spmm_decode_triton(x, w["w"], None, None, tiles, config)
 
                 results.append((time_us(fn, m, k, sparse_sets), per_sm, config))
+            base = {"shape": shape, "sparsity": sparsity, "block": block, "M": m, "dense_us": dense, "rows_us": rows}
+            payload["rows"] += [{**base, "programs_per_sm": p, **c, "us": us} for us, p, c in results]
+            write_result(args.out or folder / "tune_decode.json", payload)
             best = min(results, key=lambda r: r[0])
             print(f"{shape} s={sparsity} b={block} M={m}: dense {dense:.1f} us; rows kernel {rows:.1f} us; best "
                   f"{best[0]:.1f} us ({dense / best[0]:.2f}x) at {best[1]}/SM, {best[2]}",

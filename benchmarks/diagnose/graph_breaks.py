@@ -1,6 +1,6 @@
 """List torch.compile graph breaks of a sparse GPT training forward under bf16 autocast (CUDA if present).
 
-PYTHONPATH=src python3 benchmarks/graph_breaks.py
+PYTHONPATH=src python3 benchmarks/diagnose/graph_breaks.py
 """
 
 import torch

@@ -1,6 +1,6 @@
 """Where the one-token decode call's time goes: its pieces timed alone, as CUDA-graph replays (H200).
 
-    PYTHONPATH=src python3 benchmarks/decode_overhead.py
+    PYTHONPATH=src python3 benchmarks/diagnose/decode_overhead.py
 
 For Llama-1B down, Llama-8B up and down at 90% (block 64, 1 token; weights rotated past the L2): an empty Triton
 kernel, a memset of the counters' size (what each call paid before the counters were kept between calls), the

@@ -1,14 +1,22 @@
 """Launch configs of the column-sum kernel (``kernels/column_sums.py``) on the bias-gradient shapes (GPU only).
 
-    PYTHONPATH=src python3 benchmarks/tune_column_sums.py
+    PYTHONPATH=src python3 benchmarks/tune/column_sums.py [--out FILE.json]
 
 For each shape: the copy floor, cuBLAS's ``ones @ g``, and every (BLOCK_M, BLOCK_N, warps, programs per SM, least
-rows per chunk) config, fastest first, with its relative error against a float64 sum.
+rows per chunk) config, fastest first, with its relative error against a float64 sum; each config's time is a row of
+a ``tune_column_sums`` result (``--out``, default ``benchmarks/results/<gpu>/tune_column_sums.json``).
 """
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
 
 import torch
 import triton
 
+from sparseblocks.bench.harness import start_run
+from sparseblocks.bench.results import write_result
 from sparseblocks.kernels import column_sums
 
 CONFIGS = [(64, 128, 4, 4, 512), (128, 128, 8, 4, 512), (64, 256, 4, 4, 512), (32, 256, 4, 8, 256),
@@ -36,6 +44,10 @@ def time_config(g: torch.Tensor, config: tuple[int, ...], ref: torch.Tensor) -> 
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, help="result file (default benchmarks/results/<gpu>/tune_column_sums.json)")
+    args = parser.parse_args()
+    payload, folder = start_run("tune_column_sums", "PYTHONPATH=src python3 " + shlex.join(sys.argv), None)
     print(torch.cuda.get_device_name())
     for shape, dtype in SHAPES:
         g = torch.randn(*shape, device="cuda", dtype=dtype)
@@ -48,6 +60,11 @@ def main() -> None:
         ):
             print(f"   {us:.1f} us BM={bm} BN={bn} warps={warps} per_sm={per_sm} min_chunk={min_chunk} split={split} "
                   f"err={error:.0e}")  # fmt: skip
+            payload["rows"].append({"shape": list(shape), "dtype": str(dtype).removeprefix("torch."), "floor_us": floor,
+                                    "ones_matmul_us": ones, "BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps,
+                                    "programs_per_sm": per_sm, "min_chunk": min_chunk, "split": split, "us": us,
+                                    "relative_error": error})  # fmt: skip
+        write_result(args.out or folder / "tune_column_sums.json", payload)
 
 
 if __name__ == "__main__":

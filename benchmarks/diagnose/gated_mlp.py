@@ -1,6 +1,6 @@
 """Same-run timing of a SwiGLU MLP's inference paths: dense, three ``spmm`` calls, and the gated row kernel.
 
-    PYTHONPATH=src python3 benchmarks/compare_gated_mlp.py [--shapes llama_1b,llama_8b] [--tokens 8192,2048,64]
+    PYTHONPATH=src python3 benchmarks/diagnose/gated_mlp.py [--shapes llama_1b,llama_8b] [--tokens 8192,2048,64]
         [--sparsities 0.9,0.8] [--block 64] [--out DIR]
 
 ``unfused`` is ``sparse_mlp(..., fused=False)`` (gate with silu, up, their product, down: four launches);
@@ -8,7 +8,7 @@
 of the row kernel, then down). Weights are rotated past the L2 as in ``sparseblocks bench mlp``. Prints a table and
 writes ``DIR/gated_mlp.json`` in ``bench mlp``'s form (rows: shape, M, K, H, dtype, sparsity, block, impl —
 ``dense``, ``sparseblocks_unfused``, ``sparseblocks`` with the ``dispatch`` taken —, ms, floor_ms), which
-``sparseblocks report`` reads as an MLP run.
+``sparseblocks report`` reads as an MLP run (kind ``mlp``).
 """
 
 import argparse
@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 
 from sparseblocks.bench.decode import weight_copies
-from sparseblocks.bench.harness import measure_ceilings, start_run, write_json
+from sparseblocks.bench.harness import measure_ceilings, start_run
 from sparseblocks.bench.mlp import SHAPES, _copy, _nbytes, _time, _weights, floor_ms, mlp_paths
+from sparseblocks.bench.results import write_result
 from sparseblocks.bench.spmm import random_weight
 from sparseblocks.ops.mlp import inference_path
 
@@ -32,11 +33,11 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=64)
     parser.add_argument("--out", type=Path, default=Path("/tmp/gated_mlp"))
     args = parser.parse_args()
-    payload, _ = start_run("gated_mlp", "PYTHONPATH=src python3 " + " ".join(sys.argv), args.out)
+    payload, _ = start_run("mlp", "PYTHONPATH=src python3 " + " ".join(sys.argv), args.out)
     ceilings = measure_ceilings()
     payload["ceilings"] = ceilings.__dict__
     generator = torch.Generator().manual_seed(0)
-    print(f"{payload['gpu']}: ms per MLP call (speedup over dense)")
+    print(f"{payload['env']['gpu']}: ms per MLP call (speedup over dense)")
     with torch.inference_mode():
         for shape_name in args.shapes.split(","):
             shape = SHAPES[shape_name]
@@ -62,7 +63,7 @@ def main() -> None:
                     print(f"{shape_name} M={m:5} s={sparsity}: dense {dense_ms:.4f} | unfused {unfused_ms:.4f} "
                           f"({dense_ms / unfused_ms:.2f}x) | {path} {chosen_ms:.4f} ({dense_ms / chosen_ms:.2f}x)",
                           flush=True)  # fmt: skip
-                    write_json(args.out / "gated_mlp.json", payload)
+                    write_result(args.out / "gated_mlp.json", payload)
                     del sets
 
 

@@ -2,10 +2,17 @@
 against the one-token path of ``sparse_mlp`` (two launches), with and without programmatic dependent launch (PDL);
 and each projection alone with and without PDL (back-to-back replays of one kernel: PDL's most favourable case).
 
-PYTHONPATH=src python3 benchmarks/compare_one_token_mlp.py
+PYTHONPATH=src python3 benchmarks/diagnose/one_token_mlp_pdl.py [--out FILE.json]
+
+Prints a line per case and writes every time as a row of a ``one_token_mlp`` result (``--out``, default
+``benchmarks/results/<gpu>/one_token_mlp_pdl.json``).
 """
 
+import argparse
 import itertools
+import shlex
+import sys
+from pathlib import Path
 
 import torch
 
@@ -19,12 +26,21 @@ from sparseblocks.bench.decode import (
     time_us,
     weight_copies,
 )
+from sparseblocks.bench.harness import start_run
+from sparseblocks.bench.results import write_result
 from sparseblocks.bench.spmm import random_weight
 from sparseblocks.kernels import decode
 from sparseblocks.ops import sparse_mlp, spmm
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--out", type=Path, help="result file (default benchmarks/results/<gpu>/one_token_mlp_pdl.json)"
+    )
+    args = parser.parse_args()
+    payload, folder = start_run("one_token_mlp", "PYTHONPATH=src python3 " + shlex.join(sys.argv), None)
+    out = args.out or folder / "one_token_mlp_pdl.json"
     default = decode.PROGRAMMATIC_LAUNCH
     generator = torch.Generator().manual_seed(0)
     print(torch.cuda.get_device_name())
@@ -46,6 +62,9 @@ def main() -> None:
             decode.PROGRAMMATIC_LAUNCH = default
             cells = " | ".join(f"{name} {us:5.1f} us {dense / us:5.2f}x" for name, us in times.items())
             print(f"{model}_mlp M=1 s={sparsity} b={block:<3} dense {dense:6.1f} us | {cells}", flush=True)
+            base = {"shape": f"{model}_mlp", "M": 1, "sparsity": sparsity, "block": block, "dense_us": dense}
+            payload["rows"] += [{**base, "variant": name, "us": us} for name, us in times.items()]
+            write_result(out, payload)
     for model, case in itertools.product(MODELS, ("up", "down")):
         ((n, k),) = _shapes(model, case).values()
         dense = time_us(lambda x, w: _dense_linear(x, w["w"], None), 1, k,
@@ -58,6 +77,9 @@ def main() -> None:
             times[f"PDL {'on' if dependent else 'off'}"] = time_us(one_token, 1, k, sets)
         cells = " | ".join(f"{name} {us:5.1f} us {dense / us:5.2f}x" for name, us in times.items())
         print(f"{model}_{case:<5} M=1 s=0.9 b=64  dense {dense:6.1f} us | {cells}", flush=True)
+        base = {"shape": f"{model}_{case}", "M": 1, "sparsity": 0.9, "block": 64, "dense_us": dense}
+        payload["rows"] += [{**base, "variant": name, "us": us} for name, us in times.items()]
+        write_result(out, payload)
 
 
 if __name__ == "__main__":

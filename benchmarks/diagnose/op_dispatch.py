@@ -1,6 +1,6 @@
 """CPU time of one call of each ``sparseblocks::`` op, the kernels replaced by an empty output (no GPU needed).
 
-    PYTHONPATH=<tree>/src python3 benchmarks/op_dispatch.py
+    PYTHONPATH=<tree>/src python3 benchmarks/diagnose/op_dispatch.py
 
 What ``torch.compile``d code pays per op on top of the kernels' own launch: the dispatcher, the op's Python
 wrappers, and rebuilding the ``BlockSparseMatrix`` from the op's arguments. Run it on two trees to compare.

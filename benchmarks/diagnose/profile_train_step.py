@@ -1,6 +1,6 @@
 """Profile one training step of the GPT-2-small-shaped model with 90%-sparse MLPs (GPU only).
 
-    PYTHONPATH=src python3 benchmarks/profile_train_step.py [--dense]
+    PYTHONPATH=src python3 benchmarks/diagnose/profile_train_step.py [--dense]
 
 Prints the ops with the most GPU time and the step's CPU and GPU totals, to tell launch overhead from kernel time.
 """

@@ -1,7 +1,7 @@
 """One Llama step alone in a fresh process, dense then ours at 90%/b64 twice then dense again: a 2048-token
 prefill or a one-token decode step, eager or through torch.compile.
 
-PYTHONPATH=src python3 benchmarks/llama_step.py [--model llama-3.1-8b] [--step prefill|decode]
+PYTHONPATH=src python3 benchmarks/diagnose/llama_step.py [--model llama-3.1-8b] [--step prefill|decode]
     [--mode eager|compiled] [--profile]
 
 ``bench e2e`` times each model after others in the same process; this checks a figure without them

@@ -1,21 +1,27 @@
 """Time the forward kernels under each launch config on a few telling cases (GPU only).
 
-    PYTHONPATH=src python3 benchmarks/tune_spmm.py [--kernels rows,tma] [--dtype fp32 --fp32-precision tf32x3]
+    PYTHONPATH=src python3 benchmarks/tune/spmm.py [--kernels rows,tma] [--dtype fp32 --fp32-precision tf32x3]
+        [--out FILE.json]
 
 Prints, per case, dense cuBLAS time and each kernel's best configs as speedups over it (same run), so the
 autotuner's config sets and the choice between kernels come from measurements. ``rows``: the pointer-load row
 kernel (``kernels/spmm.py``); ``tma``: the same work split with tensor descriptors (``kernels/spmm_tma.py``,
 what ``spmm`` runs where the inputs allow). Dense is cuBLAS in the same dtype (fp32: IEEE, TF32 off).
-Notes of what was learnt go to benchmarks/NOTES.md.
+Every config's time goes to a ``tune_spmm`` result (``--out``, default
+``benchmarks/results/<gpu>/tune_spmm.json``). Notes of what was learnt go to benchmarks/notes/.
 """
 
 import argparse
+import shlex
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from sparseblocks.backend import FP32_PRECISIONS, fp32_precision
-from sparseblocks.bench.harness import input_sets, time_ms
+from sparseblocks.bench.harness import input_sets, start_run, time_ms
+from sparseblocks.bench.results import write_result
 from sparseblocks.bench.spmm import DTYPES, SHAPES, Case, sparse_weight
 from sparseblocks.kernels.spmm import _launch, spmm_tuned
 from sparseblocks.kernels.spmm_tma import spmm_tma_tuned, tma_fits
@@ -38,7 +44,8 @@ KERNELS = {
 }  # fmt: skip
 
 
-def tune_case(shape: str, sparsity: float, block: int, kernels: list[str], dtype_name: str) -> None:
+def tune_case(shape: str, sparsity: float, block: int, kernels: list[str], dtype_name: str, out: list[dict]) -> None:
+    """Time every config of ``kernels`` on one case; a row per config (or its error) into ``out``."""
     m, k, n = SHAPES[shape]
     dtype = DTYPES[dtype_name]
     w = sparse_weight(Case(shape, m, k, n, dtype_name, sparsity, block), dtype)
@@ -47,6 +54,7 @@ def tune_case(shape: str, sparsity: float, block: int, kernels: list[str], dtype
     dense_ms, _ = time_ms(lambda x: F.linear(x, dense), xs)
     reference = F.linear(xs[0], dense).float()
     print(f"{shape} s={sparsity} b={block}: dense {dense_ms * 1e3:.0f} us", flush=True)
+    base = {"shape": shape, "sparsity": sparsity, "block": block, "dtype": dtype_name, "dense_ms": dense_ms}
     if "tma" in kernels and not tma_fits(xs[0], w, False):  # else its rows would time the pointer kernel
         print("  tma: the descriptor kernel does not take these inputs (IEEE fp32?); skipped")
         kernels = [name for name in kernels if name != "tma"]
@@ -60,7 +68,10 @@ def tune_case(shape: str, sparsity: float, block: int, kernels: list[str], dtype
                 ms, _ = time_ms(lambda x, config=config, kernel=kernel: kernel(x, w, config), xs)
             except Exception as failure:  # e.g. out of shared memory
                 print(f"  {name} {config}: {type(failure).__name__}: {str(failure)[:120]}")
+                out.append({**base, "kernel": name, **config, "ms": None,
+                            "error": f"{type(failure).__name__}: {str(failure)[:200]}"})  # fmt: skip
                 continue
+            out.append({**base, "kernel": name, **config, "ms": ms, "max_error": error})
             results.append((ms, f"M{block_m}/w{warps}/s{stages}", error))
         if not results:
             continue
@@ -76,9 +87,13 @@ if __name__ == "__main__":
     parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     parser.add_argument("--fp32-precision", choices=FP32_PRECISIONS, default="ieee", help="our kernels' fp32 products")
     parser.add_argument("--cases", type=int, default=len(CASES), help="the first N cases only")
+    parser.add_argument("--out", type=Path, help="result file (default benchmarks/results/<gpu>/tune_spmm.json)")
     args = parser.parse_args()
+    payload, folder = start_run("tune_spmm", "PYTHONPATH=src python3 " + shlex.join(sys.argv), None)
+    payload["fp32_precision"] = args.fp32_precision
     torch.backends.cuda.matmul.allow_tf32 = False
     print(torch.cuda.get_device_name(), args.dtype, args.fp32_precision)
     with fp32_precision(args.fp32_precision):
         for case in CASES[: args.cases]:
-            tune_case(*case, args.kernels.split(","), args.dtype)
+            tune_case(*case, args.kernels.split(","), args.dtype, payload["rows"])
+            write_result(args.out or folder / "tune_spmm.json", payload)

@@ -1,6 +1,6 @@
 """CPU cost of issuing the pieces of one sparse layer at GPT-2-small MLP shapes (GPU only).
 
-    PYTHONPATH=src python3 benchmarks/launch_overhead.py
+    PYTHONPATH=src python3 benchmarks/diagnose/launch_overhead.py
 
 For each piece: the wall time per call of 300 calls issued without synchronizing (``cpu``), and including the
 final synchronize (``wall``). At M = 64 the GPU work is a few µs, so ``cpu`` is the cost of issuing the call;

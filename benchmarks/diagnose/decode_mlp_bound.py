@@ -1,6 +1,6 @@
 """How fast whole-model decode could get from MLP sparsity alone: the model with its MLPs removed, same run.
 
-PYTHONPATH=src python3 benchmarks/decode_mlp_bound.py llama-3.2-1b llama-3.1-8b
+PYTHONPATH=src python3 benchmarks/diagnose/decode_mlp_bound.py llama-3.2-1b llama-3.1-8b
 
 Llama decode at batch 1 (compiled, CUDA-graph replays, as ``bench e2e --modes compiled_graph``): dense; the same
 model whose MLPs return zeros (no MLP time at all: the bound on any MLP sparsity's speedup); and ours at 90%/b64.

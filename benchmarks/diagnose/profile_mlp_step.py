@@ -1,6 +1,6 @@
 """Profile forward + backward of one whole MLP as `bench train` times it, dense and 90%-sparse (GPU only).
 
-    PYTHONPATH=src python3 benchmarks/profile_mlp_step.py [--shape vit_b] [--block 64]
+    PYTHONPATH=src python3 benchmarks/diagnose/profile_mlp_step.py [--shape vit_b] [--block 64]
 
 Prints the kernels with the most GPU time for each, so the time of the sparse step can be laid out op by op
 (products, activation gradient, bias gradients, the split reduction of dW) against the dense step's.

@@ -1,10 +1,10 @@
 """Time each op of a sparse layer's training step against its dense counterpart (GPU only).
 
-    PYTHONPATH=src python3 benchmarks/train_breakdown.py [SHAPE ...]
+    PYTHONPATH=src python3 benchmarks/diagnose/train_breakdown.py [SHAPE ...]
 
 Per layer shape at 90% sparsity, block 64, bf16: forward, the activation-gradient recompute, dX and dW (SDDMM,
 for several splits of M), each beside the dense cuBLAS op that does the same job. What was learnt goes to
-benchmarks/NOTES.md.
+benchmarks/notes/.
 """
 
 import sys
