@@ -23,8 +23,8 @@ test: $(BIN)/sparseblocks
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -n 2 tests
 
 lint: $(BIN)/sparseblocks
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks tools
+	$(BIN)/ruff format --check src tests benchmarks tools
 
 # On a CUDA machine (e.g. the device tool), with its own python: PYTHONPATH=src python3 -m pytest -m gpu tests
 test-gpu:

@@ -21,7 +21,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from sparseblocks.kernels.decode import _decode_kernel
+from sparseblocks.kernels.few_tokens import _decode_kernel
 from sparseblocks.kernels.spmm import _spmm_kernel
 from sparseblocks.kernels.spmm_tma import _spmm_tma_kernel
 

@@ -105,7 +105,6 @@ def row_loads(m, w, transposed, grad2=None, gate=None, grad_weight=None):
 
 def decisions(m, w, dtype):
     out = {}
-    x2 = FakeTensor(shape=(m, w.shape[1]), dtype=dtype, device=w.values.device)
     grad2 = FakeTensor(shape=(m, w.shape[0]), dtype=dtype, device=w.values.device)
     if decode.decode_pays(m, w):
         out["forward"] = "one_token" if m == 1 and decode.one_token_kernel_pays(w) else "few_tokens"

@@ -14,7 +14,9 @@ import triton
 
 from sparseblocks.bench.decode import clone_matrix, dense_weights, time_us, weight_copies
 from sparseblocks.bench.spmm import random_weight
-from sparseblocks.kernels import decode
+from sparseblocks.kernels import one_token
+from sparseblocks.kernels.row_finish import EMPTY_ROWS_PER_PROGRAM
+from sparseblocks.ops.spmm import forward_with_kernels
 
 
 @triton.jit
@@ -27,16 +29,16 @@ def kernel_alone(one, warps: int):
     (n, k), (bn, bk), (n_rows, _) = one.shape, one.block_shape, one.block_grid
     counters = torch.zeros(n_rows, device="cuda", dtype=torch.int32)
     scratch = torch.empty((one.nnz, bn), device="cuda", dtype=torch.float32)
-    grid = (one.nnz + triton.cdiv(n_rows, decode.EMPTY_ROWS_PER_PROGRAM),)
+    grid = (one.nnz + triton.cdiv(n_rows, EMPTY_ROWS_PER_PROGRAM),)
 
     def run(x, w):
         w = w["w"]
         y = torch.empty((1, n), device="cuda", dtype=x.dtype)
-        decode._one_token_kernel[grid](
+        one_token._one_token_kernel[grid](
             x, w.values, w.crow_indices, w.col_indices, w.row_indices_of_block, y, *(y,) * 5, scratch, counters, y,
             n, k, w.nnz, 0, n_rows, x.stride(1), y.stride(1), BN=bn, BK=bk,
-            EMPTY_ROWS_PER_PROGRAM=decode.EMPTY_ROWS_PER_PROGRAM, REDUCE_CHUNK=decode.REDUCE_CHUNK, HAS_BIAS=False,
-            HAS_GATE_BIAS=False, ACTIVATION=0, GATED=False, EVEN_K=True, num_warps=warps, num_stages=1,
+            EMPTY_ROWS_PER_PROGRAM=EMPTY_ROWS_PER_PROGRAM, REDUCE_CHUNK=one_token.REDUCE_CHUNK, HAS_BIAS=False,
+            HAS_GATE_BIAS=False, ACTIVATION=0, GATED=False, EVEN_K=True, DEPENDENT=0, num_warps=warps, num_stages=1,
         )  # fmt: skip
         return y
 
@@ -59,7 +61,7 @@ def main() -> None:
                 r, device="cuda", dtype=torch.int32
             ),
             **{f"one-token kernel alone, {warps} warps": kernel_alone(one, warps) for warps in (1, 2, 4)},
-            "spmm_decode_triton": lambda x, w: decode.spmm_decode_triton(x, w["w"]),
+            "whole call (forward_with_kernels: one token)": lambda x, w: forward_with_kernels(x, w["w"], None, None),
         }
         print(f"{name} 90% b64 M=1, {one.nnz} tiles, {one.nbytes / 1e6:.1f} MB")
         for case, fn in cases.items():

@@ -4,7 +4,7 @@
         [--sparsities 0.9,0.8] [--block 64] [--out DIR]
 
 ``unfused`` is ``sparse_mlp(..., fused=False)`` (gate with silu, up, their product, down: four launches);
-``gated`` is ``sparse_mlp`` where ``inference_path`` chooses ``"gated"`` (gate, up and their product in one launch
+``gated`` is ``sparse_mlp`` where ``dispatch.mlp_plan`` chooses ``gated_rows`` (gate, up and their product in one launch
 of the row kernel, then down). Weights are rotated past the L2 as in ``sparseblocks bench mlp``. Prints a table and
 writes ``DIR/gated_mlp.json`` in ``bench mlp``'s form (rows: shape, M, K, H, dtype, sparsity, block, impl —
 ``dense``, ``sparseblocks_unfused``, ``sparseblocks`` with the ``dispatch`` taken —, ms, floor_ms), which
@@ -22,7 +22,7 @@ from sparseblocks.bench.harness import measure_ceilings, start_run
 from sparseblocks.bench.mlp import SHAPES, _copy, _nbytes, _time, _weights, floor_ms, mlp_paths
 from sparseblocks.bench.results import write_result
 from sparseblocks.bench.spmm import random_weight
-from sparseblocks.ops.mlp import inference_path
+from sparseblocks.dispatch import Tiles, device_facts, mlp_plan
 
 
 def main() -> None:
@@ -52,7 +52,8 @@ def main() -> None:
                 for sparsity in (float(s) for s in args.sparsities.split(",")):
                     one = _weights(shape, lambda n, k, s=sparsity: random_weight(n, k, s, args.block, torch.bfloat16,
                                                                                  generator))  # fmt: skip
-                    path = inference_path(m, one["up"], one["down"], one["gate"])
+                    up, down, gate = (None if one[p] is None else Tiles.of(one[p]) for p in ("up", "down", "gate"))
+                    path = mlp_plan(m, up, down, gate, device_facts(one["up"].device)).value
                     sets = weight_copies(lambda one=one: _copy(one), _nbytes(one))
                     unfused_ms, _ = _time(paths["sparseblocks_unfused"], m, shape.width, sets)
                     chosen_ms, _ = _time(paths["sparseblocks"], m, shape.width, sets)

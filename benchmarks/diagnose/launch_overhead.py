@@ -14,9 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from sparseblocks.bench.spmm import random_weight
+from sparseblocks.dispatch import Plan, Tiles, descriptors_fit, row_loads
 from sparseblocks.format import BlockSparseMatrix
-from sparseblocks.kernels import spmm as kernels
 from sparseblocks.kernels.column_sums import column_sums_triton
+from sparseblocks.kernels.row_launch import RowLaunch, RowMode
+from sparseblocks.kernels.spmm import launch_rows
 from sparseblocks.ops import spmm
 
 
@@ -40,15 +42,20 @@ def measure(m: int, w: BlockSparseMatrix, b: torch.Tensor) -> None:
     values = w.values.detach().requires_grad_()
     layer = BlockSparseMatrix.from_parts(values, w.shape, w.index_tensors())
     xg, bg, dense_g = x.clone().requires_grad_(), b.clone().requires_grad_(), dense.clone().requires_grad_()
+    forward = RowLaunch(RowMode.FORWARD, b, "gelu")
+    # the row kernel's loads as the dispatch picks them, the choice's CPU time included
+    chosen_loads = lambda: row_loads(m, Tiles.of(w), lambda: descriptors_fit(x, w, "forward")) is Plan.ROWS_DESCRIPTORS
+    actgrad = RowLaunch(RowMode.ACTIVATION_GRAD, b, "gelu", dy)
+    actgrad_bias = RowLaunch(RowMode.ACTIVATION_GRAD, b, "gelu", dy, bias_grad=True)
     cases = {
         "torch.empty": lambda: torch.empty(m, 3072, device="cuda", dtype=torch.bfloat16),
         "F.linear dense": lambda: F.linear(x, dense, b),
-        "fwd (chosen kernel)": lambda: kernels._launch(x, w, False, b, "gelu", None),
-        "fwd descriptors": lambda: kernels._launch(x, w, False, b, "gelu", None, descriptors=True),
-        "fwd pointers": lambda: kernels._launch(x, w, False, b, "gelu", None, descriptors=False),
-        "actgrad descriptors +bias": lambda: kernels._launch(x, w, False, b, "gelu", None, dy, True, True),
-        "actgrad descriptors": lambda: kernels._launch(x, w, False, b, "gelu", None, dy, descriptors=True),
-        "actgrad pointers": lambda: kernels._launch(x, w, False, b, "gelu", None, dy, descriptors=False),
+        "fwd (chosen kernel)": lambda: launch_rows(x, w, forward, chosen_loads()),
+        "fwd descriptors": lambda: launch_rows(x, w, forward, descriptors=True),
+        "fwd pointers": lambda: launch_rows(x, w, forward, descriptors=False),
+        "actgrad descriptors +bias": lambda: launch_rows(x, w, actgrad_bias, descriptors=True),
+        "actgrad descriptors": lambda: launch_rows(x, w, actgrad, descriptors=True),
+        "actgrad pointers": lambda: launch_rows(x, w, actgrad, descriptors=False),
         "column_sums_triton dy": lambda: column_sums_triton(dy),
         "torch.sum dy": lambda: dy.sum(0, dtype=torch.float32),
         "layer fwd+bwd (autograd)": lambda: spmm(xg, layer, bg, "gelu").backward(dy),

@@ -29,7 +29,7 @@ from sparseblocks.bench.decode import (
 from sparseblocks.bench.harness import start_run
 from sparseblocks.bench.results import write_result
 from sparseblocks.bench.spmm import random_weight
-from sparseblocks.kernels import decode
+from sparseblocks.kernels import one_token
 from sparseblocks.ops import sparse_mlp, spmm
 
 
@@ -41,7 +41,7 @@ def main() -> None:
     args = parser.parse_args()
     payload, folder = start_run("one_token_mlp", "PYTHONPATH=src python3 " + shlex.join(sys.argv), None)
     out = args.out or folder / "one_token_mlp_pdl.json"
-    default = decode.PROGRAMMATIC_LAUNCH
+    default = one_token.PROGRAMMATIC_LAUNCH
     generator = torch.Generator().manual_seed(0)
     print(torch.cuda.get_device_name())
     four_launches = _mlp(lambda x, w, act: spmm(x, w, activation=act))
@@ -57,9 +57,9 @@ def main() -> None:
                                  sum(w.nbytes for w in one.values()))  # fmt: skip
             times = {"4 launches": time_us(four_launches, 1, k, sets)}
             for pdl in (False, True):
-                decode.PROGRAMMATIC_LAUNCH = pdl
+                one_token.PROGRAMMATIC_LAUNCH = pdl
                 times[f"2 launches{', PDL' if pdl else ''}"] = time_us(two_launches, 1, k, sets)
-            decode.PROGRAMMATIC_LAUNCH = default
+            one_token.PROGRAMMATIC_LAUNCH = default
             cells = " | ".join(f"{name} {us:5.1f} us {dense / us:5.2f}x" for name, us in times.items())
             print(f"{model}_mlp M=1 s={sparsity} b={block:<3} dense {dense:6.1f} us | {cells}", flush=True)
             base = {"shape": f"{model}_mlp", "M": 1, "sparsity": sparsity, "block": block, "dense_us": dense}
@@ -73,8 +73,8 @@ def main() -> None:
         sets = weight_copies(lambda one=one: {"w": clone_matrix(one)}, one.nbytes)
         times = {}
         for dependent in (0, 1):  # the kernel alone, plainly and as a programmatic dependent launch
-            one_token = lambda x, w, d=dependent: decode._one_token(x, w["w"], None, None, None, dependent=d)
-            times[f"PDL {'on' if dependent else 'off'}"] = time_us(one_token, 1, k, sets)
+            alone = lambda x, w, d=dependent: one_token.spmm_one_token(x, w["w"], dependent=d)
+            times[f"PDL {'on' if dependent else 'off'}"] = time_us(alone, 1, k, sets)
         cells = " | ".join(f"{name} {us:5.1f} us {dense / us:5.2f}x" for name, us in times.items())
         print(f"{model}_{case:<5} M=1 s=0.9 b=64  dense {dense:6.1f} us | {cells}", flush=True)
         base = {"shape": f"{model}_{case}", "M": 1, "sparsity": 0.9, "block": 64, "dense_us": dense}

@@ -14,8 +14,15 @@ import torch.nn.functional as F
 
 from sparseblocks.bench.harness import time_ms
 from sparseblocks.bench.spmm import SHAPES, Case, sparse_weight
+from sparseblocks.dispatch import Plan, Tiles, descriptors_fit, row_loads
 from sparseblocks.kernels.sddmm import default_split, sddmm_triton
-from sparseblocks.kernels.spmm import spmm_activation_grad_triton, spmm_input_grad_triton, spmm_triton
+from sparseblocks.kernels.spmm import activation_grad_rows, input_grad_rows
+from sparseblocks.ops.spmm import forward_with_kernels
+
+
+def by_descriptor(m: int, w, decision: str, *fit_args) -> bool:
+    """Whether the row kernel reads its tiles by descriptor in a ``decision`` launch, as the ops decide."""
+    return row_loads(m, Tiles.of(w), lambda: descriptors_fit(*fit_args), decision) is Plan.ROWS_DESCRIPTORS
 
 
 def breakdown(shape: str, sparsity: float = 0.9, block: int = 64) -> None:
@@ -24,14 +31,16 @@ def breakdown(shape: str, sparsity: float = 0.9, block: int = 64) -> None:
     dense = w.to_dense()
     x = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16)]
     dy = [torch.randn(m, n, device="cuda", dtype=torch.bfloat16)]
+    act_grad_loads = by_descriptor(m, w, "activation_grad", x[0], w, "activation_grad", dy[0])
+    input_grad_loads = by_descriptor(m, w, "input_grad", dy[0], w, "input_grad")
     pairs = {
-        "forward": (lambda x: spmm_triton(x, w), lambda x: F.linear(x, dense), x),
+        "forward": (lambda x: forward_with_kernels(x, w, None, None), lambda x: F.linear(x, dense), x),
         "act_grad": (
-            lambda g: spmm_activation_grad_triton(g, x[0], w, None, "gelu"),
+            lambda g: activation_grad_rows(g, x[0], w, None, "gelu", descriptors=act_grad_loads),
             lambda g: torch.ops.aten.gelu_backward(g, F.linear(x[0], dense)),
             dy,
         ),
-        "dX": (lambda g: spmm_input_grad_triton(g, w), lambda g: g @ dense, dy),
+        "dX": (lambda g: input_grad_rows(g, w, input_grad_loads), lambda g: g @ dense, dy),
         "dW": (lambda g: sddmm_triton(g, x[0], w), lambda g: g.t() @ x[0], dy),
     }
     print(f"{shape} (M={m}, K={k}, N={n}) s={sparsity} b={block}, default split {default_split(m, w.nnz, x[0].device)}")

@@ -5,7 +5,7 @@
 Prints, per shape and token count, the time of every (programs per SM, num_warps, num_stages) against dense and
 the row kernel, with weights rotated past the L2 as in ``sparseblocks bench decode``, and writes each as a row of a
 ``tune_decode`` result (``--out``, default ``benchmarks/results/<gpu>/tune_decode.json``). Chose
-``decode.PROGRAMS_PER_SM``, by tile size (one token has its own kernel, one program per tile: not tuned here).
+``dispatch.PROGRAMS_PER_SM``, by tile size (one token has its own kernel, one program per tile: not tuned here).
 (``results/h200/tune_decode.txt`` also swept how many partial sums the reducing program loads at once: one was
 best everywhere, so that knob is gone.)
 """
@@ -24,8 +24,9 @@ from sparseblocks.bench.decode import clone_matrix, dense_weights, time_us, weig
 from sparseblocks.bench.harness import start_run
 from sparseblocks.bench.results import write_result
 from sparseblocks.bench.spmm import random_weight
-from sparseblocks.kernels.decode import LAUNCH_CONFIGS, spmm_decode_triton
-from sparseblocks.kernels.spmm import spmm_triton
+from sparseblocks.dispatch import Plan, Tiles, descriptors_fit, row_loads
+from sparseblocks.kernels.few_tokens import LAUNCH_CONFIGS, spmm_few_tokens
+from sparseblocks.kernels.spmm import spmm_rows
 
 # name -> (N, K)
 SHAPES = {
@@ -36,6 +37,12 @@ SHAPES = {
 }
 CONFIGS = [{"num_warps": w, "num_stages": s} for w, s in LAUNCH_CONFIGS]  # the ones the kernel autotunes over
 CASES = [(0.9, 64), (0.9, 32), (0.8, 64), (0.5, 64), (0.5, 32), (0.9, 128), (0.5, 128)]  # (sparsity, block)
+
+
+def row_kernel(x, w):
+    """The row kernel, reading its tiles as ``dispatch.row_loads`` says (by pointer at these sizes)."""
+    fits = lambda: descriptors_fit(x, w, "forward")
+    return spmm_rows(x, w, descriptors=row_loads(x.shape[0], Tiles.of(w), fits) is Plan.ROWS_DESCRIPTORS)
 
 
 def main() -> None:
@@ -56,13 +63,13 @@ def main() -> None:
         dense_sets = weight_copies(lambda n=n, k=k: dense_weights({"w": (n, k)}), 2 * n * k)
         for m in tokens:
             dense = time_us(lambda x, w: F.linear(x, w["w"]), m, k, dense_sets)
-            rows = time_us(lambda x, w: spmm_triton(x, w["w"], kernel="rows"), m, k, sparse_sets)
+            rows = time_us(lambda x, w: row_kernel(x, w["w"]), m, k, sparse_sets)
             results = []
             for per_sm, config in itertools.product(programs_per_sm, CONFIGS):
                 tiles = max(1, math.ceil(one.nnz / (per_sm * sms)))
 
                 def fn(x, w, tiles=tiles, config=config):
-                    return spmm_decode_triton(x, w["w"], None, None, tiles, config)
+                    return spmm_few_tokens(x, w["w"], None, None, tiles, config)
 
                 results.append((time_us(fn, m, k, sparse_sets), per_sm, config))
             base = {"shape": shape, "sparsity": sparsity, "block": block, "M": m, "dense_us": dense, "rows_us": rows}

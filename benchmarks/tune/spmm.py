@@ -6,8 +6,8 @@
 Prints, per case, dense cuBLAS time and each kernel's best configs as speedups over it (same run), so the
 autotuner's config sets and the choice between kernels come from measurements. ``rows``: the pointer-load row
 kernel (``kernels/spmm.py``); ``tma``: the same work split with tensor descriptors (``kernels/spmm_tma.py``,
-what ``spmm`` runs where the inputs allow). Dense is cuBLAS in the same dtype (fp32: IEEE, TF32 off).
-Every config's time goes to a ``tune_spmm`` result (``--out``, default
+what ``spmm`` runs for large products where the inputs allow: ``dispatch.row_loads``). Dense is cuBLAS in the
+same dtype (fp32: IEEE, TF32 off). Every config's time goes to a ``tune_spmm`` result (``--out``, default
 ``benchmarks/results/<gpu>/tune_spmm.json``). Notes of what was learnt go to benchmarks/notes/.
 """
 
@@ -23,8 +23,9 @@ from sparseblocks.backend import FP32_PRECISIONS, fp32_precision
 from sparseblocks.bench.harness import input_sets, start_run, time_ms
 from sparseblocks.bench.results import write_result
 from sparseblocks.bench.spmm import DTYPES, SHAPES, Case, sparse_weight
-from sparseblocks.kernels.spmm import _launch, spmm_tuned
-from sparseblocks.kernels.spmm_tma import spmm_tma_tuned, tma_fits
+from sparseblocks.dispatch import descriptors_fit
+from sparseblocks.kernels.spmm import spmm_rows, spmm_tuned
+from sparseblocks.kernels.spmm_tma import spmm_tma_tuned
 
 CASES = [("llama_1b_up", 0.9, 64), ("llama_1b_down", 0.9, 64), ("vit_b_fc1", 0.9, 64), ("vit_b_fc2", 0.9, 64),
          ("vit_b_fc1", 0.9, 32), ("llama_1b_up", 0.9, 128), ("llama_1b_up", 0.5, 64), ("vit_b_fc2", 0.9, 16),
@@ -37,11 +38,9 @@ def _launch_configs(kernel) -> list[tuple[int, int, int]]:
 
 
 KERNELS = {
-    "rows": (lambda x, w, config: _launch(x, w, False, None, None, config, descriptors=False)[0],
-             _launch_configs(spmm_tuned)),
-    "tma": (lambda x, w, config: _launch(x, w, False, None, None, config, descriptors=True)[0],
-            _launch_configs(spmm_tma_tuned)),
-}  # fmt: skip
+    "rows": (lambda x, w, config: spmm_rows(x, w, descriptors=False, config=config), _launch_configs(spmm_tuned)),
+    "tma": (lambda x, w, config: spmm_rows(x, w, descriptors=True, config=config), _launch_configs(spmm_tma_tuned)),
+}
 
 
 def tune_case(shape: str, sparsity: float, block: int, kernels: list[str], dtype_name: str, out: list[dict]) -> None:
@@ -55,7 +54,7 @@ def tune_case(shape: str, sparsity: float, block: int, kernels: list[str], dtype
     reference = F.linear(xs[0], dense).float()
     print(f"{shape} s={sparsity} b={block}: dense {dense_ms * 1e3:.0f} us", flush=True)
     base = {"shape": shape, "sparsity": sparsity, "block": block, "dtype": dtype_name, "dense_ms": dense_ms}
-    if "tma" in kernels and not tma_fits(xs[0], w, False):  # else its rows would time the pointer kernel
+    if "tma" in kernels and not descriptors_fit(xs[0], w, "forward"):  # the descriptor kernel would refuse them
         print("  tma: the descriptor kernel does not take these inputs (IEEE fp32?); skipped")
         kernels = [name for name in kernels if name != "tma"]
     for name in kernels:

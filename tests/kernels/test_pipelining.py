@@ -1,7 +1,8 @@
 """The loops that walk gathered tiles keep Triton's software pipeline deep: ``num_stages`` buffers of X and W.
 
-Checked on the kernels compiled for sm_90 on the CPU (``benchmarks/kernel_ir.py``, no GPU): with a gather's index
-loaded in the same iteration, Triton 3.6 kept one or two buffers whatever ``num_stages`` (NOTES.md).
+Checked on the kernels compiled for sm_90 on the CPU (``tools/kernel_ir.py``, no GPU): with a gather's index
+loaded in the same iteration, Triton 3.6 kept one or two buffers whatever ``num_stages``
+(``benchmarks/notes/decode.md``).
 """
 
 import re

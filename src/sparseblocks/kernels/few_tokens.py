@@ -58,7 +58,7 @@ def _reduce_row(row, row_start, row_end, offs_m, M, N, bias_ptr, partial_ptr, ar
     """The last piece's program: add the row's partials in a fixed order (deterministic) and write the row.
 
     With 16 token rows, one slot at a time: loading several at once (a (pieces, BLOCK_M, bn) block) held so many
-    registers that the whole kernel ran at half speed (``benchmarks/tune_decode.py``).
+    registers that the whole kernel ran at half speed (``benchmarks/tune/decode.py``).
     """
     first_piece = row_start // tiles_per_program
     last_piece = (row_end - 1) // tiles_per_program

@@ -23,7 +23,7 @@ from sparseblocks.kernels.row_finish import (
 from sparseblocks.kernels.tuning import cdiv
 
 REDUCE_CHUNK = 16  # partial sums of a cut row added per load
-ONE_TOKEN_LAUNCH = {"num_warps": 2, "num_stages": 1}  # 2 warps beat 1 and 4 (benchmarks/decode_overhead.py)
+ONE_TOKEN_LAUNCH = {"num_warps": 2, "num_stages": 1}  # 2 warps beat 1 and 4 (benchmarks/diagnose/decode_overhead.py)
 
 
 @triton.jit
@@ -84,7 +84,7 @@ def _one_token_kernel(
     y = act(W_gate · x + b_gate) ⊙ (W · x + b), programs ``nnz + t`` taking the gate's tiles.
 
     One tile per program measured fastest (more tiles per program, loaded at once or in a loop, were slower:
-    ``benchmarks/decode_overhead.py``): every program's loads go out at once, and nothing waits on a previous
+    ``benchmarks/diagnose/decode_overhead.py``): every program's loads go out at once, and nothing waits on a previous
     tile. A row of several tiles is reduced like the few-token kernel's pieces, each tile a piece: its partial sum
     in the tile's own slot (a row's slots are consecutive; the gate's follow W's), and the last tile to arrive
     adds them in order. Gated, a row's counter counts the tiles of both rows, so one launch writes the hidden
@@ -195,7 +195,8 @@ def spmm_one_token(
 
 
 # The one-token MLP's two launches are programmatic dependent launches (False: plain, for A/B runs). A one-token
-# `spmm` alone is not: back to back on Llama-8B's projections it ran 15% slower so (compare_one_token_mlp.py).
+# `spmm` alone is not: back to back on Llama-8B's projections it ran 15% slower so
+# (benchmarks/diagnose/one_token_mlp_pdl.py).
 PROGRAMMATIC_LAUNCH = True
 
 

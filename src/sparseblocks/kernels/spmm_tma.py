@@ -7,7 +7,8 @@ transposed index, the gated forward): one program per (M tile, block row of W, o
 load is one instruction per tile whatever its shape, so a program holds no ``(BLOCK_M, BK)`` address tensor and the
 copies run ahead of the products asynchronously; ragged edges are the copy engine's zero fill and clipped store
 instead of masks.
-Measured on an H200 (``benchmarks/tune_spmm.py``, NOTES.md): 1.1-1.2x faster than the pointer kernel.
+Measured on an H200 (``benchmarks/tune/spmm.py``, ``benchmarks/notes/spmm.md``): 1.1-1.2x faster than the pointer
+kernel.
 
 Needs what TMA needs (``dispatch.descriptors_fit``): a GPU with the copy engine (Hopper on), 16-byte aligned bases
 and row strides, unit column strides, at least one stored tile; and 16-bit data, or fp32 in the forward mode with its

@@ -4,7 +4,7 @@
 Triton's autotuner picks a config once per tuning key, but every later call pays to find that choice again:
 ``Autotuner.run`` builds a dict of every argument, a key with ``str(dtype)`` of each tensor, and the config's
 keyword arguments, before ``JITFunction.run``. On an H200 host that made issuing the pointer row kernel cost 55 µs
-of CPU against 19 µs for the same JIT kernel called with the chosen config (``benchmarks/launch_overhead.py``),
+of CPU against 19 µs for the same JIT kernel called with the chosen config (``benchmarks/diagnose/launch_overhead.py``),
 and on small layers that CPU time, not the GPU's, is the layer's time. A ``TunedKernel`` keeps the autotuner's
 choice under a key the caller builds from values it has anyway, and later calls go straight to the JIT kernel,
 which still does its own specialization and binary caching: a remembered config can only ever be a slower choice,

@@ -3,10 +3,10 @@
 ``torch.library.custom_op`` wraps each call in two Python kernels: an autograd one and a backend one that checks
 the outputs for aliasing. Here an op has its implementation as its only backend kernel, and an autograd kernel
 that only checks (ops without a backward) or ``register_autograd``'s. On the development machine's CPU, kernels
-stubbed, three alternating runs against the ``custom_op`` version (``benchmarks/op_dispatch.py``; a noisy machine):
-faster in all nine pairs, ``sparseblocks::fused_mlp`` (31 tensors) 37-68 -> 30-44 µs a call, ``spmm_input_grad``
-28-30 -> 14-27 µs, ``spmm`` 32-45 -> 20-27 µs. Only code that ``torch.compile`` traced calls these ops (eager code
-calls the implementations directly), and there a decode step or a prefill is host-bound.
+stubbed, three alternating runs against the ``custom_op`` version (``benchmarks/diagnose/op_dispatch.py``; a noisy
+machine): faster in all nine pairs, ``sparseblocks::fused_mlp`` (31 tensors) 37-68 -> 30-44 µs a call,
+``spmm_input_grad`` 28-30 -> 14-27 µs, ``spmm`` 32-45 -> 20-27 µs. Only code that ``torch.compile`` traced calls
+these ops (eager code calls the implementations directly), and there a decode step or a prefill is host-bound.
 """
 
 # No `from __future__ import annotations` here: infer_schema reads the implementations' annotations at run time.
