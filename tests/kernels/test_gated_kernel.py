@@ -38,10 +38,12 @@ def _reference(x, up, gate, up_bias, gate_bias, activation):
 
 
 def _check(x, up, gate, up_bias=None, gate_bias=None, activation="silu", descriptors=False, config=ROW_KERNEL_CONFIG):
+    from sparseblocks.dispatch import descriptors_fit
     from sparseblocks.kernels.row_launch import RowLaunch, RowMode
     from sparseblocks.kernels.spmm import launch_rows
 
     spec = RowLaunch(RowMode.GATED, up_bias, activation, gate=gate, gate_bias=gate_bias)
+    descriptors = descriptors and descriptors_fit(x, up, "gated_hidden", gate=gate)  # else the pointer kernel
     out, no_sums = launch_rows(x, up, spec, descriptors, config)
     ref = _reference(x, up, gate, up_bias, gate_bias, activation)
     assert out.shape == ref.shape and out.dtype == x.dtype and no_sums is None
