@@ -14,7 +14,8 @@ from sparseblocks.backend import fp32_precision
 from sparseblocks.dispatch import Device, Plan, Tiles, force_plan
 
 # Which kernel each op chose over a grid of problems with the GPU's properties faked, recorded before the rules moved
-# into one module (tools/record_dispatch_decisions.py at that commit): the module must reproduce every decision.
+# into one module (by tools/record_dispatch_decisions.py of commit 6d3ab50, which imported the rules from their old
+# places): the module must reproduce every decision.
 RECORDED = Path(__file__).parent / "data" / "dispatch_decisions.json.gz"
 
 
