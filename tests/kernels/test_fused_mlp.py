@@ -3,13 +3,17 @@
 import pytest
 import torch
 
-from conftest import KERNEL_DEVICE, KERNEL_TEST_MARKS, random_sparse, relative_error
+from conftest import (
+    KERNEL_DEVICE,
+    KERNEL_TEST_MARKS,
+    assert_close_to_reference,
+    random_sparse,
+)
 from sparseblocks import reference
 from sparseblocks.format import MLPWeights
 
 DEVICE = KERNEL_DEVICE
 pytestmark = KERNEL_TEST_MARKS
-TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
 def _mlp(k, hidden, n, up_block, down_block, density=0.5, gated=False, dtype=torch.float32, seed=0):
@@ -30,7 +34,7 @@ def _check(x, up, down, gate=None, biases=(None, None, None), activation="gelu")
     out = fused_mlp_triton(x, MLPWeights(up, down, gate, *biases), activation)
     ref = reference.mlp(x.double(), _float64(MLPWeights(up, down, gate, *biases)), activation)
     assert out.shape == ref.shape and out.dtype == x.dtype
-    assert relative_error(out, ref) < TOLERANCE[x.dtype]
+    assert_close_to_reference(out, ref, chained=True)
 
 
 @pytest.mark.parametrize(("up_block", "down_block"), [(16, 16), (32, 32), (64, 64), ((32, 16), (16, 32))])
@@ -80,7 +84,7 @@ def test_hidden_tiles_that_do_not_chain_run_unfused():
     assert not tiles_chain(Tiles.of(up), Tiles.of(down), None)
     x = torch.randn(80, 32, device=DEVICE)
     expected = reference.mlp(x.double(), MLPWeights(up.to(dtype=torch.float64), down.to(dtype=torch.float64)))
-    assert relative_error(sparse_mlp(x, up, down), expected) < TOLERANCE[torch.float32]
+    assert_close_to_reference(sparse_mlp(x, up, down), expected, chained=True)
     with force_plan(mlp="fused_mlp"), pytest.raises(ValueError, match="block rows"):
         sparse_mlp(x, up, down)
 
@@ -127,4 +131,4 @@ def test_one_token_mlp_both_forms(gated, with_biases, blocks):
     weights = MLPWeights(up, down, gate if gated else None, *biases[:2], biases[2] if gated else None)
     out = one_token_mlp(x, weights, activation)
     ref = reference.mlp(x.double(), _float64(weights), activation)
-    assert out.shape == ref.shape and relative_error(out, ref) < TOLERANCE[torch.float32]
+    assert_close_to_reference(out, ref, chained=True)

@@ -7,7 +7,14 @@ on a GPU the same cases run compiled, plus the ``gpu``-marked real sizes.
 import pytest
 import torch
 
-from conftest import KERNEL_DEVICE, KERNEL_TEST_MARKS, random_sparse, relative_error
+from conftest import (
+    KERNEL_DEVICE,
+    KERNEL_TEST_MARKS,
+    TOLERANCE,
+    assert_close_to_reference,
+    random_sparse,
+    relative_error,
+)
 from sparseblocks import BlockSparseMatrix, dispatch, reference
 from sparseblocks.backend import triton_interpreting
 from sparseblocks.dispatch import MAX_TOKENS, Plan, force_plan
@@ -17,8 +24,6 @@ from sparseblocks.ops.spmm import forward_with_kernels
 
 DEVICE = KERNEL_DEVICE
 pytestmark = KERNEL_TEST_MARKS
-# ‖out − ref‖ / ‖ref‖ bounds; the output itself is rounded to its dtype.
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
 ROW_KERNEL_CONFIG = {"BLOCK_M": 16, "num_warps": 4, "num_stages": 2}
@@ -50,14 +55,8 @@ def check(x, w, bias=None, activation=None):
 
 
 def check_output(out, ref, dtype):
-    assert out.shape == ref.shape and out.dtype == dtype
-    tolerance = TOLERANCE[dtype]
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and out.is_cuda:
-        tolerance = 1e-3
-    if ref.norm() == 0:
-        assert torch.equal(out, torch.zeros_like(out))
-    else:
-        assert relative_error(out, ref) < tolerance
+    assert out.dtype == dtype
+    assert_close_to_reference(out, ref)
 
 
 @pytest.mark.parametrize("block", [16, 32, 64, 128, (16, 128), (64, 32)])
