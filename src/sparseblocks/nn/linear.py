@@ -154,7 +154,8 @@ class BlockSparseLinear(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A checkpoint may carry another pattern (another nnz). The pattern the load would leave (the state dict's
         # parts over this layer's) is validated, and the layer resized to it, before anything is copied: nothing
-        # read from outside reaches a kernel unchecked, and a refused load changes nothing.
+        # read from outside reaches a kernel unchecked, and a refused load changes nothing. Optimizer state of the
+        # old shape is left as it is: load the optimizer's own state dict after the model's, as a resume does.
         stored = ("values", *STORED_INDEX_NAMES)
         loaded = {name: state_dict[prefix + name] for name in stored if prefix + name in state_dict}
         if loaded:
@@ -164,9 +165,9 @@ class BlockSparseLinear(nn.Module):
                 parts["values"].contiguous(), parts["crow_indices"], parts["col_indices"], shape
             )
             if incoming.values.shape != self.values.shape:
-                self.values = nn.Parameter(
-                    self.values.new_empty(incoming.values.shape), requires_grad=self.values.requires_grad
-                )
+                # Resized in place: an optimizer built before the load holds this Parameter and must keep updating it
+                self.values.data = self.values.new_empty(incoming.values.shape)
+                self.values.grad = None
             for name, index in incoming.index_tensors().items():
                 setattr(self, name, index.to(self.values.device, copy=True))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
