@@ -345,3 +345,33 @@ def test_fp32_mlp_trains_on_the_tensor_cores_on_gpu(gated, no_tf32):
         expected = gradients()
     for grad, reference_grad in zip(ours, expected, strict=True):
         assert relative_error(grad, reference_grad) < 1e-4
+
+
+def _sparse_mlp_module():
+    from sparseblocks import SparseMLP
+
+    return SparseMLP(BlockSparseLinear(32, 48, 0.5, 16), BlockSparseLinear(48, 24, 0.5, 16), activation="gelu")
+
+
+@pytest.mark.parametrize(
+    "build", [lambda: BlockSparseLinear(32, 24, 0.5, 16), _sparse_mlp_module], ids=["linear", "mlp"]
+)
+def test_per_sample_gradients_by_torch_func_match_a_loop(build):
+    from torch.func import functional_call, grad, vmap
+
+    model = build().double()
+    parameters = {name: p.detach() for name, p in model.named_parameters()}
+    x = torch.randn(5, 3, 32, dtype=torch.float64)  # 5 samples of 3 tokens
+
+    def loss(parameters, sample):
+        return functional_call(model, parameters, (sample,)).sin().sum()
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(parameters, x)
+    first = grad(loss)(parameters, x[0])
+    for i, sample in enumerate(x):
+        model.zero_grad()
+        model(sample).sin().sum().backward()
+        for name, p in model.named_parameters():
+            assert torch.allclose(per_sample[name][i], p.grad, rtol=1e-12, atol=1e-12), (name, i)
+            if i == 0:
+                assert torch.allclose(first[name], p.grad, rtol=1e-12, atol=1e-12), name
