@@ -90,6 +90,53 @@ def test_set_pattern_keeps_surviving_tiles_and_their_optimizer_state():
         layer.set_pattern(new_mask[:1])
 
 
+def test_set_pattern_moves_factored_optimizer_state_with_its_tiles():
+    """Adafactor keeps ``row_var`` ``(nnz, bn, 1)`` and ``col_var`` ``(nnz, 1, bk)``: per tile along dim 0, not
+    shaped like ``values``; each surviving tile keeps its own, a grown tile starts at zero."""
+    layer = _layer(sparsity=0.5)
+    optimizer = torch.optim.Adafactor(layer.parameters(), lr=1e-2)
+    x = torch.randn(16, 64)
+    layer(x).square().sum().backward()
+    optimizer.step()
+    old_mask = layer.matrix.block_mask()
+    old_tiles = [tuple(tile) for tile in old_mask.nonzero().tolist()]  # row-major: the stored order
+    state = optimizer.state[layer.values]
+    old_rows = dict(zip(old_tiles, state["row_var"].clone(), strict=True))
+    old_cols = dict(zip(old_tiles, state["col_var"].clone(), strict=True))
+
+    new_mask = old_mask.clone()
+    new_mask[old_tiles[0]] = False  # every later tile moves down one slot
+    grown = tuple((~old_mask).nonzero()[-1].tolist())
+    new_mask[grown] = True
+    layer.set_pattern(new_mask, optimizer)
+
+    state = optimizer.state[layer.values]
+    for slot, tile in enumerate(tuple(t) for t in new_mask.nonzero().tolist()):
+        expected_rows = old_rows.get(tile, torch.zeros_like(state["row_var"][slot]))
+        expected_cols = old_cols.get(tile, torch.zeros_like(state["col_var"][slot]))
+        assert torch.equal(state["row_var"][slot], expected_rows), tile
+        assert torch.equal(state["col_var"][slot], expected_cols), tile
+    layer(x).square().sum().backward()  # and training goes on
+    optimizer.step()
+
+
+def test_set_pattern_resets_optimizer_state_it_cannot_move():
+    """A state tensor neither per tile nor a scalar (here a flat copy of the values) cannot follow the tiles: the
+    parameter's state starts afresh rather than keep another tile's statistics."""
+    layer = _layer(sparsity=0.5)
+    optimizer = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    layer(torch.randn(16, 64)).square().sum().backward()
+    optimizer.step()
+    optimizer.state[layer.values]["flat"] = layer.values.detach().flatten().clone()
+    mask = layer.matrix.block_mask()
+    mask[tuple(mask.nonzero()[0].tolist())] = False
+    layer.set_pattern(mask, optimizer)
+    assert optimizer.state[layer.values] == {}
+    layer(torch.randn(16, 64)).square().sum().backward()
+    optimizer.step()
+    assert optimizer.state[layer.values]["exp_avg"].shape == layer.values.shape
+
+
 def test_training_step_compiles_through_the_custom_op():
     layer = _layer()
     x = torch.randn(8, 64, requires_grad=True)

@@ -118,12 +118,15 @@ class BlockSparseLinear(nn.Module):
     def set_pattern(self, mask: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Move to another tile pattern mid-training (prune-and-grow): mask is bool ``(ceil(N/bn), ceil(K/bk))``.
 
-        Tiles in both patterns keep their values and, if ``optimizer`` is given, their optimizer state (every state
-        tensor shaped like ``values``, such as Adam's moments); new tiles start at zero with zeroed state. ``values``
-        stays the same ``Parameter`` object, so the optimizer keeps working on it. Under DDP the number of tiles
-        must stay the same (the gradient buckets are sized once), and every rank must pass the same mask.
+        Tiles in both patterns keep their values and, if ``optimizer`` is given, their optimizer state: every state
+        tensor whose first dim runs over the tiles (``(nnz, ...)``: Adam's moments, shaped like ``values``, and
+        Adafactor's factored ``row_var`` / ``col_var``) is gathered along it; scalars such as ``step`` stay. New
+        tiles start at zero with zeroed state. A state tensor of any other shape cannot follow the tiles: then the
+        parameter's whole state is dropped, and the optimizer starts it afresh at its next step. ``values`` stays
+        the same ``Parameter`` object, so the optimizer keeps working on it. Under DDP the number of tiles must stay
+        the same (the gradient buckets are sized once), and every rank must pass the same mask.
         """
-        old_shape = self.values.shape
+        old_tiles = self.values.shape[0]
         matrix, source = self.matrix.with_pattern(mask)
         self.values.data = matrix.values
         self.values.grad = None
@@ -131,9 +134,11 @@ class BlockSparseLinear(nn.Module):
             setattr(self, name, index)
         if optimizer is not None and self.values in optimizer.state:
             state = optimizer.state[self.values]
-            for key, value in state.items():
-                if isinstance(value, torch.Tensor) and value.shape == old_shape:
-                    state[key] = gather_tiles(value, source)
+            tensors = {key: value for key, value in state.items() if isinstance(value, torch.Tensor) and value.dim()}
+            if all(value.shape[0] == old_tiles for value in tensors.values()):
+                state.update({key: gather_tiles(value, source) for key, value in tensors.items()})
+            else:
+                state.clear()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return spmm(x, self.matrix, self.bias)
