@@ -334,6 +334,13 @@ def test_corrupted_weights_are_rejected_clearly(saved, change, message):
         load_sparse(saved, _gpt()())
 
 
+def test_a_strict_load_refuses_a_tensor_the_model_has_not(saved):
+    _rewrite(saved, lambda t: t.update({"blocks.0.mlp.extra": torch.zeros(3)}))
+    with pytest.raises(ValueError, match=r"unexpected \['blocks.0.mlp.extra'\]"):
+        load_sparse(saved, _gpt()())
+    load_sparse(saved, _gpt()(), strict=False)
+
+
 def test_truncated_file_and_bad_config_are_rejected(saved):
     data = (saved / WEIGHTS_FILE).read_bytes()
     (saved / WEIGHTS_FILE).write_bytes(data[: len(data) // 2])

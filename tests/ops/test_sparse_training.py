@@ -1,5 +1,6 @@
 """Training with BlockSparseLinear: optimizers, autocast, pattern changes, torch.compile and DDP."""
 
+import contextlib
 import os
 import socket
 
@@ -422,3 +423,23 @@ def test_per_sample_gradients_by_torch_func_match_a_loop(build):
             assert torch.allclose(per_sample[name][i], p.grad, rtol=1e-12, atol=1e-12), (name, i)
             if i == 0:
                 assert torch.allclose(first[name], p.grad, rtol=1e-12, atol=1e-12), name
+
+
+@pytest.mark.parametrize("no_gradients", ["no_grad", "frozen"])
+def test_hidden_dropout_applies_without_gradients(no_gradients):
+    """``sparse_mlp(..., hidden_dropout=p)`` with nothing needing a gradient still drops hidden units: outputs differ
+    from p=0 and their mean over many draws is p=0's (inverted dropout keeps the expectation)."""
+    from sparseblocks.ops import sparse_mlp
+
+    up, down = BlockSparseLinear(32, 64, 0.5, 16), BlockSparseLinear(64, 24, 0.5, 16)
+    if no_gradients == "frozen":
+        up.requires_grad_(False)
+        down.requires_grad_(False)
+    x = torch.randn(1, 32).expand(20_000, 32)  # one token, many dropout draws
+    args = (x, up.matrix, down.matrix, None, up.bias, down.bias, None, "gelu")
+    with torch.no_grad() if no_gradients == "no_grad" else contextlib.nullcontext():
+        plain = sparse_mlp(*args, hidden_dropout=0.0)
+        dropped = sparse_mlp(*args, hidden_dropout=0.5)
+    assert not dropped.requires_grad
+    assert not torch.allclose(dropped, plain)
+    assert relative_error(dropped.mean(0), plain[0]) < 0.03
