@@ -93,3 +93,21 @@ def test_sparsify_keeps_a_causal_lm_head_and_reloads_it_without_naming_the_class
     tokens = torch.randint(64, (2, 8))
     with torch.no_grad():
         assert model(tokens).logits.shape == (2, 8, 64)
+
+
+@pytest.mark.parametrize("command", ["sparsify", "prune"])
+def test_an_out_that_is_a_file_is_refused_before_any_work(command, tmp_path, capsys, monkeypatch):
+    import sparseblocks.integrations.huggingface as huggingface
+
+    def load_pretrained(*args, **kwargs):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(huggingface, "load_pretrained", load_pretrained)
+    out = tmp_path / "model.safetensors"
+    out.write_text("not a folder")
+    with pytest.raises(SystemExit) as refused:
+        main([command, str(tmp_path / "model"), "--out", str(out)])
+    assert refused.value.code == 2
+    error = capsys.readouterr().err
+    assert f"sparseblocks {command}: error: --out {out} is a file" in error and "usage:" in error
+    assert out.read_text() == "not a folder"

@@ -36,7 +36,7 @@ def triton_interpreting() -> bool:
     return _TRITON_INTERPRET
 
 
-_forced_reference = False
+_forced_reference: contextvars.ContextVar[bool] = contextvars.ContextVar("sparseblocks_reference", default=False)
 
 
 @contextlib.contextmanager
@@ -44,17 +44,18 @@ def reference_mode() -> Iterator[None]:
     """Within the block, every op runs the plain PyTorch reference, on the GPU too (to check a kernel's numerics).
 
     The switch is read each time an op runs, inside ``torch.compile``d models too (the ops are opaque to it).
+    Per thread and per context (``contextvars``).
     """
-    global _forced_reference
-    previous, _forced_reference = _forced_reference, True
+    token = _forced_reference.set(True)
     try:
         yield
     finally:
-        _forced_reference = previous
+        _forced_reference.reset(token)
 
 
 FP32_PRECISIONS = ("ieee", "tf32", "tf32x3")
-_fp32_precision: str | None = None  # None: follow torch.backends.cuda.matmul.allow_tf32
+# None: follow torch.backends.cuda.matmul.allow_tf32
+_fp32_precision: contextvars.ContextVar[str | None] = contextvars.ContextVar("sparseblocks_fp32", default=None)
 
 
 @contextlib.contextmanager
@@ -68,23 +69,23 @@ def fp32_precision(precision: str) -> Iterator[None]:
 
     Outside any block they follow ``torch.backends.cuda.matmul.allow_tf32`` ("tf32" or "ieee"), as dense does.
     The TF32 modes need an Ampere or later GPU. Read at each launch: a CUDA graph keeps the precision it was
-    captured with. bf16 and fp16 are unaffected.
+    captured with. bf16 and fp16 are unaffected. Per thread and per context (``contextvars``).
     """
     if precision not in FP32_PRECISIONS:
         raise ValueError(f"fp32 precision must be one of {FP32_PRECISIONS}, got {precision!r}")
-    global _fp32_precision
-    previous, _fp32_precision = _fp32_precision, precision
+    token = _fp32_precision.set(precision)
     try:
         yield
     finally:
-        _fp32_precision = previous
+        _fp32_precision.reset(token)
 
 
 def fp32_dot_precision() -> str:
     """The precision fp32 tiles are multiplied in now: the innermost :func:`fp32_precision`, else what
     ``torch.backends.cuda.matmul.allow_tf32`` says."""
-    if _fp32_precision is not None:
-        return _fp32_precision
+    precision = _fp32_precision.get()
+    if precision is not None:
+        return precision
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
@@ -115,7 +116,7 @@ def interpreted_kernels() -> Iterator[None]:
 
 def use_triton(x: torch.Tensor) -> bool:
     """Whether ops on ``x`` take the Triton path; warns once when they fall back to the reference."""
-    if _forced_reference:
+    if _forced_reference.get():
         return False
     if x.dtype in KERNEL_DTYPES and (
         (x.is_cuda and triton_available())

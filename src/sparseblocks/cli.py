@@ -133,10 +133,13 @@ def _sparsity_config(args: argparse.Namespace):
 
 
 def _folders(command: str, args: argparse.Namespace) -> tuple[Path, Path]:
-    """The model folder and ``--out``, refused if they are one folder (the output would overwrite its source)."""
+    """The model folder and ``--out``, refused if they are one folder (the output would overwrite its source) or
+    ``--out`` is a file (checked before the model loads: the save would fail only after all the work)."""
     source, out = Path(args.model_dir), Path(args.out)
     if out.resolve() == source.resolve():
         raise SystemExit(f"sparseblocks {command}: --out must be another folder than {source}")
+    if out.exists() and not out.is_dir():
+        args.command_parser.error(f"--out {out} is a file; name a folder (new or existing)")
     return source, out
 
 
@@ -315,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sparsify.add_argument("model_dir", help="a Hugging Face model folder (config.json and weights)")
     sparsify.add_argument("--out", required=True, help="output folder")
-    sparsify.set_defaults(run=_sparsify)
+    sparsify.set_defaults(run=_sparsify, command_parser=sparsify)
 
     prune = commands.add_parser(
         "prune", parents=[sparsity_options], help="prune a Hugging Face model folder from calibration text and save it"
@@ -335,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="refit the kept weights layer by layer on the calibration text")  # fmt: skip
     prune.add_argument("--device", help="where to run the calibration (default cuda when there is one, else cpu)")
     prune.add_argument("--out", required=True, help="output folder")
-    prune.set_defaults(run=_prune)
+    prune.set_defaults(run=_prune, command_parser=prune)
 
     report = commands.add_parser("report", help="one Markdown page of the stored benchmark and accuracy results")
     report.add_argument("--results", default="benchmarks/results", help="results folder (default benchmarks/results)")

@@ -32,8 +32,15 @@ def spmm(
 def spmm_activation_grad(
     grad_out: torch.Tensor, x: torch.Tensor, w: BlockSparseMatrix, bias: torch.Tensor | None, activation: str
 ) -> torch.Tensor:
-    """The gradient before the activation, ``dY ⊙ act'(x · wᵀ + bias)``: ``(..., N)``."""
-    return grad_out * ACTIVATION_GRADS[activation](F.linear(x, w.to_dense(), bias))
+    """The gradient before the activation, ``dY ⊙ act'(x · wᵀ + bias)``: ``(..., N)``.
+
+    ``act'`` and the product are computed in fp32 (float64 for float64) and rounded once, as PyTorch's own
+    activation backwards do: in bf16 arithmetic they had 1.3-2.3x the error of PyTorch's.
+    """
+    z = F.linear(x, w.to_dense(), bias)  # (..., N), rounded to x's dtype as the forward's output is
+    dtype = torch.promote_types(grad_out.dtype, z.dtype)
+    precise = torch.promote_types(dtype, torch.float32)
+    return (grad_out.to(precise) * ACTIVATION_GRADS[activation](z.to(precise))).to(dtype)
 
 
 def spmm_input_grad(grad_out: torch.Tensor, w: BlockSparseMatrix) -> torch.Tensor:

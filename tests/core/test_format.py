@@ -63,8 +63,10 @@ def test_transposed_index_lists_the_same_tiles_by_column(case):
     assert torch.equal(matrix.row_indices_of_block.long()[perm], matrix.row_indices.long())
     order = col_of * rows + matrix.row_indices.long()
     assert bool((order.diff() > 0).all())
-    # Heavy rows first.
+    # Heavy rows first, heavy columns first.
     counts = matrix.crow_indices.diff()[matrix.row_order.long()]
+    assert bool((counts.diff() <= 0).all())
+    counts = matrix.ccol_indices.diff()[matrix.col_order.long()]
     assert bool((counts.diff() <= 0).all())
 
 
@@ -147,6 +149,16 @@ def test_validate_names_the_broken_invariant(mutate, message):
     assert crow.tolist() == [0, 1, 3] or crow[-1] == 3  # 3 of 6 tiles kept
     with pytest.raises(ValueError, match=message):
         BlockSparseMatrix(*mutate(values, crow, col))
+
+
+def test_validate_takes_the_last_block_column_and_refuses_the_grid_width():
+    mask = torch.tensor([[True, False, True], [False, True, True]])  # the last tile in the last block column
+    matrix = BlockSparseMatrix.from_dense(torch.randn(64, 96), 32, mask=mask)
+    assert int(matrix.col_indices[-1]) == 2
+    col = matrix.col_indices.clone()
+    col[-1] = 3  # one past the last column, and still increasing within its row
+    with pytest.raises(ValueError, match=r"col_indices must lie in \[0, 3\), got range \[0, 3\]"):
+        BlockSparseMatrix(matrix.values, matrix.crow_indices, col, (64, 96))
 
 
 def test_validate_requires_zero_padding_on_ragged_edges():

@@ -55,6 +55,23 @@ def test_spmm_gradcheck(activation):
     assert torch.autograd.gradcheck(f, (x, values, bias))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu"])
+def test_activation_gradient_is_as_accurate_as_torchs_own_backward(dtype, activation):
+    """The oracle's dZ = dY ⊙ act'(Z) in a low-precision dtype: its error against float64 (on the same rounded Z)
+    is no worse than PyTorch's autograd of the activation in that dtype."""
+    w, _ = random_sparse(256, 192, 32, 0.5, dtype=dtype)
+    x, bias, grad_out = torch.randn(512, 192, dtype=dtype), torch.randn(256, dtype=dtype), torch.randn(512, 256)
+    grad_out = grad_out.to(dtype)
+    z = F.linear(x, w.to_dense(), bias).requires_grad_()  # what the reference computes, rounded to dtype
+    reference.ACTIVATIONS[activation](z).backward(grad_out)
+    z64 = z.detach().double().requires_grad_()
+    reference.ACTIVATIONS[activation](z64).backward(grad_out.double())
+    ours = reference.spmm_activation_grad(grad_out, x, w, bias, activation)
+    assert ours.dtype == dtype
+    assert relative_error(ours, z64.grad) <= relative_error(z.grad, z64.grad) * 1.01
+
+
 def test_spmm_activation_matches_torch():
     w, dense = random_sparse(64, 48, 16, 0.6, dtype=torch.float64)
     x = torch.randn(10, 48, dtype=torch.float64)

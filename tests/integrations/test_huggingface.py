@@ -248,3 +248,22 @@ def test_prune_refuses_to_write_over_its_model_folder(tmp_path):
 def test_sparsify_reports_a_missing_folder_without_a_traceback(tmp_path):
     with pytest.raises(SystemExit, match="sparseblocks sparsify"):
         main(["sparsify", str(tmp_path / "missing"), "--out", str(tmp_path / "out")])
+
+
+def test_fisher_on_a_bare_encoder_leaves_the_pooler_its_loss_never_reaches_dense(folders, tmp_path, caplog):
+    out = tmp_path / "out"
+    argv = ["prune", str(folders["bert"]), "--method", "fisher", "--targets", "all-linear", "--calibration",
+            str(folders["calibration"]), *ARGS, "--out", str(out)]  # fmt: skip
+    with caplog.at_level("WARNING", logger="sparseblocks"):
+        assert main(argv) == 0
+    assert "pooler.dense stays dense" in caplog.text
+    layers = sparse_layers(load_hf_sparse(out, auto_class("base")))
+    assert len(layers) == 12 and not any(name.startswith("pooler") for name in layers)  # 6 linears a layer
+
+
+def test_a_masked_lm_window_without_an_ordinary_token_is_refused_before_calibration(folders, tmp_path):
+    argv = ["prune", str(folders["bert_mlm"]), "--method", "fisher", "--calibration", str(folders["calibration"]),
+            "--samples", "2", "--seq-len", "2", "--out", str(tmp_path / "out")]  # fmt: skip
+    with pytest.raises(SystemExit, match="--seq-len 2 leaves no token to mask .* at least 3"):
+        main(argv)
+    assert not (tmp_path / "out").exists()

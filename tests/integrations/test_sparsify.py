@@ -21,7 +21,7 @@ from sparseblocks import (
     sparsify,
 )
 from sparseblocks.integrations.checkpoint import CONFIG_FILE, WEIGHTS_FILE
-from sparseblocks.integrations.sparsify import FUSED_MODULES
+from sparseblocks.integrations.sparsify import FUSED_MODULES, MLP_LAYOUTS, MLPLayout, register_mlp_layout
 from sparseblocks.nn import SparseLinearActivation
 from sparseblocks.recipes.gpt import GPT, GPTConfig
 
@@ -334,6 +334,13 @@ def test_corrupted_weights_are_rejected_clearly(saved, change, message):
         load_sparse(saved, _gpt()())
 
 
+def test_a_strict_load_refuses_a_tensor_the_model_has_not(saved):
+    _rewrite(saved, lambda t: t.update({"blocks.0.mlp.extra": torch.zeros(3)}))
+    with pytest.raises(ValueError, match=r"unexpected \['blocks.0.mlp.extra'\]"):
+        load_sparse(saved, _gpt()())
+    load_sparse(saved, _gpt()(), strict=False)
+
+
 def test_truncated_file_and_bad_config_are_rejected(saved):
     data = (saved / WEIGHTS_FILE).read_bytes()
     (saved / WEIGHTS_FILE).write_bytes(data[: len(data) // 2])
@@ -447,3 +454,31 @@ def test_densify_refuses_a_fused_mlp_built_directly():
     with pytest.raises(ValueError, match="not by fuse_mlps"):
         densify(model)
     assert model[0] is mlp and isinstance(mlp.up, BlockSparseLinear)
+
+
+class _DropoutMLP(nn.Module):
+    """timm's ``Mlp`` in miniature: dropouts after the activation and after the second linear."""
+
+    def __init__(self, width: int, p: float):
+        super().__init__()
+        self.fc1, self.act, self.drop1 = nn.Linear(width, 2 * width), nn.GELU(), nn.Dropout(p)
+        self.fc2, self.drop2 = nn.Linear(2 * width, width), nn.Dropout(p)
+
+    def forward(self, x):
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_densify_restores_mlps_in_the_models_train_or_eval_mode(mode, monkeypatch):
+    monkeypatch.setattr("sparseblocks.integrations.sparsify.MLP_LAYOUTS", dict(MLP_LAYOUTS))
+    register_mlp_layout(_DropoutMLP, MLPLayout("fc1", "fc2", activation_module="act", dropouts=("drop1", "drop2")))
+    model = nn.Sequential(_DropoutMLP(32, 0.5)).train(mode == "eval")  # built in the other mode
+    sparsify(model, SparsityConfig(0.5, 16, targets="all-linear", fuse_mlp=True))
+    assert isinstance(model[0], SparseMLP)
+    model.train(mode == "train")
+    densify(model)
+    assert isinstance(model[0], _DropoutMLP)
+    assert all(module.training == (mode == "train") for module in model.modules())
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x)) == (mode == "eval")

@@ -53,6 +53,19 @@ def test_state_dict_round_trip_is_exact_even_with_another_pattern():
     assert torch.equal(target.transpose_perm, source.transpose_perm)
 
 
+def test_an_optimizer_built_before_loading_another_pattern_keeps_training_the_layer():
+    """The usual resume order: model, optimizer, then ``load_state_dict`` with another tile count."""
+    source = BlockSparseLinear(64, 48, sparsity=0.25, block_size=16)
+    target = BlockSparseLinear(64, 48, sparsity=0.75, block_size=16)
+    optimizer = torch.optim.SGD(target.parameters(), lr=0.1)
+    target.load_state_dict(source.state_dict())
+    assert target.values.shape == source.values.shape
+    target(torch.randn(5, 64)).square().sum().backward()
+    optimizer.step()
+    assert not torch.equal(target.values, source.values), "the step did not reach the loaded values"
+    assert optimizer.param_groups[0]["params"][0] is target.values
+
+
 def test_loading_a_corrupt_state_dict_fails_clearly():
     layer = BlockSparseLinear(64, 64, sparsity=0.5, block_size=32)
     state = layer.state_dict()

@@ -1,5 +1,6 @@
 """Training with BlockSparseLinear: optimizers, autocast, pattern changes, torch.compile and DDP."""
 
+import contextlib
 import os
 import socket
 
@@ -88,6 +89,53 @@ def test_set_pattern_keeps_surviving_tiles_and_their_optimizer_state():
     optimizer.step()
     with pytest.raises(ValueError, match="mask must be a bool tensor"):
         layer.set_pattern(new_mask[:1])
+
+
+def test_set_pattern_moves_factored_optimizer_state_with_its_tiles():
+    """Adafactor keeps ``row_var`` ``(nnz, bn, 1)`` and ``col_var`` ``(nnz, 1, bk)``: per tile along dim 0, not
+    shaped like ``values``; each surviving tile keeps its own, a grown tile starts at zero."""
+    layer = _layer(sparsity=0.5)
+    optimizer = torch.optim.Adafactor(layer.parameters(), lr=1e-2)
+    x = torch.randn(16, 64)
+    layer(x).square().sum().backward()
+    optimizer.step()
+    old_mask = layer.matrix.block_mask()
+    old_tiles = [tuple(tile) for tile in old_mask.nonzero().tolist()]  # row-major: the stored order
+    state = optimizer.state[layer.values]
+    old_rows = dict(zip(old_tiles, state["row_var"].clone(), strict=True))
+    old_cols = dict(zip(old_tiles, state["col_var"].clone(), strict=True))
+
+    new_mask = old_mask.clone()
+    new_mask[old_tiles[0]] = False  # every later tile moves down one slot
+    grown = tuple((~old_mask).nonzero()[-1].tolist())
+    new_mask[grown] = True
+    layer.set_pattern(new_mask, optimizer)
+
+    state = optimizer.state[layer.values]
+    for slot, tile in enumerate(tuple(t) for t in new_mask.nonzero().tolist()):
+        expected_rows = old_rows.get(tile, torch.zeros_like(state["row_var"][slot]))
+        expected_cols = old_cols.get(tile, torch.zeros_like(state["col_var"][slot]))
+        assert torch.equal(state["row_var"][slot], expected_rows), tile
+        assert torch.equal(state["col_var"][slot], expected_cols), tile
+    layer(x).square().sum().backward()  # and training goes on
+    optimizer.step()
+
+
+def test_set_pattern_resets_optimizer_state_it_cannot_move():
+    """A state tensor neither per tile nor a scalar (here a flat copy of the values) cannot follow the tiles: the
+    parameter's state starts afresh rather than keep another tile's statistics."""
+    layer = _layer(sparsity=0.5)
+    optimizer = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    layer(torch.randn(16, 64)).square().sum().backward()
+    optimizer.step()
+    optimizer.state[layer.values]["flat"] = layer.values.detach().flatten().clone()
+    mask = layer.matrix.block_mask()
+    mask[tuple(mask.nonzero()[0].tolist())] = False
+    layer.set_pattern(mask, optimizer)
+    assert optimizer.state[layer.values] == {}
+    layer(torch.randn(16, 64)).square().sum().backward()
+    optimizer.step()
+    assert optimizer.state[layer.values]["exp_avg"].shape == layer.values.shape
 
 
 def test_training_step_compiles_through_the_custom_op():
@@ -345,3 +393,53 @@ def test_fp32_mlp_trains_on_the_tensor_cores_on_gpu(gated, no_tf32):
         expected = gradients()
     for grad, reference_grad in zip(ours, expected, strict=True):
         assert relative_error(grad, reference_grad) < 1e-4
+
+
+def _sparse_mlp_module():
+    from sparseblocks import SparseMLP
+
+    return SparseMLP(BlockSparseLinear(32, 48, 0.5, 16), BlockSparseLinear(48, 24, 0.5, 16), activation="gelu")
+
+
+@pytest.mark.parametrize(
+    "build", [lambda: BlockSparseLinear(32, 24, 0.5, 16), _sparse_mlp_module], ids=["linear", "mlp"]
+)
+def test_per_sample_gradients_by_torch_func_match_a_loop(build):
+    from torch.func import functional_call, grad, vmap
+
+    model = build().double()
+    parameters = {name: p.detach() for name, p in model.named_parameters()}
+    x = torch.randn(5, 3, 32, dtype=torch.float64)  # 5 samples of 3 tokens
+
+    def loss(parameters, sample):
+        return functional_call(model, parameters, (sample,)).sin().sum()
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(parameters, x)
+    first = grad(loss)(parameters, x[0])
+    for i, sample in enumerate(x):
+        model.zero_grad()
+        model(sample).sin().sum().backward()
+        for name, p in model.named_parameters():
+            assert torch.allclose(per_sample[name][i], p.grad, rtol=1e-12, atol=1e-12), (name, i)
+            if i == 0:
+                assert torch.allclose(first[name], p.grad, rtol=1e-12, atol=1e-12), name
+
+
+@pytest.mark.parametrize("no_gradients", ["no_grad", "frozen"])
+def test_hidden_dropout_applies_without_gradients(no_gradients):
+    """``sparse_mlp(..., hidden_dropout=p)`` with nothing needing a gradient still drops hidden units: outputs differ
+    from p=0 and their mean over many draws is p=0's (inverted dropout keeps the expectation)."""
+    from sparseblocks.ops import sparse_mlp
+
+    up, down = BlockSparseLinear(32, 64, 0.5, 16), BlockSparseLinear(64, 24, 0.5, 16)
+    if no_gradients == "frozen":
+        up.requires_grad_(False)
+        down.requires_grad_(False)
+    x = torch.randn(1, 32).expand(20_000, 32)  # one token, many dropout draws
+    args = (x, up.matrix, down.matrix, None, up.bias, down.bias, None, "gelu")
+    with torch.no_grad() if no_gradients == "no_grad" else contextlib.nullcontext():
+        plain = sparse_mlp(*args, hidden_dropout=0.0)
+        dropped = sparse_mlp(*args, hidden_dropout=0.5)
+    assert not dropped.requires_grad
+    assert not torch.allclose(dropped, plain)
+    assert relative_error(dropped.mean(0), plain[0]) < 0.03

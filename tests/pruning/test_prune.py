@@ -94,6 +94,31 @@ def test_fisher_scores_weigh_by_squared_gradients():
     assert pruner.masks["0"][:, 1].all() and not pruner.masks["0"][:, 0].any()
 
 
+def test_fisher_squares_each_batchs_gradient_before_summing():
+    """Gradients g and then -g: a sum of squares, never a square of the cancelled sum."""
+    model = nn.Sequential(nn.Linear(32, 32, bias=False))
+    pruner = Pruner(model, SparsityConfig(0.5, 16, targets="all-linear"), method="fisher", damping=0.0)
+    gradient = torch.randn(32, 32)
+    for sign in (1, -1):
+        model[0].weight.grad = sign * gradient
+        pruner.observe_gradients()
+    weight = model[0].weight.detach()
+    expected = (weight.square() * gradient.square() / 2).reshape(2, 16, 2, 16).sum((1, 3))
+    torch.testing.assert_close(pruner.scores()["0"], expected)
+
+
+def test_balanced_allocation_keeps_each_rows_largest_tiles():
+    model = _mlp()
+    scores = {name: block_norms(model.get_submodule(name).weight, (16, 16)) for name in ("0", "2")}
+    pruner = Pruner(model, CONFIG, balanced=True)
+    pruner.step()  # zeroes the pruned tiles: the scores are taken before
+    for name, score in scores.items():
+        mask = pruner.masks[name]
+        per_row = int(mask[0].sum())
+        expected = torch.zeros_like(mask).scatter_(1, score.topk(per_row, dim=1).indices, True)
+        assert torch.equal(mask, expected), name
+
+
 def test_balanced_and_global_allocation():
     model = _mlp()
     pruner = Pruner(model, CONFIG, balanced=True)
@@ -108,6 +133,7 @@ def test_balanced_and_global_allocation():
     total = sum(m.numel() for m in pruner.masks.values())
     assert kept == round(0.25 * total)
     assert 0 < pruner.masks["2"].sum() < pruner.masks["2"].numel()
+    assert pruner.masks["0"].any(), "the layer of smaller scale lost every tile"
     with pytest.raises(ValueError, match="balanced"):
         Pruner(_mlp(), CONFIG, allocation="global", balanced=True)
 

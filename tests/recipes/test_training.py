@@ -176,6 +176,24 @@ def test_train_vit_command_on_an_image_folder(tmp_path, capsys):
     assert isinstance(model.blocks[0].mlp.proj, BlockSparseLinear)
 
 
+def test_an_image_folder_without_a_test_split_is_refused_before_training(tmp_path, monkeypatch):
+    import sparseblocks.recipes.training as training
+
+    def vit_training(*args):
+        raise AssertionError("training began")
+
+    monkeypatch.setattr(training, "vit_training", vit_training)
+    _write_images(tmp_path / "single", classes=3, per_class=1, mode="RGB")
+    args = ["train", "vit", "--data", f"imagefolder:{tmp_path / 'single'}", "--image-size", "8",
+            "--out", str(tmp_path / "out")]  # fmt: skip
+    with pytest.raises(SystemExit, match="no test images: every class has a single image"):
+        main(args)
+    _write_images(tmp_path / "split" / "train", classes=2, per_class=2, mode="L")
+    (tmp_path / "split" / "test" / "class_0").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no test images in .*test"):
+        image_folder(tmp_path / "split", image_size=8)
+
+
 def test_a_damaged_checkpoint_is_refused_clearly(tmp_path):
     path = tmp_path / STATE_FILE
     path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header")

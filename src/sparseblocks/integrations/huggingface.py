@@ -21,7 +21,9 @@ the text:
   LM's next-token loss; a masked LM's loss on 15% of the non-special tokens, masked. A bare encoder has no loss of
   its own, and distillation toward the dense model has zero gradient at the dense weights, so it gets the Fisher of a
   unit Gaussian model of its output h: the gradient of ⟨h, v⟩ with v ~ N(0, I) drawn per window, whose square has
-  expectation diag(JᵀJ), the curvature of the distillation loss ½‖h(w) − h(w₀)‖² at the dense weights w₀.
+  expectation diag(JᵀJ), the curvature of the distillation loss ½‖h(w) − h(w₀)‖² at the dense weights w₀. Targets
+  that loss does not reach (a pooler) stay dense, with a warning. A masked LM's windows must be longer than the
+  tokenizer's special tokens.
 
 Without a tokenizer in the folder (tests, or weights copied alone), the windows are random token ids of the
 vocabulary, with a warning: the statistics then describe no real text.
@@ -29,16 +31,20 @@ vocabulary, with a warning: the statistics then describe no real text.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
+import re
 import shutil
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from sparseblocks.integrations.checkpoint import load_sparse, save_sparse
-from sparseblocks.integrations.sparsify import SparsifyReport, SparsityConfig
+from sparseblocks.integrations.sparsify import SparsifyReport, SparsityConfig, _as_list, target_linears
 from sparseblocks.pruning.pruner import Pruner
 from sparseblocks.pruning.scores import SCORES
 
@@ -141,15 +147,30 @@ def calibration_tokens(
     return torch.tensor(windows)
 
 
+def _special_tokens(ids: torch.Tensor, tokenizer) -> torch.Tensor:
+    """Where ``ids`` ``(samples, seq_len)`` hold the tokenizer's special tokens (none without a tokenizer)."""
+    if tokenizer is None:
+        return torch.zeros_like(ids, dtype=torch.bool)
+    return torch.tensor([tokenizer.get_special_tokens_mask(row, already_has_special_tokens=True)
+                         for row in ids.tolist()], dtype=torch.bool, device=ids.device)  # fmt: skip
+
+
+def _check_maskable(tokens: torch.Tensor, tokenizer) -> None:
+    """Raise ``ValueError`` unless every window holds a token a masked LM's loss can mask (not a special one)."""
+    if _special_tokens(tokens, tokenizer).all(1).any():
+        needed = tokenizer.num_special_tokens_to_add() + 1
+        raise ValueError(
+            f"--seq-len {tokens.shape[1]} leaves no token to mask in a window (the tokenizer's special tokens fill "
+            f"it): a masked LM's Fisher needs windows of at least {needed} tokens"
+        )
+
+
 def _fisher_loss(model: nn.Module, ids: torch.Tensor, head: str, tokenizer, generator: torch.Generator) -> torch.Tensor:
     """The loss whose squared gradients make the Fisher of one window (see the module docstring)."""
     if head == "causal_lm":
         return model(input_ids=ids, labels=ids).loss
     if head == "masked_lm":
-        special = torch.zeros_like(ids, dtype=torch.bool)
-        if tokenizer is not None:
-            special = torch.tensor([tokenizer.get_special_tokens_mask(row, already_has_special_tokens=True)
-                                    for row in ids.tolist()], dtype=torch.bool, device=ids.device)  # fmt: skip
+        special = _special_tokens(ids, tokenizer)
         chosen = (torch.rand(ids.shape, generator=generator, device=ids.device) < MASKED_FRACTION) & ~special
         if not chosen.any():  # a short window may draw no position: mask its first ordinary token
             chosen[0, (~special[0]).nonzero()[0]] = True
@@ -191,8 +212,12 @@ def prune_pretrained(
     positions = getattr(model.config, "max_position_embeddings", None)
     if tokens is not None and positions and tokens.shape[1] > positions:
         raise ValueError(f"windows of {tokens.shape[1]} tokens exceed the model's {positions} positions (--seq-len)")
-    pruner = Pruner(model, config, method=method)
     device = next(model.parameters()).device
+    if "gradients" in needs and head == "masked_lm":
+        _check_maskable(tokens, tokenizer)
+    if "gradients" in needs and head == "base":
+        config = _without_unreached_targets(model, config, tokens[:1].to(device))
+    pruner = Pruner(model, config, method=method)
 
     @torch.no_grad()
     def calibrate() -> None:
@@ -204,26 +229,51 @@ def prune_pretrained(
             calibrate()
     if "gradients" in needs:
         generator = torch.Generator(device).manual_seed(seed)
-        # gradients of the targets' weights only: no memory for the others' (embeddings can be the largest)
-        trainable = {p: p.requires_grad for p in model.parameters()}
-        for parameter in model.parameters():
-            parameter.requires_grad_(False)
-        for layer in pruner.layers.values():
-            layer.weight.requires_grad_(True)
-        try:
+        with _gradients_of_only(model, [layer.weight for layer in pruner.layers.values()]):
             for window in tokens.split(1):
                 _fisher_loss(model, window.to(device), head, tokenizer, generator).backward()
                 pruner.observe_gradients()
                 model.zero_grad(set_to_none=True)
-        finally:
-            for parameter, flag in trainable.items():
-                parameter.requires_grad_(flag)
     pruner.update_masks()  # at the configured sparsity
     if reconstruct:
         from sparseblocks.pruning.reconstruct import reconstruct as refit
 
         refit(model, pruner.masks, pruner.block, calibrate)
     return pruner.finalize()  # applies the masks, then BlockSparseLinear
+
+
+@contextlib.contextmanager
+def _gradients_of_only(model: nn.Module, weights: list[torch.Tensor]) -> Iterator[None]:
+    """Within the block, only ``weights`` require gradients: no memory for the others' (embeddings can be the
+    largest); every parameter's flag is restored after."""
+    trainable = {p: p.requires_grad for p in model.parameters()}
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    for weight in weights:
+        weight.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for parameter, flag in trainable.items():
+            parameter.requires_grad_(flag)
+
+
+def _without_unreached_targets(model: nn.Module, config: SparsityConfig, window: torch.Tensor) -> SparsityConfig:
+    """``config`` excluding the targets a bare encoder's Fisher loss does not reach, with a warning naming them: it
+    reads the last hidden state, so a pooler (``all-linear`` targets BERT's) gets no gradient to score it by.
+    Found from one window's backward; its random direction is drawn apart, so the scores' draws stay the same."""
+    targets = dict(target_linears(model, config))
+    with _gradients_of_only(model, [layer.weight for layer in targets.values()]):
+        loss = _fisher_loss(model, window, "base", None, torch.Generator(window.device).manual_seed(0))
+        gradients = torch.autograd.grad(loss, [layer.weight for layer in targets.values()], allow_unused=True)
+    unreached = [name for name, gradient in zip(targets, gradients, strict=True) if gradient is None]
+    if not unreached:
+        return config
+    for name in unreached:
+        logger.warning("sparseblocks: %s stays dense: a bare encoder's Fisher loss (on its last hidden state) does "
+                       "not reach it", name)  # fmt: skip
+    exclude = [*_as_list(config.exclude), *(f"re:^{re.escape(name)}$" for name in unreached)]
+    return dataclasses.replace(config, exclude=exclude)
 
 
 def save_hf_sparse(model: nn.Module, source: str | Path, out: str | Path) -> Path:

@@ -413,10 +413,12 @@ def densify(model: nn.Module) -> nn.Module:
         original = module.unfused[0]
         for child, layer in module.named_children():  # the linears may have moved or been retrained
             setattr(original, child, layer)
+        # kept out of the model, the original missed every .train() / .eval() since fuse_mlps: its dropouts too
+        original.train(module.training)
         replace_module(model, name, original)
     for name, module in list(model.named_modules()):
         if isinstance(module, sparse_module_types()):
-            replace_module(model, name, module.to_linear())
+            replace_module(model, name, module.to_linear().train(module.training))
     return model
 
 

@@ -118,12 +118,15 @@ class BlockSparseLinear(nn.Module):
     def set_pattern(self, mask: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Move to another tile pattern mid-training (prune-and-grow): mask is bool ``(ceil(N/bn), ceil(K/bk))``.
 
-        Tiles in both patterns keep their values and, if ``optimizer`` is given, their optimizer state (every state
-        tensor shaped like ``values``, such as Adam's moments); new tiles start at zero with zeroed state. ``values``
-        stays the same ``Parameter`` object, so the optimizer keeps working on it. Under DDP the number of tiles
-        must stay the same (the gradient buckets are sized once), and every rank must pass the same mask.
+        Tiles in both patterns keep their values and, if ``optimizer`` is given, their optimizer state: every state
+        tensor whose first dim runs over the tiles (``(nnz, ...)``: Adam's moments, shaped like ``values``, and
+        Adafactor's factored ``row_var`` / ``col_var``) is gathered along it; scalars such as ``step`` stay. New
+        tiles start at zero with zeroed state. A state tensor of any other shape cannot follow the tiles: then the
+        parameter's whole state is dropped, and the optimizer starts it afresh at its next step. ``values`` stays
+        the same ``Parameter`` object, so the optimizer keeps working on it. Under DDP the number of tiles must stay
+        the same (the gradient buckets are sized once), and every rank must pass the same mask.
         """
-        old_shape = self.values.shape
+        old_tiles = self.values.shape[0]
         matrix, source = self.matrix.with_pattern(mask)
         self.values.data = matrix.values
         self.values.grad = None
@@ -131,9 +134,11 @@ class BlockSparseLinear(nn.Module):
             setattr(self, name, index)
         if optimizer is not None and self.values in optimizer.state:
             state = optimizer.state[self.values]
-            for key, value in state.items():
-                if isinstance(value, torch.Tensor) and value.shape == old_shape:
-                    state[key] = gather_tiles(value, source)
+            tensors = {key: value for key, value in state.items() if isinstance(value, torch.Tensor) and value.dim()}
+            if all(value.shape[0] == old_tiles for value in tensors.values()):
+                state.update({key: gather_tiles(value, source) for key, value in tensors.items()})
+            else:
+                state.clear()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return spmm(x, self.matrix, self.bias)
@@ -154,7 +159,8 @@ class BlockSparseLinear(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A checkpoint may carry another pattern (another nnz). The pattern the load would leave (the state dict's
         # parts over this layer's) is validated, and the layer resized to it, before anything is copied: nothing
-        # read from outside reaches a kernel unchecked, and a refused load changes nothing.
+        # read from outside reaches a kernel unchecked, and a refused load changes nothing. Optimizer state of the
+        # old shape is left as it is: load the optimizer's own state dict after the model's, as a resume does.
         stored = ("values", *STORED_INDEX_NAMES)
         loaded = {name: state_dict[prefix + name] for name in stored if prefix + name in state_dict}
         if loaded:
@@ -164,9 +170,9 @@ class BlockSparseLinear(nn.Module):
                 parts["values"].contiguous(), parts["crow_indices"], parts["col_indices"], shape
             )
             if incoming.values.shape != self.values.shape:
-                self.values = nn.Parameter(
-                    self.values.new_empty(incoming.values.shape), requires_grad=self.values.requires_grad
-                )
+                # Resized in place: an optimizer built before the load holds this Parameter and must keep updating it
+                self.values.data = self.values.new_empty(incoming.values.shape)
+                self.values.grad = None
             for name, index in incoming.index_tensors().items():
                 setattr(self, name, index.to(self.values.device, copy=True))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -30,6 +30,7 @@ from sparseblocks.ops.spmm import (
     check_spmm_inputs,
     needs_grad,
     spmm,
+    with_values,
 )
 
 
@@ -104,19 +105,26 @@ def _inference(x: torch.Tensor, weights: MLPWeights, activation: str) -> torch.T
 class _EagerPlainMLP(torch.autograd.Function):
     """``down(act(up(x)))`` for training outside torch.compile: the forward as two products, and a backward that
     never writes the hidden gradient ``dY · W_down``: one kernel computes it tile by tile and multiplies it by
-    ``act'`` of the recomputed pre-activation (``_hidden_grad``)."""
+    ``act'`` of the recomputed pre-activation (``_hidden_grad``). Runs under ``torch.func`` as ``_EagerSpmm`` does."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x, up_values, down_values, up_bias, down_bias, up, down, activation):
-        hidden = _forward(x, up, up_bias, activation)
-        ctx.save_for_backward(x, hidden, up_bias, down_bias)
+    def forward(x, up_values, down_values, up_bias, down_bias, up, down, activation):
+        hidden = _forward(x, with_values(up, up_values), up_bias, activation)
+        return _forward(hidden, with_values(down, down_values), down_bias, None), hidden
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, up_values, down_values, up_bias, down_bias, up, down, activation = inputs
+        ctx.save_for_backward(x, output[1], up_values, down_values, up_bias, down_bias)
         ctx.up, ctx.down, ctx.activation = up, down, activation
-        return _forward(hidden, down, down_bias, None)
+        ctx.mark_non_differentiable(output[1])
 
     @staticmethod
-    def backward(ctx, grad_out):
-        x, hidden, up_bias, down_bias = ctx.saved_tensors
-        up, down = ctx.up, ctx.down
+    def backward(ctx, grad_out, _):
+        x, hidden, up_values, down_values, up_bias, down_bias = ctx.saved_tensors
+        up, down = with_values(ctx.up, up_values), with_values(ctx.down, down_values)
         needs_x, needs_up, needs_down, needs_up_bias, needs_down_bias = ctx.needs_input_grad[:5]
         grad_down = _sddmm(grad_out, hidden, down) if needs_down else None
         grad_down_bias = _column_sums(grad_out, down).to(down_bias.dtype) if needs_down_bias else None
@@ -178,5 +186,5 @@ def sparse_mlp(
         )
     plain = gate is None and activation is not None and hidden_dropout == 0.0
     if fused and training and plain and not torch.compiler.is_compiling():
-        return _EagerPlainMLP.apply(x, up.values, down.values, up_bias, down_bias, up, down, activation)
+        return _EagerPlainMLP.apply(x, up.values, down.values, up_bias, down_bias, up, down, activation)[0]
     return reference.mlp(x, weights, activation, hidden_dropout=hidden_dropout, product=spmm)

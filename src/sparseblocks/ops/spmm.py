@@ -299,20 +299,37 @@ def _backward(ctx, grad_out):
 torch.library.register_autograd("sparseblocks::spmm", _backward, setup_context=_setup_context)
 
 
+def with_values(w: BlockSparseMatrix, values: torch.Tensor) -> BlockSparseMatrix:
+    """``w`` holding ``values``: ``w`` itself when it does. Under ``torch.func`` transforms an autograd.Function
+    receives its tensors unwrapped, while the matrix passed beside them still holds the wrapped ``values``."""
+    if values is w.values:
+        return w
+    return BlockSparseMatrix.from_parts(values, w.shape, w.index_tensors())
+
+
 class _EagerSpmm(torch.autograd.Function):
-    """The same forward and backward as the custom op, without its dispatch cost: the path outside torch.compile."""
+    """The same forward and backward as the custom op, without its dispatch cost: the path outside torch.compile.
+    Written with ``setup_context`` and a generated vmap rule, so ``torch.func`` runs it: ``grad`` on any path,
+    ``vmap`` on the reference only (a Triton kernel cannot take the batched tensors the generated rule passes)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x, values, bias, w, activation):
+    def forward(x, values, bias, w, activation):
+        return _forward(x, with_values(w, values), bias, activation)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, values, bias, w, activation = inputs
         ctx.save_for_backward(x, values, bias)
         ctx.w, ctx.activation = w, activation
-        return _forward(x, w, bias, activation)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, values, bias = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        grads = _gradients(_EAGER, grad_out, x, ctx.w, bias, ctx.activation, (needs[0], needs[1], needs[2]))
+        w = with_values(ctx.w, values)
+        grads = _gradients(_EAGER, grad_out, x, w, bias, ctx.activation, (needs[0], needs[1], needs[2]))
         return (*grads, None, None)
 
 

@@ -378,7 +378,8 @@ def _class_files(root: Path) -> dict[str, list[Path]]:
 def image_folder(root: str | Path, image_size: int = 32, test_fraction: float = 0.25, seed: int = 0) -> ImageData:
     """Images in torchvision's ``ImageFolder`` layout (``root/<class>/<image>``), resized to ``image_size``
     squared; grayscale when every image is, RGB otherwise. ``root/train`` and ``root/test`` (or ``root/val``),
-    each in that layout, are the split; otherwise each class is split at random (``test_fraction``, ``seed``)."""
+    each in that layout, are the split; otherwise each class is split at random (``test_fraction``, ``seed``; a
+    class of one image trains only). Raises ``ValueError`` when no image is left to test on."""
     from PIL import Image
 
     root = Path(root)
@@ -409,6 +410,8 @@ def image_folder(root: str | Path, image_size: int = 32, test_fraction: float = 
     labels = torch.tensor([label for _, _, label in files])
     if classes is not None:
         train = torch.tensor([split == "train" for split, _, _ in files])
+        if train.all():
+            raise ValueError(f"no test images in {test_dir} ({', '.join(IMAGE_EXTENSIONS)} in class subfolders)")
         return ImageData(images[train], labels[train], images[~train], labels[~train], classes)
     generator = torch.Generator().manual_seed(seed)
     test = torch.zeros(len(labels), dtype=torch.bool)
@@ -417,6 +420,11 @@ def image_folder(root: str | Path, image_size: int = 32, test_fraction: float = 
         members = members[torch.randperm(len(members), generator=generator)]
         count = min(len(members) - 1, max(1, round(test_fraction * len(members))))  # one of each class at least
         test[members[:count]] = True
+    if not test.any():  # a class gives one image to the test split only when it has two
+        raise ValueError(
+            f"{root}: no test images: every class has a single image, and training keeps it; put two or more "
+            "images in a class, or give train/ and test/ folders"
+        )
     return ImageData(images[~test], labels[~test], images[test], labels[test], tuple(splits["all"]))
 
 
