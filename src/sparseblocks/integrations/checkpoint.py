@@ -160,16 +160,24 @@ def _verify_files(folder: Path, config: dict) -> None:
             )
 
 
+def read_config(folder: str | Path, verify: bool = True) -> dict:
+    """The validated ``sparseblocks.json`` of a ``save_sparse`` folder; with ``verify``, the extra files it records
+    checked against their SHA-256 (``ValueError`` naming the first that differs)."""
+    folder = Path(folder)
+    config = _read_config(folder)
+    if DIGESTS not in config:
+        logger.warning("%s records no SHA-256 digests (written before they existed): loaded unverified", folder)
+    elif verify:
+        _verify_files(folder, config)
+    return config
+
+
 def read_tensors(folder: str | Path, verify: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
     """``(config, tensors)`` of a ``save_sparse`` folder, the config validated and, with ``verify``, every tensor and
     extra file checked against the SHA-256 its JSON records (``ValueError`` naming the first that differs)."""
     folder = Path(folder)
-    config = _read_config(folder)
+    config = read_config(folder, verify)
     digests = config.get(DIGESTS)
-    if digests is None:
-        logger.warning("%s records no SHA-256 digests (written before they existed): loaded unverified", folder)
-    elif verify:
-        _verify_files(folder, config)
     try:
         with safe_open(str(folder / WEIGHTS_FILE), framework="pt", device="cpu") as file:
             tensors = {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118 (safe_open is no dict)

@@ -20,8 +20,10 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch loads when a tensor is hashed: the result writer and the report work without it
+    import torch
 
 TEMPORARY_PREFIX = ".tmp-"
 MAX_JSON_DEPTH = 64  # the files we write nest at most ~12 deep (a training state's optimizer moments)
@@ -95,6 +97,8 @@ def write_atomic(path: str | Path, data: bytes | str) -> Path:
 
 def tensor_sha256(tensor: torch.Tensor) -> str:
     """SHA-256 of ``tensor``'s bytes in C order (what a safetensors file holds for it)."""
+    import torch
+
     data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
     return hashlib.sha256(data.numpy()).hexdigest()
 
