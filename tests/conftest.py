@@ -1,4 +1,6 @@
+import json
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +51,15 @@ def random_sparse(
     dense = torch.randn(n, k, generator=generator, dtype=torch.float64)
     matrix = BlockSparseMatrix.from_dense(dense.to(dtype), (bn, bk), mask=mask)
     return matrix, matrix.to_dense().double()
+
+
+def zero_tensor_bytes(path: Path, key: str) -> None:
+    """Overwrite tensor ``key``'s bytes in the safetensors file ``path`` with zeros (same size, header untouched)."""
+    data = bytearray(path.read_bytes())
+    (length,) = struct.unpack("<Q", data[:8])
+    start, end = json.loads(data[8 : 8 + length])[key]["data_offsets"]
+    data[8 + length + start : 8 + length + end] = bytes(end - start)
+    path.write_bytes(bytes(data))
 
 
 @pytest.fixture(autouse=True)
