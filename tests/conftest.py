@@ -7,10 +7,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
 
 from sparseblocks.backend import triton_interpreting
 from sparseblocks.format import BlockSparseMatrix
 from sparseblocks.masks import random_block_mask
+
+# Property tests draw the same examples on every run and machine (a fixed seed instead of an example database): a
+# failure reproduces, and CI time stays bounded by each test's max_examples. HYPOTHESIS_PROFILE=explore draws anew.
+settings.register_profile("fixed", derandomize=True, database=None, deadline=None, print_blob=True)
+settings.register_profile("explore", deadline=None, max_examples=500)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fixed"))
 
 # The kernel test modules' device and marks: compiled on a GPU, through Triton's interpreter on the CPU, fp32
 # products in true fp32. Each such module sets `pytestmark = KERNEL_TEST_MARKS`.
