@@ -66,10 +66,11 @@ def _mutable(tree: ast.AST) -> list[tuple[ast.AST, int, str]]:
             op = type(node.ops[0])
             points.append((node, node.lineno, f"{op.__name__} -> {FLIPS[op].__name__}"))
         elif isinstance(node, ast.BoolOp):
-            points.append((node, node.lineno, f"{type(node.op).__name__} -> {'Or' if isinstance(node.op, ast.And) else 'And'}"))
+            swapped = "Or" if isinstance(node.op, ast.And) else "And"
+            points.append((node, node.lineno, f"{type(node.op).__name__} -> {swapped}"))
         elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
             points.append((node, node.lineno, "drop not"))
-        elif (isinstance(node, ast.Constant) and type(node.value) is int and id(node) not in docstrings):
+        elif isinstance(node, ast.Constant) and type(node.value) is int and id(node) not in docstrings:
             points.append((node, node.lineno, f"{node.value} -> {node.value + 1}"))
     return points
 
