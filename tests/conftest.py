@@ -1,14 +1,23 @@
+import json
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
 
 from sparseblocks.backend import triton_interpreting
 from sparseblocks.format import BlockSparseMatrix
 from sparseblocks.masks import random_block_mask
+
+# Property tests draw the same examples on every run and machine (a fixed seed instead of an example database): a
+# failure reproduces, and CI time stays bounded by each test's max_examples. HYPOTHESIS_PROFILE=explore draws anew.
+settings.register_profile("fixed", derandomize=True, database=None, deadline=None, print_blob=True)
+settings.register_profile("explore", deadline=None, max_examples=500)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fixed"))
 
 # The kernel test modules' device and marks: compiled on a GPU, through Triton's interpreter on the CPU, fp32
 # products in true fp32. Each such module sets `pytestmark = KERNEL_TEST_MARKS`.
@@ -72,6 +81,15 @@ def random_sparse(
     dense = torch.randn(n, k, generator=generator, dtype=torch.float64)
     matrix = BlockSparseMatrix.from_dense(dense.to(dtype), (bn, bk), mask=mask)
     return matrix, matrix.to_dense().double()
+
+
+def zero_tensor_bytes(path: Path, key: str) -> None:
+    """Overwrite tensor ``key``'s bytes in the safetensors file ``path`` with zeros (same size, header untouched)."""
+    data = bytearray(path.read_bytes())
+    (length,) = struct.unpack("<Q", data[:8])
+    start, end = json.loads(data[8 : 8 + length])[key]["data_offsets"]
+    data[8 + length + start : 8 + length + end] = bytes(end - start)
+    path.write_bytes(bytes(data))
 
 
 @pytest.fixture(autouse=True)

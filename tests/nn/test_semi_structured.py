@@ -103,7 +103,7 @@ def test_corrupted_2_4_files_are_rejected(tmp_path, change, message):
     change(tensors)
     save_file(tensors, tmp_path / WEIGHTS_FILE)
     with pytest.raises(ValueError, match=message):
-        load_sparse(tmp_path, _gpt())
+        load_sparse(tmp_path, _gpt(), verify=False)  # the contents are validated without digests too
 
 
 @pytest.mark.parametrize("method", ["magnitude", "activation_magnitude", "fisher"])

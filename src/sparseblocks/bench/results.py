@@ -22,6 +22,8 @@ import subprocess
 from collections.abc import Iterable
 from pathlib import Path
 
+from sparseblocks.integrations.files import write_atomic
+
 SCHEMA = 1
 # what every result's env holds (more keys, e.g. "python", may follow)
 ENV_KEYS = ("gpu", "torch", "triton", "commit", "command")
@@ -99,12 +101,12 @@ def check(payload: object) -> dict:
 
 
 def write_result(path: str | Path, payload: dict) -> Path:
-    """Check ``payload`` and write it to ``path`` (folders made); return the path."""
+    """Check ``payload`` and write it to ``path`` (folders made), atomically: a run killed while writing leaves the
+    previous file; return the path."""
     check(payload)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=1) + "\n")
-    return path
+    return write_atomic(path, json.dumps(payload, indent=1) + "\n")
 
 
 def read_result(path: str | Path) -> dict:

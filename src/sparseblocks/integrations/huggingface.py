@@ -35,7 +35,6 @@ import contextlib
 import dataclasses
 import logging
 import re
-import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,7 +42,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sparseblocks.integrations.checkpoint import load_sparse, save_sparse
+from sparseblocks.integrations.checkpoint import CONFIG_FILE, load_sparse, save_sparse
 from sparseblocks.integrations.sparsify import SparsifyReport, SparsityConfig, _as_list, target_linears
 from sparseblocks.pruning.pruner import Pruner
 from sparseblocks.pruning.scores import SCORES
@@ -279,11 +278,10 @@ def _without_unreached_targets(model: nn.Module, config: SparsityConfig, window:
 def save_hf_sparse(model: nn.Module, source: str | Path, out: str | Path) -> Path:
     """``save_sparse(model, out)`` plus the other files of the ``source`` folder (config, tokenizer), so that ``out``
     is a Hugging Face folder again; weight files and shard indexes are not copied. Returns ``out``."""
-    out = save_sparse(model, out)
-    for path in Path(source).iterdir():
-        if path.is_file() and path.suffix not in _WEIGHT_SUFFIXES and not path.name.endswith(".index.json"):
-            shutil.copy2(path, out / path.name)
-    return out
+    files = {path.name: path.read_bytes() for path in Path(source).iterdir()
+             if path.is_file() and path.suffix not in _WEIGHT_SUFFIXES and not path.name.endswith(".index.json")
+             and path.name != CONFIG_FILE and not path.name.startswith(".")}  # fmt: skip
+    return save_sparse(model, out, extra_files=files)  # one atomic update, the files hashed in its JSON
 
 
 def load_hf_sparse(folder: str | Path, model_class: type | None = None) -> nn.Module:

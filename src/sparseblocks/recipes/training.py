@@ -15,11 +15,14 @@ Files in OUT:
 
 * ``training_state.safetensors``: the last checkpoint. Every tensor of the training state (weights, optimizer
   moments, pruner masks and statistics, RNG states) in safetensors; the rest (step, the recipe's settings, optimizer
-  hyper-parameters, scheduler counters) as JSON in the file's metadata. One file, replaced atomically: a run killed
-  while saving leaves the previous checkpoint. No pickle is ever loaded.
+  hyper-parameters, scheduler counters) as JSON in the file's metadata, with the SHA-256 of every tensor (checked on
+  resume; a file without digests, written before they existed, resumes unchecked). One file, replaced atomically: a
+  run killed while saving leaves the previous checkpoint. No pickle is ever loaded; metadata of the wrong form (too
+  deep, wrong types) is a :class:`ResumeError`.
 * ``sparseblocks.safetensors`` + ``sparseblocks.json`` (:func:`~sparseblocks.integrations.checkpoint.save_sparse`) and
-  ``recipe.json`` (model config, vocabulary or class names, settings, results): :func:`load_recipe_model` rebuilds
-  the converted model from them.
+  ``recipe.json`` (model config, vocabulary or class names, settings, results), saved in one atomic update and
+  hashed in ``sparseblocks.json``: :func:`load_recipe_model` checks the config's sizes against the tensor shapes in
+  the safetensors header before it builds the model (on ``meta``), then loads it.
 
 Known limits (2026-11): images are held in memory as one tensor (small data sets only); the GPT recipe reads the
 whole text file; a checkpoint holds the last state only.
@@ -30,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +42,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from sparseblocks.format import normalize_block_size
-from sparseblocks.integrations.checkpoint import load_sparse, save_sparse
+from sparseblocks.integrations.checkpoint import WEIGHTS_FILE, load_sparse, read_config, save_sparse
+from sparseblocks.integrations.files import read_json, replacing, tensor_sha256
 from sparseblocks.integrations.sparsify import SparsityConfig, model_size
 from sparseblocks.pruning.pruner import CubicSchedule, Pruner
 from sparseblocks.recipes.experiments import TWO_OF_FOUR, Experiment, PruningRun
@@ -87,18 +90,26 @@ def _encode(value: object, path: str, tensors: dict[str, torch.Tensor]) -> objec
 
 
 def _decode(value: object, tensors: dict[str, torch.Tensor]) -> object:
+    """The state a skeleton describes; ``ValueError`` for a skeleton :func:`_encode` cannot have written."""
     if isinstance(value, list):
         return [_decode(v, tensors) for v in value]
     if not isinstance(value, dict):
         return value
     if _TENSOR in value:
-        if value[_TENSOR] not in tensors:
+        if not isinstance(value[_TENSOR], str) or value[_TENSOR] not in tensors:
             raise ValueError(f"the checkpoint's metadata names a tensor it does not hold: {value[_TENSOR]!r}")
         return tensors[value[_TENSOR]]
     if _TUPLE in value:
+        if not isinstance(value[_TUPLE], list):
+            raise ValueError(f"the checkpoint's metadata has a {_TUPLE} that is no list")
         return tuple(_decode(v, tensors) for v in value[_TUPLE])
     if _ITEMS in value:
-        return {k: _decode(v, tensors) for k, v in value[_ITEMS]}
+        items = value[_ITEMS]
+        if not isinstance(items, list) or not all(
+            isinstance(item, list) and len(item) == 2 and isinstance(item[0], str | int) for item in items
+        ):
+            raise ValueError(f"the checkpoint's metadata has an {_ITEMS} that is no list of [key, value] pairs")
+        return {k: _decode(v, tensors) for k, v in items}
     return {k: _decode(v, tensors) for k, v in value.items()}
 
 
@@ -126,21 +137,25 @@ def restore_state(parts: dict[str, object], state: dict) -> None:
     missing = [name for name, part in parts.items() if part is not None and name not in state]
     if missing:
         raise ResumeError(f"the checkpoint holds no state for {missing}")
-    torch.set_rng_state(state["rng"])
-    if "cuda_rng" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    try:
+        torch.set_rng_state(state["rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+    except (KeyError, TypeError, RuntimeError) as error:
+        raise ResumeError(f"the checkpoint's random number generator state is unusable: {error}") from error
     for name, part in parts.items():
         if part is None:
             continue
-        if isinstance(part, torch.Generator):
-            part.set_state(state[name])
-        elif isinstance(part, torch.Tensor):
-            part.copy_(state[name])
-        else:
-            try:
+        try:
+            if isinstance(part, torch.Generator):
+                part.set_state(state[name])
+            elif isinstance(part, torch.Tensor):
+                part.copy_(state[name])
+            else:
                 part.load_state_dict(state[name])
-            except (RuntimeError, ValueError) as error:  # a model or pruner of another shape than the checkpoint's
-                raise ResumeError(f"the checkpoint's {name} does not fit this run: {error}") from error
+        # a model or pruner of another shape than the checkpoint's, or a state of the wrong form
+        except (RuntimeError, ValueError, TypeError, KeyError, IndexError, AttributeError) as error:
+            raise ResumeError(f"the checkpoint's {name} does not fit this run: {error}") from error
 
 
 def save_training_state(path: str | Path, step: int, recipe: dict, parts: dict[str, object]) -> None:
@@ -155,15 +170,28 @@ def save_training_state(path: str | Path, step: int, recipe: dict, parts: dict[s
         "step": str(step),
         "recipe": json.dumps(recipe),
         "state": json.dumps(skeleton),
+        "sha256": json.dumps({key: tensor_sha256(tensor) for key, tensor in tensors.items()}),
     }
-    partial = path.with_name(path.name + ".partial")
-    save_file(tensors, str(partial), metadata=metadata)
-    os.replace(partial, path)
+    with replacing(path) as temporary:
+        save_file(tensors, str(temporary), metadata=metadata)
 
 
-def load_training_state(path: str | Path, tensors: bool = True) -> tuple[int, dict, dict | None]:
+def _check_digests(path: Path, metadata: dict, saved: dict[str, torch.Tensor]) -> None:
+    if "sha256" not in metadata:
+        return  # written before digests existed
+    digests = read_json(metadata["sha256"], f"{path}: metadata 'sha256'")
+    if not isinstance(digests, dict) or digests.keys() != saved.keys():
+        raise ResumeError(f"{path}: the metadata's digests do not list the file's tensors")
+    for key, tensor in saved.items():
+        if tensor_sha256(tensor) != digests[key]:
+            raise ResumeError(f"{path}: tensor {key!r} does not match its SHA-256 in the metadata (damaged file)")
+
+
+def load_training_state(path: str | Path, tensors: bool = True, verify: bool = True) -> tuple[int, dict, dict | None]:
     """``(step, recipe, state)`` of a checkpoint written by :func:`save_training_state`; ``tensors`` False reads
-    the metadata only (state None). A file that cannot be read as one raises :class:`ResumeError`."""
+    the metadata only (state None); ``verify`` checks the tensors against their SHA-256 digests. A file that cannot
+    be read as one raises :class:`ResumeError`."""
+    path = Path(path)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as file:
             metadata = file.metadata() or {}
@@ -171,11 +199,18 @@ def load_training_state(path: str | Path, tensors: bool = True) -> tuple[int, di
                 raise ResumeError(f"{path}: not a sparseblocks training checkpoint")
             if metadata.get("format_version") != str(STATE_FORMAT_VERSION):
                 raise ResumeError(f"{path}: format_version {metadata.get('format_version')!r} is not supported")
-            step, recipe = int(metadata["step"]), json.loads(metadata["recipe"])
+            step, recipe = int(metadata["step"]), read_json(metadata["recipe"], f"{path}: metadata 'recipe'")
+            if step < 0 or not isinstance(recipe, dict):
+                raise ResumeError(f"{path}: metadata needs a step >= 0 and a recipe mapping")
             if not tensors:
                 return step, recipe, None
             saved = {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118 (safe_open is no dict)
-            return step, recipe, _decode(json.loads(metadata["state"]), saved)
+            if verify:
+                _check_digests(path, metadata, saved)
+            state = _decode(read_json(metadata["state"], f"{path}: metadata 'state'"), saved)
+            if not isinstance(state, dict) or not isinstance(state.get("rng"), torch.Tensor):
+                raise ResumeError(f"{path}: metadata 'state' must be a mapping with the RNG state")
+            return step, recipe, state
     except ResumeError:
         raise
     except (SafetensorError, KeyError, ValueError) as error:  # a damaged file, or metadata that is not ours
@@ -251,12 +286,10 @@ def _device() -> torch.device:
 
 def save_recipe_model(model: GPT | ViT, out: str | Path, settings: dict, result: dict, **extra) -> Path:
     """``save_sparse(model, out)`` plus ``recipe.json``: the model's config (to rebuild it), ``settings``,
-    ``result`` and ``extra`` (JSON-able: a vocabulary, class names). Returns the folder."""
-    out = save_sparse(model, out)
+    ``result`` and ``extra`` (JSON-able: a vocabulary, class names), in one atomic update. Returns the folder."""
     payload = {"recipe": "gpt" if isinstance(model, GPT) else "vit", "model_config": dataclasses.asdict(model.config),
                **extra, "settings": settings, "result": result}  # fmt: skip
-    (out / RECIPE_FILE).write_text(json.dumps(payload, indent=1) + "\n")
-    return out
+    return save_sparse(model, out, extra_files={RECIPE_FILE: json.dumps(payload, indent=1) + "\n"})
 
 
 def _print_sizes(dense: tuple[int, int], sparse: tuple[int, int]) -> None:
@@ -266,17 +299,55 @@ def _print_sizes(dense: tuple[int, int], sparse: tuple[int, int]) -> None:
     )
 
 
-def load_recipe_model(out: str | Path) -> nn.Module:
+_MODELS = {"gpt": (GPT, GPTConfig), "vit": (ViT, ViTConfig)}
+
+
+def _recipe_config(out: Path) -> tuple[type[nn.Module], GPTConfig | ViTConfig]:
+    """The model class and config ``recipe.json`` names, its sizes checked: positive integers, and as many layers
+    as the weights file's header holds blocks (so that building the model on ``meta`` costs no more than the
+    header's size)."""
+    path = out / RECIPE_FILE
+    try:
+        payload = read_json(path.read_bytes(), str(path))
+    except OSError as error:
+        raise ValueError(f"{path}: not readable ({error})") from error
+    recipe = payload.get("recipe") if isinstance(payload, dict) else None
+    if recipe not in _MODELS or not isinstance(payload.get("model_config"), dict):
+        raise ValueError(f"{path}: unknown recipe {recipe!r}, or no model_config mapping")
+    model_class, config_class = _MODELS[recipe]
+    try:
+        config = config_class(**payload["model_config"])
+    except TypeError as error:
+        raise ValueError(f"{path}: model_config does not fit {config_class.__name__} ({error})") from error
+    sizes = {field.name: getattr(config, field.name) for field in dataclasses.fields(config) if field.type == "int"}
+    wrong = [name for name, size in sizes.items() if type(size) is not int or size < 1]
+    if wrong:
+        raise ValueError(f"{path}: model_config needs positive integers for {wrong}")
+    try:
+        with safe_open(str(out / WEIGHTS_FILE), framework="pt", device="cpu") as file:
+            keys = list(file.keys())  # the header only
+    except (OSError, SafetensorError) as error:
+        raise ValueError(f"{out / WEIGHTS_FILE}: not a readable safetensors file ({error})") from error
+    blocks = {key.split(".")[1] for key in keys if key.startswith("blocks.")}
+    if config.layers != len(blocks):
+        raise ValueError(f"{path}: model_config has {config.layers} layers, the weights file {len(blocks)} blocks")
+    return model_class, config
+
+
+def load_recipe_model(out: str | Path, verify: bool = True) -> nn.Module:
     """The converted model a recipe saved in ``out`` (built from ``recipe.json``, loaded by ``load_sparse``), in
-    eval mode on the CPU."""
-    payload = json.loads((Path(out) / RECIPE_FILE).read_text())
-    if payload.get("recipe") == "gpt":
-        model = GPT(GPTConfig(**payload["model_config"]))
-    elif payload.get("recipe") == "vit":
-        model = ViT(ViTConfig(**payload["model_config"]))
-    else:
-        raise ValueError(f"{Path(out) / RECIPE_FILE}: unknown recipe {payload.get('recipe')!r}")
-    return load_sparse(out, model).eval()
+    eval mode on the CPU. ``recipe.json`` is checked against the digest ``sparseblocks.json`` records (``verify``)
+    and its sizes against the weights file before the model is built, on ``meta``: memory is given to its tensors
+    only once ``load_sparse`` has found each in the file with its shape."""
+    out = Path(out)
+    read_config(out, verify)
+    model_class, config = _recipe_config(out)
+    try:
+        with torch.device("meta"):
+            model = model_class(config)
+    except (ArithmeticError, ValueError, RuntimeError) as error:  # e.g. patch_size larger than image_size
+        raise ValueError(f"{out / RECIPE_FILE}: model_config does not make a model ({error})") from error
+    return load_sparse(out, model, verify=verify).eval()
 
 
 # ---------------------------------------------------------------------------------------------- gpt
