@@ -144,7 +144,20 @@ def _headers(files: Iterable[str]) -> dict[str, tuple[tuple[int, ...], str]]:
     return found
 
 
-def _check_tensors(name: str, saved: str, entry: dict, headers: dict, prefix: str) -> None:
+def _renamed(model: nn.Module, headers: dict, quantizer: HfQuantizer) -> dict:
+    """``headers`` under the names transformers loads them as: the model's key renamings (ViT's checkpoints keep
+    ``encoder.layer.0.intermediate.dense`` for ``layers.0.mlp.fc1``) and base-model prefixes applied."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    transforms = get_model_conversion_mapping(model, None, quantizer)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    state, prefix = model.state_dict(), getattr(model, "base_model_prefix", None)
+    return {rename_source_key(key, renamings, converters, prefix, state)[0]: value for key, value in headers.items()}
+
+
+def _check_tensors(saved: str, name: str, entry: dict, headers: dict) -> None:
     """Every tensor of the layer is in the checkpoint with the shape and dtype its entry implies."""
     layout = LAYOUTS[entry["pattern"]]
     value_dtype = _HEADER_DTYPES[VALUE_DTYPES_BY_NAME[entry["dtype"]]]
@@ -153,13 +166,30 @@ def _check_tensors(name: str, saved: str, entry: dict, headers: dict, prefix: st
     if entry["bias"]:
         expected["bias"] = ((entry["out_features"],), value_dtype)
     for part, (shape, dtype) in expected.items():
-        keys = {f"{base}.{part}" for base in (saved, name, saved.removeprefix(f"{prefix}."), f"{prefix}.{saved}")}
-        key = next((key for key in keys if key in headers), None)
-        if key is None:
+        found = headers.get(f"{name}.{part}")
+        if found is None:
             raise ValueError(f"layer {saved!r}: the checkpoint has no tensor {saved}.{part}")
-        if headers[key] != (shape, dtype):
-            got = f"{headers[key][1]} {headers[key][0]}"
-            raise ValueError(f"layer {saved!r}: {part} is {got} in the checkpoint, its entry implies {dtype} {shape}")
+        if found != (shape, dtype):
+            raise ValueError(f"layer {saved!r}: {part} is {found[1]} {found[0]} in the checkpoint, its entry implies "
+                             f"{dtype} {shape}")  # fmt: skip
+
+
+def _skipping_sparse_parents(initialize):
+    """transformers' weight initialisation, except for modules that hold a sparse layer and whose own tensors all
+    came from the checkpoint: some models' ``_init_weights`` read a child linear's ``.weight`` there (GPT-2's MLP and
+    attention rescale ``c_proj.weight``), which a sparse layer does not have; its tensors came from the checkpoint
+    anyway (checked before loading)."""
+    sparse = tuple(layout.module for layout in LAYOUTS.values())
+
+    def guarded(module, *args, **kwargs):
+        loaded = all(
+            getattr(t, "_is_hf_initialized", False) for t in (*module.parameters(False), *module.buffers(False))
+        )
+        if loaded and any(isinstance(child, sparse) for child in module.children()):
+            return None
+        return initialize(module, *args, **kwargs)
+
+    return guarded
 
 
 @register_quantizer(METHOD)
@@ -171,8 +201,6 @@ class SparseBlocksQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         config = self.quantization_config
-        headers = _headers(checkpoint_files or [])
-        prefix = getattr(model, "base_model_prefix", "")
         self._names = {}
         for saved, entry in config.layers.items():
             name = _resolve(model, saved)
@@ -184,14 +212,21 @@ class SparseBlocksQuantizer(HfQuantizer):
                     f"layer {saved!r}: the model has {current!r}, the config a "
                     f"{entry['out_features']}x{entry['in_features']} linear"
                 )
-            _check_tensors(name, saved, entry, headers, prefix)
             weight = linear.weight
             replace_module(model, name, LAYOUTS[entry["pattern"]].empty(entry, weight.dtype, weight.device))
             self._names[saved] = name
+        headers = _renamed(model, _headers(checkpoint_files or []), self)
+        for saved, name in self._names.items():
+            _check_tensors(saved, name, config.layers[saved], headers)
+        for module in model.modules():
+            if hasattr(module, "_initialize_weights"):  # each PreTrainedModel, the model and its sub-models
+                module._initialize_weights = _skipping_sparse_parents(module._initialize_weights)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         config = self.quantization_config
+        for module in model.modules():
+            module.__dict__.pop("_initialize_weights", None)
         for saved, name in self._names.items():
             layer = model.get_submodule(name)
             meta = [key for key, tensor in layer.state_dict().items() if tensor.is_meta]
