@@ -12,13 +12,15 @@
 
 The adapters attach through PEFT's custom-module mechanism (``LoraConfig._register_custom_module``, experimental
 in PEFT 0.21: its docs say it may change), which :func:`sparse_lora_config` and :func:`load_sparse_adapter` call for
-:class:`~sparseblocks.nn.BlockSparseLinear` and :class:`~sparseblocks.nn.SemiStructuredLinear`. The registration is
+:class:`~sparseblocks.nn.BlockSparseLinear`. Not for 2:4 layers: PEFT's module replacement reads a ``weight``
+attribute as a tensor, and :class:`~sparseblocks.nn.SemiStructuredLinear`'s ``weight`` is a method (PEFT then says
+the module type is not supported). The registration is
 not saved in ``adapter_config.json``, so a plain ``PeftModel.from_pretrained`` cannot rebuild the adapters: load
 them with :func:`load_sparse_adapter`.
 
 Merging: the product ``B·A`` is dense, and adding it to a sparse weight would change the pattern, so ``merge`` /
 ``merge_and_unload`` raise ``ValueError``. :func:`merge_onto_pattern` merges anyway, keeping only the part of the
-delta on the kept tiles (or 2:4 positions): the pattern stays, and the merged model differs from the adapted one by
+delta on the kept tiles: the pattern stays, and the merged model differs from the adapted one by
 the delta on the pruned tiles.
 """
 
@@ -30,7 +32,7 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 
 from sparseblocks.format import BlockSparseMatrix
-from sparseblocks.nn import BlockSparseLinear, SemiStructuredLinear
+from sparseblocks.nn import BlockSparseLinear
 
 _REFUSAL = (
     "a LoRA delta is dense; adding it to a sparse layer would change its pattern. Keep the adapter unmerged, or "
@@ -39,12 +41,11 @@ _REFUSAL = (
 
 
 def _on_pattern(layer: nn.Module, delta: torch.Tensor) -> torch.Tensor:
-    """The part of a dense ``(N, K)`` delta that ``layer``'s pattern keeps, shaped like its ``values``."""
-    delta = delta.to(layer.values.dtype)
-    if isinstance(layer, BlockSparseLinear):
-        matrix = layer.matrix
-        return BlockSparseMatrix.from_dense(delta, matrix.block_shape, mask=matrix.block_mask()).values
-    return delta[layer.mask()].reshape(layer.out_features, -1)  # SemiStructuredLinear
+    """The tiles of a dense ``(N, K)`` delta that ``layer``'s pattern keeps, shaped like its ``values``."""
+    matrix = layer.matrix
+    return BlockSparseMatrix.from_dense(
+        delta.to(layer.values.dtype), matrix.block_shape, mask=matrix.block_mask()
+    ).values
 
 
 class SparseLoraLinear(LoraLinear):
@@ -55,6 +56,9 @@ class SparseLoraLinear(LoraLinear):
 
     def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
         return module.in_features, module.out_features
+
+    def _get_base_layer_device_and_dtype(self, base_layer: nn.Module) -> tuple[torch.device, torch.dtype]:
+        return base_layer.values.device, base_layer.values.dtype  # PEFT reads ``weight``, which a sparse layer lacks
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         if not self.project_on_merge:
@@ -84,7 +88,7 @@ class SparseLoraLinear(LoraLinear):
         return "sparse_lora." + super().__repr__()
 
 
-SPARSE_LORA_LAYERS = {BlockSparseLinear: SparseLoraLinear, SemiStructuredLinear: SparseLoraLinear}
+SPARSE_LORA_LAYERS = {BlockSparseLinear: SparseLoraLinear}
 
 
 def register(config: LoraConfig) -> LoraConfig:
