@@ -68,7 +68,8 @@ def test_sparsify_command_round_trips_a_hugging_face_folder(tmp_path, capsys):
     out = tmp_path / "sparse"
     assert main(["sparsify", str(tmp_path / "dense"), "--sparsity", "0.5", "--block", "16", "--out", str(out)]) == 0
     assert "4 layers replaced" in capsys.readouterr().out
-    assert (out / "config.json").exists() and not (out / "model.safetensors").exists()
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "sparseblocks"
+    assert "sparseblocks sparsify" in (out / "README.md").read_text()  # the model card names the command
     model = load_hf_sparse(out)
     tokens = torch.randint(64, (2, 8))
     with torch.no_grad():
@@ -86,7 +87,7 @@ def test_sparsify_keeps_a_causal_lm_head_and_reloads_it_without_naming_the_class
     dense.save_pretrained(tmp_path / "dense")
     out = tmp_path / "sparse"
     assert main(["sparsify", str(tmp_path / "dense"), "--sparsity", "0.5", "--block", "16", "--out", str(out)]) == 0
-    assert f"load_hf_sparse('{out}')" in capsys.readouterr().out
+    assert f"from_pretrained('{out}')" in capsys.readouterr().out
     model = load_hf_sparse(out)
     assert isinstance(model, transformers.LlamaForCausalLM)
     assert torch.equal(model.lm_head.weight, dense.lm_head.weight)  # the head came back, not a fresh init

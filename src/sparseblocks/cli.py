@@ -111,15 +111,20 @@ def _bench_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _save_hf_folder(model, report, source, out) -> int:
-    """Print the report, save ``model`` as the sparse Hugging Face folder ``out`` (with ``source``'s config and
-    tokenizer) and say how to load it; exit status 1 when nothing was sparsified."""
+def _save_hf_folder(model, report, source, out, argv) -> int:
+    """Print the report, save ``model`` as the sparse Hugging Face folder ``out`` (with ``source``'s tokenizer and a
+    model card naming the command) and say how to load it; exit status 1 when nothing was sparsified."""
+    import shlex
+
     from sparseblocks.integrations.huggingface import save_hf_sparse
 
     print(report)
-    save_hf_sparse(model, source, out)
-    print(f"saved to {out}; load it with sparseblocks.integrations.huggingface.load_hf_sparse('{out}')")
-    return 0 if report.layers else 1
+    if not report.layers:
+        return 1
+    save_hf_sparse(model, source, out, command=shlex.join(["sparseblocks", *argv]))
+    print(f"saved to {out}; load it with transformers' from_pretrained('{out}') after "
+          "`import sparseblocks.integrations.huggingface`")  # fmt: skip
+    return 0
 
 
 def _sparsity_config(args: argparse.Namespace):
@@ -154,7 +159,7 @@ def _sparsify(args: argparse.Namespace) -> int:
         report = sparsify(model, config)
     except (OSError, ValueError) as error:
         raise SystemExit(f"sparseblocks sparsify: {error}") from error
-    return _save_hf_folder(model, report, source, out)
+    return _save_hf_folder(model, report, source, out, args.argv)
 
 
 def _prune(args: argparse.Namespace) -> int:
@@ -188,10 +193,18 @@ def _prune(args: argparse.Namespace) -> int:
         report = prune_pretrained(model, config, args.method, tokens, head, tokenizer, args.seed, args.reconstruct)
     except (OSError, ValueError) as error:
         raise SystemExit(f"sparseblocks prune: {error}") from error
-    return _save_hf_folder(model.cpu(), report, source, out)
+    return _save_hf_folder(model.cpu(), report, source, out, args.argv)
 
 
 def _report(args: argparse.Namespace) -> int:
+    if args.model:
+        from sparseblocks.integrations.model_card import model_card
+
+        try:
+            print(model_card(args.model), end="")
+        except ValueError as error:
+            raise SystemExit(f"sparseblocks report: {error}") from error
+        return 0
     from sparseblocks.bench.report import write
 
     results = Path(args.results)
@@ -343,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="one Markdown page of the stored benchmark and accuracy results")
     report.add_argument("--results", default="benchmarks/results", help="results folder (default benchmarks/results)")
     report.add_argument("--out", help="the page to write (default RESULTS/REPORT.md)")
+    report.add_argument("--model", metavar="FOLDER", help="print a sparse model folder's model-card section instead")
     report.set_defaults(run=_report)
 
     bench = commands.add_parser("bench", help="GPU benchmarks against dense and the other sparse paths")

@@ -2,14 +2,16 @@
 word-level tokenizer, a Llama causal LM without one (random-id calibration); every method, saved and reloaded."""
 
 import contextlib
+import json
 import random
 
 import pytest
 import torch
+from safetensors import safe_open
 
 transformers = pytest.importorskip("transformers")
 
-from sparseblocks import BlockSparseLinear, SemiStructuredLinear  # noqa: E402
+from sparseblocks import SemiStructuredLinear  # noqa: E402
 from sparseblocks.cli import build_parser, main  # noqa: E402
 from sparseblocks.integrations.huggingface import (  # noqa: E402
     PRUNE_METHODS,
@@ -20,7 +22,7 @@ from sparseblocks.integrations.huggingface import (  # noqa: E402
     prune_pretrained,
     save_hf_sparse,
 )
-from sparseblocks.integrations.sparsify import SparsityConfig, sparse_layers  # noqa: E402
+from sparseblocks.integrations.sparsify import SparsityConfig, sparse_layers, sparsify  # noqa: E402
 from sparseblocks.masks import expand_block_mask  # noqa: E402
 
 WORDS = ("the king and queen of a castle were in their hall when he spoke to his men at night for she had come "
@@ -126,9 +128,15 @@ def test_magnitude_keeps_the_tiles_sparsify_keeps(folders, pruned, tmp_path):
 
 
 def test_output_folder_has_the_tokenizer_and_no_dense_weights(pruned):
-    names = {p.name for p in pruned["bert", "fisher"].iterdir()}
-    assert {"config.json", "tokenizer.json", "sparseblocks.json", "sparseblocks.safetensors"} <= names
-    assert "model.safetensors" not in names
+    folder = pruned["bert", "fisher"]
+    names = {p.name for p in folder.iterdir()}
+    assert {"config.json", "tokenizer.json", "model.safetensors", "README.md"} <= names
+    assert "sparseblocks.json" not in names
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as file:
+        keys = set(file.keys())
+    for name in _masks(folder, "bert"):
+        assert {f"{name}.values", f"{name}.crow_indices", f"{name}.col_indices"} <= keys
+        assert f"{name}.weight" not in keys
 
 
 def test_calibration_windows_are_tokenized_text_spread_over_the_file(folders):
@@ -166,10 +174,11 @@ def test_save_hf_sparse_leaves_weights_and_shard_indexes_behind(tmp_path):
     source.mkdir()
     for name in ("config.json", "tokenizer.json", "model.safetensors", "model.safetensors.index.json", "x.bin"):
         (source / name).write_text("{}")
-    model = torch.nn.Sequential(BlockSparseLinear.from_linear(torch.nn.Linear(32, 32), sparsity=0.5, block_size=16))
+    model = transformers.BertModel(transformers.BertConfig(**SIZES))
+    sparsify(model, SparsityConfig(0.5, 16))
     out = save_hf_sparse(model, source, tmp_path / "out")
-    assert {p.name for p in out.iterdir()} == {"config.json", "tokenizer.json", "sparseblocks.json",
-                                               "sparseblocks.safetensors"}  # fmt: skip
+    assert {p.name for p in out.iterdir()} == {"config.json", "tokenizer.json", "model.safetensors", "README.md"}
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "sparseblocks"
 
 
 @pytest.mark.parametrize(

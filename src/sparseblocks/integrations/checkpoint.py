@@ -31,9 +31,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_model
 from torch import nn
 
-from sparseblocks.format import VALUE_DTYPES_BY_NAME
 from sparseblocks.integrations.files import file_sha256, read_json, replacing_files, tensor_sha256
-from sparseblocks.integrations.layouts import DEFAULT, LAYOUTS, layout_of, sparse_module_types
+from sparseblocks.integrations.layouts import (
+    LAYOUTS,
+    check_entries,
+    layer_entry,
+    sparse_module_types,
+)
 from sparseblocks.integrations.sparsify import FUSED_MODULES, fuse_mlps, replace_module, sparse_layers
 
 WEIGHTS_FILE = "sparseblocks.safetensors"
@@ -65,18 +69,7 @@ def save_sparse(model: nn.Module, folder: str | Path, extra_files: Mapping[str, 
         if name in (WEIGHTS_FILE, CONFIG_FILE) or Path(name).name != name or name.startswith("."):
             raise ValueError(f"extra file {name!r}: must be a plain file name other than {WEIGHTS_FILE}, {CONFIG_FILE}")
     folder.mkdir(parents=True, exist_ok=True)
-    layers = {}
-    for name, layer in sparse_layers(model).items():
-        layout = layout_of(layer)
-        entry = {"out_features": layer.out_features, "in_features": layer.in_features}
-        if layout.name != DEFAULT:  # block entries name no pattern, as in the files written before 2:4 existed
-            entry["pattern"] = layout.name
-        layers[name] = {
-            **entry,
-            **layout.config_entry(layer),
-            "dtype": str(layout.dtype(layer)).removeprefix("torch."),
-            "bias": layer.bias is not None,
-        }
+    layers = {name: layer_entry(layer) for name, layer in sparse_layers(model).items()}
     fused = [name for name, module in model.named_modules() if isinstance(module, FUSED_MODULES)]
     config = {"format": "sparseblocks", "format_version": FORMAT_VERSION, "library_version": __version__}
     with replacing_files(folder, [WEIGHTS_FILE, *extra, CONFIG_FILE], record=CONFIG_FILE) as temporary:
@@ -122,25 +115,7 @@ def _read_config(folder: Path) -> dict:
         raise ValueError(f"{folder / CONFIG_FILE}: not a sparseblocks config")
     if config.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{folder / CONFIG_FILE}: format_version {config.get('format_version')!r} is not supported")
-    layers = config.get("layers")
-    if not isinstance(layers, dict):
-        raise ValueError(f"{folder / CONFIG_FILE}: 'layers' must be a mapping")
-    for name, entry in layers.items():
-        pattern = entry.setdefault("pattern", DEFAULT) if isinstance(entry, dict) else None
-        if not isinstance(pattern, str) or pattern not in LAYOUTS:
-            raise ValueError(f"{CONFIG_FILE}: layer {name!r} needs a mapping with a pattern of {tuple(LAYOUTS)}")
-        layout = LAYOUTS[pattern]
-        fields = ("out_features", "in_features", *layout.integer_fields)
-        if any(not isinstance(entry.get(f), int) or entry[f] < 0 for f in fields):
-            raise ValueError(f"{CONFIG_FILE}: layer {name!r} needs non-negative integers {fields}")
-        if not isinstance(entry.get("bias"), bool):
-            raise ValueError(f"{CONFIG_FILE}: layer {name!r} needs a boolean 'bias'")
-        if entry.get("dtype") not in VALUE_DTYPES_BY_NAME:
-            raise ValueError(f"{CONFIG_FILE}: layer {name!r} needs a 'dtype' of {sorted(VALUE_DTYPES_BY_NAME)}")
-        try:
-            layout.check_entry(name, entry)
-        except ValueError as error:
-            raise ValueError(f"{CONFIG_FILE}: {error}") from error
+    check_entries(config.get("layers"), CONFIG_FILE)
     fused = config.setdefault("fused_mlps", [])
     if not isinstance(fused, list) or not all(isinstance(name, str) for name in fused):
         raise ValueError(f"{folder / CONFIG_FILE}: 'fused_mlps' must be a list of module names")

@@ -79,6 +79,15 @@ def replacing_files(folder: str | Path, names: list[str], record: str) -> Iterat
     _sync_folder(folder)
 
 
+def move_into(folder: str | Path, staged: str | Path, record: str) -> None:
+    """Move every file of the folder ``staged`` (written beside ``folder``, on the same file system) into
+    ``folder``, replacing files of the same names, ``record`` (the file readers look for first) last."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _commit(folder, {path.name: path for path in Path(staged).iterdir() if path.is_file()}, record)
+    _sync_folder(folder)
+
+
 @contextmanager
 def replacing(path: str | Path) -> Iterator[Path]:
     """Write ``path`` atomically: the block writes the yielded temporary path, which then replaces ``path``."""

@@ -5,7 +5,7 @@
     model, tokenizer, head = load_pretrained("path/to/folder")
     tokens = calibration_tokens(Path("calibration.txt").read_text(), tokenizer, model.config.vocab_size, 128, 128)
     report = prune_pretrained(model, SparsityConfig(0.9, 32, "mlp"), "fisher", tokens, head, tokenizer)
-    save_hf_sparse(model, "path/to/folder", "out/")  # load_hf_sparse("out/") reads it back, head included
+    save_hf_sparse(model, "path/to/folder", "out/")  # AutoModelFor...from_pretrained("out/") reads it back
 
 The folder's ``config.json`` ``architectures`` name its head, and the model is loaded with it, so that a language
 model keeps its output layer and its own loss: ``*ForCausalLM`` (``causal_lm``), ``*ForMaskedLM`` (``masked_lm``),
@@ -35,6 +35,7 @@ import contextlib
 import dataclasses
 import logging
 import re
+import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,8 +43,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sparseblocks.integrations.checkpoint import CONFIG_FILE, load_sparse, save_sparse
-from sparseblocks.integrations.sparsify import SparsifyReport, SparsityConfig, _as_list, target_linears
+from sparseblocks.integrations.checkpoint import CONFIG_FILE, load_sparse
+from sparseblocks.integrations.files import move_into, temporary_sibling
+from sparseblocks.integrations.hf_quantizer import METHOD, attach
+from sparseblocks.integrations.model_card import write_model_card
+from sparseblocks.integrations.sparsify import SparsifyReport, SparsityConfig, _as_list, sparse_layers, target_linears
 from sparseblocks.pruning.pruner import Pruner
 from sparseblocks.pruning.scores import SCORES
 
@@ -275,21 +279,51 @@ def _without_unreached_targets(model: nn.Module, config: SparsityConfig, window:
     return dataclasses.replace(config, exclude=exclude)
 
 
-def save_hf_sparse(model: nn.Module, source: str | Path, out: str | Path) -> Path:
-    """``save_sparse(model, out)`` plus the other files of the ``source`` folder (config, tokenizer), so that ``out``
-    is a Hugging Face folder again; weight files and shard indexes are not copied. Returns ``out``."""
-    files = {path.name: path.read_bytes() for path in Path(source).iterdir()
-             if path.is_file() and path.suffix not in _WEIGHT_SUFFIXES and not path.name.endswith(".index.json")
-             and path.name != CONFIG_FILE and not path.name.startswith(".")}  # fmt: skip
-    return save_sparse(model, out, extra_files=files)  # one atomic update, the files hashed in its JSON
+def save_hf_sparse(model: nn.Module, source: str | Path, out: str | Path, command: str | None = None) -> Path:
+    """Save a sparsified transformers ``model`` as a Hugging Face folder ``out`` that ``from_pretrained`` loads
+    (``save_pretrained``: safetensors with the sparse layers' values and indices, ``config.json`` with the
+    ``sparseblocks`` quantization config, see :mod:`~sparseblocks.integrations.hf_quantizer`), plus the other files
+    of the ``source`` folder (tokenizer; not its weights, shard indexes or config) and the model card's sparsity
+    section in ``README.md`` (:mod:`~sparseblocks.integrations.model_card`), recording ``command``. Returns ``out``.
+
+    Written beside ``out`` first and moved in with ``config.json`` last: a save killed on the way leaves the old
+    folder, the new one, or one without ``config.json``, which loading refuses."""
+    if not sparse_layers(model):
+        raise ValueError("the model has no sparse layers: sparsify it first")
+    attach(model, command=command)
+    out = Path(out)
+    staging = temporary_sibling(out)
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        model.save_pretrained(staging)
+        written = {path.name for path in staging.iterdir()}
+        for path in Path(source).iterdir():
+            weights = path.suffix in _WEIGHT_SUFFIXES or path.name.endswith(".index.json")
+            if path.is_file() and not weights and path.name not in written and not path.name.startswith("."):
+                shutil.copy2(path, staging / path.name)
+        write_model_card(staging)
+        move_into(out, staging, record="config.json")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
 
 
-def load_hf_sparse(folder: str | Path, model_class: type | None = None) -> nn.Module:
-    """A Hugging Face model folder written by ``sparseblocks sparsify`` or ``prune``: built from its
-    ``config.json`` (``model_class`` defaults to the auto class of the head its ``architectures`` name: causal LM,
-    masked LM, or the bare model), then :func:`load_sparse`; in eval mode."""
+def load_hf_sparse(folder: str | Path, model_class: type | None = None, **kwargs) -> nn.Module:
+    """A sparse Hugging Face model folder, in eval mode: one written by ``save_pretrained`` (``sparseblocks
+    sparsify`` / ``prune``) through ``model_class.from_pretrained(folder, **kwargs)`` (``model_class`` defaults to
+    the auto class of the head its ``architectures`` name: causal LM, masked LM, or the bare model); one in the
+    older format (``sparseblocks.json`` + ``sparseblocks.safetensors``) built from its config and
+    :func:`load_sparse`, then marked so that ``save_pretrained`` writes it in the new format (how to convert)."""
     from transformers import AutoConfig
 
+    folder = Path(folder)
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    model = (model_class or auto_class(model_head(config))).from_config(config)
-    return load_sparse(folder, model).eval()
+    model_class = model_class or auto_class(model_head(config))
+    if (getattr(config, "quantization_config", None) or {}).get("quant_method") == METHOD:
+        return model_class.from_pretrained(folder, local_files_only=True, **kwargs).eval()
+    if not (folder / CONFIG_FILE).is_file():
+        raise ValueError(f"{folder}: not a sparse folder (no sparseblocks quantization_config in config.json, no "
+                         f"{CONFIG_FILE})")  # fmt: skip
+    model = load_sparse(folder, model_class.from_config(config)).eval()
+    attach(model)
+    return model

@@ -3,23 +3,32 @@
 A layout says how a pruned ``nn.Linear`` becomes a sparse module (:meth:`Layout.from_linear`), at what granularity
 a pruner scores and masks it (:meth:`Layout.mask_block`, :meth:`Layout.select`), what a checkpoint's JSON entry
 holds for it (:meth:`Layout.config_entry`, :meth:`Layout.check_entry`) and how its tensors are checked and loaded
-(:meth:`Layout.tensor_shapes`, :meth:`Layout.load`). ``sparsify``, ``densify``, ``save_sparse``, ``load_sparse`` and
-the ``Pruner`` ask the layout and never name a pattern, so a new layout (e.g. int8/fp8-quantized tiles: its module,
-its ``values`` and ``scales`` tensors, its dtype check) is one module with a :class:`Layout` subclass and a call of
-:func:`register_layout`.
+(:meth:`Layout.tensor_shapes`, :meth:`Layout.load`), and, for loaders that fill a module's tensors in place
+(``transformers``' ``from_pretrained``), its empty module and the check after filling (:meth:`Layout.empty`,
+:meth:`Layout.settle`). :func:`check_entries` checks a file's entries before anything is read. ``sparsify``,
+``densify``, ``save_sparse``, ``load_sparse`` and the ``Pruner`` ask the layout and never name a pattern, so a new
+layout (e.g. int8/fp8-quantized tiles: its module, its ``values`` and ``scales`` tensors, its dtype check) is one
+module with a :class:`Layout` subclass and a call of :func:`register_layout`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from sparseblocks.format import VALUE_DTYPES_BY_NAME, BlockSparseMatrix, normalize_block_size
+from sparseblocks.format import (
+    INDEX_DTYPE,
+    STORED_INDEX_NAMES,
+    VALUE_DTYPES_BY_NAME,
+    BlockSparseMatrix,
+    normalize_block_size,
+)
 from sparseblocks.masks import n_of_m_mask, top_blocks_mask
 from sparseblocks.nn import BlockSparseLinear, SemiStructuredLinear
-from sparseblocks.nn.semi_structured import GROUP, KEPT
+from sparseblocks.nn.semi_structured import GROUP, KEPT, check_groups
 
 DEFAULT = "block"  # the pattern of checkpoint entries that name none (every file before 2:4 existed)
 
@@ -34,6 +43,7 @@ class Layout:
     module: type[nn.Module]  # the sparse layer it builds (how sparse_layers, densify and save_sparse find them)
     free_masks = True  # the pruner may keep any tiles at any density; False (2:4): one score per layer picks them
     integer_fields: tuple[str, ...] = ()  # checkpoint entry fields (besides the shape) that are integers >= 0
+    index_dtypes: ClassVar[Mapping[str, torch.dtype]] = {}  # the stored tensors besides values, by part: their dtypes
 
     def check_sparsity(self, sparsity: float) -> None:
         """Raise ``ValueError`` for a sparsity this layout cannot hold."""
@@ -85,12 +95,37 @@ class Layout:
         """The module from checked-shape tensors; validates their contents (``ValueError``) before any kernel runs."""
         raise NotImplementedError
 
+    def empty(self, entry: Mapping, dtype: torch.dtype, device: torch.device | str = "meta") -> nn.Module:
+        """The module of ``entry`` with uninitialised stored tensors (:meth:`tensor_shapes`; ``values`` and bias in
+        ``dtype``, the rest in :attr:`index_dtypes`), for a loader that fills them in place; nothing is computed, so
+        ``device`` may be ``meta``. :meth:`settle` must run on it before it is used."""
+        layer = self.module.__new__(self.module)  # no __init__: it would validate tensors that hold nothing yet
+        nn.Module.__init__(layer)
+        layer.out_features, layer.in_features = entry["out_features"], entry["in_features"]
+        for part, shape in self.tensor_shapes(entry).items():
+            if part == "values":
+                layer.values = nn.Parameter(torch.empty(shape, dtype=dtype, device=device))
+            else:
+                layer.register_buffer(part, torch.empty(shape, dtype=self.index_dtypes[part], device=device))
+        bias = torch.empty(entry["out_features"], dtype=dtype, device=device) if entry["bias"] else None
+        layer.bias = None if bias is None else nn.Parameter(bias)
+        return layer
+
+    def settle(self, layer: nn.Module) -> None:
+        """Validate, in place, the tensors a loader put into an :meth:`empty` module (``ValueError`` naming what is
+        wrong: nothing read from outside reaches a kernel unchecked) and derive what is not stored. Subclasses
+        check their own tensors after this (the bias)."""
+        n, bias, dtype = layer.out_features, layer.bias, layer.values.dtype
+        if bias is not None and (tuple(bias.shape) != (n,) or bias.dtype != dtype):
+            raise ValueError(f"bias must be {dtype} of shape ({n},), got {bias.dtype} {tuple(bias.shape)}")
+
 
 class BlockLayout(Layout):
     """Tiles of ``block_size`` (:class:`~sparseblocks.nn.BlockSparseLinear`, BSR storage)."""
 
     name, module = "block", BlockSparseLinear
     integer_fields = ("nnz",)
+    index_dtypes: ClassVar = {"crow_indices": INDEX_DTYPE, "col_indices": INDEX_DTYPE}
 
     def mask_block(self, block_size):
         return normalize_block_size(block_size)
@@ -120,12 +155,21 @@ class BlockLayout(Layout):
         matrix = BlockSparseMatrix(tensors["values"], tensors["crow_indices"], tensors["col_indices"], shape)
         return BlockSparseLinear.from_matrix(matrix, bias)
 
+    def settle(self, layer):
+        buffers = layer._buffers
+        shape = (layer.out_features, layer.in_features)
+        super().settle(layer)
+        matrix = BlockSparseMatrix(layer.values.data, buffers["crow_indices"], buffers["col_indices"], shape)
+        for name, index in matrix.index_tensors().items():  # the derived ones are not in any file
+            layer.register_buffer(name, index, persistent=name in STORED_INDEX_NAMES)
+
 
 class TwoOfFourLayout(Layout):
     """2 of every 4 weights along a row (:class:`~sparseblocks.nn.SemiStructuredLinear`); sparsity 0.5 only."""
 
     name, module = "2:4", SemiStructuredLinear
     free_masks = False  # the pattern fixes the density: masks are chosen per weight, per layer
+    index_dtypes: ClassVar = {"groups": torch.uint8}
 
     def check_sparsity(self, sparsity):
         if sparsity != 1.0 - KEPT / GROUP:
@@ -156,6 +200,19 @@ class TwoOfFourLayout(Layout):
 
     def load(self, entry, tensors, bias):
         return SemiStructuredLinear(tensors["values"], tensors["groups"], bias)
+
+    def empty(self, entry, dtype, device="meta"):
+        layer = super().empty(entry, dtype, device)
+        layer._compressed = None
+        return layer
+
+    def settle(self, layer):
+        n, k = layer.out_features, layer.in_features
+        if layer.values.dtype not in VALUE_DTYPES_BY_NAME.values() or layer.values.shape != (n, k * KEPT // GROUP):
+            raise ValueError(f"values must be floating point ({n}, {k * KEPT // GROUP}), got {layer.values.dtype} "
+                             f"{tuple(layer.values.shape)}")  # fmt: skip
+        super().settle(layer)
+        check_groups(layer.groups, (n, k))
 
 
 LAYOUTS: dict[str, Layout] = {}
@@ -190,6 +247,42 @@ def layout_of(layer: nn.Module) -> Layout:
         if isinstance(layer, layout.module):
             return layout
     raise ValueError(f"{type(layer).__name__} is no module of a registered layout {tuple(LAYOUTS)}")
+
+
+def layer_entry(layer: nn.Module) -> dict:
+    """What a file records about a sparse layer: shape, pattern (``block`` layers name none, as in the files written
+    before 2:4 existed), what its layout adds (block, tile count, density), dtype and bias."""
+    layout = layout_of(layer)
+    entry = {"out_features": layer.out_features, "in_features": layer.in_features}
+    if layout.name != DEFAULT:
+        entry["pattern"] = layout.name
+    dtype = str(layout.dtype(layer)).removeprefix("torch.")
+    return {**entry, **layout.config_entry(layer), "dtype": dtype, "bias": layer.bias is not None}
+
+
+def check_entries(layers: object, source: str) -> dict[str, dict]:
+    """Check a file's layer entries (``{name: entry}``, as ``save_sparse`` and ``save_pretrained`` write them)
+    before any tensor is read: a known pattern, non-negative integer sizes, a boolean bias, a known dtype and what
+    the layout checks; entries without a pattern are ``block`` (set in place). ``ValueError`` naming ``source``."""
+    if not isinstance(layers, dict):
+        raise ValueError(f"{source}: 'layers' must be a mapping")
+    for name, entry in layers.items():
+        pattern = entry.setdefault("pattern", DEFAULT) if isinstance(entry, dict) else None
+        if not isinstance(pattern, str) or pattern not in LAYOUTS:
+            raise ValueError(f"{source}: layer {name!r} needs a mapping with a pattern of {tuple(LAYOUTS)}")
+        layout = LAYOUTS[pattern]
+        fields = ("out_features", "in_features", *layout.integer_fields)
+        if any(not isinstance(entry.get(f), int) or entry[f] < 0 for f in fields):
+            raise ValueError(f"{source}: layer {name!r} needs non-negative integers {fields}")
+        if not isinstance(entry.get("bias"), bool):
+            raise ValueError(f"{source}: layer {name!r} needs a boolean 'bias'")
+        if entry.get("dtype") not in VALUE_DTYPES_BY_NAME:
+            raise ValueError(f"{source}: layer {name!r} needs a 'dtype' of {sorted(VALUE_DTYPES_BY_NAME)}")
+        try:
+            layout.check_entry(name, entry)
+        except ValueError as error:
+            raise ValueError(f"{source}: {error}") from error
+    return layers
 
 
 register_layout(BlockLayout())

@@ -23,6 +23,7 @@ from torch import nn
 
 from sparseblocks.integrations.layouts import LAYOUTS, get_layout, sparse_module_types
 from sparseblocks.nn import BlockSparseLinear, SparseLinearActivation, SparseMLP
+from sparseblocks.nn.linear import trainable_as
 
 logger = logging.getLogger("sparseblocks")
 
@@ -32,6 +33,7 @@ PRESETS: dict[str, tuple[str, ...]] = {
         r"(^|\.)mlp\.(gate_proj|up_proj|down_proj)$",  # HF Llama, Mistral, Qwen2
         r"(^|\.)mlp\.(fc1|fc2)$",  # timm Mlp, HF ViT (transformers 5)
         r"(^|\.)mlp\.(fc|proj)$",  # nanoGPT-style models
+        r"(^|\.)mlp\.(c_fc|c_proj)$",  # HF GPT-2 (Conv1D modules: see LINEAR_LIKE)
         r"(^|\.)mlp\.(0|3)$",  # torchvision MLPBlock (Linear, GELU, Dropout, Linear, Dropout)
         r"(^|\.)intermediate\.dense$",  # BERT, sentence-transformers, HF ViT (transformers 4)
         r"(^|\.)layer\.\d+\.output\.dense$",  # their second MLP linear (not attention.output.dense)
@@ -42,6 +44,7 @@ PRESETS: dict[str, tuple[str, ...]] = {
         r"(^|\.)attention\.output\.dense$",
         r"(^|\.)attention\.(q_proj|k_proj|v_proj|o_proj)$",  # HF ViT (transformers 5)
         r"(^|\.)attn\.(qkv|proj)$",  # timm ViT, nanoGPT-style models
+        r"(^|\.)attn\.(c_attn|c_proj)$",  # HF GPT-2
     ),
     # every nn.Linear but the output heads, which pruning usually leaves dense
     "all-linear": (r"^(?!(.*\.)?(lm_head|head|heads|classifier)(\.|$)).+$",),
@@ -98,6 +101,34 @@ LINEAR_ACTIVATION_LAYOUTS: dict[tuple[str, str], tuple[str, str]] = {
 
 
 FUSED_MODULES = (SparseMLP, SparseLinearActivation)  # what fuse_mlps puts in a model
+
+
+def _conv1d_as_linear(module: nn.Module) -> nn.Linear:
+    """transformers' ``Conv1D`` (GPT-2) computes ``x · W + b`` with W stored ``(in, out)``: the same linear."""
+    weight, bias = module.weight, module.bias
+    with torch.device(weight.device):  # on meta too: no dense weight is made for a module being replaced
+        linear = nn.Linear(weight.shape[0], weight.shape[1], bias=bias is not None, dtype=weight.dtype)
+    if not weight.is_meta:
+        with torch.no_grad():
+            linear.weight.copy_(weight.t())
+            if bias is not None:
+                linear.bias.copy_(bias)
+    trainable_as((linear.weight, linear.bias), (weight, bias))
+    return linear
+
+
+# (package, class name) -> the nn.Linear a module of that class computes: linears stored another way, which
+# sparsify targets as it does nn.Linear
+LINEAR_LIKE = {("transformers", "Conv1D"): _conv1d_as_linear}
+
+
+def as_linear(module: nn.Module) -> nn.Linear | None:
+    """``module`` itself if it is an ``nn.Linear``, the equivalent ``nn.Linear`` for a :data:`LINEAR_LIKE` module,
+    else None."""
+    if isinstance(module, nn.Linear):
+        return module
+    convert = LINEAR_LIKE.get(_layout_key(type(module)))
+    return None if convert is None else convert(module)
 
 
 def __getattr__(name: str):
@@ -235,8 +266,10 @@ def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def target_linears(model: nn.Module, config: SparsityConfig) -> list[tuple[str, nn.Linear]]:
+def target_linears(model: nn.Module, config: SparsityConfig, linear_like: bool = False) -> list[tuple[str, nn.Linear]]:
     """The ``nn.Linear`` modules that ``config`` targets, by name, in model order; warns when there are none.
+    linear_like: :data:`LINEAR_LIKE` modules too (``sparsify`` converts them; a pruner scoring ``weight`` would
+    read GPT-2's transposed one).
 
     Raises ``ValueError`` for a target that a sparse layer could not stand in for (``_check_swappable``: the model
     itself, a module under two names, a tied weight, its own forward or hooks); leaves
@@ -253,7 +286,8 @@ def target_linears(model: nn.Module, config: SparsityConfig) -> list[tuple[str, 
         names.setdefault(id(module), []).append(name)
     chosen = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or not _matches(name, targets) or _matches(name, exclude):
+        kind_targeted = isinstance(module, nn.Linear) or (linear_like and _layout_key(type(module)) in LINEAR_LIKE)
+        if not kind_targeted or not _matches(name, targets) or _matches(name, exclude):
             continue
         parent_name = name.rpartition(".")[0]
         if isinstance(model.get_submodule(parent_name) if parent_name else model, nn.MultiheadAttention):
@@ -281,7 +315,8 @@ def _check_swappable(name: str, module: nn.Linear, names: list[str], weight_user
     if weight_users > 1:
         raise ValueError(f"{name}: its weight is shared (tied) with another module; exclude it")
     hooks = module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-    if type(module).forward is not nn.Linear.forward or "forward" in module.__dict__ or hooks:
+    own_forward = type(module).forward is not nn.Linear.forward and _layout_key(type(module)) not in LINEAR_LIKE
+    if own_forward or "forward" in module.__dict__ or hooks:
         raise ValueError(
             f"{name}: a {type(module).__name__} with its own forward or with hooks; a sparse layer would drop "
             "them: exclude it"
@@ -302,9 +337,9 @@ def sparsify(
     params_before, bytes_before = model_size(model)
     report = SparsifyReport()
     layout = get_layout(config.pattern)
-    for name, linear in target_linears(model, config):
+    for name, linear in target_linears(model, config, linear_like=True):
         mask = masks.get(name) if masks is not None else None
-        sparse = layout.from_linear(linear, config.sparsity_of(name), config.block_size, mask)
+        sparse = layout.from_linear(as_linear(linear), config.sparsity_of(name), config.block_size, mask)
         block, density = layout.describe(sparse)
         replace_module(model, name, sparse)
         before = [t for t in (linear.weight, linear.bias) if t is not None]
@@ -322,9 +357,18 @@ def sparsify(
         )
     if config.fuse_mlp:
         fuse_mlps(model)
+    if report.layers and _is_transformers_model(model):
+        from sparseblocks.integrations.hf_quantizer import attach
+
+        attach(model, config)  # save_pretrained then writes a folder from_pretrained loads sparse
     report.model_params_before, report.model_bytes_before = params_before, bytes_before
     report.model_params_after, report.model_bytes_after = model_size(model)
     return report
+
+
+def _is_transformers_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a transformers ``PreTrainedModel`` (without importing transformers)."""
+    return any(_layout_key(kind) == ("transformers", "PreTrainedModel") for kind in type(model).__mro__)
 
 
 def _activation_name(module: nn.Module) -> str | None:
@@ -419,6 +463,10 @@ def densify(model: nn.Module) -> nn.Module:
     for name, module in list(model.named_modules()):
         if isinstance(module, sparse_module_types()):
             replace_module(model, name, module.to_linear().train(module.training))
+    if _is_transformers_model(model):
+        from sparseblocks.integrations.hf_quantizer import detach
+
+        detach(model)
     return model
 
 
