@@ -103,17 +103,27 @@ def test_a_folder_without_its_json_is_refused_as_an_interrupted_save(tmp_path):
         load_sparse(tmp_path, _skeleton())
 
 
-def test_save_hf_sparse_drops_the_sources_stale_json_and_hashes_the_files_it_copies(tmp_path):
+def test_save_hf_sparse_drops_the_sources_stale_json_and_moves_a_whole_folder_in(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    from sparseblocks import SparsityConfig, sparsify
+    from sparseblocks.integrations.huggingface import load_hf_sparse
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
     source = tmp_path / "source"
-    save_sparse(_model(1), source)  # a sparse folder as the source: its sparseblocks.json is stale for the output
-    (source / "config.json").write_text('{"model_type": "x"}')
-    model = _model(0)
+    BertModel(config).save_pretrained(source)
+    save_sparse(_model(1), source)  # a stale sparseblocks.json (and weights) in the source folder
+    (source / "vocab.txt").write_text("[PAD]\n")
+    model = BertModel(config).eval()
+    sparsify(model, SparsityConfig(sparsity=0.5, block_size=16, targets="mlp"))
     out = save_hf_sparse(model, source, tmp_path / "out")
-    loaded = load_sparse(out, _skeleton())
-    assert _same(loaded, model)
-    (out / "config.json").write_text('{"model_type": "y"}')
-    with pytest.raises(ValueError, match=r"config\.json: SHA-256 differs"):
-        load_sparse(out, _skeleton())
+    assert not (out / CONFIG_FILE).exists() and not (out / WEIGHTS_FILE).exists()
+    assert (out / "vocab.txt").read_text() == "[PAD]\n"
+    assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".")] == []  # no staging folder left
+    ids = torch.randint(0, 64, (1, 5))
+    with torch.no_grad():
+        assert torch.equal(load_hf_sparse(out)(ids).last_hidden_state, model(ids).last_hidden_state)
 
 
 @pytest.mark.parametrize("depth", [65, 200_000])

@@ -299,7 +299,8 @@ def save_hf_sparse(model: nn.Module, source: str | Path, out: str | Path, comman
         written = {path.name for path in staging.iterdir()}
         for path in Path(source).iterdir():
             weights = path.suffix in _WEIGHT_SUFFIXES or path.name.endswith(".index.json")
-            if path.is_file() and not weights and path.name not in written and not path.name.startswith("."):
+            stale = path.name == CONFIG_FILE or path.name.startswith(".")  # the old format's record, temporaries
+            if path.is_file() and not weights and not stale and path.name not in written:
                 shutil.copy2(path, staging / path.name)
         write_model_card(staging)
         move_into(out, staging, record="config.json")
