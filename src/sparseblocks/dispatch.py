@@ -19,6 +19,7 @@ import enum
 import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -83,9 +84,9 @@ def device_facts(device: torch.device) -> Device:
     return Device((properties.major, properties.minor), properties.multi_processor_count)
 
 
-@dataclass(frozen=True)
-class Tiles:
-    """What the rules read of a block-sparse weight: logical ``shape`` (N, K), ``block`` (bn, bk), stored tiles."""
+class Tiles(NamedTuple):
+    """What the rules read of a block-sparse weight: logical ``shape`` (N, K), ``block`` (bn, bk), stored tiles.
+    (A named tuple: built on every op call, where a frozen dataclass cost ~1 µs more of CPU.)"""
 
     shape: tuple[int, int]
     block: tuple[int, int]
@@ -93,7 +94,8 @@ class Tiles:
 
     @classmethod
     def of(cls, w: BlockSparseMatrix) -> Tiles:
-        return cls(tuple(w.shape), tuple(w.block_shape), w.nnz)
+        values = w.values.shape
+        return cls(tuple(w.shape), (values[1], values[2]), values[0])
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -143,13 +145,15 @@ def _known(fact: Fact) -> bool:
     return fact() if callable(fact) else fact
 
 
-def _decide(decision: str, rule: Callable[[], Plan], possible: dict[Plan, Callable[[], str | None]]) -> Plan:
-    """``rule()``'s plan, or the one forced for ``decision`` if the inputs allow it (``possible``: plan -> a
-    function saying why it cannot run, None where it can)."""
-    forced = (_forced.get() or {}).get(decision)
-    if forced is None:
-        return rule()
-    why_not = possible[forced]()
+def _forced_plan(decision: str) -> Plan | None:
+    """The plan forced for ``decision`` in this context, if any. The rules ask this first and build nothing else
+    when it is None: they run on every op call."""
+    plans = _forced.get()
+    return None if plans is None else plans.get(decision)
+
+
+def _checked(decision: str, forced: Plan, why_not: str | None) -> Plan:
+    """``forced``, unless the inputs cannot run it (``why_not``)."""
     if why_not is not None:
         raise ValueError(f"the forced {decision} plan {forced.value!r} cannot run here: {why_not}")
     return forced
@@ -220,10 +224,11 @@ _NOT_ADDRESSABLE = "the inputs do not meet the descriptor kernel's dtype, GPU or
 def row_loads(m: int, tiles: Tiles, fits: Fact, decision: str = "forward") -> Plan:
     """How the row kernel reads its tiles for an ``m``-row product: by descriptor where they ``fit`` and the
     product has ``DESCRIPTOR_MIN_FLOPS`` or more, else by pointer."""
+    forced = _forced_plan(decision)
+    if forced is not None:
+        return _checked(decision, forced, None if forced is Plan.ROWS or _known(fits) else _NOT_ADDRESSABLE)
     flops = 2 * m * tiles.nnz * tiles.block[0] * tiles.block[1]
-    rule = lambda: Plan.ROWS_DESCRIPTORS if flops >= DESCRIPTOR_MIN_FLOPS and _known(fits) else Plan.ROWS
-    why = lambda: None if _known(fits) else _NOT_ADDRESSABLE
-    return _decide(decision, rule, {Plan.ROWS: lambda: None, Plan.ROWS_DESCRIPTORS: why})
+    return Plan.ROWS_DESCRIPTORS if flops >= DESCRIPTOR_MIN_FLOPS and _known(fits) else Plan.ROWS
 
 
 # ---------------------------------------------------------------------------------------------- few tokens
@@ -269,21 +274,19 @@ def forward_plan(m: int, tiles: Tiles, device: Device, fits_descriptors: Fact) -
     """The kernel of ``spmm``'s forward for ``m`` rows of x: one token, few tokens, or the row kernel
     (:func:`row_loads`)."""
 
-    def rule() -> Plan:
-        if few_tokens_pay(m, tiles, device):
-            return Plan.ONE_TOKEN if m == 1 and one_token_kernel_pays(tiles) else Plan.FEW_TOKENS
-        flops = 2 * m * tiles.nnz * tiles.block[0] * tiles.block[1]
-        return Plan.ROWS_DESCRIPTORS if flops >= DESCRIPTOR_MIN_FLOPS and _known(fits_descriptors) else Plan.ROWS
-
-    possible = {
-        Plan.ONE_TOKEN: lambda: None if m == 1 else f"the one-token kernel takes one row of x, got {m}",
-        Plan.FEW_TOKENS: lambda: None
-        if 1 <= m <= MAX_TOKENS
-        else f"the decode kernels take 1..{MAX_TOKENS} rows of x, got {m}",
-        Plan.ROWS: lambda: None,
-        Plan.ROWS_DESCRIPTORS: lambda: None if _known(fits_descriptors) else _NOT_ADDRESSABLE,
-    }
-    return _decide("forward", rule, possible)
+    forced = _forced_plan("forward")
+    if forced is not None:
+        if forced is Plan.ONE_TOKEN:
+            why = None if m == 1 else f"the one-token kernel takes one row of x, got {m}"
+        elif forced is Plan.FEW_TOKENS:
+            why = None if 1 <= m <= MAX_TOKENS else f"the decode kernels take 1..{MAX_TOKENS} rows of x, got {m}"
+        else:
+            why = None if forced is Plan.ROWS or _known(fits_descriptors) else _NOT_ADDRESSABLE
+        return _checked("forward", forced, why)
+    if few_tokens_pay(m, tiles, device):
+        return Plan.ONE_TOKEN if m == 1 and one_token_kernel_pays(tiles) else Plan.FEW_TOKENS
+    flops = 2 * m * tiles.nnz * tiles.block[0] * tiles.block[1]
+    return Plan.ROWS_DESCRIPTORS if flops >= DESCRIPTOR_MIN_FLOPS and _known(fits_descriptors) else Plan.ROWS
 
 
 def few_token_tiles_per_program(tiles: Tiles, device: Device) -> int:
@@ -326,34 +329,34 @@ def mlp_plan(m: int, up: Tiles, down: Tiles, gate: Tiles | None, device: Device)
     """
     same_tiles = gate is not None and gate.block == up.block
     chain = tiles_chain(up, down, gate)
-
-    def rule() -> Plan:
-        if m == 1 and (gate is None or same_tiles):
-            return Plan.ONE_TOKEN
-        if chain and m >= FUSED_MIN_TOKENS and recompute_factor(down) <= MAX_RECOMPUTE:
-            return Plan.FUSED_MLP
-        return Plan.GATED_ROWS if same_tiles and not few_tokens_pay(m, up, device) else Plan.UNFUSED
-
     one_token = m == 1 and (gate is None or same_tiles)
-    possible = {
-        Plan.ONE_TOKEN: lambda: None if one_token else "one token and a gate tiled like up",
-        Plan.FUSED_MLP: lambda: None if chain else "up's block rows as tall as down's block columns, gate like up",
-        Plan.GATED_ROWS: lambda: None if same_tiles else "a gate tiled like up",
-        Plan.UNFUSED: lambda: None,
-    }
-    return _decide("mlp", rule, possible)
+    forced = _forced_plan("mlp")
+    if forced is not None:
+        why = {
+            Plan.ONE_TOKEN: None if one_token else "one token and a gate tiled like up",
+            Plan.FUSED_MLP: None if chain else "up's block rows as tall as down's block columns, gate like up",
+            Plan.GATED_ROWS: None if same_tiles else "a gate tiled like up",
+            Plan.UNFUSED: None,
+        }[forced]
+        return _checked("mlp", forced, why)
+    if one_token:
+        return Plan.ONE_TOKEN
+    if chain and m >= FUSED_MIN_TOKENS and recompute_factor(down) <= MAX_RECOMPUTE:
+        return Plan.FUSED_MLP
+    return Plan.GATED_ROWS if same_tiles and not few_tokens_pay(m, up, device) else Plan.UNFUSED
 
 
 def hidden_grad_plan(on_chip_fits: Fact) -> Plan:
     """An MLP backward's ``(dY · W_down) ⊙ act'(Z)``: on chip (one descriptor-kernel launch computing each tile of
     dY · W_down where it is used) wherever the inputs allow it, else two launches."""
-    rule = lambda: Plan.HIDDEN_GRAD_ON_CHIP if _known(on_chip_fits) else Plan.HIDDEN_GRAD_UNFUSED
-    why = "down's block columns as wide as up's block rows, inputs the descriptor kernel can address"
-    possible = {
-        Plan.HIDDEN_GRAD_ON_CHIP: lambda: None if _known(on_chip_fits) else why,
-        Plan.HIDDEN_GRAD_UNFUSED: lambda: None,
-    }
-    return _decide("hidden_grad", rule, possible)
+    forced = _forced_plan("hidden_grad")
+    if forced is Plan.HIDDEN_GRAD_UNFUSED:
+        return forced
+    fits = _known(on_chip_fits)
+    if forced is not None and not fits:
+        why = "down's block columns as wide as up's block rows, inputs the descriptor kernel can address"
+        return _checked("hidden_grad", forced, why)
+    return Plan.HIDDEN_GRAD_ON_CHIP if fits else Plan.HIDDEN_GRAD_UNFUSED
 
 
 def hidden_grad_on_chip_fits(
@@ -377,5 +380,7 @@ COLUMN_SUMS_KERNEL_MIN_ELEMENTS = 1 << 24
 
 def bias_grad_plan(elements: int) -> Plan:
     """How a layer without activation sums its bias gradient over ``elements`` of dY."""
-    rule = lambda: Plan.COLUMN_SUMS_KERNEL if elements >= COLUMN_SUMS_KERNEL_MIN_ELEMENTS else Plan.TORCH_SUM
-    return _decide("bias_grad", rule, {Plan.COLUMN_SUMS_KERNEL: lambda: None, Plan.TORCH_SUM: lambda: None})
+    forced = _forced_plan("bias_grad")
+    if forced is not None:
+        return forced
+    return Plan.COLUMN_SUMS_KERNEL if elements >= COLUMN_SUMS_KERNEL_MIN_ELEMENTS else Plan.TORCH_SUM
