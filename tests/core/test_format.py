@@ -228,3 +228,24 @@ def test_validate_catches_mixed_devices():
 def test_from_dense_rejects_bad_input(kwargs, error):
     with pytest.raises(ValueError, match=error):
         BlockSparseMatrix.from_dense(**kwargs)
+
+
+def test_with_pattern_keeps_the_tiles_both_patterns_hold_and_zeroes_new_ones():
+    matrix, dense = random_sparse(48, 64, 16, 0.5, seed=3)  # a 3 x 4 grid
+    old = torch.zeros(3, 4, dtype=torch.bool)
+    old[matrix.row_indices_of_block.long(), matrix.col_indices.long()] = True
+    new = old.clone()
+    new[0] = ~new[0]  # row 0: old tiles dropped, empty positions grown
+    new[2, 3] = True
+    changed, source = matrix.with_pattern(new)
+    changed.validate()
+    kept = _expand(new & old, (16, 16), (48, 64))
+    assert torch.equal(changed.to_dense().double()[kept], dense[kept])
+    assert not changed.to_dense()[_expand(new & ~old, (16, 16), (48, 64))].any()
+    rows, cols = changed.row_indices_of_block.long(), changed.col_indices.long()
+    flat_old = matrix.row_indices_of_block.long() * 4 + matrix.col_indices.long()
+    for tile, (row, col) in enumerate(zip(rows.tolist(), cols.tolist(), strict=True)):
+        expected = (flat_old == row * 4 + col).nonzero()
+        assert source[tile] == (expected.item() if len(expected) else -1)
+    with pytest.raises(ValueError, match=r"shape \(3, 4\)"):
+        matrix.with_pattern(new[:2])
