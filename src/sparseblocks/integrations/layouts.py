@@ -71,6 +71,10 @@ class Layout:
         """The dtype a checkpoint records for the layer (its floating-point weights)."""
         return layer.values.dtype
 
+    def values_dtype(self, entry: Mapping) -> torch.dtype:
+        """The dtype of the stored ``values`` an entry implies (its ``dtype``; a quantized layout's int8 or fp8)."""
+        return VALUE_DTYPES_BY_NAME[entry["dtype"]]
+
     def config_entry(self, layer: nn.Module) -> dict:
         """What a checkpoint's JSON says about the layer beyond pattern, shape, dtype and bias."""
         raise NotImplementedError
