@@ -270,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="sparseblocks-demo", help="folder for the plot, numbers and model")
     demo.set_defaults(run=_demo)
 
-    from sparseblocks.integrations.layouts import LAYOUTS
+    from sparseblocks.integrations.layouts import sparsify_patterns
     from sparseblocks.pruning.scores import SCORES
     from sparseblocks.recipes.experiments import METHODS, Experiment  # torch is loaded with the package: cheap here
     from sparseblocks.recipes.training import ViTRecipe
@@ -313,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     sparsity_options.add_argument(
         "--pattern",
         default="block",
-        choices=tuple(p for p in LAYOUTS if p != "block-quantized"),
+        choices=sparsify_patterns(),
         help="tiles, or 2 of every 4 weights (2:4)",
     )
     sparsity_options.add_argument(

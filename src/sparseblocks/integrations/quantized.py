@@ -42,6 +42,7 @@ class QuantizedBlockLayout(BlockLayout):
     ``block`` layer by :func:`quantize_model` (or ``SparsityConfig(quantize=...)``), not from an ``nn.Linear``."""
 
     name, module = "block-quantized", QuantizedBlockSparseLinear
+    from_linears = False
     index_dtypes: ClassVar = {"crow_indices": INDEX_DTYPE, "col_indices": INDEX_DTYPE, "scales": SCALE_DTYPE}
 
     def from_linear(self, linear, sparsity, block_size, mask):

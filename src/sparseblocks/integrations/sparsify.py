@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from sparseblocks.integrations.layouts import LAYOUTS, get_layout, sparse_module_types
+from sparseblocks.integrations.layouts import LAYOUTS, get_layout, sparse_module_types, sparsify_patterns
 from sparseblocks.integrations.quantized import QUANTIZE_KINDS
 from sparseblocks.nn import BlockSparseLinear, SparseLinearActivation, SparseMLP
 from sparseblocks.nn.linear import trainable_as
@@ -181,6 +181,11 @@ class SparsityConfig:
                 "magnitude; choose a score with Pruner(method=...)",
                 DeprecationWarning,
                 stacklevel=3,
+            )
+        if self.pattern not in sparsify_patterns():
+            raise ValueError(
+                f"pattern must be one of {sparsify_patterns()}, got {self.pattern!r}"
+                + (" (quantized layers: pattern='block', quantize=...)" if self.pattern in LAYOUTS else "")
             )
         layout = get_layout(self.pattern)
         values = self.sparsity.values() if isinstance(self.sparsity, Mapping) else [self.sparsity]
