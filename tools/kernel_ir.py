@@ -32,9 +32,9 @@ ALIGNED_INTS = ("stride_xm", "stride_ym", "stride_gm", "OUT", "IN", "N", "K")  #
 def kernel_spec(name: str, mode: str, block_m: int, block: int, dtype: str = "bf16", precision: str = "tf32") -> tuple:
     """(JIT function, {argument: type} for the non-constexpr ones, {constexpr: value}); data in ``dtype``."""
     common = {"BN": block, "BK": block, "INPUT_PRECISION": precision, "DOT_IN_FP32": False, "HAS_BIAS": False,
-              "ACTIVATION": 0}  # fmt: skip
+              "ACTIVATION": 0, "QUANTIZED": False}  # fmt: skip
     row_modes = {"TRANSPOSED": mode == "transposed", "BLOCK_M": block_m, "GRAD_EPILOGUE": False,
-                 "BIAS_GRAD": False, "GATED": mode == "gated", "HAS_GATE_BIAS": False}  # fmt: skip
+                 "BIAS_GRAD": False, "GATED": mode == "gated", "HAS_GATE_BIAS": False, "X_FP8": False}  # fmt: skip
     if name == "decode":
         fn, const = _decode_kernel, {**common, "BLOCK_M": 16, "EMPTY_ROWS_PER_PROGRAM": 32, "EVEN_K": True}
         types = {"partial_ptr": "*fp32", "crow_ptr": "*i32", "col_ptr": "*i32", "tile_row_ptr": "*i32",
@@ -57,6 +57,8 @@ def kernel_spec(name: str, mode: str, block_m: int, block: int, dtype: str = "bf
             signature[arg] = "constexpr"
         elif arg in types:
             signature[arg] = types[arg]
+        elif arg.endswith("scales_ptr"):  # quantized tiles' scales (unused here: QUANTIZED is False)
+            signature[arg] = "*fp32"
         else:  # the remaining pointers hold the data, the rest are sizes, strides and tuning keys
             signature[arg] = f"*{dtype}" if arg.endswith("_ptr") else "i32"
     return fn, signature, const

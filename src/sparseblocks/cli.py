@@ -134,7 +134,8 @@ def _sparsity_config(args: argparse.Namespace):
     sparsity = args.sparsity if args.sparsity is not None else (0.5 if args.pattern == "2:4" else 0.9)
     exclude = args.exclude.split(",") if args.exclude else []
     targets = args.targets.split(",")
-    return SparsityConfig(sparsity, args.block, targets, exclude, fuse_mlp=args.fuse_mlp, pattern=args.pattern)
+    return SparsityConfig(sparsity, args.block, targets, exclude, fuse_mlp=args.fuse_mlp, pattern=args.pattern,
+                          quantize=args.quantize)  # fmt: skip
 
 
 def _folders(command: str, args: argparse.Namespace) -> tuple[Path, Path]:
@@ -269,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="sparseblocks-demo", help="folder for the plot, numbers and model")
     demo.set_defaults(run=_demo)
 
-    from sparseblocks.integrations.layouts import LAYOUTS
+    from sparseblocks.integrations.layouts import sparsify_patterns
     from sparseblocks.pruning.scores import SCORES
     from sparseblocks.recipes.experiments import METHODS, Experiment  # torch is loaded with the package: cheap here
     from sparseblocks.recipes.training import ViTRecipe
@@ -310,7 +311,15 @@ def build_parser() -> argparse.ArgumentParser:
     sparsity_options = argparse.ArgumentParser(add_help=False)  # what _sparsity_config reads
     sparsity_options.add_argument("--sparsity", type=float, help="fraction of tiles pruned (default 0.9; 0.5 for 2:4)")
     sparsity_options.add_argument(
-        "--pattern", default="block", choices=tuple(LAYOUTS), help="tiles, or 2 of every 4 weights (2:4)"
+        "--pattern",
+        default="block",
+        choices=sparsify_patterns(),
+        help="tiles, or 2 of every 4 weights (2:4)",
+    )
+    sparsity_options.add_argument(
+        "--quantize",
+        choices=("int8", "fp8", "fp8-w8a8"),
+        help="quantize the kept tiles for inference (float32 scale per tile row; fp8 needs an sm_89+ GPU)",
     )
     sparsity_options.add_argument(
         "--block", type=int, default=32, choices=(16, 32, 64, 128), help="block size (default 32)"

@@ -17,6 +17,7 @@ import contextlib
 import contextvars
 import enum
 import functools
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -193,8 +194,14 @@ def addressable(t: torch.Tensor) -> bool:
 
 
 def tiles_addressable(w: BlockSparseMatrix) -> bool:
-    """Whether a descriptor can address ``w``'s stored tiles: at least one, contiguous, 16-byte aligned."""
-    return w.nnz > 0 and w.values.is_contiguous() and w.values.data_ptr() % 16 == 0
+    """Whether a descriptor can address ``w``'s stored tiles: at least one, contiguous, 16-byte aligned, rows of 16
+    bytes or more (always true from blocks of 16 on, int8 and fp8 tiles included)."""
+    return (
+        w.nnz > 0
+        and w.values.is_contiguous()
+        and w.values.data_ptr() % 16 == 0
+        and w.values.shape[2] * w.values.element_size() >= 16
+    )
 
 
 def descriptors_fit(
@@ -215,6 +222,8 @@ def descriptors_fit(
         and (out_features * x2.element_size()) % 16 == 0
         and addressable(x2)
         and (grad2 is None or addressable(grad2))
+        # W8A8: the row kernel reads x quantized to fp8, a fresh (M, K) copy: its rows must be 16-byte multiples
+        and (not w.fp8_activations or x2.shape[1] % 16 == 0)
     )
 
 
@@ -316,7 +325,7 @@ def recompute_factor(down: Tiles) -> float:
     return down.nnz / down.grid[1]
 
 
-def mlp_plan(m: int, up: Tiles, down: Tiles, gate: Tiles | None, device: Device) -> Plan:
+def mlp_plan(m: int, up: Tiles, down: Tiles, gate: Tiles | None, device: Device, fp8_activations: bool = False) -> Plan:
     """The path of an MLP's inference (no gradient, no dropout) for ``m`` tokens, where the kernels run:
 
     - ``ONE_TOKEN``: two launches of the one-token kernel (the hidden activation — gated: gate, up and their
@@ -326,6 +335,9 @@ def mlp_plan(m: int, up: Tiles, down: Tiles, gate: Tiles | None, device: Device)
     - ``GATED_ROWS``: a gated MLP the fused kernel does not pay for, with as many tokens as ``spmm`` would give the
       row kernel: act(gate) ⊙ up in one launch, then down;
     - ``UNFUSED``: a product per matrix (few tokens: each through the decode kernel, which streams faster).
+
+    ``fp8_activations`` (W8A8 weights, :func:`fp8_products`): ``UNFUSED``, so that each product takes the row kernel
+    where it runs fp8 × fp8; the fused, gated and one-token launches multiply weight-only (not timed yet).
     """
     same_tiles = gate is not None and gate.block == up.block
     chain = tiles_chain(up, down, gate)
@@ -339,6 +351,8 @@ def mlp_plan(m: int, up: Tiles, down: Tiles, gate: Tiles | None, device: Device)
             Plan.UNFUSED: None,
         }[forced]
         return _checked("mlp", forced, why)
+    if fp8_activations:
+        return Plan.UNFUSED
     if one_token:
         return Plan.ONE_TOKEN
     if chain and m >= FUSED_MIN_TOKENS and recompute_factor(down) <= MAX_RECOMPUTE:
@@ -369,6 +383,39 @@ def hidden_grad_on_chip_fits(
         and tiles_addressable(down)
         and descriptors_fit(x2, up, "hidden_grad", grad2)
     )
+
+
+# ---------------------------------------------------------------------------------------------- quantized tiles
+# Quantized tiles (int8, fp8 e4m3 with float32 scales per tile row) run in every inference plan above (forward,
+# gated hidden, one-token and fused MLPs), weight-only (W8A16): each tile converted to the activations' dtype in the
+# load path (exact: |q| ≤ 127 and e4m3 fit bf16 and fp16), its fp32 product scaled per row. Their GPU speed is not
+# measured yet; the rules above read the tile pattern only, so they pick as for 16-bit tiles. The backward plans
+# never see them (a quantized product has no backward).
+
+FP8_MIN_CAPABILITY = (8, 9)  # Triton's fp8e4nv (conversions and tensor-core products): Ada and Hopper on
+logger = logging.getLogger("sparseblocks")
+
+
+def check_quantized_tiles(w: BlockSparseMatrix, device: Device) -> None:
+    """Raise ``ValueError`` for fp8 tiles on a GPU below :data:`FP8_MIN_CAPABILITY` (Triton cannot convert them
+    there): quantize to int8 instead. Nothing is dequantized behind the caller's back."""
+    if w.values.dtype == torch.float8_e4m3fn and device.capability < FP8_MIN_CAPABILITY:
+        raise ValueError(f"fp8 tiles need a GPU of compute capability >= 8.9 (Triton's fp8e4nv); this one is "
+                         f"{device.capability[0]}.{device.capability[1]}: quantize to int8 instead")  # fmt: skip
+
+
+def fp8_products(plan: Plan, device: Device) -> bool:
+    """Whether a forward on ``plan`` multiplies W8A8 tiles fp8 × fp8 (activations quantized per token): the row
+    kernel (pointer loads or descriptors) on a GPU with fp8 tensor cores. The decode kernels, where the weight
+    stream sets the time, multiply weight-only."""
+    return plan in (Plan.ROWS, Plan.ROWS_DESCRIPTORS) and device.capability >= FP8_MIN_CAPABILITY
+
+
+@functools.cache
+def notice_weight_only(plan: str) -> None:
+    """Say once per plan that W8A8 tiles are multiplied weight-only there."""
+    logger.warning("sparseblocks: fp8 activations (W8A8) run in the row kernel only; the %s plan multiplies the "
+                   "fp8 tiles weight-only (activations in their own dtype)", plan)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- bias gradients

@@ -18,6 +18,12 @@ Derived once at construction (never stored on disk; always recomputed from the t
 
 Shapes that are not a multiple of the block are stored padded: the last block row / column holds a partial tile
 whose padding is zero, while ``shape`` keeps the logical size and every op respects it.
+
+Quantized tiles (for inference; :meth:`BlockSparseMatrix.quantize`): ``values`` int8 (symmetric) or fp8 e4m3
+(``torch.float8_e4m3fn``) with ``scales`` ``(nnz, bn)`` float32, one per row of each stored tile, so that the tile
+is ``values[j].float() * scales[j][:, None]``; :meth:`~BlockSparseMatrix.to_dense` returns that (float32), the
+reference every kernel is tested against. ``fp8_activations`` (fp8 tiles only): the products where the row kernel
+runs them take activations quantized to fp8 per token (W8A8); everywhere else weight-only (W8A16).
 """
 
 from __future__ import annotations
@@ -47,6 +53,19 @@ DERIVED_INDEX_NAMES = (
     "col_order",
 )
 INDEX_NAMES = STORED_INDEX_NAMES + DERIVED_INDEX_NAMES
+# Quantized tiles: their dtype and the largest magnitude they hold, by the name `quantize` takes.
+QUANTIZED_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
+QUANTIZED_LIMITS = {"int8": 127.0, "fp8": 448.0}
+SCALE_DTYPE = torch.float32
+# Scale granularity, measured (benchmarks/diagnose/quantize_granularity.py, all-MiniLM-L6-v2's 12 MLP linears at
+# 70%/b16, 128 real sentences' activations, float64): relative output error, mean over the layers, int8 2.92e-3 with
+# a scale per row of each stored tile against 4.94e-3 with one per output channel over its kept tiles; fp8 1.16e-2
+# against 1.43e-2. So one scale per tile row, (nnz, bn) float32: at b16 that is 64 bytes per 256-byte int8 tile (25%),
+# at b64 6%. The kernels apply it to each tile's fp32 product (exact; scaling the tile before the dot would round
+# it to the activations' dtype).
+# A tile row of zeros (pruned padding, a dead unit) gets scale 1, not 0 (scales must be positive: nothing divides
+# by zero, and the row's values are 0 either way).
+ZERO_ROW_SCALE = 1.0
 
 
 def normalize_block_size(block_size: int | Sequence[int]) -> tuple[int, int]:
@@ -111,11 +130,15 @@ class BlockSparseMatrix:
         crow_indices: torch.Tensor,
         col_indices: torch.Tensor,
         shape: Sequence[int],
+        scales: torch.Tensor | None = None,
+        fp8_activations: bool = False,
     ) -> None:
         self.values = values
         self.crow_indices = crow_indices
         self.col_indices = col_indices
         self.shape = tuple(int(s) for s in shape)
+        self.scales = scales
+        self.fp8_activations = fp8_activations
         self.validate()
         (
             self.row_indices_of_block,
@@ -206,7 +229,16 @@ class BlockSparseMatrix:
 
     @property
     def dtype(self) -> torch.dtype:
+        """The stored tiles' dtype (int8 or fp8 for quantized tiles: see :attr:`quantization`)."""
         return self.values.dtype
+
+    @property
+    def quantization(self) -> str | None:
+        """``"int8"``, ``"fp8"`` (weight-only), ``"fp8-w8a8"`` (fp8 activations too), or None: plain tiles."""
+        for name, dtype in QUANTIZED_DTYPES.items():
+            if self.values.dtype == dtype:
+                return "fp8-w8a8" if self.fp8_activations else name
+        return None
 
     @property
     def device(self) -> torch.device:
@@ -218,15 +250,16 @@ class BlockSparseMatrix:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: values plus every index array."""
-        tensors = [self.values, *self.index_tensors().values()]
+        """Bytes held: values, scales (quantized tiles) and every index array."""
+        tensors = [self.values, *([self.scales] if self.scales is not None else []), *self.index_tensors().values()]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def __repr__(self) -> str:
         (n, k), (bn, bk) = self.shape, self.block_shape
         return (
             f"BlockSparseMatrix(shape=({n}, {k}), block=({bn}, {bk}), nnz={self.nnz}, "
-            f"density={self.density:.3f}, dtype={self.dtype}, device={self.device})"
+            f"density={self.density:.3f}, dtype={self.dtype}, device={self.device}"
+            + (f", quantization={self.quantization!r})" if self.scales is not None else ")")
         )
 
     # ------------------------------------------------------------------ conversion
@@ -244,6 +277,8 @@ class BlockSparseMatrix:
         matrix's ``values`` that each new tile came from, or -1 for a new tile (to carry per-tile state along,
         such as an optimizer's moments, with :func:`gather_tiles`).
         """
+        if self.scales is not None:
+            raise ValueError("quantized tiles are for inference: change the pattern before quantizing")
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != self.block_grid:
             got = getattr(mask, "shape", mask)
             raise ValueError(f"mask must be a bool tensor of shape {self.block_grid}, got {got}")
@@ -256,18 +291,28 @@ class BlockSparseMatrix:
         matrix = BlockSparseMatrix(gather_tiles(self.values.detach(), source), *_compressed_index(mask), self.shape)
         return matrix, source
 
+    def dequantized_values(self) -> torch.Tensor:
+        """The stored tiles as floats: ``values`` itself, or for quantized tiles ``values · scales`` in float32."""
+        if self.scales is None:
+            return self.values
+        return self.values.to(SCALE_DTYPE) * self.scales[:, :, None]
+
     def to_dense(self) -> torch.Tensor:
-        """The logical ``(N, K)`` matrix, zeros where no tile is stored (differentiable w.r.t. ``values``)."""
+        """The logical ``(N, K)`` matrix, zeros where no tile is stored (differentiable w.r.t. ``values``);
+        quantized tiles dequantized, in float32."""
         (rows, cols), (bn, bk) = self.block_grid, self.block_shape
-        tiles = self.values.new_zeros(rows * cols, bn, bk)
+        values = self.dequantized_values()
+        tiles = values.new_zeros(rows * cols, bn, bk)
         flat_index = self.row_indices_of_block.long() * cols + self.col_indices.long()
-        tiles = tiles.index_copy(0, flat_index, self.values)
+        tiles = tiles.index_copy(0, flat_index, values)
         dense = tiles.reshape(rows, cols, bn, bk).transpose(1, 2).reshape(rows * bn, cols * bk)
         return dense[: self.shape[0], : self.shape[1]]
 
     def to_torch_bsr(self) -> torch.Tensor:
         """A PyTorch ``torch.sparse_bsr`` tensor with the same tiles (shape must be a multiple of the block)."""
         (n, k), (bn, bk) = self.shape, self.block_shape
+        if self.scales is not None:
+            raise ValueError("torch.sparse_bsr cannot hold quantized tiles and their scales")
         if n % bn or k % bk:
             raise ValueError(
                 f"torch.sparse_bsr cannot hold a ragged shape: ({n}, {k}) is not a multiple of the block ({bn}, {bk})"
@@ -278,26 +323,70 @@ class BlockSparseMatrix:
 
     @classmethod
     def from_parts(
-        cls, values: torch.Tensor, shape: Sequence[int], index_tensors: dict[str, torch.Tensor]
+        cls,
+        values: torch.Tensor,
+        shape: Sequence[int],
+        index_tensors: dict[str, torch.Tensor],
+        scales: torch.Tensor | None = None,
+        fp8_activations: bool = False,
     ) -> BlockSparseMatrix:
-        """Reassemble from the arrays of :meth:`index_tensors` without validating or recomputing anything.
+        """Reassemble from the arrays of :meth:`index_tensors` (and the scales of quantized tiles) without validating
+        or recomputing anything.
 
         For code that keeps a validated matrix's arrays (``BlockSparseLinear`` holds them as buffers) and needs the
         matrix back on every call; it must not be fed arrays read from outside.
         """
         matrix = object.__new__(cls)
         matrix.values = values
+        matrix.scales = scales
+        matrix.fp8_activations = fp8_activations
         matrix.shape = tuple(int(s) for s in shape)
         for name, index in index_tensors.items():
             setattr(matrix, name, index)
         return matrix
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> BlockSparseMatrix:
-        """Move to ``device`` and/or cast the values to ``dtype`` (indices stay int32)."""
-        if dtype is not None and dtype not in VALUE_DTYPES:
+        """Move to ``device`` and/or cast the values to ``dtype`` (indices stay int32; quantized tiles and their
+        scales keep their dtypes: only ``dtype=None`` is accepted for them)."""
+        if self.scales is not None and dtype is not None and dtype != self.values.dtype:
+            raise ValueError(f"quantized ({self.quantization}) tiles keep their dtype; dequantize with to_dense()")
+        if dtype is not None and self.scales is None and dtype not in VALUE_DTYPES:
             raise ValueError(f"values must stay floating point ({_VALUE_DTYPE_NAMES}), got dtype {dtype}")
         indices = {name: index.to(device=device) for name, index in self.index_tensors().items()}
-        return BlockSparseMatrix.from_parts(self.values.to(device=device, dtype=dtype), self.shape, indices)
+        scales = None if self.scales is None else self.scales.to(device=device)
+        values = self.values.to(device=device, dtype=dtype)
+        return BlockSparseMatrix.from_parts(values, self.shape, indices, scales, self.fp8_activations)
+
+    # ------------------------------------------------------------------ quantization
+
+    def quantize(self, kind: str) -> BlockSparseMatrix:
+        """The same tiles quantized for inference: ``kind`` ``"int8"`` (symmetric, ``round(w / s)`` in [-127, 127]),
+        ``"fp8"`` (e4m3, ``w / s`` rounded to nearest, |·| ≤ 448), or ``"fp8-w8a8"`` (fp8 tiles, and activations
+        quantized to fp8 per token where the row kernel runs: :attr:`fp8_activations`), with a float32 scale per
+        row of each stored tile, ``s = absmax(row) / limit`` (:data:`ZERO_ROW_SCALE` for a row of zeros).
+
+        Raises ``ValueError`` for tiles holding NaN or inf (naming how many), for a kind it does not know, and for
+        tiles quantized already.
+        """
+        base = "fp8" if kind == "fp8-w8a8" else kind
+        if base not in QUANTIZED_DTYPES:
+            raise ValueError(f"quantize takes one of {(*QUANTIZED_DTYPES, 'fp8-w8a8')}, got {kind!r}")
+        if self.scales is not None:
+            raise ValueError(f"the tiles are quantized already ({self.quantization})")
+        values = self.values.detach().to(torch.float64)
+        bad = int((~torch.isfinite(values)).sum())
+        if bad:
+            raise ValueError(f"cannot quantize tiles holding NaN or inf ({bad} of {values.numel()} values)")
+        row_max = values.abs().amax(-1)  # (nnz, bn)
+        scales = torch.where(row_max > 0, row_max / QUANTIZED_LIMITS[base], ZERO_ROW_SCALE).to(SCALE_DTYPE)
+        scaled = values / scales.to(torch.float64)[:, :, None]  # by the float32 scale the kernels multiply by
+        limit = QUANTIZED_LIMITS[base]
+        if base == "int8":
+            quantized = scaled.round().clamp(-limit, limit).to(torch.int8)
+        else:
+            quantized = scaled.clamp(-limit, limit).to(torch.float32).to(torch.float8_e4m3fn)
+        return BlockSparseMatrix(quantized.contiguous(), self.crow_indices, self.col_indices, self.shape,
+                                 scales.contiguous(), fp8_activations=kind == "fp8-w8a8")  # fmt: skip
 
     # ------------------------------------------------------------------ validation
 
@@ -311,11 +400,14 @@ class BlockSparseMatrix:
             raise ValueError(f"shape must be two positive sizes (N, K), got {self.shape}")
         if not isinstance(values, torch.Tensor) or values.dim() != 3:
             raise ValueError(f"values must be a 3-D tensor (nnz, bn, bk), got {getattr(values, 'shape', values)}")
-        if values.dtype not in VALUE_DTYPES:
-            raise ValueError(f"values must be floating point ({_VALUE_DTYPE_NAMES}), got {values.dtype}")
+        quantized = values.dtype in QUANTIZED_DTYPES.values()
+        if values.dtype not in VALUE_DTYPES and not quantized:
+            raise ValueError(f"values must be floating point ({_VALUE_DTYPE_NAMES}) or quantized "
+                             f"(int8, float8_e4m3fn, with scales), got {values.dtype}")  # fmt: skip
         if not values.is_contiguous():
             raise ValueError("values must be contiguous")
         normalize_block_size(tuple(values.shape[1:]))
+        self._validate_scales(quantized)
         for name, index in (("crow_indices", crow), ("col_indices", col)):
             if not isinstance(index, torch.Tensor) or index.dim() != 1 or index.dtype != INDEX_DTYPE:
                 raise ValueError(f"{name} must be a 1-D {INDEX_DTYPE} tensor, got {getattr(index, 'dtype', index)}")
@@ -345,6 +437,33 @@ class BlockSparseMatrix:
             raise ValueError("col_indices must be strictly increasing within each block row (sorted, no duplicates)")
         self._validate_padding(int(crow_cpu[-2]), col == cols - 1)
 
+    def _validate_scales(self, quantized: bool) -> None:
+        """Quantized tiles need float32 scales ``(nnz, bn)`` on their device, finite and positive (and fp8 tiles no
+        NaN); plain tiles take none."""
+        values, scales = self.values, self.scales
+        if self.fp8_activations and values.dtype != torch.float8_e4m3fn:
+            raise ValueError("fp8_activations needs fp8 (float8_e4m3fn) tiles")
+        if not quantized:
+            if scales is not None:
+                raise ValueError(f"scales are for quantized (int8, fp8) tiles; these are {values.dtype}")
+            return
+        expected = (values.shape[0], values.shape[1])
+        if not isinstance(scales, torch.Tensor) or scales.dtype != SCALE_DTYPE or tuple(scales.shape) != expected:
+            got = (
+                "none"
+                if scales is None
+                else f"{getattr(scales, 'dtype', scales)} {tuple(getattr(scales, 'shape', ()))}"
+            )
+            raise ValueError(f"{values.dtype} tiles need {SCALE_DTYPE} scales of shape {expected} (nnz, bn), got {got}")
+        if scales.device != values.device:
+            raise ValueError(f"scales are on {scales.device} but values are on {values.device}")
+        if not scales.is_contiguous():
+            raise ValueError("scales must be contiguous")
+        if not bool(torch.isfinite(scales).all()) or not bool((scales > 0).all()):
+            raise ValueError("scales must be finite and positive")
+        if values.dtype == torch.float8_e4m3fn and bool(torch.isnan(values.to(torch.float32)).any()):
+            raise ValueError("fp8 tiles must not hold NaN")
+
     def _validate_padding(self, last_row_start: int, in_last_column: torch.Tensor) -> None:
         """The kernels multiply a ragged edge's padding by zeros (x past K) or drop its products (rows past N): it
         must be zero, or an inf or NaN there would reach the outputs."""
@@ -353,6 +472,17 @@ class BlockSparseMatrix:
             raise ValueError(f"the last block row's tiles must be zero past row N={n} (their padding)")
         if k % bk and bool(self.values[in_last_column][:, :, k % bk :].ne(0).any()):
             raise ValueError(f"the last block column's tiles must be zero past column K={k} (their padding)")
+
+
+def quantize_rows(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations ``(M, K)`` quantized to fp8 e4m3 per row (per token, dynamically): ``(xq, scales)`` with
+    ``x ≈ xq.float() · scales[:, None]``, ``scales`` ``(M,)`` float32 = absmax(row) / 448 (:data:`ZERO_ROW_SCALE`
+    for a row of zeros). The W8A8 products' input, on every path (reference and row kernel)."""
+    x = x2.detach().to(torch.float32)
+    row_max = x.abs().amax(-1) if x.shape[-1] else x.new_zeros(x.shape[:-1])
+    scales = torch.where(row_max > 0, row_max / QUANTIZED_LIMITS["fp8"], ZERO_ROW_SCALE)
+    limit = QUANTIZED_LIMITS["fp8"]
+    return (x / scales[:, None]).clamp(-limit, limit).to(torch.float8_e4m3fn), scales
 
 
 class MLPWeights(NamedTuple):

@@ -2,6 +2,10 @@
 
 They run on any device and float dtype. Each densifies the weight (``O(N·K)`` memory) and leaves the arithmetic
 to the dense BLAS, which on a CPU beats any gather-based formulation at the sizes a CPU path sees.
+
+Quantized tiles (forward only: they are for inference): the dequantized weight (``to_dense``, float32) times x in
+float32 (float64 for float64 x), bias and activation in that precision, rounded once to x's dtype, as the kernels
+do; with ``fp8_activations`` x is first quantized to fp8 per token (``format.quantize_rows``) and dequantized.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from sparseblocks.format import BlockSparseMatrix, MLPWeights
+from sparseblocks.format import BlockSparseMatrix, MLPWeights, quantize_rows
 
 ACTIVATIONS = {
     None: lambda y: y,
@@ -26,7 +30,21 @@ def spmm(
     x: torch.Tensor, w: BlockSparseMatrix, bias: torch.Tensor | None = None, activation: str | None = None
 ) -> torch.Tensor:
     """``activation(x · wᵀ + bias)``: x ``(..., K)``, w logical ``(N, K)``, bias ``(N,)`` -> ``(..., N)``."""
+    if w.scales is not None:
+        return quantized_spmm(x, w, bias, activation)
     return ACTIVATIONS[activation](F.linear(x, w.to_dense(), bias))
+
+
+def quantized_spmm(
+    x: torch.Tensor, w: BlockSparseMatrix, bias: torch.Tensor | None = None, activation: str | None = None
+) -> torch.Tensor:
+    """:func:`spmm` for quantized tiles (see the module docstring): ``(..., N)`` of x's dtype."""
+    out_dtype, precise = x.dtype, torch.promote_types(x.dtype, torch.float32)
+    if w.fp8_activations:  # W8A8: the products see x as its per-token fp8 quantization
+        x2, scales = quantize_rows(x.reshape(-1, w.shape[1]))
+        x = (x2.to(torch.float32) * scales[:, None]).reshape(x.shape)
+    y = F.linear(x.to(precise), w.to_dense().to(precise), None if bias is None else bias.to(precise))
+    return ACTIVATIONS[activation](y).to(out_dtype)
 
 
 def spmm_activation_grad(

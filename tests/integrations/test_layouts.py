@@ -128,5 +128,6 @@ def test_unknown_patterns_in_a_checkpoint_are_refused(tmp_path):
     for pattern in ("kept", ["block"]):
         config["layers"]["0"]["pattern"] = pattern
         (tmp_path / CONFIG_FILE).write_text(json.dumps(config))
-        with pytest.raises(ValueError, match=r"layer '0' needs a mapping with a pattern of \('block', '2:4'\)"):
+        expected = r"layer '0' needs a mapping with a pattern of \('block', '2:4', 'block-quantized'\)"
+        with pytest.raises(ValueError, match=expected):
             load_sparse(tmp_path, _mlp())

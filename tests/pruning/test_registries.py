@@ -7,7 +7,7 @@ from torch import nn
 
 from sparseblocks import BlockSparseLinear, SparsityConfig
 from sparseblocks.cli import build_parser
-from sparseblocks.integrations.layouts import LAYOUTS
+from sparseblocks.integrations.layouts import LAYOUTS, sparsify_patterns
 from sparseblocks.pruning.pruner import CubicSchedule, Pruner
 from sparseblocks.pruning.scores import SCORES, register_score
 from sparseblocks.pruning.strategies import STRATEGIES, methods, register_strategy
@@ -24,8 +24,9 @@ def _choices(*path: str, dest: str) -> tuple:
 
 def test_the_cli_offers_exactly_the_registered_methods_and_layouts():
     assert _choices("prune", dest="method") == tuple(SCORES) == ("magnitude", "activation_magnitude", "fisher")
-    assert _choices("sparsify", dest="pattern") == _choices("prune", dest="pattern") == tuple(LAYOUTS)
-    assert tuple(LAYOUTS) == ("block", "2:4")
+    assert _choices("sparsify", dest="pattern") == _choices("prune", dest="pattern") == sparsify_patterns()
+    assert sparsify_patterns() == ("block", "2:4")
+    assert tuple(LAYOUTS) == ("block", "2:4", "block-quantized")  # made from sparse layers: no --pattern
     assert methods() == ("magnitude", "activation_magnitude", "fisher", "prune_grow", "supermask")
     from sparseblocks.integrations.sparsify import PATTERNS
     from sparseblocks.pruning.pruner import METHODS
@@ -34,7 +35,7 @@ def test_the_cli_offers_exactly_the_registered_methods_and_layouts():
     # train gpt's methods are the experiment's: dense baselines, then plans of a registered method and layout each
     assert _choices("train", "gpt", dest="method") == EXPERIMENT_METHODS == ("dense", "dense_iso_params", *PLANS)
     assert {plan[0] for plan in PLANS.values()} == set(methods())
-    assert {plan[2] for plan in PLANS.values()} == set(LAYOUTS)
+    assert {plan[2] for plan in PLANS.values()} == set(sparsify_patterns())
 
 
 def test_unknown_names_are_refused_naming_the_known_ones():

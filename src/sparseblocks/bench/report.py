@@ -479,6 +479,17 @@ def _accuracy(page: _Page, sources: list[Source]) -> None:
     page.sources(sources)
 
 
+def _quantized(page: _Page, sources: list[Source]) -> None:
+    """Quantized tiles against the unquantized sparse model: each file's rows as they are."""
+    page.add("## Quantized tiles (int8, fp8)", "")
+    for s in sources:
+        columns = [c for c in ("model", "weights", "cosine_mean", "val_loss", "relative_change", "loss_vs_sparse_fp32",
+                               "layer_error_mean", "ratio") if any(c in r for r in s.rows)]  # fmt: skip
+        cell = lambda v: f"{v:.5g}" if isinstance(v, float) else ("" if v is None else str(v))
+        page.table(columns, [[cell(r.get(c)) for c in columns] for r in s.rows])
+    page.sources(sources)
+
+
 # ---------------------------------------------------------------------------------------------- the page
 
 # kind -> its section, sections in page order; several kinds may share a section. A known kind that is not here
@@ -492,6 +503,7 @@ SECTIONS: dict[str, Callable[[_Page, list[Source]], None]] = {
     "accuracy_tinyshakespeare": _accuracy,
     "accuracy_minilm": _accuracy,
     "accuracy_digits": _accuracy,
+    "accuracy_quantized": _quantized,
 }
 
 

@@ -53,7 +53,7 @@ METHOD = "sparseblocks"
 FORMAT_VERSION = 1
 # safetensors' dtype names, for the header check
 _HEADER_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
-                  torch.int32: "I32", torch.uint8: "U8"}  # fmt: skip
+                  torch.int32: "I32", torch.uint8: "U8", torch.int8: "I8", torch.float8_e4m3fn: "F8_E4M3"}  # fmt: skip
 
 
 @register_quantization_config(METHOD)
@@ -161,7 +161,8 @@ def _check_tensors(saved: str, name: str, entry: dict, headers: dict) -> None:
     """Every tensor of the layer is in the checkpoint with the shape and dtype its entry implies."""
     layout = LAYOUTS[entry["pattern"]]
     value_dtype = _HEADER_DTYPES[VALUE_DTYPES_BY_NAME[entry["dtype"]]]
-    expected = {part: (shape, value_dtype if part == "values" else _HEADER_DTYPES[layout.index_dtypes[part]])
+    tiles_dtype = _HEADER_DTYPES[layout.values_dtype(entry)]  # the entry's dtype, or a quantized layout's
+    expected = {part: (shape, tiles_dtype if part == "values" else _HEADER_DTYPES[layout.index_dtypes[part]])
                 for part, shape in layout.tensor_shapes(entry).items()}  # fmt: skip
     if entry["bias"]:
         expected["bias"] = ((entry["out_features"],), value_dtype)

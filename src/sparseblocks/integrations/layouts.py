@@ -42,6 +42,7 @@ class Layout:
     name: str
     module: type[nn.Module]  # the sparse layer it builds (how sparse_layers, densify and save_sparse find them)
     free_masks = True  # the pruner may keep any tiles at any density; False (2:4): one score per layer picks them
+    from_linears = True  # a pattern SparsityConfig takes (built from an nn.Linear); False: made from sparse layers
     integer_fields: tuple[str, ...] = ()  # checkpoint entry fields (besides the shape) that are integers >= 0
     index_dtypes: ClassVar[Mapping[str, torch.dtype]] = {}  # the stored tensors besides values, by part: their dtypes
 
@@ -70,6 +71,10 @@ class Layout:
     def dtype(self, layer: nn.Module) -> torch.dtype:
         """The dtype a checkpoint records for the layer (its floating-point weights)."""
         return layer.values.dtype
+
+    def values_dtype(self, entry: Mapping) -> torch.dtype:
+        """The dtype of the stored ``values`` an entry implies (its ``dtype``; a quantized layout's int8 or fp8)."""
+        return VALUE_DTYPES_BY_NAME[entry["dtype"]]
 
     def config_entry(self, layer: nn.Module) -> dict:
         """What a checkpoint's JSON says about the layer beyond pattern, shape, dtype and bias."""
@@ -224,6 +229,12 @@ def register_layout(layout: Layout) -> Layout:
         raise ValueError(f"a layout named {layout.name!r} is registered already")
     LAYOUTS[layout.name] = layout
     return layout
+
+
+def sparsify_patterns() -> tuple[str, ...]:
+    """The layouts ``SparsityConfig.pattern`` (and the CLI's ``--pattern``) may name: those built from an
+    ``nn.Linear`` (a quantized layout is made from sparse layers instead: ``SparsityConfig(quantize=...)``)."""
+    return tuple(name for name, layout in LAYOUTS.items() if layout.from_linears)
 
 
 def get_layout(pattern: str) -> Layout:

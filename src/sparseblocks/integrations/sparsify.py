@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from sparseblocks.integrations.layouts import LAYOUTS, get_layout, sparse_module_types
+from sparseblocks.integrations.layouts import LAYOUTS, get_layout, sparse_module_types, sparsify_patterns
+from sparseblocks.integrations.quantized import QUANTIZE_KINDS
 from sparseblocks.nn import BlockSparseLinear, SparseLinearActivation, SparseMLP
 from sparseblocks.nn.linear import trainable_as
 
@@ -153,6 +154,8 @@ class SparsityConfig:
     pattern: a layout of :data:`~sparseblocks.integrations.layouts.LAYOUTS`: ``"block"`` (tiles of ``block_size``,
     :class:`~sparseblocks.nn.BlockSparseLinear`) or ``"2:4"`` (2 of every 4 weights along a row,
     :class:`~sparseblocks.nn.SemiStructuredLinear`; sparsity 0.5, block_size unused).
+    quantize: None, or ``"int8"`` / ``"fp8"`` / ``"fp8-w8a8"``: the sparse layers' tiles quantized for inference
+    (:class:`~sparseblocks.nn.QuantizedBlockSparseLinear`, ``block`` pattern only; see docs/quantization.md).
     """
 
     sparsity: float | Mapping[str, float] = 0.9
@@ -162,8 +165,14 @@ class SparsityConfig:
     method: str | None = None  # deprecated: sparsify only ever ranked tiles by magnitude
     fuse_mlp: bool = False
     pattern: str = "block"
+    quantize: str | None = None
 
     def __post_init__(self) -> None:
+        if self.quantize is not None:
+            if self.quantize not in QUANTIZE_KINDS:
+                raise ValueError(f"quantize must be None or one of {QUANTIZE_KINDS}, got {self.quantize!r}")
+            if self.pattern != "block":
+                raise ValueError(f"quantize takes the block pattern only, got pattern {self.pattern!r}")
         if self.method is not None:
             if self.method != "magnitude":
                 raise ValueError(f"method must be 'magnitude' (block L2 norm), got {self.method!r}")
@@ -172,6 +181,11 @@ class SparsityConfig:
                 "magnitude; choose a score with Pruner(method=...)",
                 DeprecationWarning,
                 stacklevel=3,
+            )
+        if self.pattern not in sparsify_patterns():
+            raise ValueError(
+                f"pattern must be one of {sparsify_patterns()}, got {self.pattern!r}"
+                + (" (quantized layers: pattern='block', quantize=...)" if self.pattern in LAYOUTS else "")
             )
         layout = get_layout(self.pattern)
         values = self.sparsity.values() if isinstance(self.sparsity, Mapping) else [self.sparsity]
@@ -340,6 +354,8 @@ def sparsify(
     for name, linear in target_linears(model, config, linear_like=True):
         mask = masks.get(name) if masks is not None else None
         sparse = layout.from_linear(as_linear(linear), config.sparsity_of(name), config.block_size, mask)
+        if config.quantize is not None:
+            sparse = sparse.quantize(config.quantize, label=name)
         block, density = layout.describe(sparse)
         replace_module(model, name, sparse)
         before = [t for t in (linear.weight, linear.bias) if t is not None]

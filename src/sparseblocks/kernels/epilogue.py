@@ -35,6 +35,25 @@ def accumulate_dot(acc, a, b, DOT_IN_FP32: tl.constexpr, INPUT_PRECISION: tl.con
 
 
 @triton.jit
+def accumulate_tile(acc, x_tile, w_tile, scales_ptr, tile, BN: tl.constexpr, QUANTIZED: tl.constexpr,
+                    DOT_IN_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):  # fmt: skip
+    """``acc + x_tile · w_tileᵀ`` for a ``(BLOCK_M, BK)`` x tile and a stored ``(BN, BK)`` tile, fp32 accumulation.
+
+    ``QUANTIZED``: the tile is int8 or fp8 e4m3, stored tile number ``tile`` of a matrix whose scales
+    ``(nnz, BN)`` float32 start at ``scales_ptr``. It goes into the dot in x's dtype (exact: |q| ≤ 127 and every
+    e4m3 value are bf16 and fp16 values; fp8 × fp8 where x is fp8 too, W8A8), and the tile's fp32 product is scaled
+    by its row scales before it is added: exact, where scaling the tile first would round it to x's dtype."""
+    if QUANTIZED:
+        scale = tl.load(scales_ptr + tl.cast(tile, tl.int64) * BN + tl.arange(0, BN))
+        if DOT_IN_FP32:  # straight to fp32 (exact): the interpreter converts int8 to bf16 wrongly
+            a, b = x_tile.to(tl.float32), tl.trans(w_tile.to(tl.float32))
+        else:
+            a, b = x_tile, tl.trans(w_tile.to(x_tile.dtype))
+        return acc + tl.dot(a, b, tl.zeros_like(acc), input_precision=INPUT_PRECISION) * scale[None, :]
+    return accumulate_dot(acc, x_tile, tl.trans(w_tile), DOT_IN_FP32, INPUT_PRECISION)
+
+
+@triton.jit
 def apply_activation(z, ACTIVATION: tl.constexpr):
     """Epilogue activation on an fp32 tile; codes as in ``ACTIVATION_CODES``."""
     if ACTIVATION == 1:
@@ -109,7 +128,7 @@ def dot_in_fp32(dtype: torch.dtype) -> bool:
     """The ``DOT_IN_FP32`` constexpr: 16-bit tiles go into ``tl.dot`` as fp32 under the interpreter, which
     multiplies bf16 operands wrongly (triton-lang/triton#11584) and sums fp16 products in fp16, where a GPU sums in
     fp32 (exact: 16-bit -> fp32 loses nothing)."""
-    return dtype in (torch.bfloat16, torch.float16) and triton_interpreting()
+    return dtype in (torch.bfloat16, torch.float16, torch.float8_e4m3fn) and triton_interpreting()
 
 
 # The interpreter runs one fixed, small config: tuning there would only time Python.

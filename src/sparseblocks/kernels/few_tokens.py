@@ -17,6 +17,9 @@ Slots need no allocation table: piece ``(program p, row r)`` uses slot ``p + r``
 and rows advance together along the tile list, so at most ``programs + rows`` slots exist.
 Empty block rows (bias, or zero, through the activation) are written by a few extra programs after the tile
 programs, so every output element is written exactly once.
+
+Quantized tiles (``QUANTIZED``: int8 / fp8 with scales per tile row) are converted to x's dtype as they stream in and
+each tile's fp32 product is scaled by its row scales (``epilogue.accumulate_tile``): weight-only, W8A16.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from sparseblocks.dispatch import MAX_TOKENS
 from sparseblocks.format import BlockSparseMatrix
 from sparseblocks.kernels.epilogue import (
     ACTIVATION_CODES,
-    accumulate_dot,
+    accumulate_tile,
     dot_in_fp32,
     input_precision,
     launch_config,
@@ -81,6 +84,7 @@ def _decode_kernel(
     partial_ptr,  # (tile programs + n_rows, BLOCK_M, BN) fp32 scratch
     arrived_ptr,  # (n_rows,) int32, zero on entry
     y_ptr,  # (M, N)
+    scales_ptr,  # QUANTIZED only: (nnz, BN) float32 scales per tile row
     M,
     N,
     K,
@@ -101,6 +105,7 @@ def _decode_kernel(
     INPUT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
     EVEN_K: tl.constexpr,
+    QUANTIZED: tl.constexpr,
 ):
     pid = tl.program_id(0)
     tile_programs = tl.cdiv(nnz, tiles_per_program)
@@ -146,7 +151,7 @@ def _decode_kernel(
         x_tile = load_x_columns(x_rows, row_in_range, col * BK + offs_k, K, stride_xk, EVEN_K)
         w_tile = tl.load(w_ptrs)
         w_ptrs += BN * BK
-        acc = accumulate_dot(acc, x_tile, tl.trans(w_tile), DOT_IN_FP32, INPUT_PRECISION)
+        acc = accumulate_tile(acc, x_tile, w_tile, scales_ptr, t, BN, QUANTIZED, DOT_IN_FP32, INPUT_PRECISION)
         row_ends = next_row != row  # before the program's last tile (that row is settled after the loop)
         is_head_piece = (row == head_row) & head_is_piece
         head_acc = tl.where(row_ends & is_head_piece, acc, head_acc)
@@ -180,7 +185,7 @@ LAUNCH_CONFIGS = [(4, 2), (4, 3), (4, 4), (8, 3)]
 few_tokens_tuned = TunedKernel(
     _decode_kernel,
     [triton.Config({}, num_warps=warps, num_stages=stages) for warps, stages in LAUNCH_CONFIGS],
-    key=["BLOCK_M", "N", "K", "BN", "BK", "DENSITY_BUCKET", "HAS_BIAS", "ACTIVATION", "INPUT_PRECISION"],
+    key=["BLOCK_M", "N", "K", "BN", "BK", "DENSITY_BUCKET", "HAS_BIAS", "ACTIVATION", "INPUT_PRECISION", "QUANTIZED"],
     cache_results=True,
 )
 
@@ -216,6 +221,7 @@ def spmm_few_tokens(
     args = (
         x2, w.values, w.crow_indices, w.col_indices, w.row_indices_of_block,
         bias if bias is not None else y, partial, arrival_counters(x2.device, n_rows), y,
+        w.scales if w.scales is not None else y,  # never read without QUANTIZED
         m, n, k, w.nnz, n_rows, tiles,
         x2.stride(0), x2.stride(1), y.stride(0), y.stride(1), density,
     )  # fmt: skip
@@ -229,6 +235,7 @@ def spmm_few_tokens(
         "INPUT_PRECISION": input_precision(x2.dtype),
         "DOT_IN_FP32": dot_in_fp32(x2.dtype),
         "EVEN_K": k % bk == 0,
+        "QUANTIZED": w.scales is not None,
     }
     config = launch_config(config, {"num_warps": 4, "num_stages": 1})
     if config is None:

@@ -10,6 +10,8 @@ A hidden tile is recomputed for each W2 block row that stores a tile in its colu
 The fused kernel is for high sparsity; in exchange the 4x-wide hidden tensor never goes through memory.
 
 W1's (and Wg's) block rows and W2's block columns must have the same width (the hidden tile).
+Quantized tiles (int8 / fp8 with scales per tile row; ``QUANTIZED_UP`` for W1 and Wg, ``QUANTIZED_DOWN`` for W2) go
+into the dots in x's dtype, each tile's fp32 product scaled by its row scales: weight-only, W8A16.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import triton.language as tl
 from sparseblocks.format import MLPWeights
 from sparseblocks.kernels.epilogue import (
     ACTIVATION_CODES,
-    accumulate_dot,
+    accumulate_tile,
     add_bias,
     apply_activation,
     dot_in_fp32,
@@ -36,7 +38,7 @@ from sparseblocks.kernels.tuning import TunedKernel, cdiv, m_tile_grid
 @triton.jit
 def _project_rows(x_rows, row_in_range, offs_k, K, stride_xk, values_ptr, crow_ptr, col_ptr, h,
                   BH: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                  DOT_IN_FP32: tl.constexpr, EVEN_K: tl.constexpr):  # fmt: skip
+                  DOT_IN_FP32: tl.constexpr, EVEN_K: tl.constexpr, scales_ptr, QUANTIZED: tl.constexpr):  # fmt: skip
     """X (BLOCK_M rows) times block row ``h`` of a ``(H, K)`` block-sparse weight: an fp32 ``(BLOCK_M, BH)`` tile."""
     start = tl.load(crow_ptr + h)
     end = tl.load(crow_ptr + h + 1)
@@ -47,7 +49,7 @@ def _project_rows(x_rows, row_in_range, offs_k, K, stride_xk, values_ptr, crow_p
         next_col = tl.load(col_ptr + t + 1, mask=t + 1 < end, other=0)
         x_tile = load_x_columns(x_rows, row_in_range, col * BK + offs_k, K, stride_xk, EVEN_K)
         w_tile = tl.load(w_ptrs)
-        acc = accumulate_dot(acc, x_tile, tl.trans(w_tile), DOT_IN_FP32, INPUT_PRECISION)
+        acc = accumulate_tile(acc, x_tile, w_tile, scales_ptr, t, BH, QUANTIZED, DOT_IN_FP32, INPUT_PRECISION)
         w_ptrs += BH * BK
         col = next_col
     return acc
@@ -69,6 +71,9 @@ def _fused_mlp_kernel(
     w2_col_ptr,
     w2_order_ptr,
     b2_ptr,  # (N, H)  # fmt: skip
+    w1_scales_ptr,
+    wg_scales_ptr,
+    w2_scales_ptr,  # QUANTIZED_UP / QUANTIZED_DOWN: (nnz, BH) and (nnz2, BN) float32 scales  # fmt: skip
     y_ptr,  # (M, N)
     M,
     K,
@@ -91,6 +96,8 @@ def _fused_mlp_kernel(
     INPUT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
     EVEN_K: tl.constexpr,
+    QUANTIZED_UP: tl.constexpr,
+    QUANTIZED_DOWN: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_m = pid // n_out_blocks
@@ -108,12 +115,14 @@ def _fused_mlp_kernel(
         h = tl.load(w2_col_ptr + j)
         offs_h = h * BH + offs_bh
         hidden = _project_rows(x_rows, row_in_range, offs_k, K, stride_xk, w1_ptr, w1_crow_ptr, w1_col_ptr, h, BH,
-                               BK, BLOCK_M, INPUT_PRECISION, DOT_IN_FP32, EVEN_K)  # fmt: skip
+                               BK, BLOCK_M, INPUT_PRECISION, DOT_IN_FP32, EVEN_K, w1_scales_ptr,
+                               QUANTIZED_UP)  # fmt: skip
         if HAS_B1:
             hidden = add_bias(hidden, b1_ptr, offs_h, H)
         if GATED:
             gate = _project_rows(x_rows, row_in_range, offs_k, K, stride_xk, wg_ptr, wg_crow_ptr, wg_col_ptr, h,
-                                 BH, BK, BLOCK_M, INPUT_PRECISION, DOT_IN_FP32, EVEN_K)  # fmt: skip
+                                 BH, BK, BLOCK_M, INPUT_PRECISION, DOT_IN_FP32, EVEN_K, wg_scales_ptr,
+                                 QUANTIZED_UP)  # fmt: skip
             if HAS_BG:
                 gate = add_bias(gate, bg_ptr, offs_h, H)
             hidden = gated_product(gate, hidden, ACTIVATION, y_ptr.dtype.element_ty)
@@ -122,7 +131,7 @@ def _fused_mlp_kernel(
         # hidden units past H (the padding of a ragged hidden size) must not leak into the output
         hidden = tl.where(offs_h[None, :] < H, hidden, 0.0).to(y_ptr.dtype.element_ty)
         w2_tile = tl.load(w2_ptr + tl.cast(j, tl.int64) * (BN * BH) + w2_tile_offsets)
-        acc = accumulate_dot(acc, hidden, tl.trans(w2_tile), DOT_IN_FP32, INPUT_PRECISION)
+        acc = accumulate_tile(acc, hidden, w2_tile, w2_scales_ptr, j, BN, QUANTIZED_DOWN, DOT_IN_FP32, INPUT_PRECISION)
 
     if HAS_B2:
         acc = add_bias(acc, b2_ptr, offs_n, N)
@@ -134,7 +143,7 @@ fused_mlp_tuned = TunedKernel(
     _fused_mlp_kernel,
     [triton.Config({"BLOCK_M": block_m}, num_warps=warps, num_stages=stages)
      for block_m, warps, stages in [(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 2), (128, 8, 3)]],
-    key=["K", "H", "N", "BK", "BH", "BN", "GATED", "ACTIVATION", "INPUT_PRECISION"],
+    key=["K", "H", "N", "BK", "BH", "BN", "GATED", "ACTIVATION", "INPUT_PRECISION", "QUANTIZED_UP", "QUANTIZED_DOWN"],
     cache_results=True,
 )  # fmt: skip
 
@@ -155,12 +164,15 @@ def fused_mlp_triton(
     if m == 0:
         return y
     up_bias, down_bias, gate_bias = (None if b is None else b.contiguous() for b in (up_bias, down_bias, gate_bias))
+    if gate is not None and (gate.scales is None) != (up.scales is None):
+        raise ValueError("gate and up must both be quantized or both not")
+    scales = [y if w is None or w.scales is None else w.scales for w in (up, gate, down)]  # y: never read
     gate_parts = (gate.values, gate.crow_indices, gate.col_indices) if gate is not None else (up.values,) * 3
     args = (
         x2, up.values, up.crow_indices, up.col_indices, up_bias if up_bias is not None else y,
         *gate_parts, gate_bias if gate_bias is not None else y,
         down.values, down.crow_indices, down.col_indices, down.row_order, down_bias if down_bias is not None else y,
-        y, m, k, hidden, n, down.block_grid[0],
+        *scales, y, m, k, hidden, n, down.block_grid[0],
         x2.stride(0), x2.stride(1), y.stride(0), y.stride(1),
     )  # fmt: skip
     meta = {
@@ -175,6 +187,8 @@ def fused_mlp_triton(
         "INPUT_PRECISION": input_precision(x2.dtype),
         "DOT_IN_FP32": dot_in_fp32(x2.dtype),
         "EVEN_K": k % up.block_shape[1] == 0,
+        "QUANTIZED_UP": up.scales is not None,
+        "QUANTIZED_DOWN": down.scales is not None,
     }
     config = launch_config(config)
     if config is None:

@@ -2,7 +2,8 @@
 tile, a ``(bn,)`` product on the CUDA cores (``tl.dot`` needs 16 rows); a row of several tiles is reduced like the
 few-token kernel's pieces (``kernels/few_tokens.py``), each tile a piece with its own slot. A gated mode computes a
 SwiGLU's hidden activation in the same launch, and :func:`one_token_mlp` a whole MLP in two programmatically dependent
-launches.
+launches. Quantized tiles (int8 / fp8, ``QUANTIZED``) are converted to fp32 as they load and each tile's sum
+scaled by its row scales: weight-only, W8A16.
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ def _one_token_kernel(
     gate_col_ptr,
     gate_tile_row_ptr,
     gate_bias_ptr,
+    scales_ptr,  # QUANTIZED only: (nnz, BN) float32 scales per tile row, and the gate's (gate nnz, BN)
+    gate_scales_ptr,
     partial_ptr,  # (nnz + gate_nnz, BN) fp32 scratch: one slot per tile
     arrived_ptr,  # (n_rows,) int32, zero on entry and on exit
     y_ptr,  # (N,), stride stride_yn
@@ -79,6 +82,7 @@ def _one_token_kernel(
     GATED: tl.constexpr,
     EVEN_K: tl.constexpr,
     DEPENDENT: tl.constexpr,
+    QUANTIZED: tl.constexpr,
 ):
     """y = act(W · x + b) for one token, program ``t`` multiplying stored tile ``t``; with ``GATED``,
     y = act(W_gate · x + b_gate) ⊙ (W · x + b), programs ``nnz + t`` taking the gate's tiles.
@@ -113,6 +117,7 @@ def _one_token_kernel(
         values_ptr = tl.where(is_gate, gate_values_ptr, values_ptr)
         col_ptr = tl.where(is_gate, gate_col_ptr, col_ptr)
         tile_row_ptr = tl.where(is_gate, gate_tile_row_ptr, tile_row_ptr)
+        scales_ptr = tl.where(is_gate, gate_scales_ptr, scales_ptr)
     offs_n, offs_k = tl.arange(0, BN), tl.arange(0, BK)
     w = tl.load(values_ptr + tile.to(tl.int64) * (BN * BK) + offs_n[:, None] * BK + offs_k[None, :])
     row = tl.load(tile_row_ptr + tile)
@@ -126,6 +131,8 @@ def _one_token_kernel(
         _wait_for_previous_kernel()
     x = tl.load(x_ptr + k_index * stride_xk, mask=True if EVEN_K else k_index < K, other=0.0)
     acc = tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)[None, :]  # (1, BN) fp32, CUDA cores
+    if QUANTIZED:  # the tile's rows times their scales (exact in fp32 up to one rounding)
+        acc *= tl.load(scales_ptr + tile.to(tl.int64) * BN + offs_n)[None, :]
     offs_m = tl.arange(0, 1)
     if tiles_in_row == 1:
         if GATED:
@@ -171,9 +178,14 @@ def spmm_one_token(
     partial = torch.empty((w.nnz + gate_nnz, bn), device=x2.device, dtype=torch.float32)
     unused = y  # for pointer arguments the kernel does not read
     gate_arrays = (unused,) * 4 if gate is None else _arrays(gate)
+    quantized = w.scales is not None
+    if gate is not None and (gate.scales is not None) != quantized:
+        raise ValueError("gate and up must both be quantized or both not")
+    scales = (w.scales, gate.scales if gate is not None else None) if quantized else (None, None)
     args = (
         x2, *_arrays(w), bias if bias is not None else unused, *gate_arrays,
-        gate_bias if gate_bias is not None else unused, partial, arrival_counters(x2.device, n_rows), y,
+        gate_bias if gate_bias is not None else unused, *(s if s is not None else unused for s in scales),
+        partial, arrival_counters(x2.device, n_rows), y,
         n, k, w.nnz, gate_nnz, n_rows, x2.stride(1), y.stride(1),
     )  # fmt: skip
     grid = (w.nnz + gate_nnz + cdiv(n_rows, EMPTY_ROWS_PER_PROGRAM),)
@@ -188,6 +200,7 @@ def spmm_one_token(
         ACTIVATION=ACTIVATION_CODES[activation],
         GATED=gate is not None,
         EVEN_K=k % bk == 0,
+        QUANTIZED=quantized,
         **_dependent_launch(x2.device, dependent),
         **(config or ONE_TOKEN_LAUNCH),
     )

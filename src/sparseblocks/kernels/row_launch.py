@@ -29,7 +29,9 @@ class RowLaunch:
 
     ``grad``: dY ``(M, OUT)`` for ``ACTIVATION_GRAD``, the next layer's dY2 ``(M, N2)`` for ``HIDDEN_GRAD``;
     ``bias_grad``: with those two, also dZ's fp32 column sums (the bias gradient); ``gate``/``gate_bias``: the
-    gate of ``GATED`` (tiled like W); ``grad_weight``: W2 of ``HIDDEN_GRAD``.
+    gate of ``GATED`` (tiled like W); ``grad_weight``: W2 of ``HIDDEN_GRAD``; ``x_scales``: ``FORWARD`` of W8A8
+    tiles only, X is the activations quantized to fp8 per row (``format.quantize_rows``) and these ``(M,)`` float32
+    their scales, the output in ``out_dtype`` (the activations' dtype).
     """
 
     mode: RowMode = RowMode.FORWARD
@@ -40,8 +42,12 @@ class RowLaunch:
     gate: BlockSparseMatrix | None = None
     gate_bias: torch.Tensor | None = None
     grad_weight: BlockSparseMatrix | None = None
+    x_scales: torch.Tensor | None = None
+    out_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
+        if self.x_scales is not None and (self.mode is not RowMode.FORWARD or self.out_dtype is None):
+            raise ValueError("x_scales (fp8 activations) are for the forward mode, with an out_dtype")
         gradient_epilogue = self.mode in (RowMode.ACTIVATION_GRAD, RowMode.HIDDEN_GRAD)
         if (self.grad is not None) != gradient_epilogue:
             raise ValueError(f"{self.mode.value}: grad is for the activation- and hidden-gradient modes only")
@@ -87,6 +93,11 @@ def row_arguments(x2: torch.Tensor, w: BlockSparseMatrix, spec: RowLaunch) -> tu
     if spec.gate is not None and (spec.gate.shape, spec.gate.block_shape) != (w.shape, w.block_shape):
         raise ValueError(f"gate {tuple(spec.gate.shape)} in {spec.gate.block_shape} blocks must match "
                          f"{tuple(w.shape)} in {w.block_shape} blocks")  # fmt: skip
+    quantized = w.scales is not None
+    if quantized and spec.mode not in (RowMode.FORWARD, RowMode.GATED):
+        raise ValueError(f"quantized tiles are for inference: the {spec.mode.value} mode does not take them")
+    if spec.gate is not None and (spec.gate.scales is not None) != quantized:
+        raise ValueError("gate and up must both be quantized or both not")
     meta = {
         "BN": bn,
         "BK": bk,
@@ -99,5 +110,7 @@ def row_arguments(x2: torch.Tensor, w: BlockSparseMatrix, spec: RowLaunch) -> tu
         "DOT_IN_FP32": dot_in_fp32(x2.dtype),
         "GATED": spec.gate is not None,
         "HAS_GATE_BIAS": spec.gate_bias is not None,
+        "QUANTIZED": quantized,
+        "X_FP8": spec.x_scales is not None,
     }
     return geometry, meta

@@ -9,6 +9,11 @@ Input gradient (``TRANSPOSED``): the same loop over one block *column* of W (``c
 reading the tiles in place through ``transpose_perm`` and multiplying them untransposed: a ``(BLOCK_M, bk)``
 tile of dX per program, columns heaviest first (``col_order``). No transposed copy of W exists.
 
+Quantized tiles (``QUANTIZED``, forward and gated only): int8 or fp8 tiles go into the dot in x's dtype and each
+tile's fp32 product is scaled by its row scales (``epilogue.accumulate_tile``); with ``X_FP8`` (W8A8) x is the
+activations quantized to fp8 per token, the products are fp8 × fp8, and the finished tile is scaled by each row's
+activation scale before the epilogue.
+
 Gated (``GATED``, forward only): a SwiGLU MLP's hidden activation ``act(X·Wgᵀ + bg) ⊙ (X·Wᵀ + b)``, W the up
 projection: each program also walks the gate's block row (its own index: gate and up may store different tiles)
 into a second fp32 accumulator, so neither product is written to memory and read back (:func:`gated_rows`).
@@ -32,9 +37,10 @@ import torch
 import triton
 import triton.language as tl
 
-from sparseblocks.format import BlockSparseMatrix
+from sparseblocks.format import BlockSparseMatrix, quantize_rows
 from sparseblocks.kernels.epilogue import (
     accumulate_dot,
+    accumulate_tile,
     activation_grad,
     add_bias,
     apply_activation,
@@ -51,7 +57,8 @@ from sparseblocks.kernels.tuning import autotune_row_kernel, cdiv, density_bucke
 @triton.jit
 def _block_row_product(x_rows, row_in_range, IN, stride_xk, values_ptr, idx_ptr, perm_ptr, start, end,
                        BN: tl.constexpr, BK: tl.constexpr, TRANSPOSED: tl.constexpr, BLOCK_M: tl.constexpr,
-                       INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, EVEN_IN: tl.constexpr):  # fmt: skip
+                       INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, EVEN_IN: tl.constexpr,
+                       scales_ptr, QUANTIZED: tl.constexpr):  # fmt: skip
     """The rows ``x_rows`` ``(BLOCK_M, 1)`` of X times the stored tiles ``start:end`` of one block row of W (one
     block column when ``TRANSPOSED``): an fp32 ``(BLOCK_M, OUT_B)`` tile, zero for an empty row."""
     OUT_B: tl.constexpr = BK if TRANSPOSED else BN
@@ -73,10 +80,11 @@ def _block_row_product(x_rows, row_in_range, IN, stride_xk, values_ptr, idx_ptr,
             next_tile = tl.load(perm_ptr + j + 1, mask=has_next, other=0)
             w_tile = tl.load(values_ptr + tile.to(tl.int64) * (BN * BK) + tile_offsets)
             tile = next_tile
+            acc = accumulate_dot(acc, x_tile, w_tile, DOT_IN_FP32, INPUT_PRECISION)
         else:
             w_tile = tl.load(w_ptrs)
             w_ptrs += BN * BK
-        acc = accumulate_dot(acc, x_tile, w_tile if TRANSPOSED else tl.trans(w_tile), DOT_IN_FP32, INPUT_PRECISION)
+            acc = accumulate_tile(acc, x_tile, w_tile, scales_ptr, j, BN, QUANTIZED, DOT_IN_FP32, INPUT_PRECISION)
         in_block = next_in_block
     return acc
 
@@ -98,6 +106,9 @@ def _spmm_kernel(
     gate_crow_ptr,  # (n_out_blocks + 1,) int32 crow_indices,
     gate_col_ptr,  # (gate nnz,) int32 col_indices
     gate_bias_ptr,  # and (OUT,) bias (HAS_GATE_BIAS)
+    scales_ptr,  # QUANTIZED only: W's (nnz, BN) float32 scales,
+    gate_scales_ptr,  # the gate's (gate nnz, BN)
+    x_scales_ptr,  # X_FP8 only: (M,) float32 scales of X's rows
     # sizes
     M,
     OUT,
@@ -127,6 +138,8 @@ def _spmm_kernel(
     EVEN_IN: tl.constexpr,  # IN is a multiple of the tile: no column mask on X, so its loads stay 16 bytes wide
     GATED: tl.constexpr,  # forward only: Y = act(X·Wgᵀ + bg) ⊙ (X·Wᵀ + b), W the up projection, Wg the gate
     HAS_GATE_BIAS: tl.constexpr,
+    QUANTIZED: tl.constexpr,  # int8 / fp8 tiles with scales per tile row (forward and gated only)
+    X_FP8: tl.constexpr,  # X quantized to fp8 per row (W8A8, forward only)
 ):
     # Tile width along the output: BN for the forward, BK through the transpose.
     OUT_B: tl.constexpr = BK if TRANSPOSED else BN
@@ -147,13 +160,16 @@ def _spmm_kernel(
         grad_tile = tl.load(grad_ptrs, mask=out_mask, other=0.0)
 
     acc = _block_row_product(x_rows, row_in_range, IN, stride_xk, values_ptr, idx_ptr, perm_ptr, start, end, BN, BK,
-                             TRANSPOSED, BLOCK_M, INPUT_PRECISION, DOT_IN_FP32, EVEN_IN)  # fmt: skip
+                             TRANSPOSED, BLOCK_M, INPUT_PRECISION, DOT_IN_FP32, EVEN_IN, scales_ptr,
+                             QUANTIZED)  # fmt: skip
+    if X_FP8:  # the products were of the rows divided by their scales
+        acc *= tl.load(x_scales_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
     if GATED:  # the gate's own block row: it may store other tiles than up's, or none
         gate_start = tl.load(gate_crow_ptr + out_block)
         gate_end = tl.load(gate_crow_ptr + out_block + 1)
         gate = _block_row_product(x_rows, row_in_range, IN, stride_xk, gate_values_ptr, gate_col_ptr, gate_col_ptr,
                                   gate_start, gate_end, BN, BK, False, BLOCK_M, INPUT_PRECISION, DOT_IN_FP32,
-                                  EVEN_IN)  # fmt: skip
+                                  EVEN_IN, gate_scales_ptr, QUANTIZED)  # fmt: skip
 
     if HAS_BIAS:
         acc = add_bias(acc, bias_ptr, offs_out, OUT)
@@ -203,7 +219,7 @@ def launch_rows(
     m = x2.shape[0]
     if m == 0:
         empty_sums = x2.new_zeros(geometry.out_features, dtype=torch.float32) if spec.bias_grad else None
-        return x2.new_empty((0, geometry.out_features)), empty_sums
+        return x2.new_empty((0, geometry.out_features), dtype=spec.out_dtype or x2.dtype), empty_sums
     config = launch_config(config)
     parts = None
     if spec.bias_grad:  # a row of column sums per M tile, as many as the smallest M tile the tuner may pick makes
@@ -219,7 +235,7 @@ def launch_rows(
 def _launch_pointers(x2, w, spec, geometry, meta, config, parts) -> tuple[torch.Tensor, int]:
     """``_spmm_kernel`` on the arguments :func:`launch_rows` built; returns ``(M, OUT)`` and its BLOCK_M."""
     m = x2.shape[0]
-    y = torch.empty((m, geometry.out_features), device=x2.device, dtype=x2.dtype)
+    y = torch.empty((m, geometry.out_features), device=x2.device, dtype=spec.out_dtype or x2.dtype)
     bias, gate, gate_bias, grad2 = spec.bias, spec.gate, spec.gate_bias, spec.grad
     bias, gate_bias = (None if b is None else b.contiguous() for b in (bias, gate_bias))  # read as flat arrays
     buckets = (m_bucket(m), density_bucket(w.density))
@@ -233,6 +249,9 @@ def _launch_pointers(x2, w, spec, geometry, meta, config, parts) -> tuple[torch.
         parts if parts is not None else y,  # written in the BIAS_GRAD mode only
         *((gate.values, gate.crow_indices, gate.col_indices) if gate is not None else (w.values, *geometry.index[:2])),
         gate_bias if gate_bias is not None else y,  # never read without HAS_GATE_BIAS
+        w.scales if w.scales is not None else y,  # never read without QUANTIZED
+        gate.scales if gate is not None and gate.scales is not None else y,
+        spec.x_scales if spec.x_scales is not None else y,  # never read without X_FP8
         m,
         geometry.out_features,
         geometry.in_features,
@@ -265,10 +284,20 @@ def spmm_rows(
     activation: str | None = None,
     descriptors: bool = False,
     config: dict | None = None,
+    fp8_products: bool = False,
 ) -> torch.Tensor:
-    """``act(x · wᵀ + bias)`` by the row kernel: x ``(..., K)`` -> ``(..., N)``; inputs are checked by ``ops.spmm``."""
+    """``act(x · wᵀ + bias)`` by the row kernel: x ``(..., K)`` -> ``(..., N)``; inputs are checked by ``ops.spmm``.
+
+    ``fp8_products`` (W8A8 tiles, ``dispatch.fp8_products``): x is quantized to fp8 per row first (a few
+    elementwise PyTorch kernels: not fused into the launch yet) and the products are fp8 × fp8."""
     x2 = x.reshape(-1, w.shape[1])  # a view whenever the strides allow; the kernels take any strides
-    y, _ = launch_rows(x2, w, RowLaunch(RowMode.FORWARD, bias, activation), descriptors, config)
+    spec = RowLaunch(RowMode.FORWARD, bias, activation)
+    if fp8_products:
+        if w.values.dtype != torch.float8_e4m3fn:
+            raise ValueError(f"fp8 products need fp8 tiles, got {w.values.dtype}")
+        out_dtype, (x2, x_scales) = x2.dtype, quantize_rows(x2)
+        spec = RowLaunch(RowMode.FORWARD, bias, activation, x_scales=x_scales, out_dtype=out_dtype)
+    y, _ = launch_rows(x2, w, spec, descriptors, config)
     return y.reshape(*x.shape[:-1], w.shape[0])
 
 

@@ -29,6 +29,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from sparseblocks.format import BlockSparseMatrix
 from sparseblocks.kernels.epilogue import (
     accumulate_dot,
+    accumulate_tile,
     activation_grad,
     add_bias,
     apply_activation,
@@ -42,7 +43,7 @@ from sparseblocks.kernels.tuning import autotune_row_kernel, cdiv, density_bucke
 @triton.jit
 def _block_row_product(x_desc, w_desc, idx_ptr, perm_ptr, start, end, m0, BN: tl.constexpr, BK: tl.constexpr,
                        TRANSPOSED: tl.constexpr, BLOCK_M: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                       DOT_IN_FP32: tl.constexpr):  # fmt: skip
+                       DOT_IN_FP32: tl.constexpr, scales_ptr, QUANTIZED: tl.constexpr):  # fmt: skip
     """X's M tile at row ``m0`` times the stored tiles ``start:end`` of one block row of W (one block column when
     ``TRANSPOSED``): an fp32 ``(BLOCK_M, OUT_B)`` tile, zero for an empty row."""
     OUT_B: tl.constexpr = BK if TRANSPOSED else BN
@@ -58,12 +59,15 @@ def _block_row_product(x_desc, w_desc, idx_ptr, perm_ptr, start, end, m0, BN: tl
         next_tile = tl.load(perm_ptr + j + 1, mask=has_next, other=0) if TRANSPOSED else j + 1
         x_tile = x_desc.load([m0, in_block * IN_B])
         w_tile = w_desc.load([tile * BN, 0])
-        acc = accumulate_dot(acc, x_tile, w_tile if TRANSPOSED else tl.trans(w_tile), DOT_IN_FP32, INPUT_PRECISION)
+        if TRANSPOSED:
+            acc = accumulate_dot(acc, x_tile, w_tile, DOT_IN_FP32, INPUT_PRECISION)
+        else:
+            acc = accumulate_tile(acc, x_tile, w_tile, scales_ptr, tile, BN, QUANTIZED, DOT_IN_FP32, INPUT_PRECISION)
         in_block, tile = next_in_block, next_tile
     return acc
 
 
-@triton.jit(do_not_specialize=["IN", "M_BUCKET", "DENSITY_BUCKET"])
+@triton.jit(do_not_specialize=["M", "IN", "M_BUCKET", "DENSITY_BUCKET"])
 def _spmm_tma_kernel(
     x_desc,  # (M, IN), box (BLOCK_M, IN_B): X for the forward, dY for the input gradient
     w_desc,  # (nnz · BN, BK): the stored tiles stacked, box (BN, BK)
@@ -84,6 +88,10 @@ def _spmm_tma_kernel(
     gate_crow_ptr,  # GATED only: the gate's (n_out_blocks + 1,) crow_indices,
     gate_col_ptr,  # (gate nnz,) col_indices
     gate_bias_ptr,  # and (OUT,) bias (HAS_GATE_BIAS)
+    scales_ptr,  # QUANTIZED only: W's (nnz, BN) float32 scales,
+    gate_scales_ptr,  # the gate's (gate nnz, BN)
+    x_scales_ptr,  # X_FP8 only: (M,) float32 scales of X's rows
+    M,
     OUT,
     n_out_blocks,
     # autotuning keys only (reduction width, shape bucket, density bucket)
@@ -104,6 +112,8 @@ def _spmm_tma_kernel(
     DOT_IN_FP32: tl.constexpr,
     GATED: tl.constexpr,  # forward only: Y = act(X·Wgᵀ + bg) ⊙ (X·Wᵀ + b), W the up projection, Wg the gate
     HAS_GATE_BIAS: tl.constexpr,
+    QUANTIZED: tl.constexpr,  # int8 / fp8 tiles with scales per tile row (forward and gated only)
+    X_FP8: tl.constexpr,  # X quantized to fp8 per row (W8A8, forward only)
 ):
     OUT_B: tl.constexpr = BK if TRANSPOSED else BN
     pid = tl.program_id(0)
@@ -127,11 +137,14 @@ def _spmm_tma_kernel(
         grad_tile = grad_desc.load([m0, out_block * OUT_B])
 
     acc = _block_row_product(x_desc, w_desc, idx_ptr, perm_ptr, start, end, m0, BN, BK, TRANSPOSED, BLOCK_M,
-                             INPUT_PRECISION, DOT_IN_FP32)  # fmt: skip
+                             INPUT_PRECISION, DOT_IN_FP32, scales_ptr, QUANTIZED)  # fmt: skip
+    if X_FP8:  # the products were of the rows divided by their scales
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        acc *= tl.load(x_scales_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
     if GATED:  # the gate's own block row: it may store other tiles than up's, or none
         gate = _block_row_product(x_desc, gate_desc, gate_col_ptr, gate_col_ptr, tl.load(gate_crow_ptr + out_block),
                                   tl.load(gate_crow_ptr + out_block + 1), m0, BN, BK, False, BLOCK_M,
-                                  INPUT_PRECISION, DOT_IN_FP32)  # fmt: skip
+                                  INPUT_PRECISION, DOT_IN_FP32, gate_scales_ptr, QUANTIZED)  # fmt: skip
 
     offs_out = out_block * OUT_B + tl.arange(0, OUT_B)
     if HAS_BIAS:
@@ -200,7 +213,7 @@ def launch_tma(
     m = x2.shape[0]
     if x2.is_cuda:
         _bind_context(x2.device)
-    y = torch.empty((m, geometry.out_features), device=x2.device, dtype=x2.dtype)
+    y = torch.empty((m, geometry.out_features), device=x2.device, dtype=spec.out_dtype or x2.dtype)
     bias, gate, grad2, grad_weight = spec.bias, spec.gate, spec.grad, spec.grad_weight
     bias, gate_bias = (None if b is None else b.contiguous() for b in (bias, spec.gate_bias))  # flat arrays
     block_m = config["BLOCK_M"] if config else 64  # the tuned launch's pre-hook resets the boxes per config
@@ -231,6 +244,10 @@ def launch_tma(
         *second[1:],
         *((gate.crow_indices, gate.col_indices) if gate is not None else index[:2]),
         gate_bias if gate_bias is not None else y,  # never read without HAS_GATE_BIAS
+        w.scales if w.scales is not None else y,  # never read without QUANTIZED
+        gate.scales if gate is not None and gate.scales is not None else y,
+        spec.x_scales if spec.x_scales is not None else y,  # never read without X_FP8
+        m,
         geometry.out_features,
         geometry.n_out_blocks,
         geometry.in_features,

@@ -22,7 +22,8 @@ import triton
 
 # The row kernel's autotuning key, in both its versions (pointer loads, tensor descriptors).
 ROW_KERNEL_TUNING_KEY = ["M_BUCKET", "OUT", "IN", "BN", "BK", "TRANSPOSED", "DENSITY_BUCKET", "HAS_BIAS", "ACTIVATION",
-                         "GRAD_EPILOGUE", "BIAS_GRAD", "INPUT_PRECISION", "GATED", "HAS_GATE_BIAS"]  # fmt: skip
+                         "GRAD_EPILOGUE", "BIAS_GRAD", "INPUT_PRECISION", "GATED", "HAS_GATE_BIAS", "QUANTIZED",
+                         "X_FP8"]  # fmt: skip
 
 
 # Host-side integer helpers: triton.cdiv and triton.next_power_of_2 are constexpr functions (Triton 3.6), ~3 µs a

@@ -11,6 +11,7 @@ from torch import nn
 from sparseblocks.format import INDEX_NAMES, STORED_INDEX_NAMES, BlockSparseMatrix, gather_tiles, normalize_block_size
 from sparseblocks.masks import random_block_mask
 from sparseblocks.ops import spmm
+from sparseblocks.ops.spmm import spmm_inference_only
 
 
 def trainable_as(
@@ -143,6 +144,14 @@ class BlockSparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return spmm(x, self.matrix, self.bias)
 
+    def quantize(self, kind: str, label: str | None = None) -> QuantizedBlockSparseLinear:
+        """A :class:`QuantizedBlockSparseLinear` holding this layer's tiles quantized (``"int8"``, ``"fp8"``, or
+        ``"fp8-w8a8"``: see :meth:`BlockSparseMatrix.quantize`) and a copy of its bias; ``label`` names it in
+        errors (``sparsify`` passes the module name). For inference: fine-tune before quantizing."""
+        layer = QuantizedBlockSparseLinear.from_matrix(self.matrix.quantize(kind), self.bias)
+        layer.label = label
+        return layer
+
     def to_linear(self) -> nn.Linear:
         """A dense ``nn.Linear`` with the same function (zeros where tiles are pruned)."""
         linear = dense_linear(self.matrix.to_dense(), self.bias)
@@ -187,3 +196,87 @@ class BlockSparseLinear(nn.Module):
         for name, index in incoming.index_tensors().items():
             if self._buffers[name].device != self.values.device:
                 setattr(self, name, index.to(self.values.device, copy=True))
+
+
+class QuantizedBlockSparseLinear(BlockSparseLinear):
+    """A :class:`BlockSparseLinear` whose tiles are quantized (int8 or fp8 e4m3, a float32 scale per tile row), for
+    inference: ``y = x · dequant(W)ᵀ + b`` with x in float16, bfloat16 or float32 (the output's dtype); the
+    kernels read the 1-byte tiles. ``values`` (no gradient) and the ``scales`` buffer keep their dtypes through
+    ``module.to(dtype)``; a backward through the layer raises a ``RuntimeError`` naming it (:attr:`label`).
+    Made by :meth:`BlockSparseLinear.quantize`, ``SparsityConfig(quantize=...)`` or a checkpoint."""
+
+    label: str | None = None
+
+    def _set_matrix(self, matrix: BlockSparseMatrix, bias: torch.Tensor | None) -> None:
+        if matrix.scales is None:
+            raise ValueError("a QuantizedBlockSparseLinear needs quantized tiles (BlockSparseMatrix.quantize)")
+        self.out_features, self.in_features = matrix.shape
+        self.values = nn.Parameter(matrix.values.detach().clone(), requires_grad=False)  # int8 takes no gradient
+        for name, index in matrix.index_tensors().items():
+            self.register_buffer(name, index.clone(), persistent=name in STORED_INDEX_NAMES)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.register_buffer("scales", matrix.scales.clone())
+        self.fp8_activations = matrix.fp8_activations
+
+    @property
+    def quantization(self) -> str:
+        return self.matrix.quantization
+
+    @property
+    def matrix(self) -> BlockSparseMatrix:
+        buffers = self._buffers
+        indices = {name: buffers[name] for name in INDEX_NAMES}
+        shape = (self.out_features, self.in_features)
+        return BlockSparseMatrix.from_parts(self._parameters["values"], shape, indices, buffers["scales"],
+                                            self.fp8_activations)  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        label = self.label or f"QuantizedBlockSparseLinear({self.in_features}, {self.out_features})"
+        return spmm_inference_only(x, self.matrix, self.bias, None, label)
+
+    def quantize(self, kind: str, label: str | None = None) -> QuantizedBlockSparseLinear:
+        raise ValueError(f"the layer is quantized already ({self.quantization})")
+
+    def set_pattern(self, mask: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
+        raise ValueError("quantized tiles are for inference: change the pattern before quantizing")
+
+    def to_linear(self) -> nn.Linear:
+        """A dense ``nn.Linear`` of the dequantized weight, in the bias's dtype (float32 without a bias)."""
+        dtype = self.bias.dtype if self.bias is not None else torch.float32
+        return dense_linear(self.matrix.to_dense().to(dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, quantization={self.quantization!r}"
+
+    def _apply(self, fn, recurse=True):
+        # module.to(dtype), .half(), .bfloat16() cast every floating-point tensor: fp8 tiles and float32 scales must
+        # not follow (a cast would silently change the weight). They move with the module's device only.
+        kept = {"values": self._parameters.pop("values"), "scales": self._buffers.pop("scales")}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            device = fn(torch.empty(0, device=kept["values"].device)).device
+            values = kept["values"]
+            if values.device != device:
+                values = nn.Parameter(values.data.to(device), requires_grad=False)
+            self._parameters["values"] = values
+            self._buffers["scales"] = kept["scales"].to(device)
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        # As BlockSparseLinear's, with the scales: the incoming tiles, indices and scales are validated together
+        # (dtypes included) before anything is copied.
+        names = ("values", "scales", *STORED_INDEX_NAMES)
+        if all(prefix + name in state_dict for name in names):
+            parts = {name: state_dict[prefix + name].detach() for name in names}
+            shape = (self.out_features, self.in_features)
+            incoming = BlockSparseMatrix(parts["values"].contiguous(), parts["crow_indices"], parts["col_indices"],
+                                         shape, parts["scales"].contiguous(), self.fp8_activations)  # fmt: skip
+            device = self.values.device
+            self._parameters["values"] = nn.Parameter(torch.empty_like(incoming.values, device=device),
+                                                      requires_grad=False)  # fmt: skip
+            self._buffers["scales"] = torch.empty_like(incoming.scales, device=device)
+            for name, index in incoming.index_tensors().items():
+                setattr(self, name, index.to(device, copy=True))
+        nn.Module._load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                                        unexpected_keys, errors)  # fmt: skip

@@ -45,13 +45,24 @@ def check_mlp_shapes(up: BlockSparseMatrix, down: BlockSparseMatrix, gate: Block
 def _mlp_plan(m: int, weights: MLPWeights, device: torch.device) -> Plan:
     """:func:`dispatch.mlp_plan` for these weights on ``device``."""
     gate = Tiles.of(weights.gate) if weights.gate is not None else None
-    return dispatch.mlp_plan(m, Tiles.of(weights.up), Tiles.of(weights.down), gate, dispatch.device_facts(device))
+    facts = dispatch.device_facts(device)
+    for w in weights.matrices:
+        dispatch.check_quantized_tiles(w, facts)
+    w8a8 = any(w.fp8_activations for w in weights.matrices)
+    return dispatch.mlp_plan(m, Tiles.of(weights.up), Tiles.of(weights.down), gate, facts, w8a8)
 
 
-def _matrices(values: list[torch.Tensor], indices: list[torch.Tensor], shapes: list[int]) -> list[BlockSparseMatrix]:
+def _matrices(
+    values: list[torch.Tensor],
+    indices: list[torch.Tensor],
+    shapes: list[int],
+    scales: list[torch.Tensor | None],
+    fp8_activations: list[bool],
+) -> list[BlockSparseMatrix]:
     """The matrices a custom op received as flat lists (each one's INDEX_NAMES arrays and shape, in turn)."""
     per = len(INDEX_NAMES)
-    return [_matrix(v, indices[i * per : (i + 1) * per], shapes[2 * i : 2 * i + 2]) for i, v in enumerate(values)]
+    return [_matrix(v, indices[i * per : (i + 1) * per], shapes[2 * i : 2 * i + 2], scales[i], fp8_activations[i])
+            for i, v in enumerate(values)]  # fmt: skip
 
 
 def _fused_mlp_implementation(
@@ -61,15 +72,19 @@ def _fused_mlp_implementation(
     shapes: list[int],  # (rows, columns) of each matrix, one after the other
     biases: list[torch.Tensor | None],  # up, down, gate
     activation: str,
+    scales: list[torch.Tensor | None],  # of quantized tiles, in the order of values
+    fp8_activations: list[bool],
 ) -> torch.Tensor:
-    up, down, gate = (*_matrices(values, indices, shapes), None)[:3]
+    up, down, gate = (*_matrices(values, indices, shapes, scales, fp8_activations), None)[:3]
     return _inference(x, MLPWeights(up, down, gate, *biases), activation)
 
 
 _fused_mlp_op = define_op(
     "fused_mlp",
     _fused_mlp_implementation,
-    lambda x, values, indices, shapes, biases, activation: x.new_empty((*x.shape[:-1], shapes[2])),
+    lambda x, values, indices, shapes, biases, activation, scales, fp8_activations: x.new_empty(
+        (*x.shape[:-1], shapes[2])
+    ),
 )
 
 
@@ -81,6 +96,8 @@ def _inference(x: torch.Tensor, weights: MLPWeights, activation: str) -> torch.T
         return reference.mlp(x, weights, activation)
     x2 = x.reshape(-1, weights.up.shape[1])
     plan = _mlp_plan(x2.shape[0], weights, x.device)
+    if plan is not Plan.UNFUSED and any(w.fp8_activations for w in weights.matrices):
+        dispatch.notice_weight_only(plan.value)  # forced: the fused launches multiply fp8 tiles weight-only
     with on_device_of(x2):
         if plan is Plan.UNFUSED:
             y = reference.mlp(x2, weights, activation, product=_forward)
@@ -183,8 +200,12 @@ def sparse_mlp(
             [size for w in weights.matrices for size in w.shape],
             weights.biases,
             activation,
+            [w.scales for w in weights.matrices],
+            [w.fp8_activations for w in weights.matrices],
         )
-    plain = gate is None and activation is not None and hidden_dropout == 0.0
+    # quantized tiles have no backward: while gradients are needed their products raise in it (ops.spmm)
+    quantized = any(w.scales is not None for w in weights.matrices)
+    plain = gate is None and activation is not None and hidden_dropout == 0.0 and not quantized
     if fused and training and plain and not torch.compiler.is_compiling():
         return _EagerPlainMLP.apply(x, up.values, down.values, up_bias, down_bias, up, down, activation)[0]
     return reference.mlp(x, weights, activation, hidden_dropout=hidden_dropout, product=spmm)

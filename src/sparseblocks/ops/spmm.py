@@ -10,7 +10,8 @@ same vocabulary:
 * ``sparseblocks::spmm_input_grad``  dX = dZ W             (dense · sparse  -> dense, through W's transposed index)
 * ``sparseblocks::sddmm``            dW = dZᵀ X on W's pattern (dense · dense -> sparse)
 
-where dZ is the gradient before the activation.
+where dZ is the gradient before the activation. Quantized tiles (``BlockSparseMatrix.quantize``) are for inference:
+``spmm`` computes their forward on every path, and a backward through one raises (:class:`_InferenceOnly`).
 Each op runs a Triton kernel on CUDA tensors and the plain PyTorch reference (``sparseblocks.reference``) elsewhere.
 Outside ``torch.compile``, :func:`spmm` runs the same implementations through a ``torch.autograd.Function``
 instead: a custom op's dispatch costs more CPU time than the kernels take on small layers.
@@ -31,8 +32,15 @@ from sparseblocks.ops.library import define_op
 
 
 # A matrix's index arrays travel through the custom ops as one list[Tensor], in INDEX_NAMES order.
-def _matrix(values: torch.Tensor, index: list[torch.Tensor], shape: list[int]) -> BlockSparseMatrix:
-    return BlockSparseMatrix.from_parts(values, shape, dict(zip(INDEX_NAMES, index, strict=False)))
+def _matrix(
+    values: torch.Tensor,
+    index: list[torch.Tensor],
+    shape: list[int],
+    scales: torch.Tensor | None = None,
+    fp8_activations: bool = False,
+) -> BlockSparseMatrix:
+    indices = dict(zip(INDEX_NAMES, index, strict=False))
+    return BlockSparseMatrix.from_parts(values, shape, indices, scales, fp8_activations)
 
 
 def _index(w: BlockSparseMatrix) -> list[torch.Tensor]:
@@ -49,7 +57,10 @@ def forward_with_kernels(x: torch.Tensor, w: BlockSparseMatrix, bias: torch.Tens
     """``act(x · wᵀ + bias)`` by the kernel :func:`dispatch.forward_plan` picks (x on a device the kernels run on)."""
     x2 = x.reshape(-1, w.shape[1])  # a view whenever the strides allow; the kernels take any strides
     m, tiles, device = x2.shape[0], Tiles.of(w), dispatch.device_facts(x.device)
+    dispatch.check_quantized_tiles(w, device)
     plan = dispatch.forward_plan(m, tiles, device, lambda: dispatch.descriptors_fit(x2, w, "forward"))
+    if w.fp8_activations and not dispatch.fp8_products(plan, device):
+        dispatch.notice_weight_only(plan.value)  # W8A8 runs in the row kernel only: here the tiles alone are fp8
     if plan is Plan.ONE_TOKEN:
         from sparseblocks.kernels.one_token import spmm_one_token
 
@@ -61,7 +72,8 @@ def forward_with_kernels(x: torch.Tensor, w: BlockSparseMatrix, bias: torch.Tens
     else:
         from sparseblocks.kernels.spmm import spmm_rows
 
-        y = spmm_rows(x2, w, bias, activation, descriptors=plan is Plan.ROWS_DESCRIPTORS)
+        fp8 = w.fp8_activations and dispatch.fp8_products(plan, device)
+        y = spmm_rows(x2, w, bias, activation, descriptors=plan is Plan.ROWS_DESCRIPTORS, fp8_products=fp8)
     return y.reshape(*x.shape[:-1], w.shape[0])
 
 
@@ -172,14 +184,16 @@ def _spmm_implementation(
     shape: list[int],
     bias: torch.Tensor | None,
     activation: str | None,
+    scales: torch.Tensor | None,
+    fp8_activations: bool,
 ) -> torch.Tensor:
-    return _forward(x, _matrix(values, index, shape), bias, activation)
+    return _forward(x, _matrix(values, index, shape, scales, fp8_activations), bias, activation)
 
 
 _spmm_op = define_op(
     "spmm",
     _spmm_implementation,
-    lambda x, values, index, shape, bias, activation: x.new_empty((*x.shape[:-1], shape[0])),
+    lambda x, values, index, shape, bias, activation, scales, fp8_activations: x.new_empty((*x.shape[:-1], shape[0])),
     differentiable=True,  # register_autograd, below
 )
 
@@ -282,18 +296,20 @@ def _gradients(
 
 
 def _setup_context(ctx, inputs, output):
-    x, values, index, shape, bias, activation = inputs
+    x, values, index, shape, bias, activation, scales, _ = inputs
     ctx.save_for_backward(x, values, bias, *index)
-    ctx.shape, ctx.activation = shape, activation
+    ctx.shape, ctx.activation, ctx.quantized = shape, activation, scales is not None
 
 
 def _backward(ctx, grad_out):
+    if ctx.quantized:
+        raise RuntimeError(_no_backward("a quantized weight"))
     x, values, bias, *index = ctx.saved_tensors
     needs = ctx.needs_input_grad
     w = _matrix(values, index, ctx.shape)
     grads = _gradients(_CUSTOM_OPS, grad_out, x, w, bias, ctx.activation, (needs[0], needs[1], needs[4]))
     grad_x, grad_values, grad_bias = grads
-    return grad_x, grad_values, [None] * len(index), None, grad_bias, None
+    return grad_x, grad_values, [None] * len(index), None, grad_bias, None, None, None
 
 
 torch.library.register_autograd("sparseblocks::spmm", _backward, setup_context=_setup_context)
@@ -304,7 +320,42 @@ def with_values(w: BlockSparseMatrix, values: torch.Tensor) -> BlockSparseMatrix
     receives its tensors unwrapped, while the matrix passed beside them still holds the wrapped ``values``."""
     if values is w.values:
         return w
-    return BlockSparseMatrix.from_parts(values, w.shape, w.index_tensors())
+    return BlockSparseMatrix.from_parts(values, w.shape, w.index_tensors(), w.scales, w.fp8_activations)
+
+
+def _no_backward(label: str) -> str:
+    return (f"{label} holds quantized tiles, which are for inference: there is no backward through it "
+            "(fine-tune before quantizing, or keep this layer out of the graph that needs gradients)")  # fmt: skip
+
+
+class _InferenceOnly(torch.autograd.Function):
+    """The forward of a quantized product where autograd records it (x or the bias requires a gradient); its
+    backward raises, naming ``label`` (the layer, where the caller knows it)."""
+
+    @staticmethod
+    def forward(ctx, x, bias, w, activation, label):
+        ctx.label = label
+        return _forward(x, w, bias, activation)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        raise RuntimeError(_no_backward(ctx.label))
+
+
+def spmm_inference_only(
+    x: torch.Tensor,
+    w: BlockSparseMatrix,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    label: str = "a quantized weight",
+) -> torch.Tensor:
+    """:func:`spmm` for a quantized ``w``; where autograd would record it, a backward through it raises a
+    ``RuntimeError`` naming ``label``."""
+    if torch.compiler.is_compiling():
+        return _spmm_op(x, w.values, _index(w), list(w.shape), bias, activation, w.scales, w.fp8_activations)
+    if needs_grad(x, bias):
+        return _InferenceOnly.apply(x, bias, w, activation, label)
+    return _forward(x, w, bias, activation)
 
 
 class _EagerSpmm(torch.autograd.Function):
@@ -345,7 +396,10 @@ def check_spmm_inputs(x: torch.Tensor, w: BlockSparseMatrix, bias: torch.Tensor 
     n, k = w.shape
     if x.dim() < 1 or x.shape[-1] != k:
         raise ValueError(f"x must have shape (..., K={k}) to multiply a {n}x{k} weight, got {tuple(x.shape)}")
-    if x.dtype != w.dtype:
+    if w.scales is not None:
+        if not x.is_floating_point() or x.dtype.itemsize < 2:
+            raise ValueError(f"x must be float16, bfloat16, float32 or float64 for quantized tiles, got {x.dtype}")
+    elif x.dtype != w.dtype:
         raise ValueError(f"x is {x.dtype} but the weight is {w.dtype}; cast one of them")
     if x.device != w.device:
         raise ValueError(f"x is on {x.device} but the weight is on {w.device}")
@@ -375,7 +429,9 @@ def autocast_inputs(
         return x, matrices, biases
     dtype = torch.get_autocast_dtype(x.device.type)
     cast = lambda t: t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
-    matrices = [BlockSparseMatrix.from_parts(cast(w.values), w.shape, w.index_tensors()) for w in matrices]
+    # quantized tiles keep their dtype and scales: their products run in the activations' dtype already
+    matrices = [w if w.scales is not None else BlockSparseMatrix.from_parts(cast(w.values), w.shape,
+                w.index_tensors()) for w in matrices]  # fmt: skip
     return cast(x), matrices, [cast(b) for b in biases]
 
 
@@ -389,15 +445,18 @@ def spmm(
 
     x: ``(..., K)`` float16/bfloat16/float32, any strides; w: logical ``(N, K)`` of x's dtype and device;
     bias: ``(N,)`` or None; activation: None, "relu", "gelu", "gelu_tanh" or "silu". Returns ``(..., N)``.
-    Differentiable w.r.t. ``x``, ``w.values`` and ``bias``. Under ``torch.autocast`` the three are cast to the
-    autocast dtype first, as ``F.linear`` does (the casts are differentiable, so fp32 master weights get fp32
-    gradients).
+    Differentiable w.r.t. ``x``, ``w.values`` and ``bias``, unless ``w`` holds quantized tiles (int8 or fp8 with
+    scales, for inference: x of any of those dtypes or float64; a backward raises). Under ``torch.autocast`` the
+    three are cast to the autocast dtype first, as ``F.linear`` does (the casts are differentiable, so fp32 master
+    weights get fp32 gradients); quantized tiles keep theirs.
     """
     if isinstance(w, BlockSparseMatrix) and isinstance(x, torch.Tensor):
         x, (w,), (bias,) = autocast_inputs(x, [w], [bias])
     check_spmm_inputs(x, w, bias, activation)
+    if w.scales is not None:
+        return spmm_inference_only(x, w, bias, activation)
     if torch.compiler.is_compiling():
-        return _spmm_op(x, w.values, _index(w), list(w.shape), bias, activation)
+        return _spmm_op(x, w.values, _index(w), list(w.shape), bias, activation, None, False)
     if not needs_grad(x, w.values, bias):  # inference: the autograd.Function alone costs ~10 µs of CPU a call
         return _forward(x, w, bias, activation)
     return _EagerSpmm.apply(x, w.values, bias, w, activation)
