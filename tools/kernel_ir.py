@@ -29,8 +29,14 @@ UNIT_STRIDES = ("stride_xk", "stride_yn", "stride_gn")  # 1 at run time: Triton 
 ALIGNED_INTS = ("stride_xm", "stride_ym", "stride_gm", "OUT", "IN", "N", "K")  # multiples of 16 here
 
 
-def kernel_spec(name: str, mode: str, block_m: int, block: int, dtype: str = "bf16", precision: str = "tf32") -> tuple:
-    """(JIT function, {argument: type} for the non-constexpr ones, {constexpr: value}); data in ``dtype``."""
+# the tiles' Triton type for each --quantize choice, and whether x comes as fp8 too (W8A8)
+QUANTIZED_TILES = {"int8": ("i8", False), "fp8": ("fp8e4nv", False), "fp8-w8a8": ("fp8e4nv", True)}
+
+
+def kernel_spec(name: str, mode: str, block_m: int, block: int, dtype: str = "bf16", precision: str = "tf32",
+                quantize: str | None = None) -> tuple:  # fmt: skip
+    """(JIT function, {argument: type} for the non-constexpr ones, {constexpr: value}); data in ``dtype``, tiles
+    quantized as ``quantize`` (``QUANTIZED_TILES``) where given."""
     common = {"BN": block, "BK": block, "INPUT_PRECISION": precision, "DOT_IN_FP32": False, "HAS_BIAS": False,
               "ACTIVATION": 0, "QUANTIZED": False}  # fmt: skip
     row_modes = {"TRANSPOSED": mode == "transposed", "BLOCK_M": block_m, "GRAD_EPILOGUE": False,
@@ -51,6 +57,21 @@ def kernel_spec(name: str, mode: str, block_m: int, block: int, dtype: str = "bf
                  **{p: "*i32" for p in ("ptr_ptr", "idx_ptr", "perm_ptr", "order_ptr", "ccol2_ptr", "row2_ptr",
                                         "perm2_ptr", "gate_crow_ptr", "gate_col_ptr")}}  # fmt: skip
     const.update({s: 1 for s in UNIT_STRIDES if s in fn.arg_names})
+    tiles, x_fp8 = QUANTIZED_TILES[quantize] if quantize else (None, False)
+    if quantize:
+        const["QUANTIZED"] = True
+        if "X_FP8" in const:
+            const["X_FP8"] = x_fp8
+        for arg, kind in list(types.items()):
+            if arg in ("w_desc", "gate_desc"):
+                types[arg] = kind.replace(dtype, tiles, 1)
+        types.update({a: f"*{tiles}" for a in ("values_ptr", "gate_values_ptr")})
+        if x_fp8:
+            types.update(
+                {"x_ptr": "*fp8e4nv"}
+                if name != "rows_tma"
+                else {"x_desc": types["x_desc"].replace(dtype, "fp8e4nv", 1)}
+            )
     signature = {}
     for arg in fn.arg_names:
         if arg in const:
@@ -74,9 +95,11 @@ def main() -> None:
     parser.add_argument("--warps", type=int, default=4)
     parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
     parser.add_argument("--precision", default="tf32", choices=("ieee", "tf32", "tf32x3"), help="fp32 dots")
+    parser.add_argument("--quantize", choices=tuple(QUANTIZED_TILES), help="int8 or fp8 tiles (weights)")
     parser.add_argument("--out", type=Path, help="write the whole TTGIR here")
     args = parser.parse_args()
-    fn, signature, const = kernel_spec(args.kernel, args.mode, args.block_m, args.block, args.dtype, args.precision)
+    fn, signature, const = kernel_spec(args.kernel, args.mode, args.block_m, args.block, args.dtype, args.precision,
+                                       args.quantize)  # fmt: skip
     aligned = [a for a, t in signature.items() if t.startswith("*") or a in ALIGNED_INTS]
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
     compiled = triton.compile(ASTSource(fn, signature, const, attrs), target=GPUTarget("cuda", 90, 32),

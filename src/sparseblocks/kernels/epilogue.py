@@ -43,14 +43,19 @@ def accumulate_tile(acc, x_tile, w_tile, scales_ptr, tile, BN: tl.constexpr, QUA
     ``(nnz, BN)`` float32 start at ``scales_ptr``. It goes into the dot in x's dtype (exact: |q| ≤ 127 and every
     e4m3 value are bf16 and fp16 values; fp8 × fp8 where x is fp8 too, W8A8), and the tile's fp32 product is scaled
     by its row scales before it is added: exact, where scaling the tile first would round it to x's dtype."""
+    # One return, after the branches: the compiler (Triton 3.6) also compiles code after a return inside a
+    # constexpr branch, so an early return would still send int8 tiles into the unquantized dot and fail there
+    # (the interpreter, which runs plain Python, never saw it).
     if QUANTIZED:
         scale = tl.load(scales_ptr + tl.cast(tile, tl.int64) * BN + tl.arange(0, BN))
         if DOT_IN_FP32:  # straight to fp32 (exact): the interpreter converts int8 to bf16 wrongly
             a, b = x_tile.to(tl.float32), tl.trans(w_tile.to(tl.float32))
         else:
             a, b = x_tile, tl.trans(w_tile.to(x_tile.dtype))
-        return acc + tl.dot(a, b, tl.zeros_like(acc), input_precision=INPUT_PRECISION) * scale[None, :]
-    return accumulate_dot(acc, x_tile, tl.trans(w_tile), DOT_IN_FP32, INPUT_PRECISION)
+        acc = acc + tl.dot(a, b, tl.zeros_like(acc), input_precision=INPUT_PRECISION) * scale[None, :]
+    else:
+        acc = accumulate_dot(acc, x_tile, tl.trans(w_tile), DOT_IN_FP32, INPUT_PRECISION)
+    return acc
 
 
 @triton.jit
