@@ -124,7 +124,7 @@ def test_gated_rows_and_refused_inputs():
     with pytest.raises(ValueError, match="must match"):
         gated_rows(x, up, other_blocks.to(DEVICE), None, None, "silu")
     with pytest.raises(ValueError, match="gated mode"):
-        RowLaunch(RowMode.INPUT_GRAD, gate=gate)
+        RowLaunch(RowMode.INPUT_GRAD, gate=gate).check()
 
 
 def test_gated_configs_fit_two_accumulators():

@@ -96,7 +96,7 @@ def test_row_kernel_with_and_without_descriptors(block, dtype, descriptors):
     check_output(run(grad_out, RowLaunch(RowMode.INPUT_GRAD))[0], grad_out.double() @ dense.to(DEVICE), dtype)
     assert no_sums is None
     with pytest.raises(ValueError, match="activation- or hidden-gradient mode"):
-        RowLaunch(RowMode.FORWARD, bias, "gelu", bias_grad=True)
+        RowLaunch(RowMode.FORWARD, bias, "gelu", bias_grad=True).check()
 
 
 def test_inputs_the_copy_engine_cannot_address_take_the_pointer_kernel():

@@ -5,7 +5,7 @@ take for it (:func:`row_arguments`)."""
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -23,15 +23,16 @@ class RowMode(enum.Enum):
     HIDDEN_GRAD = "hidden_grad"  # dZ = (dY2·W2) ⊙ act'(X·Wᵀ + b), dY2·W2 computed on chip (descriptors only)
 
 
-@dataclass(frozen=True)
-class RowLaunch:
+class RowLaunch(NamedTuple):
     """One launch of the row kernel: its mode and the tensors its epilogue reads.
 
     ``grad``: dY ``(M, OUT)`` for ``ACTIVATION_GRAD``, the next layer's dY2 ``(M, N2)`` for ``HIDDEN_GRAD``;
     ``bias_grad``: with those two, also dZ's fp32 column sums (the bias gradient); ``gate``/``gate_bias``: the
     gate of ``GATED`` (tiled like W); ``grad_weight``: W2 of ``HIDDEN_GRAD``; ``x_scales``: ``FORWARD`` of W8A8
     tiles only, X is the activations quantized to fp8 per row (``format.quantize_rows``) and these ``(M,)`` float32
-    their scales, the output in ``out_dtype`` (the activations' dtype).
+    their scales, the output in ``out_dtype`` (the activations' dtype). :meth:`check` refuses combinations the
+    kernel has no mode for; ``launch_rows`` calls it. (A named tuple: one is built per launch, where a frozen
+    dataclass cost ~3 µs of CPU more.)
     """
 
     mode: RowMode = RowMode.FORWARD
@@ -45,7 +46,8 @@ class RowLaunch:
     x_scales: torch.Tensor | None = None
     out_dtype: torch.dtype | None = None
 
-    def __post_init__(self) -> None:
+    def check(self) -> RowLaunch:
+        """This launch, or a ``ValueError`` naming what no mode of the kernel takes."""
         if self.x_scales is not None and (self.mode is not RowMode.FORWARD or self.out_dtype is None):
             raise ValueError("x_scales (fp8 activations) are for the forward mode, with an out_dtype")
         gradient_epilogue = self.mode in (RowMode.ACTIVATION_GRAD, RowMode.HIDDEN_GRAD)
@@ -62,14 +64,14 @@ class RowLaunch:
             raise ValueError("grad_weight is for the hidden-gradient mode, which needs it")
         if self.mode is RowMode.INPUT_GRAD and (self.bias is not None or self.activation is not None):
             raise ValueError("the input gradient takes no bias and no activation")
+        return self
 
     @property
     def transposed(self) -> bool:
         return self.mode is RowMode.INPUT_GRAD
 
 
-@dataclass(frozen=True)
-class RowGeometry:
+class RowGeometry(NamedTuple):
     """The output's width and tiles of a launch, the reduction's width, and the index arrays it walks
     (row pointers, tile indices, the permutation into the values, the visiting order)."""
 
@@ -83,7 +85,8 @@ class RowGeometry:
 
 def row_arguments(x2: torch.Tensor, w: BlockSparseMatrix, spec: RowLaunch) -> tuple[RowGeometry, dict]:
     """The geometry and the constexprs both versions of the row kernel share, for ``spec`` on ``x2`` ``(M, IN)``."""
-    (n, k), (bn, bk), (n_block_rows, n_block_cols) = w.shape, w.block_shape, w.block_grid
+    (n, k), (_, bn, bk) = w.shape, w.values.shape  # (properties of w would recompute these: ~1 µs each)
+    n_block_rows, n_block_cols = -(-n // bn), -(-k // bk)
     if spec.transposed:
         index = (w.ccol_indices, w.row_indices, w.transpose_perm, w.col_order)
         geometry = RowGeometry(k, n, n_block_cols, bk, bn, index)

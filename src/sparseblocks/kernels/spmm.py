@@ -213,7 +213,7 @@ def launch_rows(
     ``dispatch.descriptors_fit``), else pointer loads; the hidden-gradient mode exists in the descriptor version
     only. ``config`` (``BLOCK_M``, ``num_warps``, ``num_stages``) skips the autotuner: for tuning scripts.
     """
-    if spec.mode is RowMode.HIDDEN_GRAD and not descriptors:
+    if spec.check().mode is RowMode.HIDDEN_GRAD and not descriptors:
         raise ValueError("the hidden gradient from dY · W2 runs in the descriptor kernel only")
     geometry, meta = row_arguments(x2, w, spec)
     m = x2.shape[0]
@@ -238,7 +238,10 @@ def _launch_pointers(x2, w, spec, geometry, meta, config, parts) -> tuple[torch.
     y = torch.empty((m, geometry.out_features), device=x2.device, dtype=spec.out_dtype or x2.dtype)
     bias, gate, gate_bias, grad2 = spec.bias, spec.gate, spec.gate_bias, spec.grad
     bias, gate_bias = (None if b is None else b.contiguous() for b in (bias, gate_bias))  # read as flat arrays
-    buckets = (m_bucket(m), density_bucket(w.density))
+    buckets = (
+        m_bucket(m),
+        density_bucket(w.nnz / (geometry.n_out_blocks * cdiv(geometry.in_features, geometry.in_block))),
+    )
     args = (
         x2,
         w.values,

@@ -42,14 +42,16 @@ def check_mlp_shapes(up: BlockSparseMatrix, down: BlockSparseMatrix, gate: Block
         raise ValueError(f"gate {tuple(gate.shape)} must match up {tuple(up.shape)}")
 
 
-def _mlp_plan(m: int, weights: MLPWeights, device: torch.device) -> Plan:
-    """:func:`dispatch.mlp_plan` for these weights on ``device``."""
+def _mlp_plan(m: int, weights: MLPWeights, device: torch.device) -> tuple[Plan, bool]:
+    """:func:`dispatch.mlp_plan` for these weights on ``device``, and whether they are W8A8 tiles."""
+    facts, matrices = dispatch.device_facts(device), weights.matrices
+    w8a8 = False
+    if any(w.scales is not None for w in matrices):  # quantized tiles (checked only then: this runs every call)
+        for w in matrices:
+            dispatch.check_quantized_tiles(w, facts)
+        w8a8 = any(w.fp8_activations for w in matrices)
     gate = Tiles.of(weights.gate) if weights.gate is not None else None
-    facts = dispatch.device_facts(device)
-    for w in weights.matrices:
-        dispatch.check_quantized_tiles(w, facts)
-    w8a8 = any(w.fp8_activations for w in weights.matrices)
-    return dispatch.mlp_plan(m, Tiles.of(weights.up), Tiles.of(weights.down), gate, facts, w8a8)
+    return dispatch.mlp_plan(m, Tiles.of(weights.up), Tiles.of(weights.down), gate, facts, w8a8), w8a8
 
 
 def _matrices(
@@ -95,8 +97,8 @@ def _inference(x: torch.Tensor, weights: MLPWeights, activation: str) -> torch.T
     if not use_triton(x):
         return reference.mlp(x, weights, activation)
     x2 = x.reshape(-1, weights.up.shape[1])
-    plan = _mlp_plan(x2.shape[0], weights, x.device)
-    if plan is not Plan.UNFUSED and any(w.fp8_activations for w in weights.matrices):
+    plan, w8a8 = _mlp_plan(x2.shape[0], weights, x.device)
+    if plan is not Plan.UNFUSED and w8a8:
         dispatch.notice_weight_only(plan.value)  # forced: the fused launches multiply fp8 tiles weight-only
     with on_device_of(x2):
         if plan is Plan.UNFUSED:

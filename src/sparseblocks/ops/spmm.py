@@ -73,7 +73,7 @@ def forward_with_kernels(x: torch.Tensor, w: BlockSparseMatrix, bias: torch.Tens
         from sparseblocks.kernels.spmm import spmm_rows
 
         fp8 = w.fp8_activations and dispatch.fp8_products(plan, device)
-        y = spmm_rows(x2, w, bias, activation, descriptors=plan is Plan.ROWS_DESCRIPTORS, fp8_products=fp8)
+        return spmm_rows(x, w, bias, activation, descriptors=plan is Plan.ROWS_DESCRIPTORS, fp8_products=fp8)
     return y.reshape(*x.shape[:-1], w.shape[0])
 
 
