@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparseblocks.format import normalize_block_size
+from sparseblocks.integrations.distributed.tensors import full_tensor
 from sparseblocks.masks import block_norms, expand_block_mask, top_blocks_mask
 
 
@@ -48,7 +49,7 @@ class SupermaskLinear(nn.Module):
 
     def block_mask(self) -> torch.Tensor:
         """The tiles kept now: bool ``(N_blocks, K_blocks)``."""
-        return top_blocks_mask(self.scores.detach(), 1.0 - self.sparsity)
+        return top_blocks_mask(full_tensor(self.scores.detach()), 1.0 - self.sparsity)  # FSDP2: gathered
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mask = _TopKStraightThrough.apply(self.scores, 1.0 - self.sparsity)
@@ -59,9 +60,10 @@ class SupermaskLinear(nn.Module):
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
         linear.to(device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
-            linear.weight.copy_(self.weight * expand_block_mask(self.block_mask(), self.block, self.weight.shape))
+            weight = full_tensor(self.weight.detach())
+            linear.weight.copy_(weight * expand_block_mask(self.block_mask(), self.block, self.weight.shape))
             if self.bias is not None:
-                linear.bias.copy_(self.bias)
+                linear.bias.copy_(full_tensor(self.bias.detach()))
         return linear
 
     def extra_repr(self) -> str:
