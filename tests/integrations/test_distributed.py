@@ -119,3 +119,170 @@ def test_a_pattern_that_differs_between_ranks_is_refused_naming_layer_and_rank()
     messages = run_ranks(_mismatch_worker, 2)
     for message in messages:  # every rank raises (none waits on the others)
         assert "layer blocks.1.mlp.proj" in message and "rank 1" in message, message
+
+
+# ---------------------------------------------------------------------------------------------- pruning
+
+
+PRUNING_METHODS = ("magnitude", "activation_magnitude", "fisher", "prune_grow", "supermask")
+
+
+def _prune(method: str, sharded: bool) -> dict:
+    """A dense tiny GPT pruned by ``method`` to 75% of its MLP tiles (16x16) over four SGD steps, then converted:
+    masks after each step, and the converted model's logits on fixed tokens."""
+    from sparseblocks.integrations.distributed import shard_sparse_model
+    from sparseblocks.pruning.pruner import CubicSchedule, Pruner
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=VOCAB, context=CONTEXT, layers=2, heads=2, width=WIDTH))
+    schedule = CubicSchedule(1, 3, 1, initial=0.75 if method == "prune_grow" else 0.0)
+    pruner = Pruner(model, SparsityConfig(0.75, 16, targets="mlp"), method, schedule)
+    world, rank = (dist.get_world_size(), dist.get_rank()) if sharded else (1, 0)
+    if sharded:
+        shard_sparse_model(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    pruner.optimizer = optimizer
+    tokens = _tokens(2, per_rank=4)
+    part = tokens.chunk(world)[rank]
+    masks = []
+    for step in range(4):
+        if "inputs" in pruner.strategy.needs and schedule.updates_at(step):
+            with pruner.observe_inputs(), torch.no_grad():
+                model(part[:, :-1])
+        model(part[:, :-1], part[:, 1:])[1].backward()
+        if "gradients" in pruner.strategy.needs:
+            pruner.observe_gradients()
+        optimizer.step()
+        optimizer.zero_grad()
+        pruner.step()
+        masks.append({name: mask.clone() for name, mask in pruner.masks.items()})
+    pruner.finalize()
+    with torch.no_grad():
+        logits = model(tokens[:, :-1])[0]
+    return {"masks": masks, "logits": logits}
+
+
+def _swap_tiles(rank: int, world: int) -> dict:
+    """A sharded sparse GPT after one AdamW step, then one MLP layer's pattern with a tile swapped
+    (``set_pattern``): its tiles, moments and pattern, whole, before and after."""
+    from sparseblocks.integrations.distributed import full_tensor, shard_sparse_model
+
+    model = shard_sparse_model(_sparse_gpt())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    tokens = _tokens(world).chunk(world)[rank]
+    model(tokens[:, :-1], tokens[:, 1:])[1].backward()
+    optimizer.step()
+    layer = model.blocks[0].mlp.fc
+
+    def whole() -> dict:
+        state = optimizer.state[layer.values]
+        return {"values": full_tensor(layer.values.detach()), "exp_avg": full_tensor(state["exp_avg"]),
+                "exp_avg_sq": full_tensor(state["exp_avg_sq"]), "crow_indices": layer.crow_indices.clone(),
+                "col_indices": layer.col_indices.clone()}  # fmt: skip
+
+    before = whole()
+    mask = _block_mask(layer).flatten().clone()
+    kept, pruned = mask.nonzero()[0], (~mask).nonzero()[-1]
+    mask[kept], mask[pruned] = False, True
+    layer.set_pattern(mask.view_as(_block_mask(layer)), optimizer)
+    return {"before": before, "after": whole(), "mask": mask.view_as(_block_mask(layer))}
+
+
+def _block_mask(layer) -> torch.Tensor:
+    from sparseblocks.format import BlockSparseMatrix
+
+    zeros = torch.zeros(layer.col_indices.numel(), *layer.values.shape[1:])
+    return BlockSparseMatrix(
+        zeros, layer.crow_indices, layer.col_indices, (layer.out_features, layer.in_features)
+    ).block_mask()
+
+
+def _pruning_worker(rank: int, world: int) -> dict:
+    return {method: _prune(method, sharded=True) for method in PRUNING_METHODS}
+
+
+def test_every_pruning_method_under_fsdp2_gives_every_rank_the_masks_of_one_process():
+    """Scores from the gathered weights, gradients (reduced over ranks, then gathered) and input statistics (summed
+    over ranks): every rank gets the masks one process gets on the whole batch, and the converted model computes
+    what that process's does."""
+    ranks = run_ranks(_pruning_worker, 2)
+    for method in PRUNING_METHODS:
+        expected = _prune(method, sharded=False)
+        changed = any(not m.all() for m in expected["masks"][-1].values())
+        assert changed, method  # the test prunes something
+        for result in ranks:
+            for step, (got, want) in enumerate(zip(result[method]["masks"], expected["masks"], strict=True)):
+                for name in want:
+                    assert torch.equal(got[name], want[name]), (method, step, name)
+            assert relative_error(result[method]["logits"], expected["logits"]) < 1e-5, method
+
+
+def test_set_pattern_on_sharded_tiles_keeps_surviving_tiles_and_their_optimizer_state():
+    """A swap (the tile count kept) on values and Adam moments sharded over 2 ranks: every rank holds what
+    ``with_pattern`` makes of the whole tensors (kept tiles moved, the new tile and its moments zero)."""
+    from sparseblocks.format import BlockSparseMatrix, gather_tiles
+
+    ranks = run_ranks(_swap_tiles, 2)
+    for result in ranks:
+        before, after = result["before"], result["after"]
+        shape = (4 * WIDTH, WIDTH)
+        matrix = BlockSparseMatrix(before["values"], before["crow_indices"], before["col_indices"], shape)
+        expected, source = matrix.with_pattern(result["mask"])
+        assert (source == -1).sum() == 1 and not torch.equal(after["col_indices"], before["col_indices"])
+        assert torch.equal(after["col_indices"], expected.col_indices)
+        for key in ("values", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(after[key], gather_tiles(before[key], source)), key
+        assert torch.equal(after["values"], ranks[0]["after"]["values"])
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(_tokens(1)[:, :-1])[0]
+
+
+def _save_worker(rank: int, world: int, path: str) -> torch.Tensor:
+    from sparseblocks.integrations.distributed import save_sharded, shard_sparse_model
+
+    model = shard_sparse_model(_sparse_gpt(seed=0))
+    _train(model, _tokens(world, per_rank=1)[rank : rank + 1], steps=1)  # values no longer those of the seed
+    save_sharded(model, path)
+    return _logits(model)
+
+
+def _load_worker(rank: int, world: int, path: str, folder: str) -> dict:
+    from sparseblocks.integrations.distributed import (
+        CheckpointMismatchError,
+        export_sparse,
+        load_patterns,
+        load_sharded,
+        shard_sparse_model,
+    )
+
+    wider = GPT(GPTConfig(vocab_size=VOCAB, context=CONTEXT, layers=2, heads=2, width=2 * WIDTH))
+    with pytest.raises(CheckpointMismatchError, match="not a checkpoint of this model") as mismatch:
+        load_patterns(wider, path)
+    model = _sparse_gpt(seed=1)  # other patterns and values: the checkpoint's replace them
+    load_patterns(model, path)
+    shard_sparse_model(model)
+    load_sharded(model, path)
+    export_sparse(model, folder)
+    return {"logits": _logits(model), "mismatch": str(mismatch.value)}
+
+
+def test_a_checkpoint_saved_at_4_ranks_loads_at_2_and_exports_to_one_folder(tmp_path):
+    """DCP at 4 ranks, read at 2 into a model of other patterns (load_patterns, shard, load_sharded): the same
+    logits, bitwise; exported with save_sparse's format, it loads in one process with load_sparse; a checkpoint of
+    another model is refused, naming what differs."""
+    from sparseblocks import load_sparse
+
+    path, folder = str(tmp_path / "dcp"), str(tmp_path / "exported")
+    saved = run_ranks(_save_worker, 4, path)
+    loaded = run_ranks(_load_worker, 2, path, folder)
+    for result in loaded:
+        assert torch.equal(result["logits"], saved[0]), relative_error(result["logits"], saved[0])
+        assert "other shapes" in result["mismatch"] and "blocks.0.mlp.proj.bias: checkpoint (64,)" in result["mismatch"]
+    single = load_sparse(folder, _sparse_gpt(seed=2)).eval()
+    assert torch.equal(_logits(single), saved[0])

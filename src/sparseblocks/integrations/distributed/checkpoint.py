@@ -112,13 +112,16 @@ def load_sharded(model: nn.Module, path: str | Path) -> None:
 @contextlib.contextmanager
 def whole_parameters(model: nn.Module) -> Iterator[None]:
     """Within the block, every sharded parameter of ``model`` is replaced by its whole tensor (gathered; tied
-    parameters stay tied); restored after. A collective: every rank enters it. Reads only: writes are lost."""
+    parameters stay tied; each its own storage, as safetensors wants); restored after. A collective: every rank
+    enters it. Reads only: writes are lost."""
     swapped, whole = [], {}
     for module in model.modules():
         for name, parameter in list(module._parameters.items()):
             if parameter is not None and is_sharded(parameter):
                 if id(parameter) not in whole:
-                    whole[id(parameter)] = nn.Parameter(full_tensor(parameter.detach()), parameter.requires_grad)
+                    whole[id(parameter)] = nn.Parameter(
+                        full_tensor(parameter.detach()).clone(), parameter.requires_grad
+                    )
                 swapped.append((module, name, parameter))
                 module._parameters[name] = whole[id(parameter)]
     try:
