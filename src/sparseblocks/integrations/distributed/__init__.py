@@ -15,7 +15,7 @@ _HOMES = {
     "fsdp": ("PatternMismatchError", "check_patterns", "set_sharded_pattern", "shard_sparse_model",
              "transformer_blocks"),
     "tensors": ("full_tensor", "is_sharded", "placed_like", "write_full"),
-    "tensor_parallel": ("PlanError", "TensorParallel", "gpt_plan", "llama_plan", "parallelize_sparse",
+    "tensor_parallel": ("ParallelGroup", "PlanError", "gpt_plan", "llama_plan", "parallelize_sparse",
                         "split_units"),
 }  # fmt: skip
 _MODULE_OF = {name: module for module, names in _HOMES.items() for name in names}
