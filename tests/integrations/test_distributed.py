@@ -286,3 +286,48 @@ def test_a_checkpoint_saved_at_4_ranks_loads_at_2_and_exports_to_one_folder(tmp_
         assert "other shapes" in result["mismatch"] and "blocks.0.mlp.proj.bias: checkpoint (64,)" in result["mismatch"]
     single = load_sparse(folder, _sparse_gpt(seed=2)).eval()
     assert torch.equal(_logits(single), saved[0])
+
+
+# ---------------------------------------------------------------------------------------------- recipe
+
+
+def test_torchrun_trains_the_gpt_recipe_with_fsdp2_like_one_process(tmp_path):
+    """``torchrun --nproc-per-node 2 -m sparseblocks.cli train gpt ... --fsdp``: Fisher pruning to 90% in 32x32
+    tiles over 20 steps; the mean training loss, the last one and the converted model's validation loss are one
+    process's, and the saved model loads in one process."""
+    import json
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+
+    from distributed_ranks import free_port
+
+    from sparseblocks.recipes.experiments import Experiment
+    from sparseblocks.recipes.training import load_recipe_model, train_gpt
+
+    text = tmp_path / "text.txt"
+    generator = random.Random(0)
+    text.write_text("".join(generator.choice("abcdefgh \n") for _ in range(20000)))
+    settings = {"steps": 20, "layers": 2, "heads": 2, "width": 64, "context": 32, "batch_size": 8, "dropout": 0.0}
+    expected = train_gpt(text, tmp_path / "one", "fisher", 0.9, 32, Experiment(**settings), progress=False)
+    options = [f"--{name.replace('_', '-')}={value}" for name, value in settings.items()]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+               str(free_port()), "-m", "sparseblocks.cli", "train", "gpt", "--data", str(text), "--method", "fisher",
+               "--sparsity", "0.9", "--block", "32", "--out", str(tmp_path / "fsdp"), "--fsdp", *options]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)  # fmt: skip
+    try:
+        output, _ = process.communicate(timeout=150)
+    finally:
+        if process.poll() is None:  # timed out: end torchrun and its workers (their own process group)
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 0, output[-3000:]
+    row = json.loads((tmp_path / "fsdp" / "recipe.json").read_text())["result"]
+    for key in ("train_loss_last", "val_loss"):
+        assert abs(row[key] - expected[key]) / expected[key] < 1e-5, (key, row[key], expected[key])
+    assert abs(row["train_curve"][0] - expected["train_curve"][0]) < 1e-4  # rounded to 4 decimals
+    model = load_recipe_model(tmp_path / "fsdp")
+    assert model.blocks[0].mlp.fc.values.shape[0] == 2  # 10% of the 8x2 tiles, rounded
