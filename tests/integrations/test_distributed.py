@@ -164,8 +164,8 @@ def _prune(method: str, sharded: bool) -> dict:
 
 def _swap_tiles(rank: int, world: int) -> dict:
     """A sharded sparse GPT after one AdamW step, then one MLP layer's pattern with a tile swapped
-    (``set_pattern``): its tiles, moments and pattern, whole, before and after."""
-    from sparseblocks.integrations.distributed import full_tensor, shard_sparse_model
+    (``set_sharded_pattern``; ``set_pattern`` points to it): its tiles, moments and pattern, whole, before and after."""
+    from sparseblocks.integrations.distributed import full_tensor, set_sharded_pattern, shard_sparse_model
 
     model = shard_sparse_model(_sparse_gpt())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -184,7 +184,9 @@ def _swap_tiles(rank: int, world: int) -> dict:
     mask = _block_mask(layer).flatten().clone()
     kept, pruned = mask.nonzero()[0], (~mask).nonzero()[-1]
     mask[kept], mask[pruned] = False, True
-    layer.set_pattern(mask.view_as(_block_mask(layer)), optimizer)
+    with pytest.raises(TypeError, match="set_sharded_pattern"):
+        layer.set_pattern(mask.view_as(_block_mask(layer)), optimizer)
+    set_sharded_pattern(layer, mask.view_as(_block_mask(layer)), optimizer)
     return {"before": before, "after": whole(), "mask": mask.view_as(_block_mask(layer))}
 
 
@@ -217,7 +219,7 @@ def test_every_pruning_method_under_fsdp2_gives_every_rank_the_masks_of_one_proc
             assert relative_error(result[method]["logits"], expected["logits"]) < 1e-5, method
 
 
-def test_set_pattern_on_sharded_tiles_keeps_surviving_tiles_and_their_optimizer_state():
+def test_set_sharded_pattern_keeps_surviving_tiles_and_their_optimizer_state():
     """A swap (the tile count kept) on values and Adam moments sharded over 2 ranks: every rank holds what
     ``with_pattern`` makes of the whole tensors (kept tiles moved, the new tile and its moments zero)."""
     from sparseblocks.format import BlockSparseMatrix, gather_tiles

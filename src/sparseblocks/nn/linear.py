@@ -124,13 +124,14 @@ class BlockSparseLinear(nn.Module):
         tiles start at zero with zeroed state. A state tensor of any other shape cannot follow the tiles: then the
         parameter's whole state is dropped, and the optimizer starts it afresh at its next step. ``values`` stays
         the same ``Parameter`` object, so the optimizer keeps working on it. Under DDP the number of tiles must stay
-        the same (the gradient buckets are sized once), and every rank must pass the same mask; under FSDP2 too
-        (the shards are sized once).
+        the same (the gradient buckets are sized once), and every rank must pass the same mask. Under FSDP2
+        use ``sparseblocks.integrations.distributed.set_sharded_pattern`` (same rules: the shards are sized once).
         """
-        if type(self.values).__name__ == "DTensor":  # sharded by FSDP2: gathered, changed, written back
-            from sparseblocks.integrations.distributed.fsdp import set_sharded_pattern
-
-            return set_sharded_pattern(self, mask, optimizer)
+        if type(self.values).__name__ == "DTensor":  # nn sits below integrations: the sharded version lives there
+            raise TypeError(
+                "values are sharded (FSDP2): use sparseblocks.integrations.distributed.set_sharded_pattern"
+                "(layer, mask, optimizer)"
+            )
         old_tiles = self.values.shape[0]
         matrix, source = self.matrix.with_pattern(mask)
         self.values.data = matrix.values
