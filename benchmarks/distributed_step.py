@@ -148,8 +148,11 @@ def dcp_save(args, device: torch.device) -> None:
 
     size = "toy" if args.toy else "llama-3.2-1b"
     model = shard_sparse_model(llama(size, True, 16 if args.toy else 64, device, torch.float32))
-    ms = timed(lambda: save_sharded(model, args.checkpoint), 1, device)
-    report("dcp_save", "sparse_mlp_90", ms, device, model=size)
+    dist.barrier()
+    begin = time.perf_counter()
+    save_sharded(model, args.checkpoint)  # once: repeated saves into one folder overwrite files under each other
+    dist.barrier()
+    report("dcp_save", "sparse_mlp_90", (time.perf_counter() - begin) * 1e3, device, model=size)
 
 
 def dcp_load(args, device: torch.device) -> None:
@@ -179,6 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         for section in args.sections:
             {"fsdp": fsdp, "tp": tp, "dcp-save": dcp_save, "dcp-load": dcp_load}[section](args, device)
+        dist.barrier()  # no rank leaves while another still writes its shards
     finally:
         dist.destroy_process_group()
 
