@@ -60,7 +60,7 @@ def _train_gpt(args: argparse.Namespace) -> int:
     settings = {name: getattr(args, name) for name in _GPT_SETTINGS if getattr(args, name) is not None}
     try:
         train_gpt(args.data, args.out, args.method, args.sparsity, args.block, Experiment(**settings),
-                  args.checkpoint_every, args.resume, args.stop_after)  # fmt: skip
+                  args.checkpoint_every, args.resume, args.stop_after, fsdp=args.fsdp)  # fmt: skip
     except (ResumeError, OSError, ValueError) as error:  # bad settings or data, a damaged checkpoint
         raise SystemExit(f"sparseblocks train gpt: {error}") from error
     return 0
@@ -289,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     train_gpt.add_argument("--block", type=int, default=32, choices=(16, 32, 64, 128), help="block size (default 32)")
     train_gpt.add_argument("--out", default="sparseblocks-gpt", help="checkpoints and model (default %(default)s)")
     train_gpt.add_argument("--checkpoint-every", type=int, default=500, metavar="STEPS", help="(default 500)")
+    train_gpt.add_argument(
+        "--fsdp", action="store_true", help="FSDP2 over the ranks of torchrun (NCCL on GPUs, gloo on CPUs); no --resume"
+    )
     for name, kind in _GPT_SETTINGS.items():
         train_gpt.add_argument(f"--{name.replace('_', '-')}", type=kind, help=f"default {getattr(Experiment, name)}")
     train_gpt.set_defaults(run=_train_gpt)

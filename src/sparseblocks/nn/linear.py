@@ -125,8 +125,14 @@ class BlockSparseLinear(nn.Module):
         tiles start at zero with zeroed state. A state tensor of any other shape cannot follow the tiles: then the
         parameter's whole state is dropped, and the optimizer starts it afresh at its next step. ``values`` stays
         the same ``Parameter`` object, so the optimizer keeps working on it. Under DDP the number of tiles must stay
-        the same (the gradient buckets are sized once), and every rank must pass the same mask.
+        the same (the gradient buckets are sized once), and every rank must pass the same mask. Under FSDP2
+        use ``sparseblocks.integrations.distributed.set_sharded_pattern`` (same rules: the shards are sized once).
         """
+        if type(self.values).__name__ == "DTensor":  # nn sits below integrations: the sharded version lives there
+            raise TypeError(
+                "values are sharded (FSDP2): use sparseblocks.integrations.distributed.set_sharded_pattern"
+                "(layer, mask, optimizer)"
+            )
         old_tiles = self.values.shape[0]
         matrix, source = self.matrix.with_pattern(mask)
         self.values.data = matrix.values

@@ -18,6 +18,11 @@ from sparseblocks.format import normalize_block_size
 from sparseblocks.masks import block_norms, expand_block_mask, top_blocks_mask
 
 
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor FSDP2 shards (a ``DTensor``) gathered whole, the same on every rank; a plain tensor as it is."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
 class _TopKStraightThrough(torch.autograd.Function):
     """Forward: the 0/1 mask of the top ``keep`` fraction of scores. Backward: the gradient, unchanged."""
 
@@ -48,7 +53,7 @@ class SupermaskLinear(nn.Module):
 
     def block_mask(self) -> torch.Tensor:
         """The tiles kept now: bool ``(N_blocks, K_blocks)``."""
-        return top_blocks_mask(self.scores.detach(), 1.0 - self.sparsity)
+        return top_blocks_mask(_whole(self.scores.detach()), 1.0 - self.sparsity)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mask = _TopKStraightThrough.apply(self.scores, 1.0 - self.sparsity)
@@ -59,9 +64,10 @@ class SupermaskLinear(nn.Module):
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
         linear.to(device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
-            linear.weight.copy_(self.weight * expand_block_mask(self.block_mask(), self.block, self.weight.shape))
+            weight = _whole(self.weight.detach())
+            linear.weight.copy_(weight * expand_block_mask(self.block_mask(), self.block, self.weight.shape))
             if self.bias is not None:
-                linear.bias.copy_(self.bias)
+                linear.bias.copy_(_whole(self.bias.detach()))
         return linear
 
     def extra_repr(self) -> str:

@@ -45,9 +45,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from sparseblocks.integrations.distributed.tensors import full_tensor, is_sharded, process_group_of
 from sparseblocks.integrations.layouts import get_layout
-from sparseblocks.integrations.sparsify import SparsifyReport, SparsityConfig, sparsify, target_linears
+from sparseblocks.integrations.sparsify import SparsifyReport, SparsityConfig, replace_module, sparsify, target_linears
 from sparseblocks.masks import blocks_to_keep, top_blocks_mask
+from sparseblocks.nn.linear import dense_linear, trainable_as
 from sparseblocks.pruning.strategies import methods, regrow, strategy_for
 
 
@@ -144,10 +146,12 @@ class Pruner:
     def observe_inputs(self) -> Iterator[None]:
         """Within the block, forward passes add each target's squared input features (``activation_magnitude``)."""
 
+        fresh: dict[str, torch.Tensor] = {}
+
         def hook(name):
             def accumulate(module, args):
                 x = args[0].detach().reshape(-1, module.in_features).float()
-                self.input_sq[name] = self.input_sq.get(name, 0) + x.square().sum(0)
+                fresh[name] = fresh.get(name, 0) + x.square().sum(0)
 
             return accumulate
 
@@ -157,12 +161,18 @@ class Pruner:
         finally:
             for handle in handles:
                 handle.remove()
+        for name, sums in fresh.items():  # sharded (FSDP2): every rank saw its own batches; sum them over ranks
+            group = process_group_of(self.layers[name].weight)
+            if group is not None:
+                torch.distributed.all_reduce(sums, group=group)
+            self.input_sq[name] = self.input_sq.get(name, 0) + sums
 
     def observe_gradients(self) -> None:
         """Add the targets' squared weight gradients (call after ``backward``; the ``fisher`` method needs it)."""
         for name, layer in self.layers.items():
-            if layer.weight.grad is not None:
-                self.grad_sq[name] = self.grad_sq.get(name, 0) + layer.weight.grad.detach().float().square()
+            if layer.weight.grad is not None:  # sharded (FSDP2): the gradient reduced over ranks, gathered whole
+                grad = full_tensor(layer.weight.grad.detach())
+                self.grad_sq[name] = self.grad_sq.get(name, 0) + grad.float().square()
         self.gradient_batches += 1
 
     # ------------------------------------------------------------------ scores and masks
@@ -252,6 +262,12 @@ class Pruner:
         weights; returns the report."""
         self.strategy.finalize(self)
         self.apply_masks()
+        for name, layer in self.layers.items():  # sharded (FSDP2): converted from the gathered weights
+            if isinstance(layer, nn.Linear) and is_sharded(layer.weight):
+                bias = None if layer.bias is None else full_tensor(layer.bias.detach())
+                whole = dense_linear(full_tensor(layer.weight.detach()), bias)
+                trainable_as((whole.weight, whole.bias), (layer.weight, layer.bias))
+                replace_module(self.model, name, whole)
         return sparsify(self.model, self.config, masks=self.masks)
 
 

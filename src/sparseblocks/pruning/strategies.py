@@ -13,6 +13,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from sparseblocks.integrations.distributed.tensors import full_tensor, placed_like
 from sparseblocks.integrations.sparsify import SparsityConfig, replace_module
 from sparseblocks.masks import block_norms, block_sums, expand_block_mask
 from sparseblocks.nn.supermask import SupermaskLinear
@@ -68,7 +69,7 @@ class PruningStrategy:
         """Zero the pruned cells of every target."""
         for name, layer in pruner.layers.items():
             kept = expand_block_mask(pruner.masks[name], pruner.block, layer.weight.shape)
-            layer.weight.mul_(kept.to(layer.weight.dtype))
+            layer.weight.mul_(placed_like(kept.to(layer.weight.dtype), layer.weight))  # sharded: this rank's part
 
     def state(self, pruner: PrunerLike) -> dict:
         """What :meth:`Pruner.state_dict` saves beyond masks and statistics."""
@@ -94,7 +95,8 @@ class ScoreStrategy(PruningStrategy):
     def scores(self, pruner):
         out = {}
         for name, layer in pruner.layers.items():
-            score = self.score.function(name, layer.weight.detach().float(), pruner.block, pruner)
+            weight = full_tensor(layer.weight.detach()).float()  # sharded (FSDP2): gathered, the same on every rank
+            score = self.score.function(name, weight, pruner.block, pruner)
             out[name] = score.masked_fill(~pruner.masks[name], float("-inf"))
         return out
 
@@ -138,7 +140,8 @@ def regrow(pruner: PrunerLike) -> None:
         swaps = min(int(fraction * mask.sum().item()), int((~mask).sum().item()))
         if swaps == 0:
             continue
-        magnitude = block_norms(layer.weight.detach(), pruner.block).masked_fill(~mask, float("inf"))
+        weight = full_tensor(layer.weight.detach())
+        magnitude = block_norms(weight, pruner.block).masked_fill(~mask, float("inf"))
         growth = block_sums(pruner.grad_sq[name], pruner.block).masked_fill(mask, float("-inf"))
         dropped = magnitude.flatten().topk(swaps, largest=False).indices
         grown = growth.flatten().topk(swaps).indices
@@ -153,6 +156,7 @@ def regrow(pruner: PrunerLike) -> None:
 @torch.no_grad()
 def _restart(layer: nn.Linear, grown: torch.Tensor, pruner: PrunerLike) -> None:
     """Grown weights start at zero, and without the optimizer moments they gathered while pruned."""
+    grown = placed_like(grown, layer.weight)  # sharded (FSDP2): weight and moments are DTensors placed alike
     layer.weight.masked_fill_(grown, 0)
     optimizer = pruner.optimizer
     if optimizer is None or layer.weight not in optimizer.state:
@@ -176,7 +180,7 @@ class Supermask(PruningStrategy):
             replace_module(pruner.model, name, pruner.layers[name])
 
     def scores(self, pruner):
-        return {name: layer.scores.detach().float() for name, layer in pruner.layers.items()}
+        return {name: full_tensor(layer.scores.detach()).float() for name, layer in pruner.layers.items()}
 
     def update_masks(self, pruner, step):
         # the scores choose the tiles in each forward; the schedule sets how many

@@ -37,16 +37,18 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.heads, self.dropout, self.causal = config.heads, config.dropout, config.causal
+        self.head_dim = config.width // config.heads
         self.qkv = nn.Linear(config.width, 3 * config.width)
         self.proj = nn.Linear(config.width, config.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, length, width = x.shape
-        q, k, v = self.qkv(x).view(batch, length, 3, self.heads, width // self.heads).unbind(2)
+        batch, length, _ = x.shape
+        # -1 heads: a tensor-parallel rank holds some of them (sparseblocks.integrations.distributed.gpt_plan)
+        q, k, v = self.qkv(x).view(batch, length, 3, -1, self.head_dim).unbind(2)
         dropout = self.dropout if self.training else 0.0
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         y = F.scaled_dot_product_attention(q, k, v, None, dropout, self.causal)
-        return self.proj(y.transpose(1, 2).reshape(batch, length, width))
+        return self.proj(y.transpose(1, 2).reshape(batch, length, -1))
 
 
 class MLP(nn.Module):

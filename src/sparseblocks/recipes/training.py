@@ -364,6 +364,7 @@ def train_gpt(
     resume: bool = False,
     stop_after: int | None = None,
     progress: bool = True,
+    fsdp: bool = False,
 ) -> dict | None:
     """Train the character GPT on the text file ``data`` with ``method``
     (:data:`sparseblocks.recipes.experiments.METHODS`) pruning its MLPs to ``sparsity`` in ``block``-sized tiles,
@@ -371,14 +372,25 @@ def train_gpt(
     before/after) and save it in ``out``.
 
     Returns None when stopped at ``stop_after`` steps (the checkpoint in ``out`` continues with ``resume``).
+
+    ``fsdp``: run under ``torchrun`` with FSDP2 (:func:`_start_fsdp`): every rank draws the same batches and
+    trains on its rows of them, so without dropout the losses are those of one process; no training checkpoints
+    (``resume``/``stop_after`` refused); rank 0 saves the model.
     """
     out, experiment = Path(out), experiment or Experiment()
     if method == "dense":
         sparsity, block = 0.0, None
     elif method in TWO_OF_FOUR:  # the pattern fixes both
         sparsity, block = 0.5, None
+    if fsdp and (resume or stop_after is not None):
+        raise ValueError("--fsdp runs keep no training checkpoint yet: leave out --resume and --stop-after")
     text = CharData(data)
-    training = PruningRun(method, sparsity, block, text, experiment, _device())
+    rank, world, device = _start_fsdp() if fsdp else (0, 1, _device())
+    if experiment.batch_size % world:
+        raise ValueError(f"batch size {experiment.batch_size} does not split over {world} ranks")
+    training = PruningRun(method, sparsity, block, _RankRows(text, rank, world) if fsdp else text, experiment, device)
+    if fsdp:
+        _shard_training(training)
     recipe = {
         "recipe": "gpt",
         "method": method,
@@ -387,22 +399,89 @@ def train_gpt(
         "experiment": dataclasses.asdict(experiment),
         "data_sha256": _fingerprint(text.train, text.val),
     }
-    run_training(training, out, recipe, checkpoint_every, resume, stop_after, progress, f"gpt {method}")
+    progress = progress and rank == 0
+    log = print if rank == 0 else lambda *args: None
+    run_training(
+        training, None if fsdp else out, recipe, checkpoint_every, resume, stop_after, progress, f"gpt {method}"
+    )
     if training.step < training.steps:
         print(f"stopped at step {training.step}/{training.steps}; continue with --resume")
         return None
     dense_size = model_size(training.model)
+    if fsdp:  # each rank's loss of its rows; the mean over ranks is the loss of the whole batch
+        torch.distributed.all_reduce(training.losses)
+        training.losses /= world
     row = training.finish()
+    if fsdp:
+        val_loss = torch.tensor(row["val_loss"], device=device)
+        torch.distributed.all_reduce(val_loss)
+        row["val_loss"] = val_loss.item() / world
     if training.report is not None:
         dense_size = training.report.model_params_before, training.report.model_bytes_before
     sparse_size = model_size(training.model)
     row.update(params=(dense_size[0], sparse_size[0]), bytes=(dense_size[1], sparse_size[1]))
-    print(f"gpt {method}: {training.steps} steps, MLP sparsity {sparsity:.0%}" + (f", blocks {block}" if block else ""))
-    print(f"  validation loss {row['val_loss']:.4f} (of the converted model)")
-    _print_sizes(dense_size, sparse_size)
-    save_recipe_model(training.model, out, recipe, row, vocabulary="".join(text.chars))
-    print(f"  saved to {out}; load it with sparseblocks.recipes.training.load_recipe_model('{out}')")
+    log(f"gpt {method}: {training.steps} steps, MLP sparsity {sparsity:.0%}" + (f", blocks {block}" if block else ""))
+    log(f"  validation loss {row['val_loss']:.4f} (of the converted model)")
+    if rank == 0:
+        _print_sizes(dense_size, sparse_size)
+    if fsdp:
+        from sparseblocks.integrations.distributed import whole_parameters
+
+        with whole_parameters(training.model):
+            if rank == 0:
+                save_recipe_model(training.model, out, recipe, row, vocabulary="".join(text.chars))
+        torch.distributed.barrier()
+    else:
+        save_recipe_model(training.model, out, recipe, row, vocabulary="".join(text.chars))
+    log(f"  saved to {out}; load it with sparseblocks.recipes.training.load_recipe_model('{out}')")
     return row
+
+
+def _start_fsdp() -> tuple[int, int, torch.device]:
+    """Rank, world size and device of a ``torchrun`` process (its process group started: NCCL on GPUs, gloo on
+    CPUs)."""
+    import os
+
+    if not torch.distributed.is_initialized():
+        if "RANK" not in os.environ:
+            raise ValueError(
+                "--fsdp runs under torchrun: torchrun --nproc-per-node N -m sparseblocks.cli train gpt ..."
+            )
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
+
+
+class _RankRows:
+    """Character data whose batches are this rank's rows of the batch every rank draws alike (the generator
+    advances as in one process, so the ranks together see what one process would)."""
+
+    def __init__(self, data: CharData, rank: int, world: int) -> None:
+        self.data, self.rank, self.world = data, rank, world
+        self.chars, self.vocab_size = data.chars, data.vocab_size
+
+    def batch(self, split, batch_size, context, generator, device) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens, targets = self.data.batch(split, batch_size, context, generator, device)
+        return tokens.chunk(self.world)[self.rank], targets.chunk(self.world)[self.rank]
+
+
+def _shard_training(training: PruningRun) -> None:
+    """FSDP2 over the run's model (after its pruner, which may have swapped modules), and its optimizer made anew
+    over the sharded parameters (no step taken yet: nothing is lost)."""
+    from sparseblocks.integrations.distributed import shard_sparse_model
+
+    shard_sparse_model(training.model)
+    import inspect
+
+    old = training.optimizer
+    accepted = inspect.signature(type(old)).parameters  # defaults hold some the constructor does not take
+    training.optimizer = type(old)(
+        training.model.parameters(), **{k: v for k, v in old.defaults.items() if k in accepted}
+    )
+    if training.pruner is not None:
+        training.pruner.optimizer = training.optimizer
 
 
 # ---------------------------------------------------------------------------------------------- vit
