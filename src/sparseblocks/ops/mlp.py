@@ -28,6 +28,7 @@ from sparseblocks.ops.spmm import (
     _sddmm,
     autocast_inputs,
     check_spmm_inputs,
+    int32_addressable,
     needs_grad,
     spmm,
     with_values,
@@ -96,7 +97,7 @@ def _inference(x: torch.Tensor, weights: MLPWeights, activation: str) -> torch.T
     dispatch costs more CPU than a one-token MLP's two kernels take on the GPU)."""
     if not use_triton(x):
         return reference.mlp(x, weights, activation)
-    x2 = x.reshape(-1, weights.up.shape[1])
+    x2 = int32_addressable(x).reshape(-1, weights.up.shape[1])
     plan, w8a8 = _mlp_plan(x2.shape[0], weights, x.device)
     if plan is not Plan.UNFUSED and w8a8:
         dispatch.notice_weight_only(plan.value)  # forced: the fused launches multiply fp8 tiles weight-only

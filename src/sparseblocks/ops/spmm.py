@@ -53,8 +53,23 @@ def _index(w: BlockSparseMatrix) -> list[torch.Tensor]:
 # dispatch costs 20-45 µs of CPU a call (benchmarks/op_dispatch.py).
 
 
+# The kernels multiply a column number by its stride, and bump row pointers by up to 256 rows, in int32 (int64 there
+# costs registers and instructions in every tile load): an input whose column offsets, or a 256-row step, could pass
+# 2^31 elements goes to them as a contiguous copy (its columns then 1 apart, its rows one row apart).
+INT32_OFFSETS = 2**31
+MAX_ROWS_PER_STEP = 256
+
+
+def int32_addressable(t: torch.Tensor) -> torch.Tensor:
+    """``t`` ``(..., K)``, or a contiguous copy of it where the kernels' int32 offsets could overflow on it."""
+    columns = (t.shape[-1] - 1) * abs(t.stride(-1))
+    rows = MAX_ROWS_PER_STEP * abs(t.stride(-2)) if t.dim() > 1 else 0
+    return t if columns < INT32_OFFSETS and rows < INT32_OFFSETS else t.contiguous()
+
+
 def forward_with_kernels(x: torch.Tensor, w: BlockSparseMatrix, bias: torch.Tensor | None, activation: str | None):
     """``act(x · wᵀ + bias)`` by the kernel :func:`dispatch.forward_plan` picks (x on a device the kernels run on)."""
+    x = int32_addressable(x)
     x2 = x.reshape(-1, w.shape[1])  # a view whenever the strides allow; the kernels take any strides
     m, tiles, device = x2.shape[0], Tiles.of(w), dispatch.device_facts(x.device)
     dispatch.check_quantized_tiles(w, device)
@@ -104,6 +119,7 @@ def _activation_grad(
     if use_triton(x):
         from sparseblocks.kernels.spmm import activation_grad_rows
 
+        x, grad_out = int32_addressable(x), int32_addressable(grad_out)
         x2, grad2 = x.reshape(-1, w.shape[1]), grad_out.reshape(-1, w.shape[0])
         descriptors = _descriptors(x2.shape[0], w, "activation_grad", x2, w, "activation_grad", grad2)
         with on_device_of(x):
@@ -123,6 +139,7 @@ def _hidden_grad(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """An MLP's ``dZ = (dY · W_down) ⊙ act'(x · W_upᵀ + b_up)`` and, with ``bias_grad``, up's bias gradient."""
     if use_triton(x):
+        x, grad_out = int32_addressable(x), int32_addressable(grad_out)
         x2, grad2 = x.reshape(-1, up.shape[1]), grad_out.reshape(-1, down.shape[0])
         on_chip = dispatch.hidden_grad_plan(lambda: dispatch.hidden_grad_on_chip_fits(x2, grad2, up, down))
         if on_chip is Plan.HIDDEN_GRAD_ON_CHIP:
@@ -158,6 +175,7 @@ def _input_grad(grad_out: torch.Tensor, w: BlockSparseMatrix) -> torch.Tensor:
     if use_triton(grad_out):
         from sparseblocks.kernels.spmm import input_grad_rows
 
+        grad_out = int32_addressable(grad_out)
         grad2 = grad_out.reshape(-1, w.shape[0])
         descriptors = _descriptors(grad2.shape[0], w, "input_grad", grad2, w, "input_grad")
         with on_device_of(grad_out):
@@ -170,7 +188,7 @@ def _sddmm(grad_out: torch.Tensor, x: torch.Tensor, w: BlockSparseMatrix) -> tor
         from sparseblocks.kernels.sddmm import sddmm_triton
 
         with on_device_of(x):
-            return sddmm_triton(grad_out, x, w)
+            return sddmm_triton(int32_addressable(grad_out), int32_addressable(x), w)
     return reference.sddmm(grad_out, x, w)
 
 
