@@ -77,8 +77,9 @@ def test_profiles_sum_the_tiles_each_unit_meets():
 
 def test_sensitivity_allocation_meets_the_target_and_spares_sensitive_layers():
     generator = torch.Generator().manual_seed(0)
+    low, high = torch.rand(4, 8, generator=generator), 10 + torch.rand(4, 8, generator=generator)
     scores = {"sensitive": 10 + torch.rand(8, 8, generator=generator), "robust": torch.rand(8, 8, generator=generator),
-              "mixed": torch.cat([torch.rand(4, 8, generator=generator), 10 + torch.rand(4, 8, generator=generator)])}  # fmt: skip
+              "mixed": torch.cat([low, high])}  # fmt: skip
     allocated = sensitivity_allocation(scores, 0.5)
     total = sum(allocated[name] * scores[name].numel() for name in scores)
     assert total == pytest.approx(0.5 * 192)

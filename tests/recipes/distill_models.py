@@ -61,10 +61,10 @@ def build(family: str, folder: Path, tokenizer: bool = True) -> Path:
     if tokenizer:
         chars.save_pretrained(folder)
     if family == "sentence_bert":
-        (folder / "modules.json").write_text(json.dumps([{"idx": 0, "name": "0", "path": "",
-                                                          "type": "sentence_transformers.models.Transformer"},
-                                                         {"idx": 1, "name": "1", "path": "1_Pooling",
-                                                          "type": "sentence_transformers.models.Pooling"}]))  # fmt: skip
+        kinds = ("sentence_transformers.models.Transformer", "sentence_transformers.models.Pooling")
+        modules = [{"idx": i, "name": str(i), "path": path, "type": kind}
+                   for i, (path, kind) in enumerate(zip(("", "1_Pooling"), kinds, strict=True))]  # fmt: skip
+        (folder / "modules.json").write_text(json.dumps(modules))
         (folder / "1_Pooling").mkdir()
         (folder / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 64,
                                                                      "pooling_mode_mean_tokens": True}))  # fmt: skip

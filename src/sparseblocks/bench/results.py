@@ -37,7 +37,7 @@ KINDS: dict[str, str] = {
     "accuracy_minilm": "benchmarks/minilm_sparsify.py: MiniLM embeddings after pruning",
     "accuracy_tinyshakespeare": "benchmarks/tinyshakespeare_pruning.py: a character GPT after pruning",
     "accuracy_digits": "benchmarks/digits_supermask.py: supermask ViT on digits",
-    "accuracy_distill": "sparseblocks distill and benchmarks/llama_char_distill.py: pruning with recovery by distillation",
+    "accuracy_distill": "sparseblocks distill, benchmarks/llama_char_distill.py: pruning, recovery by distillation",
     "tune_spmm": "benchmarks/tune/spmm.py: launch configs of the forward kernels",
     "tune_decode": "benchmarks/tune/decode.py: launch configs of the few-token decode kernel",
     "tune_column_sums": "benchmarks/tune/column_sums.py: launch configs of the column-sum kernel",

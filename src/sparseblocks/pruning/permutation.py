@@ -48,7 +48,7 @@ def mlp_hidden_units(model: nn.Module) -> list[HiddenUnits]:
     """Every MLP of :data:`MLP_PAIRS` in ``model`` whose linears are all ``nn.Linear`` of matching sizes."""
     modules = dict(model.named_modules())
     found = []
-    for name, module in modules.items():
+    for name in modules:
         for inputs, output in MLP_PAIRS:
             if not (name == inputs[0] or name.endswith("." + inputs[0])):
                 continue

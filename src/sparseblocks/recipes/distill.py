@@ -182,8 +182,14 @@ def text_windows(text: str, tokenizer, seq_len: int, what: str = "text") -> torc
         raise ValueError(f"the {what} holds {len(ids)} tokens, fewer than one window of {content} (--seq-len "
                          f"{seq_len} with {seq_len - content} special tokens)")  # fmt: skip
     body = torch.tensor(ids[: count * content]).view(count, content)
-    return torch.cat([torch.tensor(prefix, dtype=torch.long).expand(count, -1), body,
-                      torch.tensor(suffix, dtype=torch.long).expand(count, -1)], 1)
+    return torch.cat(
+        [
+            torch.tensor(prefix, dtype=torch.long).expand(count, -1),
+            body,
+            torch.tensor(suffix, dtype=torch.long).expand(count, -1),
+        ],
+        1,
+    )
 
 
 @dataclass
@@ -344,8 +350,10 @@ class Distillation:
         self.student = _copy(teacher).to(self.device).train(config.dropout)
         dtype = getattr(torch, config.teacher_dtype)
         self.teacher = teacher.to(self.teacher_device, dtype).eval().requires_grad_(False) if config.teacher else None
-        sparsity_config = SparsityConfig(config.sparsity, config.block, config.targets.split(","),
-                                         [p for p in config.exclude.split(",") if p], fuse_mlp=config.fuse_mlp)  # fmt: skip
+        exclude = [p for p in config.exclude.split(",") if p]
+        sparsity_config = SparsityConfig(
+            config.sparsity, config.block, config.targets.split(","), exclude, fuse_mlp=config.fuse_mlp
+        )
         _convert_linear_like(self.student, sparsity_config)
         targets = dict(target_linears(self.student, sparsity_config))
         if not targets:
@@ -619,8 +627,13 @@ def distill(
     loaded = load_pretrained(folder, device)
     windows = load_data(data, eval_text, loaded[1], loaded[0].config.vocab_size, config, allow_random_ids)
     run = Distillation(folder, windows, config, device, teacher_device, loaded)
-    recipe = {"recipe": "distill", **dataclasses.asdict(config), "model": _fingerprint(folder),
-              "data_sha256": hashlib.sha256(windows.train.numpy().tobytes() + windows.held.numpy().tobytes()).hexdigest()}  # fmt: skip
+    data_sha256 = hashlib.sha256(windows.train.numpy().tobytes() + windows.held.numpy().tobytes()).hexdigest()
+    recipe = {
+        "recipe": "distill",
+        **dataclasses.asdict(config),
+        "model": _fingerprint(folder),
+        "data_sha256": data_sha256,
+    }
     dense_metric = run.evaluate(run.teacher if run.teacher is not None else _dense_copy(run))
     run_training(run, out, recipe, checkpoint_every, resume, stop_after, progress, "distill")
     if run.step < run.steps:
