@@ -11,19 +11,37 @@ held-out loss (or at ``--steps``) and the best state is saved as ``WORK/teacher`
 tokenizer). Writes ``--result`` (schema-1 JSON, kind ``accuracy_distill``): the curve, the best step, and the
 train/held-out gap at the best step (both measured on the same number of windows).
 
-The sparse runs are ``sparseblocks distill`` commands (see ``benchmarks/results/accuracy/llama_char_distill.md``).
+``sparse``: the runs of ``--runs`` (names of :data:`RUNS`, each a ``sparseblocks distill`` of ``WORK/teacher`` on
+``train.txt`` with ``--eval heldout.txt``: the command is printed and recorded), one after the other; each run's
+``distill.json`` and ``distill.png`` are copied to ``--results``/llama_char_<run>.*, and ``--results``/llama_char.md
+tabulates every run found there: held-out perplexity before (the teacher) and after, their ratio, the tile sparsity.
 """
 
 import argparse
 import json
 import math
+import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from sparseblocks.bench.results import new_result, write_result
+from sparseblocks.bench.results import markdown_table, new_result, write_result
+
+COMMON = ["--block", "32", "--targets", "mlp", "--steps", "300", "--batch-size", "16", "--seq-len", "64",
+          "--lr", "1e-3", "--prune-every", "10", "--eval-every", "30", "--eval-windows", "64"]  # fmt: skip
+# run name -> its own options (beside COMMON): distillation at 70 and 90%, plain fine-tuning after one-shot pruning
+# (no teacher) for the same steps, and at 90% sensitivity allocation and permutation against uniform/no permutation
+RUNS = {
+    "distill_70": ["--sparsity", "0.7", "--method", "fisher"],
+    "distill_90": ["--sparsity", "0.9", "--method", "fisher"],
+    "plain_70": ["--sparsity", "0.7", "--method", "fisher", "--no-teacher", "--prune-fraction", "0"],
+    "plain_90": ["--sparsity", "0.9", "--method", "fisher", "--no-teacher", "--prune-fraction", "0"],
+    "distill_90_sensitivity": ["--sparsity", "0.9", "--method", "fisher", "--allocation", "sensitivity"],
+    "distill_90_permute": ["--sparsity", "0.9", "--method", "fisher", "--permute"],
+}
 
 
 def char_tokenizer(text: str):
@@ -99,13 +117,13 @@ def dense(args: argparse.Namespace) -> None:
             if best is None or held_loss < best["heldout_loss"]:
                 best, waited = curve[-1], 0
                 best_state = {k: v.clone() for k, v in model.state_dict().items()}
+                model.save_pretrained(work / "teacher")  # the best so far: a run cut short still leaves it
+                tokenizer.save_pretrained(work / "teacher")
             else:
                 waited += 1
                 if waited >= args.patience:
                     break
     model.load_state_dict(best_state)
-    model.save_pretrained(work / "teacher")
-    tokenizer.save_pretrained(work / "teacher")
     payload = new_result("accuracy_distill", "PYTHONPATH=src python " + " ".join(sys.argv))
     payload |= {"model": f"Llama {args.layers} layers, width {args.width}, SwiGLU {args.intermediate}, character "
                 f"vocabulary of {len(tokenizer)}", "stage": "dense teacher",
@@ -116,9 +134,47 @@ def dense(args: argparse.Namespace) -> None:
     print(json.dumps(best))
 
 
+def sparse(args: argparse.Namespace) -> None:
+    from sparseblocks.cli import main as cli
+
+    work, results = Path(args.work), Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    for name in args.runs.split(","):
+        argv = ["distill", str(work / "teacher"), "--data", str(work / "train.txt"), "--eval",
+                str(work / "heldout.txt"), *COMMON, *RUNS[name], "--out", str(work / name)]  # fmt: skip
+        print("sparseblocks " + shlex.join(argv), flush=True)
+        start = time.perf_counter()
+        if cli(argv) != 0:
+            raise SystemExit(f"run {name} failed")
+        result = json.loads((work / name / "distill.json").read_text())
+        result["seconds"] = time.perf_counter() - start
+        result["run"] = name
+        write_result(results / f"llama_char_{name}.json", result)
+        shutil.copy(work / name / "distill.png", results / f"llama_char_{name}.png")
+    rows = []
+    for path in sorted(results.glob("llama_char_*.json")):
+        result = json.loads(path.read_text())
+        if "run" not in result:
+            continue
+        rows.append([result["run"], f"{result['sparsity']:.3f}", result["settings"]["allocation"],
+                     result["settings"]["permute"], "yes" if result["settings"]["teacher"] else "no (one-shot, "
+                     "plain fine-tuning)", f"{result['before']:.4f}", f"{result['after']:.4f}",
+                     f"{result['after'] / result['before']:.4f}", f"{result['seconds']:.0f}"])  # fmt: skip
+    lines = ["# Character Llama on tinyshakespeare: MLPs pruned in tiles of 32, recovered\n",
+             f"Teacher: `{results / 'llama_char_teacher.json'}`. Runs: `PYTHONPATH=src python benchmarks/"
+             "llama_char_distill.py sparse --runs NAME` (the `sparseblocks distill` command of each is in its JSON's "
+             f"env.command), common options `{shlex.join(COMMON)}`. Held-out perplexity on 64 windows of 64 "
+             "characters of the last 10% of the text.\n"]  # fmt: skip
+    lines += markdown_table(["run", "sparsity", "allocation", "permute", "teacher", "ppl dense", "ppl after",
+                             "ratio", "seconds"], rows)  # fmt: skip
+    (results / "llama_char.md").write_text("\n".join(lines) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("stage", choices=("dense",))
+    parser.add_argument("stage", choices=("dense", "sparse"))
+    parser.add_argument("--runs", default=",".join(RUNS), help=f"sparse: comma-separated, of {', '.join(RUNS)}")
+    parser.add_argument("--results", default="benchmarks/results/accuracy", help="sparse: where the results go")
     parser.add_argument("--data", default="../shared/data/tinyshakespeare.txt")
     parser.add_argument("--work", default="/tmp/llama_char")
     parser.add_argument("--layers", type=int, default=4)
@@ -136,7 +192,7 @@ def main() -> None:
     parser.add_argument("--result", default="benchmarks/results/accuracy/llama_char_teacher.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    dense(args)
+    dense(args) if args.stage == "dense" else sparse(args)
 
 
 if __name__ == "__main__":
