@@ -23,14 +23,6 @@ SMALL = {"sparsity": 0.5, "block": 16, "steps": 4, "batch_size": 2, "seq_len": 3
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
 def folders(tmp_path_factory, one_thread):
     root = tmp_path_factory.mktemp("distill_models")
     (root / "train.txt").write_text(distill_models.text(60))
