@@ -199,3 +199,16 @@ def test_minilm_recovers_in_a_few_steps(tmp_path, one_thread):
     again = load_hf_sparse(tmp_path / "out")
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).last_hidden_state, again(input_ids=ids).last_hidden_state)
+
+
+def test_fused_mlps_are_saved_and_read_back(folders, tmp_path):
+    from sparseblocks.nn import SparseMLP
+
+    config = DistillConfig(**SMALL | {"fuse_mlp": True, "steps": 2})
+    result = distill(folders["llama"], folders["train"], tmp_path, config, folders["heldout"], progress=False)
+    reloaded = load_hf_sparse(tmp_path)
+    assert len([m for m in reloaded.modules() if isinstance(m, SparseMLP)]) == 2
+    ids = torch.arange(1, 20)[None]
+    with torch.no_grad():
+        loss = reloaded(input_ids=ids, labels=ids).loss
+    assert torch.isfinite(loss) and result["after"] > 1.0
