@@ -197,6 +197,30 @@ def _prune(args: argparse.Namespace) -> int:
     return _save_hf_folder(model.cpu(), report, source, out, args.argv)
 
 
+def _distill(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import torch
+
+    from sparseblocks.recipes.distill import DistillConfig, distill
+    from sparseblocks.recipes.training import ResumeError
+
+    source, out = _folders("distill", args)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"sparseblocks distill: --device {device}, but no CUDA GPU is visible")
+    names = {field.name for field in dataclasses.fields(DistillConfig)}
+    settings = {name: value for name, value in vars(args).items() if name in names and value is not None}
+    try:
+        config = DistillConfig(**settings)
+        distill(source, args.data, out, config, args.eval, device, args.teacher_device, args.resume,
+                args.checkpoint_every, args.stop_after, args.allow_random_ids,
+                command=shlex.join(["sparseblocks", *args.argv]))  # fmt: skip
+    except (ResumeError, OSError, ValueError) as error:
+        raise SystemExit(f"sparseblocks distill: {error}") from error
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     if args.model:
         from sparseblocks.integrations.model_card import model_card
@@ -364,6 +388,57 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--device", help="where to run the calibration (default cuda when there is one, else cpu)")
     prune.add_argument("--out", required=True, help="output folder")
     prune.set_defaults(run=_prune, command_parser=prune)
+
+    distill = commands.add_parser(
+        "distill", help="prune a Hugging Face model folder gradually while distilling it from its dense self; save it"
+    )
+    distill.add_argument("model_dir", help="a Hugging Face model folder (config.json, weights, tokenizer)")
+    distill.add_argument("--data", required=True, metavar="TEXT", help="plain text to distil on")
+    distill.add_argument("--eval", metavar="TEXT", help="held-out text (default: the last --held-out of --data)")
+    distill.add_argument("--out", required=True, help="output folder: checkpoint, sparse model, distill.json/.png")
+    distill.add_argument("--sparsity", type=float, default=0.7, help="fraction of tiles pruned overall (default 0.7)")
+    distill.add_argument("--block", type=int, default=32, choices=(16, 32, 64, 128), help="block size (default 32)")
+    distill.add_argument("--targets", default="mlp", help="mlp, attention, all-linear or comma-separated patterns")
+    distill.add_argument("--exclude", help="comma-separated patterns to leave dense")
+    distill.add_argument("--method", default="fisher", choices=("fisher", "activation_magnitude", "magnitude",
+                         "prune_grow"), help="tile scores, or blocked prune-and-grow (default fisher)")  # fmt: skip
+    distill.add_argument("--allocation", default="uniform", choices=("uniform", "global", "sensitivity"),
+                         help="each layer at the target, tiles ranked across layers, or each layer's sparsity "
+                         "from its Fisher sensitivity (default uniform)")  # fmt: skip
+    distill.add_argument("--permute", action="store_true", help="reorder MLP hidden units to gather saliency in tiles")
+    distill.add_argument("--steps", type=int, help="optimizer steps (default 1000)")
+    distill.add_argument("--prune-fraction", type=float, help="fraction of the steps the cubic ramp takes "
+                         "(default 0.5; 0: one shot before training)")  # fmt: skip
+    distill.add_argument("--prune-every", type=int, help="steps between mask updates (default: 50 updates)")
+    distill.add_argument("--batch-size", type=int, help="windows per micro-batch (default 8)")
+    distill.add_argument("--accumulation", type=int, help="micro-batches per step (default 1)")
+    distill.add_argument("--seq-len", type=int, help="tokens per window (default 128)")
+    distill.add_argument("--lr", type=float, help="peak learning rate (default 1e-4)")
+    distill.add_argument("--warmup", type=float, help="fraction of the steps of linear warm-up (default 0.05)")
+    distill.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0)")
+    distill.add_argument("--clip", type=float, help="gradient norm clipping (default 1; 0: none)")
+    distill.add_argument("--logits-weight", type=float, help="weight of the logits KL (default 1)")
+    distill.add_argument("--hidden-weight", type=float, help="weight of the per-layer state loss (default 1)")
+    distill.add_argument("--cosine-weight", type=float, help="weight of the embedding cosine (default 1)")
+    distill.add_argument("--temperature", type=float, help="of the logits KL (default 1)")
+    distill.add_argument("--no-teacher", dest="teacher", action="store_false", default=None,
+                         help="plain fine-tuning on the model's own loss instead (LMs; a baseline)")  # fmt: skip
+    distill.add_argument("--teacher-dtype", choices=("float32", "bfloat16", "float16"), help="default float32")
+    distill.add_argument("--teacher-device", help="where the teacher runs (default: --device)")
+    distill.add_argument("--held-out", type=float, help="fraction of --data held out without --eval (default 0.1)")
+    distill.add_argument("--eval-windows", type=int, help="held-out windows evaluated (default 64)")
+    distill.add_argument("--eval-every", type=int, help="steps between evaluations (default: 10 of them)")
+    distill.add_argument("--calibration", type=int, help="windows of the dense Fisher and input norms (default 16)")
+    distill.add_argument("--dropout", action="store_true", default=None, help="the student's dropout on")
+    distill.add_argument("--fuse-mlp", action="store_true", default=None, help="run known MLPs as one SparseMLP")
+    distill.add_argument("--seed", type=int, help="of batches and masking (default 0)")
+    distill.add_argument("--device", help="default cuda when there is one, else cpu")
+    distill.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default 100)")
+    distill.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    distill.add_argument("--stop-after", type=int, help="stop after this many steps (continue with --resume)")
+    distill.add_argument("--allow-random-ids", action="store_true",
+                         help="a folder without a tokenizer trains on random token ids")  # fmt: skip
+    distill.set_defaults(run=_distill, command_parser=distill)
 
     report = commands.add_parser("report", help="one Markdown page of the stored benchmark and accuracy results")
     report.add_argument("--results", default="benchmarks/results", help="results folder (default benchmarks/results)")

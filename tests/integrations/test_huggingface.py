@@ -39,16 +39,6 @@ def _text(words: int = 600) -> str:
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    """Tiny models run faster on one thread: with two xdist workers of two threads each on two cores, a tiny Llama's
-    forward and backward took 1 s instead of 3 ms (OpenMP threads waiting on each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
 def folders(tmp_path_factory, one_thread):
     """Model folders by name, and the calibration text file."""
     root = tmp_path_factory.mktemp("models")

@@ -490,6 +490,34 @@ def _quantized(page: _Page, sources: list[Source]) -> None:
     page.sources(sources)
 
 
+def _distill(page: _Page, sources: list[Source]) -> None:
+    """``sparseblocks distill`` runs (one row each: the held-out metric of the dense model and of the distilled one)
+    and the dense runs that trained their teachers (best held-out and training loss)."""
+    page.add("## Recovery by distillation", "")
+    runs, teachers = [], []
+    for s in sources:
+        p = s.payload
+        if "metric" in p:
+            settings = p.get("settings", {})
+            ratio = p["after"] / p["before"] if p["before"] else float("nan")
+            runs.append([page.link(s.path, s.path.name), p.get("metric"), f"{p['sparsity']:.3f}",
+                         settings.get("method", ""), settings.get("allocation", ""), settings.get("permute", ""),
+                         "yes" if settings.get("teacher", True) else "no", settings.get("steps", ""),
+                         f"{p['before']:.4f}", f"{p['after']:.4f}", f"{ratio:.4f}"])  # fmt: skip
+        elif "best" in p:
+            best = p["best"]
+            teachers.append([page.link(s.path, s.path.name), p.get("model", ""), best["step"],
+                             f"{best['heldout_loss']:.4f}", f"{best['train_loss']:.4f}"])  # fmt: skip
+    if runs:
+        page.add("Held-out metric of the dense model (before) and of the pruned, distilled one (after).", "")
+        page.table(["file", "metric", "sparsity", "method", "allocation", "permute", "teacher", "steps", "before",
+                    "after", "after / before"], runs)  # fmt: skip
+    if teachers:
+        page.add("Dense teachers trained for these runs: the best held-out loss and the training loss there.", "")
+        page.table(["file", "model", "best step", "held-out loss", "training loss"], teachers)
+    page.sources(sources)
+
+
 # ---------------------------------------------------------------------------------------------- the page
 
 # kind -> its section, sections in page order; several kinds may share a section. A known kind that is not here
@@ -504,6 +532,7 @@ SECTIONS: dict[str, Callable[[_Page, list[Source]], None]] = {
     "accuracy_minilm": _accuracy,
     "accuracy_digits": _accuracy,
     "accuracy_quantized": _quantized,
+    "accuracy_distill": _distill,
 }
 
 

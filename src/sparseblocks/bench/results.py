@@ -38,6 +38,7 @@ KINDS: dict[str, str] = {
     "accuracy_tinyshakespeare": "benchmarks/tinyshakespeare_pruning.py: a character GPT after pruning",
     "accuracy_digits": "benchmarks/digits_supermask.py: supermask ViT on digits",
     "accuracy_quantized": "benchmarks/quantized_accuracy.py: int8 / fp8 tiles against the unquantized sparse model",
+    "accuracy_distill": "sparseblocks distill, benchmarks/llama_char_distill.py: pruning, recovery by distillation",
     "tune_spmm": "benchmarks/tune/spmm.py: launch configs of the forward kernels",
     "tune_decode": "benchmarks/tune/decode.py: launch configs of the few-token decode kernel",
     "tune_column_sums": "benchmarks/tune/column_sums.py: launch configs of the column-sum kernel",

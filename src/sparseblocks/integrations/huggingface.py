@@ -64,7 +64,11 @@ def __getattr__(name: str):
 
 # head -> the transformers class that loads (and reloads) a folder with that head
 MODEL_CLASSES = {"causal_lm": "AutoModelForCausalLM", "masked_lm": "AutoModelForMaskedLM", "base": "AutoModel"}
-_HEAD_SUFFIXES = {"ForCausalLM": "causal_lm", "ForMaskedLM": "masked_lm"}
+_HEAD_SUFFIXES = {
+    "ForCausalLM": "causal_lm",
+    "LMHeadModel": "causal_lm",
+    "ForMaskedLM": "masked_lm",
+}  # GPT-2: *LMHeadModel
 # files whose presence means the folder has a tokenizer (AutoTokenizer would otherwise guess one from the config)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")

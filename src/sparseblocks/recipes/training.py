@@ -265,8 +265,9 @@ def run_training(
         while training.step < end:
             losses.append(training.train_step())
             bar.update()
-            if training.step % LOSS_EVERY == 0:
-                bar.set_postfix(loss=f"{losses[-1].item():.3f}", refresh=False)
+            if training.step % LOSS_EVERY == 0:  # a training object may show more than the loss (postfix())
+                shown = training.postfix() if hasattr(training, "postfix") else {"loss": f"{losses[-1].item():.3f}"}
+                bar.set_postfix(shown, refresh=False)
             if path is not None and (training.step % checkpoint_every == 0 or training.step == end):
                 save_training_state(path, training.step, recipe, training.state())
     return torch.stack(losses).float().cpu() if losses else torch.zeros(0)
