@@ -103,6 +103,24 @@ def test_fsdp2_trains_a_sparse_model_like_one_process():
         assert torch.equal(ranks[0]["state"][name], ranks[1]["state"][name]), name
 
 
+def _compiled_worker(rank: int, world: int) -> tuple[bool, list[float]]:
+    from sparseblocks.integrations.distributed import shard_sparse_model
+
+    model = shard_sparse_model(_sparse_gpt(), compile_units=True)
+    compiled = all(getattr(block, "_compiled_call_impl", None) is not None for block in model.blocks)
+    return compiled, _train(model, _tokens(world)[rank * 4 : (rank + 1) * 4])
+
+
+def test_fsdp2_with_each_block_compiled_trains_like_one_process():
+    """``compile_units``: every block under ``torch.compile`` (Inductor on the CPU), FSDP2's hooks outside the
+    compiled blocks: the losses of three steps as one process's eager run (fp32: 1e-6 relative)."""
+    world = 2
+    expected = _train(_sparse_gpt(), _tokens(world))
+    for compiled, losses in run_ranks(_compiled_worker, world, timeout=400.0):
+        assert compiled
+        assert max(abs(a - b) / abs(b) for a, b in zip(losses, expected, strict=True)) < 1e-6
+
+
 def _mismatch_worker(rank: int, world: int) -> str:
     from sparseblocks.integrations.distributed import PatternMismatchError, shard_sparse_model
 
