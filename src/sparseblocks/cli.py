@@ -90,6 +90,7 @@ def _bench_spmm(args: argparse.Namespace) -> int:
         name=args.name,
         command="sparseblocks " + shlex.join(args.argv),
         fp32=args.fp32_precision,
+        quantize=tuple(args.quantize.split(",")) if args.quantize else (),
     )
     return 0
 
@@ -458,6 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench_spmm.add_argument("--no-sweep", dest="sweep", action="store_false", help="skip the ViT fc1 batch sweep")
     _add_fp32_precision(bench_spmm)
+    bench_spmm.add_argument(
+        "--quantize", help="also our kernels on quantized tiles: comma-separated, from int8,fp8,fp8-w8a8 (16-bit cases)"
+    )
     bench_spmm.add_argument("--name", default="spmm", help="result file stem (default spmm)")
     bench_spmm.add_argument("--out", help="folder for spmm.json and plots (default benchmarks/results/<gpu>)")
     bench_spmm.set_defaults(run=_bench_spmm)

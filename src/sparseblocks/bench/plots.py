@@ -43,7 +43,9 @@ def _fmt(value: float | None) -> str:
 def spmm_table(rows: list[dict]) -> str:
     """Markdown: one line per case, speedup over dense of each path and of the floor."""
     table = speedups(rows)
-    impls = [i for i in ("sparseblocks", "torch_bsr", "stk", "torch_2_4") if any(r["impl"] == i for r in table)]
+    known = ("sparseblocks", "sparseblocks_int8", "sparseblocks_fp8", "sparseblocks_fp8_w8a8", "torch_bsr", "stk",
+             "torch_2_4")  # fmt: skip
+    impls = [i for i in known if any(r["impl"] == i for r in table)]
     cases = sorted(
         {(r["shape"], r["M"], r["dtype"], r["sparsity"], r["block"], r["mask"]) for r in table},
         key=lambda c: (c[2], c[0], c[1], c[5], c[3], c[4] or 0),  # 2:4 rows have no block
@@ -55,8 +57,9 @@ def spmm_table(rows: list[dict]) -> str:
             for r in table
             if (r["shape"], r["M"], r["dtype"], r["sparsity"], r["block"], r["mask"]) == case
         }
-        floor = next(iter(found.values()))["floor_speedup"]
-        cells = [_fmt(found[i]["speedup"]) if i in found else "" for i in impls]
+        floor = next(iter(found.values()))["floor_speedup"]  # the 16-bit tiles' (rows in case order: ours first)
+        cell = lambda r: _fmt(r["speedup"]) + (f" (floor {r['floor_speedup']:.2f}x)" if "bytes" in r else "")
+        cells = [cell(found[i]) if i in found else "" for i in impls]
         lines.append([*case, *cells, f"{floor:.2f}x"])
     header = ["shape", "M", "dtype", "sparsity", "block", "mask", *impls, "floor"]
     return "\n".join(markdown_table(header, lines)) + "\n"

@@ -95,11 +95,20 @@ def sparse_weight(case: Case, dtype: torch.dtype, seed: int = 0, device: str = "
     return random_weight(case.n, case.k, case.sparsity, case.block, dtype, generator, case.mask, device)
 
 
+def quantized_weights(w: BlockSparseMatrix, quantize: tuple[str, ...]) -> dict[str, BlockSparseMatrix]:
+    """impl name (``sparseblocks_int8`` ...) -> ``w``'s tiles quantized as each kind of ``quantize`` (``int8``,
+    ``fp8``, ``fp8-w8a8``); none for fp32 weights (quantized tiles take 16-bit activations)."""
+    if w.dtype == torch.float32:
+        return {}
+    return {f"sparseblocks_{kind.replace('-', '_')}": w.quantize(kind) for kind in quantize}
+
+
 def implementations(
-    w: BlockSparseMatrix, fp32: str = "ieee"
+    w: BlockSparseMatrix, fp32: str = "ieee", quantized: dict[str, BlockSparseMatrix] | None = None
 ) -> tuple[dict[str, Callable[[torch.Tensor], torch.Tensor]], Callable[[torch.Tensor], torch.Tensor]]:
-    """The sparse paths that compute x·wᵀ (stk only where it applies and imports), and the dense one; ours
-    multiplies fp32 tiles in ``fp32`` precision (:func:`~sparseblocks.backend.fp32_precision`)."""
+    """The sparse paths that compute x·wᵀ (stk only where it applies and imports; ours on the ``quantized`` tiles
+    too, :func:`quantized_weights`), and the dense one; ours multiplies fp32 tiles in ``fp32`` precision
+    (:func:`~sparseblocks.backend.fp32_precision`)."""
     dense = w.to_dense()
 
     def ours(x: torch.Tensor) -> torch.Tensor:
@@ -107,6 +116,7 @@ def implementations(
             return spmm(x, w)
 
     paths = {"sparseblocks": ours}
+    paths.update({impl: (lambda x, wq=wq: spmm(x, wq)) for impl, wq in (quantized or {}).items()})
     bsr = w.to_torch_bsr()
     paths["torch_bsr"] = lambda x: F.linear(x, bsr)
     stk_path = stk_linear(w)
@@ -195,10 +205,13 @@ def run(
     name: str,
     command: str,
     fp32: str = "ieee",
+    quantize: tuple[str, ...] = (),
 ) -> dict:
     """Run the cases; write ``<out_dir or benchmarks/results/<gpu>>/<name>.json`` plus plots; return the payload.
 
-    ``fp32``: how our kernels multiply fp32 tiles, "ieee" or "tf32x3" (dense stays IEEE fp32: TF32 off)."""
+    ``fp32``: how our kernels multiply fp32 tiles, "ieee" or "tf32x3" (dense stays IEEE fp32: TF32 off).
+    ``quantize``: also time ours on the tiles quantized as each of these kinds (16-bit cases), each row with its own
+    bytes and floor (int8 / fp8 tiles and their scales: fewer bytes; the floor keeps the 16-bit matrix rate)."""
     payload, folder = start_run("spmm", command, out_dir)
     payload["fp32_precision"] = fp32
     ceilings = measure_ceilings()
@@ -214,7 +227,8 @@ def run(
             case.m * case.k * w.values.element_size(),
         )
         base = {"shape": case.shape, "M": case.m, "K": case.k, "N": case.n, "dtype": case.dtype}
-        paths, dense_path = implementations(w, fp32)
+        quantized = quantized_weights(w, quantize)
+        paths, dense_path = implementations(w, fp32, quantized)
         dense_key = (case.shape, case.m, case.dtype)
         if dense_key not in dense_ms:
             ms, timer = time_ms(dense_path, xs)
@@ -233,7 +247,10 @@ def run(
             except Exception as error:  # a baseline that does not support this case is recorded, not fatal
                 rows.append({**sparse_base, "impl": impl, "ms": None, "error": str(error).splitlines()[0][:200]})
                 continue
-            rows.append({**sparse_base, "impl": impl, "ms": ms, "timer": timer})
+            own = {}
+            if impl in quantized:  # its own bytes, and the floor they give
+                own = {"bytes": quantized[impl].nbytes, "floor_ms": _floor_ms(ceilings, case, dtype, quantized[impl])}
+            rows.append({**sparse_base, "impl": impl, "ms": ms, "timer": timer, **own})
             summary.append(f"{impl} {dense_ms[dense_key] / ms:.2f}x")
         print(
             f"{case.shape:<14} M={case.m:<6} {case.dtype} s={case.sparsity:.2f} b={case.block:<3} {case.mask:<6} "
