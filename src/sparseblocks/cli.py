@@ -243,7 +243,9 @@ def _report(args: argparse.Namespace) -> int:
 def _bench_decode(args: argparse.Namespace) -> int:
     from sparseblocks.bench import decode
 
-    decode.run(args.quick, args.out and Path(args.out), args.name, "sparseblocks " + shlex.join(args.argv))
+    command = "sparseblocks " + shlex.join(args.argv)
+    quantize = tuple(args.quantize.split(",")) if args.quantize else ()
+    decode.run(args.quick, args.out and Path(args.out), args.name, command, quantize)
     return 0
 
 
@@ -254,7 +256,9 @@ def _bench_mlp(args: argparse.Namespace) -> int:
     unknown = set(shapes) - set(mlp.SHAPES)
     if unknown:
         raise SystemExit(f"unknown MLP shapes {sorted(unknown)}; known: {', '.join(mlp.SHAPES)}")
-    mlp.run(args.quick, shapes, args.out and Path(args.out), args.name, "sparseblocks " + shlex.join(args.argv))
+    quantize = tuple(args.quantize.split(",")) if args.quantize else ()
+    mlp.run(args.quick, shapes, args.out and Path(args.out), args.name, "sparseblocks " + shlex.join(args.argv),
+            quantize)  # fmt: skip
     return 0
 
 
@@ -468,12 +472,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench_decode = benches.add_parser("decode", help="Y = X·Wᵀ at 1-64 tokens on Llama-1B/8B MLP shapes")
     bench_decode.add_argument("--quick", action="store_true", help="1 and 16 tokens, 50%% and 90%%, block 64")
+    bench_decode.add_argument(
+        "--quantize", help="also our kernels on quantized tiles: comma-separated, from int8,fp8,fp8-w8a8"
+    )
     bench_decode.add_argument("--name", default="decode", help="result file stem (default decode)")
     bench_decode.add_argument("--out", help="folder for decode.json (default benchmarks/results/<gpu>)")
     bench_decode.set_defaults(run=_bench_decode)
 
     bench_mlp = benches.add_parser("mlp", help="whole ViT-B and Llama MLPs, fused and unfused, 1 to 50k tokens")
     bench_mlp.add_argument("--quick", action="store_true", help="fewest and most tokens, 50%% and 90%%, block 64")
+    bench_mlp.add_argument(
+        "--quantize", help="also our kernels on quantized tiles: comma-separated, from int8,fp8,fp8-w8a8"
+    )
     bench_mlp.add_argument("--shapes", default="vit_b,llama_1b,llama_8b", help="comma-separated MLP shapes")
     bench_mlp.add_argument("--name", default="mlp", help="result file stem (default mlp)")
     bench_mlp.add_argument("--out", help="folder for mlp.json (default benchmarks/results/<gpu>)")

@@ -136,6 +136,12 @@ def test_decode_table_renders(tmp_path):
     table = _write_table(path).read_text()
     assert "| llama_8b_up | 1 | 0.9 | 64 | 30.0 | 6.0 | 5.00x | 2.00x | 1.25x | 10.00x | 50% |" in table
     assert "| llama_8b_mlp | 1 | 0.9 | 64 | 90.0 | 30.0 | 3.00x | — | — | 10.00x | 30% |" in table
+    quantized = {"shape": "llama_8b_up", "M": 1, "sparsity": 0.9, "block": 64, "impl": "sparseblocks_int8", "us": 4.0,
+                 "floor_us": 1.6, "bytes": 1000}  # fmt: skip
+    path = write_result(tmp_path / "decode.json", {**HEAD, "kind": "decode", "rows": [*rows, quantized]})
+    table = _write_table(path).read_text()
+    assert "| sparseblocks_int8 | floor |" in table  # a column of its own
+    assert "| llama_8b_up | 1 | 0.9 | 64 | 30.0 | 6.0 | 5.00x | 2.00x | 1.25x | 7.50x | 10.00x | 50% |" in table
 
 
 def test_spmm_floor_reads_only_the_columns_some_tile_multiplies():

@@ -97,8 +97,10 @@ def dense_weights(shapes: dict[str, tuple[int, int]]) -> Weights:
     return {p: torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / math.sqrt(k) for p, (n, k) in shapes.items()}
 
 
-def run(quick: bool, out_dir: Path | None, name: str, command: str) -> dict:
-    """Time every (model, case, tokens, sparsity, block); write ``<name>.json`` and a Markdown table."""
+def run(quick: bool, out_dir: Path | None, name: str, command: str, quantize: tuple[str, ...] = ()) -> dict:
+    """Time every (model, case, tokens, sparsity, block); write ``<name>.json`` and a Markdown table. ``quantize``:
+    also ours on the tiles quantized as each of these kinds (``int8``, ``fp8``, ``fp8-w8a8``), rows
+    ``sparseblocks_<kind>`` with their own bytes and floor."""
     payload, folder = start_run("decode", command, out_dir)
     ceilings = measure_ceilings()
     payload["ceilings"] = ceilings.__dict__
@@ -116,7 +118,11 @@ def run(quick: bool, out_dir: Path | None, name: str, command: str) -> dict:
             nbytes = sum(w.nbytes for w in one.values())
             ours = weight_copies(lambda one=one: {p: clone_matrix(w) for p, w in one.items()}, nbytes)
             bsr = [{p: w.to_torch_bsr() for p, w in weights.items()} for weights in ours]
-            sparse_sets[sparsity, block] = ours, bsr, nbytes
+            quantized = {}  # impl -> (its weight copies, its bytes)
+            for kind in quantize:
+                copies = [{p: w.quantize(kind) for p, w in weights.items()} for weights in ours]
+                quantized[f"sparseblocks_{kind.replace('-', '_')}"] = copies, sum(w.nbytes for w in copies[0].values())
+            sparse_sets[sparsity, block] = ours, bsr, nbytes, quantized
         paths = _paths(case)
         for m in tokens:
             base = {"shape": f"{model}_{case}", "M": m, "K": in_features, "dtype": "bf16"}
@@ -125,13 +131,16 @@ def run(quick: bool, out_dir: Path | None, name: str, command: str) -> dict:
             dense_floor = 1e6 * (dense_bytes + activations) / ceilings.copy_bytes_per_s
             payload["rows"].append({**base, "sparsity": 0.0, "block": None, "impl": "dense", "us": dense_us,
                                     "floor_us": dense_floor})  # fmt: skip
-            for (sparsity, block), (ours, bsr, nbytes) in sparse_sets.items():
+            for (sparsity, block), (ours, bsr, nbytes, quantized) in sparse_sets.items():
                 floor = 1e6 * (nbytes + activations) / ceilings.copy_bytes_per_s
                 summary = []
-                for impl, weight_sets in [("sparseblocks", ours), ("sparseblocks_rows", ours), ("torch_bsr", bsr)]:
-                    us = time_us(paths[impl], m, in_features, weight_sets)
+                runs = [("sparseblocks", ours, nbytes), ("sparseblocks_rows", ours, nbytes), ("torch_bsr", bsr, nbytes)]
+                runs += [(impl, copies, size) for impl, (copies, size) in quantized.items()]
+                for impl, weight_sets, size in runs:
+                    us = time_us(paths.get(impl, paths["sparseblocks"]), m, in_features, weight_sets)
                     payload["rows"].append({**base, "sparsity": sparsity, "block": block, "impl": impl, "us": us,
-                                            "floor_us": floor})  # fmt: skip
+                                            "floor_us": 1e6 * (size + activations) / ceilings.copy_bytes_per_s,
+                                            "bytes": size})  # fmt: skip
                     summary.append(f"{impl} {us:6.1f} us {dense_us / us:5.2f}x")
                 print(f"{base['shape']:<13} M={m:<3} s={sparsity:.2f} b={block:<3} dense {dense_us:6.1f} us | "
                       f"{' | '.join(summary)} | floor {floor:5.1f} us ({dense_us / floor:.1f}x)",
@@ -148,12 +157,14 @@ def _write_table(json_path: Path) -> Path:
     env, rows = payload["env"], payload["rows"]
     dense = {(r["shape"], r["M"]): r["us"] for r in rows if r["impl"] == "dense"}
     case = lambda r: (r["shape"], r["M"], r["sparsity"], r["block"])
-    others = {(r["impl"], case(r)): r["us"] for r in rows if r["impl"] in ("torch_bsr", "sparseblocks_rows")}
+    compared = ["sparseblocks_rows", "torch_bsr"]
+    compared += sorted({r["impl"] for r in rows if r["impl"].startswith("sparseblocks_") and r["impl"] not in compared})
+    others = {(r["impl"], case(r)): r["us"] for r in rows if r["impl"] in compared}
     table = []
     for r in (r for r in rows if r["impl"] == "sparseblocks"):
         base = dense[(r["shape"], r["M"])]
         cells = [f"{base / others[impl, case(r)]:.2f}x" if (impl, case(r)) in others else "—"
-                 for impl in ("sparseblocks_rows", "torch_bsr")]  # fmt: skip
+                 for impl in compared]  # fmt: skip
         table.append([r["shape"], r["M"], r["sparsity"], r["block"], f"{base:.1f}", f"{r['us']:.1f}",
                       f"{base / r['us']:.2f}x", *cells, f"{base / r['floor_us']:.2f}x",
                       f"{r['floor_us'] / r['us']:.0%}"])  # fmt: skip
@@ -163,7 +174,7 @@ def _write_table(json_path: Path) -> Path:
         f"Command: `{env['command']}`\n",
         "`sparseblocks` is `spmm` as it dispatched at that commit; `rows kernel` is spmm's row-per-program kernel.\n",
         *markdown_table(["case", "M", "sparsity", "block", "dense µs", "sparseblocks µs", "speedup", "rows kernel",
-                         "torch_bsr", "floor", "of floor"], table),
+                         "torch_bsr", *compared[2:], "floor", "of floor"], table),
     ]  # fmt: skip
     path = Path(json_path).with_suffix(".md")
     path.write_text("\n".join(lines) + "\n")

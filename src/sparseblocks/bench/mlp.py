@@ -132,8 +132,12 @@ def _time(fn: Callable, m: int, width: int, weight_sets: list[Weights]) -> tuple
     return time_ms(lambda pair: fn(*pair), inputs)
 
 
-def run(quick: bool, shapes: tuple[str, ...], out_dir: Path | None, name: str, command: str) -> dict:
-    """Time every (shape, tokens, sparsity, block, impl); write ``<name>.json`` and ``<name>.md``."""
+def run(
+    quick: bool, shapes: tuple[str, ...], out_dir: Path | None, name: str, command: str, quantize: tuple[str, ...] = ()
+) -> dict:
+    """Time every (shape, tokens, sparsity, block, impl); write ``<name>.json`` and ``<name>.md``. ``quantize``: also
+    ours on the tiles quantized as each of these kinds (``int8``, ``fp8``, ``fp8-w8a8``), rows
+    ``sparseblocks_<kind>`` with their own bytes and floor."""
     payload, folder = start_run("mlp", command, out_dir)
     ceilings = measure_ceilings()
     payload["ceilings"] = ceilings.__dict__
@@ -167,15 +171,24 @@ def run(quick: bool, shapes: tuple[str, ...], out_dir: Path | None, name: str, c
                     impls = [("torch_bsr", bsr), ("sparseblocks_unfused", ours), ("sparseblocks", ours)]
                     if recompute_factor(Tiles.of(one["down"])) <= FUSED_MAX_RECOMPUTE:
                         impls.append(("sparseblocks_fused", ours))
+                    floors = {}
+                    for kind in quantize:
+                        impl = f"sparseblocks_{kind.replace('-', '_')}"
+                        copies = [{k: v.quantize(kind) if isinstance(v, BlockSparseMatrix) else v for k, v in w.items()}
+                                  for w in ours]  # fmt: skip
+                        impls.append((impl, copies))
+                        floors[impl] = floor_ms(ceilings, shape, m, copies[0]), _nbytes(copies[0])
                     gate = Tiles.of(one["gate"]) if one["gate"] is not None else None
                     up, down = Tiles.of(one["up"]), Tiles.of(one["down"])
                     dispatch = mlp_plan(m, up, down, gate, device_facts(one["up"].device)).value
                     for impl, weight_sets in impls:
-                        measured[impl], timer = _time(paths[impl], m, shape.width, weight_sets)
+                        measured[impl], timer = _time(paths.get(impl, paths["sparseblocks"]), m, shape.width,
+                                                      weight_sets)  # fmt: skip
                         path = {"dispatch": dispatch} if impl == "sparseblocks" else {}
+                        own = {"floor_ms": floors[impl][0], "bytes": floors[impl][1]} if impl in floors else {}
                         payload["rows"].append({**base, "sparsity": sparsity, "block": block, "impl": impl,
                                                 "ms": measured[impl], "floor_ms": floor, "timer": timer,
-                                                **path})  # fmt: skip
+                                                **path, **own})  # fmt: skip
                     print(f"  s={sparsity:.2f} b={block:<3} " + " | ".join(
                         f"{impl} {ms:.4f} ms {dense_ms['dense'] / ms:5.2f}x" for impl, ms in measured.items())
                         + f" | floor {dense_ms['dense'] / floor:5.2f}x", flush=True)  # fmt: skip
