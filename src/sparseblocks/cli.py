@@ -502,7 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("targets", "target sets, each presets joined by +", "ViT mlp,mlp+attention; the others mlp"),
         ("modes", "eager,compiled,cuda_graph,compiled_graph", "ViT eager,compiled; Llama cuda_graph; "
                                                               "encoder eager,cuda_graph"),
-        ("impls", "sparse paths: torch_bsr,sparseblocks", "both"),
+        ("impls", "sparse paths: torch_bsr,sparseblocks, and ours on quantized tiles: sparseblocks_int8,"
+                  "sparseblocks_fp8,sparseblocks_fp8_w8a8 (16-bit models)", "torch_bsr,sparseblocks"),
     ]:  # fmt: skip
         bench_e2e.add_argument(f"--{option}", help=f"comma-separated {what} (default: {default})")
     bench_e2e.add_argument("--dry-run", action="store_true", help="tiny inputs, two repeats; runs on a CPU")

@@ -102,3 +102,19 @@ def test_compiled_prefill_of_a_sparse_model(tmp_path):
 def test_impossible_settings_are_refused_before_anything_runs(arguments, message):
     with pytest.raises(SystemExit, match=message):
         main(["bench", "e2e", "--dry-run", "--model", "vit_b_16", *arguments])
+
+
+def test_dry_run_times_ours_on_quantized_tiles(tmp_path):
+    """``--impls ...,sparseblocks_int8,sparseblocks_fp8``: ours with the same tiles quantized, fewer bytes."""
+    TINY["llama"].save_pretrained(tmp_path / "llama")
+    argv = ["bench", "e2e", "--model", str(tmp_path / "llama"), "--dry-run", "--dtypes", "bf16", "--modes", "eager",
+            "--sparsities", "0.75", "--blocks", "16", "--targets", "mlp", "--batches", "1",
+            "--impls", "sparseblocks,sparseblocks_int8,sparseblocks_fp8", "--out", str(tmp_path / "out")]  # fmt: skip
+    assert main(argv) == 0
+    rows = json.loads((tmp_path / "out" / "e2e.json").read_text())["rows"]
+    assert all(r["value"] and r["value"] > 0 for r in rows), [r.get("error") for r in rows]
+    bytes_of = {r["impl"]: r["model_bytes"] for r in rows if r["metric"] == "tokens_per_s"}
+    assert (
+        bytes_of["sparseblocks_int8"] < bytes_of["sparseblocks"]
+        and bytes_of["sparseblocks_fp8"] < bytes_of["sparseblocks"]
+    )

@@ -40,7 +40,8 @@ from sparseblocks.format import normalize_block_size
 from sparseblocks.integrations.sparsify import SparsityConfig, fuse_mlps, model_size, replace_module, sparsify
 from sparseblocks.nn import BlockSparseLinear
 
-IMPLS = ("dense", "torch_bsr", "sparseblocks")
+IMPLS = ("dense", "torch_bsr", "sparseblocks", "sparseblocks_int8", "sparseblocks_fp8", "sparseblocks_fp8_w8a8")
+QUANTIZED_IMPLS = {impl: impl.removeprefix("sparseblocks_").replace("_", "-") for impl in IMPLS[3:]}  # -> kind
 MODES = ("eager", "compiled", "cuda_graph", "compiled_graph")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -58,7 +59,7 @@ class Grid:
     context: int = 512  # decode: tokens already in the KV cache
     sequence: int = 128  # encoder: tokens per sentence
     prefill_tokens: int = 2048
-    impls: tuple[str, ...] = IMPLS[1:]  # the sparse paths timed beside dense
+    impls: tuple[str, ...] = IMPLS[1:3]  # the sparse paths timed beside dense (quantized tiles when named)
 
     def __post_init__(self) -> None:
         for field, allowed in [("modes", MODES), ("dtypes", tuple(DTYPES)), ("impls", IMPLS[1:])]:
@@ -160,9 +161,14 @@ def nbytes(model: nn.Module) -> int:
     return total
 
 
-def sparse_models(dense: nn.Module, sparsity: float, block: int, targets: str) -> tuple[dict[str, nn.Module], dict]:
-    """impl -> model for ``torch_bsr`` and ``sparseblocks`` (same tiles), and the bytes of the targeted layers
-    before and after."""
+def sparse_models(
+    dense: nn.Module, sparsity: float, block: int, targets: str, impls: tuple[str, ...] = ()
+) -> tuple[dict[str, nn.Module], dict]:
+    """impl -> model for ``torch_bsr`` and ``sparseblocks`` (same tiles) and, for the quantized ``impls``
+    (``sparseblocks_int8`` ...), ours with those tiles quantized; and the bytes of the targeted layers before and
+    after."""
+    from sparseblocks.integrations.quantized import quantize_model
+
     config = SparsityConfig(sparsity, block, targets=targets.split("+"))
     ours = copy.deepcopy(dense)
     report = sparsify(ours, config)
@@ -173,7 +179,11 @@ def sparse_models(dense: nn.Module, sparsity: float, block: int, targets: str) -
     fuse_mlps(ours)  # after the BSR copy: that one keeps separate linears
     layer_bytes = {"before": sum(r.bytes_before for r in report.layers),
                    "after": sum(r.bytes_after for r in report.layers)}  # fmt: skip
-    return {"torch_bsr": bsr, "sparseblocks": ours}, layer_bytes
+    models = {"torch_bsr": bsr, "sparseblocks": ours}
+    for impl in (impl for impl in impls if impl in QUANTIZED_IMPLS):
+        models[impl] = copy.deepcopy(ours)
+        quantize_model(models[impl], QUANTIZED_IMPLS[impl])
+    return models, layer_bytes
 
 
 def _time_eager_ms(fn: Callable[[torch.Tensor], object], inputs: list[torch.Tensor], repeats: int) -> float:
@@ -359,7 +369,7 @@ def run(
         measure(dense, {**base, "sparsity": 0.0, "block": None, "targets": "", "impl": "dense",
                         "model_bytes": nbytes(dense)})  # fmt: skip
         for sparsity, block, targets in itertools.product(grid.sparsities, grid.blocks, grid.targets):
-            models, layer_bytes = sparse_models(dense, sparsity, block, targets)
+            models, layer_bytes = sparse_models(dense, sparsity, block, targets, grid.impls)
             for impl in grid.impls:
                 model = models[impl]
                 measure(model, {**base, "sparsity": sparsity, "block": block, "targets": targets, "impl": impl,
