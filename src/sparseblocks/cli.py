@@ -90,7 +90,7 @@ def _bench_spmm(args: argparse.Namespace) -> int:
         name=args.name,
         command="sparseblocks " + shlex.join(args.argv),
         fp32=args.fp32_precision,
-        quantize=tuple(args.quantize.split(",")) if args.quantize else (),
+        quantize=_quantize_kinds(args),
     )
     return 0
 
@@ -244,7 +244,7 @@ def _bench_decode(args: argparse.Namespace) -> int:
     from sparseblocks.bench import decode
 
     command = "sparseblocks " + shlex.join(args.argv)
-    quantize = tuple(args.quantize.split(",")) if args.quantize else ()
+    quantize = _quantize_kinds(args)
     decode.run(args.quick, args.out and Path(args.out), args.name, command, quantize)
     return 0
 
@@ -256,7 +256,7 @@ def _bench_mlp(args: argparse.Namespace) -> int:
     unknown = set(shapes) - set(mlp.SHAPES)
     if unknown:
         raise SystemExit(f"unknown MLP shapes {sorted(unknown)}; known: {', '.join(mlp.SHAPES)}")
-    quantize = tuple(args.quantize.split(",")) if args.quantize else ()
+    quantize = _quantize_kinds(args)
     mlp.run(args.quick, shapes, args.out and Path(args.out), args.name, "sparseblocks " + shlex.join(args.argv),
             quantize)  # fmt: skip
     return 0
@@ -280,6 +280,15 @@ def _bench_e2e(args: argparse.Namespace) -> int:
     command = "sparseblocks " + shlex.join(args.argv)
     e2e.run(args.model, grid, args.dry_run, args.out and Path(args.out), args.name, command, args.fp32_precision)
     return 0
+
+
+def _add_quantize(bench: argparse.ArgumentParser) -> None:
+    bench.add_argument("--quantize", help="also our kernels on quantized tiles (16-bit cases): comma-separated, from "
+                                          "int8,fp8,fp8-w8a8")  # fmt: skip
+
+
+def _quantize_kinds(args: argparse.Namespace) -> tuple[str, ...]:
+    return tuple(kind for kind in (args.quantize or "").split(",") if kind)
 
 
 def _add_fp32_precision(bench: argparse.ArgumentParser) -> None:
@@ -463,27 +472,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench_spmm.add_argument("--no-sweep", dest="sweep", action="store_false", help="skip the ViT fc1 batch sweep")
     _add_fp32_precision(bench_spmm)
-    bench_spmm.add_argument(
-        "--quantize", help="also our kernels on quantized tiles: comma-separated, from int8,fp8,fp8-w8a8 (16-bit cases)"
-    )
+    _add_quantize(bench_spmm)
     bench_spmm.add_argument("--name", default="spmm", help="result file stem (default spmm)")
     bench_spmm.add_argument("--out", help="folder for spmm.json and plots (default benchmarks/results/<gpu>)")
     bench_spmm.set_defaults(run=_bench_spmm)
 
     bench_decode = benches.add_parser("decode", help="Y = X·Wᵀ at 1-64 tokens on Llama-1B/8B MLP shapes")
     bench_decode.add_argument("--quick", action="store_true", help="1 and 16 tokens, 50%% and 90%%, block 64")
-    bench_decode.add_argument(
-        "--quantize", help="also our kernels on quantized tiles: comma-separated, from int8,fp8,fp8-w8a8"
-    )
+    _add_quantize(bench_decode)
     bench_decode.add_argument("--name", default="decode", help="result file stem (default decode)")
     bench_decode.add_argument("--out", help="folder for decode.json (default benchmarks/results/<gpu>)")
     bench_decode.set_defaults(run=_bench_decode)
 
     bench_mlp = benches.add_parser("mlp", help="whole ViT-B and Llama MLPs, fused and unfused, 1 to 50k tokens")
     bench_mlp.add_argument("--quick", action="store_true", help="fewest and most tokens, 50%% and 90%%, block 64")
-    bench_mlp.add_argument(
-        "--quantize", help="also our kernels on quantized tiles: comma-separated, from int8,fp8,fp8-w8a8"
-    )
+    _add_quantize(bench_mlp)
     bench_mlp.add_argument("--shapes", default="vit_b,llama_1b,llama_8b", help="comma-separated MLP shapes")
     bench_mlp.add_argument("--name", default="mlp", help="result file stem (default mlp)")
     bench_mlp.add_argument("--out", help="folder for mlp.json (default benchmarks/results/<gpu>)")
