@@ -170,11 +170,10 @@ def _checked(decision: str, forced: Plan, why_not: str | None) -> Plan:
 # autotuned there, which breaks the capture.
 DESCRIPTOR_MIN_FLOPS = 16e9
 
-ROW_MODES = ("forward", "input_grad", "activation_grad", "gated_hidden", "hidden_grad")
-
 
 def descriptors_allowed(dtype: torch.dtype, mode: str, device: Device, precision: str | None = None) -> bool:
-    """Whether the descriptor kernel may take a ``mode`` launch in ``dtype`` on ``device`` (alignment aside).
+    """Whether the descriptor kernel may take a ``mode`` launch (``"forward"``, ``"input_grad"``,
+    ``"activation_grad"``, ``"gated_hidden"`` or ``"hidden_grad"``) in ``dtype`` on ``device`` (alignment aside).
 
     A Hopper GPU (below: plain loads, never measured), and 16-bit data, or fp32 in the forward mode with its
     products on the tensor cores (TF32, tf32x3: 1.14-1.44x faster than pointer loads, tune_fp32_tf32x3.txt). IEEE
