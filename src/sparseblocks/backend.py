@@ -100,6 +100,30 @@ def on_device_of(t: torch.Tensor) -> contextlib.AbstractContextManager:
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # float64 takes the reference, on any device
 
 
+# SPARSEBLOCKS_PREPARED_LAUNCHES=0 turns prepared launches off for the process; prepared_launches(False) for a block.
+_prepared_launches: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "sparseblocks_prepared_launches", default=os.environ.get("SPARSEBLOCKS_PREPARED_LAUNCHES", "1") != "0"
+)
+
+
+@contextlib.contextmanager
+def prepared_launches(enabled: bool) -> Iterator[None]:
+    """Within the block, eager inference calls of ``spmm`` and ``sparse_mlp`` on CUDA tensors replay the launches
+    prepared by an earlier call with the same inputs' metadata (True, the default) or always take the full path
+    (False: to compare, or to rule them out). ``SPARSEBLOCKS_PREPARED_LAUNCHES=0`` sets the default to False.
+    Per thread and per context (``contextvars``); see docs/performance.md."""
+    token = _prepared_launches.set(enabled)
+    try:
+        yield
+    finally:
+        _prepared_launches.reset(token)
+
+
+def prepared_launches_enabled() -> bool:
+    """Whether eager inference calls may replay prepared launches here (:func:`prepared_launches`)."""
+    return _prepared_launches.get()
+
+
 _interpreted_kernels: contextvars.ContextVar[bool] = contextvars.ContextVar("sparseblocks_interpreted", default=False)
 
 
@@ -112,6 +136,14 @@ def interpreted_kernels() -> Iterator[None]:
         yield
     finally:
         _interpreted_kernels.reset(token)
+
+
+def switches(dtype: torch.dtype) -> tuple:
+    """This module's switches that can change what an op on ``dtype`` tensors runs: :func:`reference_mode`,
+    :func:`interpreted_kernels`, and for fp32 :func:`fp32_dot_precision` (read for fp32 only, where it sets the
+    kernels' dot precision). ``dispatch.path_context`` adds the forced plans; a new switch goes here."""
+    precision = fp32_dot_precision() if dtype == torch.float32 else None
+    return _forced_reference.get(), _interpreted_kernels.get(), precision
 
 
 def use_triton(x: torch.Tensor) -> bool:

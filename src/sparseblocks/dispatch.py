@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import torch
 
-from sparseblocks.backend import fp32_dot_precision, interpreted_kernels
+from sparseblocks.backend import fp32_dot_precision, interpreted_kernels, switches
 from sparseblocks.format import BlockSparseMatrix
 
 
@@ -135,6 +135,15 @@ def force_plan(**plans: Plan | str) -> Iterator[None]:
             yield
     finally:
         _forced.reset(token)
+
+
+def path_context(dtype: torch.dtype) -> tuple:
+    """Every switch besides the inputs that can change the path an op on ``dtype`` tensors takes or its kernels'
+    constexprs: the forced plans (:func:`force_plan`) and ``backend.switches``. A cache of what an op ran
+    (``ops/prepared_calls.py``) keys on it, so a new switch goes here or there. Autocast is not here: the ops cast
+    their inputs under it, and the cache is bypassed there."""
+    plans = _forced.get()
+    return None if plans is None else tuple(plans.items()), *switches(dtype)
 
 
 # A fact the rules may need, given as its value or as a function computing it (called only where a rule reads it:

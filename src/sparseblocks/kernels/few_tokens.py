@@ -30,6 +30,7 @@ import triton.language as tl
 
 from sparseblocks.dispatch import MAX_TOKENS
 from sparseblocks.format import BlockSparseMatrix
+from sparseblocks.kernels import prepared
 from sparseblocks.kernels.epilogue import (
     ACTIVATION_CODES,
     accumulate_tile,
@@ -238,8 +239,10 @@ def spmm_few_tokens(
         "QUANTIZED": w.scales is not None,
     }
     config = launch_config(config, {"num_warps": 4, "num_stages": 1})
+    prepared.allocated(y, partial)
     if config is None:
         few_tokens_tuned.launch((x2.dtype, w.dtype, n, k, density), (programs,), args, meta)
     else:
-        _decode_kernel[(programs,)](*args, **meta, **config)
+        kwargs = {**meta, **config}
+        prepared.launched(_decode_kernel, _decode_kernel[(programs,)](*args, **kwargs), (programs,), args, kwargs)
     return y

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from sparseblocks.format import MLPWeights
+from sparseblocks.kernels import prepared
 from sparseblocks.kernels.epilogue import (
     ACTIVATION_CODES,
     accumulate_tile,
@@ -191,8 +192,10 @@ def fused_mlp_triton(
         "QUANTIZED_DOWN": down.scales is not None,
     }
     config = launch_config(config)
+    prepared.allocated(y)
     if config is None:
         fused_mlp_tuned.launch((x2.dtype, k, hidden, n), m_tile_grid(m, down.block_grid[0]), args, meta)
     else:
-        _fused_mlp_kernel[(cdiv(m, config["BLOCK_M"]) * down.block_grid[0],)](*args, **meta, **config)
+        grid, kwargs = (cdiv(m, config["BLOCK_M"]) * down.block_grid[0],), {**meta, **config}
+        prepared.launched(_fused_mlp_kernel, _fused_mlp_kernel[grid](*args, **kwargs), grid, args, kwargs)
     return y

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from sparseblocks.format import BlockSparseMatrix, MLPWeights
+from sparseblocks.kernels import prepared
 from sparseblocks.kernels.epilogue import ACTIVATION_CODES, hopper_or_later
 from sparseblocks.kernels.row_finish import (
     EMPTY_ROWS_PER_PROGRAM,
@@ -189,21 +190,22 @@ def spmm_one_token(
         n, k, w.nnz, gate_nnz, n_rows, x2.stride(1), y.stride(1),
     )  # fmt: skip
     grid = (w.nnz + gate_nnz + cdiv(n_rows, EMPTY_ROWS_PER_PROGRAM),)
-    _one_token_kernel[grid](
-        *args,
-        BN=bn,
-        BK=bk,
-        EMPTY_ROWS_PER_PROGRAM=EMPTY_ROWS_PER_PROGRAM,
-        REDUCE_CHUNK=REDUCE_CHUNK,
-        HAS_BIAS=bias is not None,
-        HAS_GATE_BIAS=gate_bias is not None,
-        ACTIVATION=ACTIVATION_CODES[activation],
-        GATED=gate is not None,
-        EVEN_K=k % bk == 0,
-        QUANTIZED=quantized,
+    meta = {
+        "BN": bn,
+        "BK": bk,
+        "EMPTY_ROWS_PER_PROGRAM": EMPTY_ROWS_PER_PROGRAM,
+        "REDUCE_CHUNK": REDUCE_CHUNK,
+        "HAS_BIAS": bias is not None,
+        "HAS_GATE_BIAS": gate_bias is not None,
+        "ACTIVATION": ACTIVATION_CODES[activation],
+        "GATED": gate is not None,
+        "EVEN_K": k % bk == 0,
+        "QUANTIZED": quantized,
         **_dependent_launch(x2.device, dependent),
         **(config or ONE_TOKEN_LAUNCH),
-    )
+    }
+    prepared.allocated(y, partial)
+    prepared.launched(_one_token_kernel, _one_token_kernel[grid](*args, **meta), grid, args, meta)
     return y
 
 

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sparseblocks.kernels import prepared
 from sparseblocks.kernels.epilogue import apply_activation, gated_product
 
 EMPTY_ROWS_PER_PROGRAM = 32
@@ -107,4 +108,5 @@ def arrival_counters(device: torch.device, n_rows: int) -> torch.Tensor:
     key = (device, torch.cuda.current_stream(device).cuda_stream, n_rows)
     if key not in _COUNTERS:
         _COUNTERS[key] = torch.zeros(n_rows, device=device, dtype=torch.int32)
+    prepared.persistent(_COUNTERS[key])  # a replay on this stream may reuse its pointer
     return _COUNTERS[key]

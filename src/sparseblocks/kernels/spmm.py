@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from sparseblocks.format import BlockSparseMatrix, quantize_rows
+from sparseblocks.kernels import prepared
 from sparseblocks.kernels.epilogue import (
     accumulate_dot,
     accumulate_tile,
@@ -267,10 +268,12 @@ def _launch_pointers(x2, w, spec, geometry, meta, config, parts) -> tuple[torch.
         *buckets,
     )
     meta = {**meta, "EVEN_IN": geometry.in_features % geometry.in_block == 0}
+    prepared.allocated(y, parts)
     if config is None:
         tuning_key = (x2.dtype, w.dtype, geometry.out_features, geometry.in_features, *buckets)
         return y, spmm_tuned.launch(tuning_key, m_tile_grid(m, geometry.n_out_blocks), args, meta).kwargs["BLOCK_M"]
-    _spmm_kernel[(cdiv(m, config["BLOCK_M"]) * geometry.n_out_blocks,)](*args, **meta, **config)
+    grid, kwargs = (cdiv(m, config["BLOCK_M"]) * geometry.n_out_blocks,), {**meta, **config}
+    prepared.launched(_spmm_kernel, _spmm_kernel[grid](*args, **kwargs), grid, args, kwargs)
     return y, config["BLOCK_M"]
 
 

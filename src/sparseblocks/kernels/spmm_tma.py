@@ -27,6 +27,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from sparseblocks.format import BlockSparseMatrix
+from sparseblocks.kernels import prepared
 from sparseblocks.kernels.epilogue import (
     accumulate_dot,
     accumulate_tile,
@@ -213,6 +214,7 @@ def launch_tma(
     m = x2.shape[0]
     if x2.is_cuda:
         _bind_context(x2.device)
+    prepared.not_replayable("tensor descriptors are built per launch")
     y = torch.empty((m, geometry.out_features), device=x2.device, dtype=spec.out_dtype or x2.dtype)
     bias, gate, grad2, grad_weight = spec.bias, spec.gate, spec.grad, spec.grad_weight
     bias, gate_bias = (None if b is None else b.contiguous() for b in (bias, spec.gate_bias))  # flat arrays

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 import triton
 
+from sparseblocks.kernels import prepared
+
 # The row kernel's autotuning key, in both its versions (pointer loads, tensor descriptors).
 ROW_KERNEL_TUNING_KEY = ["M_BUCKET", "OUT", "IN", "BN", "BK", "TRANSPOSED", "DENSITY_BUCKET", "HAS_BIAS", "ACTIVATION",
                          "GRAD_EPILOGUE", "BIAS_GRAD", "INPUT_PRECISION", "GATED", "HAS_GATE_BIAS", "QUANTIZED",
@@ -113,11 +115,14 @@ class TunedKernel:
                 self.autotuner[grid](*args, **meta)
                 config = self.autotuner.best_config
                 self._chosen[key] = (config, config.all_kwargs())
+            prepared.not_replayable("autotuned in this call")
             return config
         config, launch_kwargs = chosen
         if config.pre_hook is not None:
             config.pre_hook({**dict(zip(self.kernel.arg_names, args, strict=False)), **meta, **launch_kwargs})
-        self.kernel[grid](*args, **meta, **launch_kwargs)
+            prepared.not_replayable("a config pre-hook ran")
+        kwargs = {**meta, **launch_kwargs}
+        prepared.launched(self.kernel, self.kernel[grid](*args, **kwargs), grid, args, kwargs)
         return config
 
     def forget(self) -> None:

@@ -25,7 +25,7 @@ from typing import NamedTuple
 import torch
 
 from sparseblocks import dispatch, reference
-from sparseblocks.backend import on_device_of, use_triton
+from sparseblocks.backend import on_device_of, prepared_launches_enabled, triton_available, use_triton
 from sparseblocks.dispatch import Plan, Tiles
 from sparseblocks.format import INDEX_NAMES, BlockSparseMatrix
 from sparseblocks.ops.library import define_op
@@ -467,7 +467,21 @@ def spmm(
     scales, for inference: x of any of those dtypes or float64; a backward raises). Under ``torch.autocast`` the
     three are cast to the autocast dtype first, as ``F.linear`` does (the casts are differentiable, so fp32 master
     weights get fp32 gradients); quantized tiles keep theirs.
+
+    Called again eagerly on CUDA without gradients, with inputs of the same metadata, it replays the launches of
+    its first such call (``ops/prepared_calls.py``; off: ``backend.prepared_launches(False)``).
     """
+    if eager_inference(x, (w,), (bias,), activation):
+        from sparseblocks.ops import prepared_calls as calls
+
+        key = ("spmm", activation, calls.matrix_key(w), calls.bias_key(bias), *calls.context(x.dtype))
+        fixed = lambda: [*calls.fixed_tensors(w), bias]
+        return calls.replayed(x, w, key, fixed, lambda: _full_spmm(x, w, bias, activation))
+    return _full_spmm(x, w, bias, activation)
+
+
+def _full_spmm(x, w, bias, activation) -> torch.Tensor:
+    """:func:`spmm` without prepared launches."""
     if isinstance(w, BlockSparseMatrix) and isinstance(x, torch.Tensor):
         x, (w,), (bias,) = autocast_inputs(x, [w], [bias])
     check_spmm_inputs(x, w, bias, activation)
@@ -478,6 +492,32 @@ def spmm(
     if not needs_grad(x, w.values, bias):  # inference: the autograd.Function alone costs ~10 µs of CPU a call
         return _forward(x, w, bias, activation)
     return _EagerSpmm.apply(x, w.values, bias, w, activation)
+
+
+def eager_inference(
+    x: torch.Tensor,
+    matrices: tuple[BlockSparseMatrix | None, ...],
+    biases: tuple[torch.Tensor | None, ...],
+    activation: str | None,
+) -> bool:
+    """Whether a call may replay prepared launches (``ops/prepared_calls.py``): the switch on, a CUDA tensor ``x``
+    where Triton runs, ``BlockSparseMatrix`` weights (None: an absent gate), tensor or None biases, a string or
+    None activation, outside ``torch.compile`` and ``torch.autocast``, and no gradient to record. Anything else
+    takes the full path, which checks the inputs."""
+    if not (isinstance(x, torch.Tensor) and x.is_cuda and triton_available() and prepared_launches_enabled()):
+        return False
+    if torch.compiler.is_compiling() or torch.is_autocast_enabled("cuda"):
+        return False
+    if not (activation is None or type(activation) is str):
+        return False
+    if any(w is not None and type(w) is not BlockSparseMatrix for w in matrices):
+        return False
+    if any(b is not None and not isinstance(b, torch.Tensor) for b in biases):
+        return False
+    if not torch.is_grad_enabled():
+        return True
+    return not (x.requires_grad or any(w is not None and w.values.requires_grad for w in matrices)
+                or any(b is not None and b.requires_grad for b in biases))  # fmt: skip
 
 
 def needs_grad(*tensors: torch.Tensor | None) -> bool:
