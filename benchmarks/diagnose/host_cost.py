@@ -5,6 +5,10 @@ no-op (no GPU needed): what our Python costs per call on top of the launches the
 
 CPU tensors stand in for CUDA ones (the ops are told the kernels run); nothing is computed, so the outputs are
 garbage and only the times mean anything. Run it on two trees, alternating, to compare their host cost.
+
+Each call is timed on the full path (prepared launches off) and replayed from a prepared launch
+(``ops/prepared_calls.py``), where the compiled kernel's launcher is a no-op too: the second figure is our Python of
+the replay, without Triton's C launcher.
 """
 
 import argparse
@@ -13,11 +17,15 @@ import json
 import time
 
 import torch
-from triton.runtime.jit import JITFunction
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import CUDABackend
+from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from sparseblocks import BlockSparseLinear
+from sparseblocks.backend import prepared_launches
+from sparseblocks.kernels import few_tokens, one_token, prepared
 from sparseblocks.kernels.tuning import TunedKernel
-from sparseblocks.ops import sparse_mlp, spmm
+from sparseblocks.ops import prepared_calls, sparse_mlp, spmm
 
 
 def microseconds(call, repeats: int) -> float:
@@ -34,14 +42,44 @@ def microseconds(call, repeats: int) -> float:
     return min(rounds)
 
 
+class NoLaunch:
+    """A compiled kernel whose launcher does nothing."""
+
+    function, packed_metadata = 0, (2, 1, 0)
+    run = staticmethod(lambda *args: None)
+
+
 def stub_launches() -> None:
-    """Every launch does nothing: tuned kernels answer with their first config, JIT kernels ignore the call."""
-    TunedKernel.launch = lambda self, key, grid, args, meta: self.configs[0]
-    JITFunction.__getitem__ = lambda self, grid: lambda *args, **kwargs: None
+    """Every launch does nothing: tuned kernels answer with their first config, JIT kernels ignore the call; both
+    report a compiled kernel that launches nothing, so calls are prepared and replayed as on a GPU (stream 0, the
+    binder built for an sm_90 target, arrival counters kept as on CUDA)."""
+
+    def tuned_launch(self, key, grid, args, meta):
+        kwargs = {**meta, **self.configs[0].all_kwargs()}
+        prepared.launched(self.kernel, NoLaunch(), grid, args, kwargs)
+        return self.configs[0]
+
+    TunedKernel.launch = tuned_launch
+    JITFunction.__getitem__ = lambda self, grid: lambda *args, **kwargs: NoLaunch()
     for name in ("sparseblocks.ops.spmm", "sparseblocks.ops.mlp"):
         module = importlib.import_module(name)
         if hasattr(module, "use_triton"):
             module.use_triton = lambda x: True
+    importlib.import_module("sparseblocks.ops.spmm")._replay_device = lambda x: True
+    prepared_calls._stream = lambda x: 0
+    binders = {}
+    backend = CUDABackend(GPUTarget("cuda", 90, 32))
+    prepared.binder = lambda kernel: binders.setdefault(
+        kernel, create_function_from_signature(kernel.signature, kernel.params, backend)
+    )
+    counters = {}
+
+    def arrival_counters(device, n_rows):
+        buffer = counters.setdefault(n_rows, torch.zeros(n_rows, dtype=torch.int32))
+        prepared.persistent(buffer)
+        return buffer
+
+    one_token.arrival_counters = few_tokens.arrival_counters = arrival_counters
 
 
 def main() -> None:
@@ -60,10 +98,14 @@ def main() -> None:
         "SwiGLU sparse_mlp, 1 token": lambda: sparse_mlp(one, up.matrix, down.matrix, gate.matrix, activation="silu"),
     }
     rows = []
+    print(f"{'call':<40} {'full path':>10} {'prepared':>10}")
     with torch.no_grad():
         for name, call in calls.items():
-            rows.append({"call": name, "us": round(microseconds(call, args.repeats), 2)})
-            print(f"{name:<40} {rows[-1]['us']:7.2f} µs", flush=True)
+            with prepared_launches(False):
+                full = microseconds(call, args.repeats)
+            replayed = microseconds(call, args.repeats)
+            rows.append({"call": name, "us": round(full, 2), "prepared_us": round(replayed, 2)})
+            print(f"{name:<40} {full:7.2f} µs {replayed:7.2f} µs", flush=True)
     print(json.dumps(rows))
 
 

@@ -116,9 +116,10 @@ def binder(kernel: Any) -> Callable:
 def hooks_installed() -> bool:
     """Whether a Triton launch hook is installed (a profiler): then launches take the normal path, which calls it.
     Triton 3.6 keeps the hooks in a ``HookChain``, empty by default; older versions kept None."""
-    runtime = knobs.runtime
-    return any(hook is not None and getattr(hook, "calls", True) for hook in
-               (runtime.launch_enter_hook, runtime.launch_exit_hook))  # fmt: skip
+    enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+    return (enter is not None and bool(getattr(enter, "calls", True))) or (
+        leave is not None and bool(getattr(leave, "calls", True))
+    )
 
 
 def triton_flags() -> tuple:
@@ -198,15 +199,17 @@ def prepare(
     x: torch.Tensor,
     output: torch.Tensor,
     fixed: Sequence[torch.Tensor | None],
-    bind: Callable[[Any], Callable] = binder,
+    bind: Callable[[Any], Callable] | None = None,
 ) -> PreparedCall | None:
     """A :class:`PreparedCall` replaying the launches of ``record``, the capture of one call on input ``x`` that
     returned ``output``; None where that call cannot be replayed (see the module docstring).
 
     The caller's cache key must determine everything but the per-call tensors: every integer argument (shapes,
     strides), the grid, which launches run, and each ``fixed`` tensor's pointer and dtype (they are passed as raw
-    pointers). ``bind``: how to find a kernel's binder (tests pass one for a fake kernel).
+    pointers). The full path must not change, outside a launch, a tensor a launch reads or writes (ours do not).
+    ``bind``: how to find a kernel's binder (:func:`binder`; tests pass one for a fake kernel).
     """
+    bind = bind or binder
     if record.refused is not None or not record.launches or not output.is_contiguous():
         return None
     fixed_ids = {id(t) for t in fixed if t is not None}

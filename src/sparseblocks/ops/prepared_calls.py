@@ -21,7 +21,6 @@ from collections.abc import Callable, Sequence
 import torch
 
 from sparseblocks import dispatch
-from sparseblocks.backend import prepared_launches_enabled
 from sparseblocks.format import BlockSparseMatrix
 from sparseblocks.kernels import one_token, prepared
 from sparseblocks.kernels.tuning import stream_capturing
@@ -40,22 +39,6 @@ def context(dtype: torch.dtype) -> tuple:
     (forced plans, reference mode, fp32 precision...), Triton's own (``prepared.triton_flags``) and the one-token
     MLP's programmatic launches. A new switch goes into one of those."""
     return *dispatch.path_context(dtype), *prepared.triton_flags(), one_token.PROGRAMMATIC_LAUNCH
-
-
-def eager_inference(x: torch.Tensor, w: BlockSparseMatrix, tensors: Sequence[torch.Tensor | None]) -> bool:
-    """Whether a call on ``x`` and weight ``w`` may be replayed: prepared launches on, a CUDA tensor ``x``, a
-    ``BlockSparseMatrix`` ``w``, outside ``torch.compile`` and ``torch.autocast``, and no gradient to record for
-    ``tensors``."""
-    if type(w) is not BlockSparseMatrix or not isinstance(x, torch.Tensor) or not _kernel_tensor(x):
-        return False
-    if not prepared_launches_enabled() or torch.compiler.is_compiling() or torch.is_autocast_enabled("cuda"):
-        return False
-    return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors)
-
-
-def _kernel_tensor(x: torch.Tensor) -> bool:
-    """Where prepared launches can run: CUDA tensors (the interpreter compiles nothing to replay)."""
-    return x.is_cuda
 
 
 def _stream(x: torch.Tensor) -> int | None:
