@@ -112,3 +112,25 @@ def test_an_out_that_is_a_file_is_refused_before_any_work(command, tmp_path, cap
     error = capsys.readouterr().err
     assert f"sparseblocks {command}: error: --out {out} is a file" in error and "usage:" in error
     assert out.read_text() == "not a folder"
+
+
+def test_bench_decode_and_mlp_take_their_grid_from_options(monkeypatch):
+    """What a GPU run is given, checked without one: the run functions are replaced by a recorder."""
+    from sparseblocks.bench import decode, mlp
+
+    calls = {}
+    monkeypatch.setattr(decode, "run", lambda *args, **kwargs: calls.setdefault("decode", (args, kwargs)))
+    monkeypatch.setattr(mlp, "run", lambda *args, **kwargs: calls.setdefault("mlp", (args, kwargs)))
+    assert main(["bench", "decode", "--shapes", "llama_8b_up,llama_8b_mlp", "--tokens", "1", "--sparsities", "0.7,0.9",
+                 "--blocks", "64", "--quantize", "int8"]) == 0  # fmt: skip
+    args, kwargs = calls["decode"]
+    assert args[4:] == (("int8",), ("llama_8b_up", "llama_8b_mlp"))
+    assert kwargs == {"tokens": (1,), "sparsities": (0.7, 0.9), "blocks": (64,)}
+    assert main(["bench", "mlp", "--shapes", "llama_1b", "--tokens", "8192", "--quantize", "fp8-w8a8"]) == 0
+    args, kwargs = calls["mlp"]
+    assert args[1] == ("llama_1b",) and args[5] == ("fp8-w8a8",)
+    assert kwargs == {"tokens": (8192,), "sparsities": (), "blocks": ()}  # empty: the default grid's
+    with pytest.raises(SystemExit, match="unknown decode shapes"):
+        main(["bench", "decode", "--shapes", "llama_8b_gate"])
+    with pytest.raises(SystemExit, match="bench mlp: could not convert"):
+        main(["bench", "mlp", "--sparsities", "ninety"])

@@ -6,6 +6,7 @@ import argparse
 import platform
 import shlex
 import sys
+from collections.abc import Collection
 from pathlib import Path
 
 
@@ -240,41 +241,62 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _comma_list(text: str | None, kind: type) -> tuple:
+    """A comma-separated option's values, each made a ``kind`` (empty for an option not given)."""
+    return tuple(kind(v) for v in (text or "").split(",") if v)
+
+
+def _shape_names(text: str, known: Collection[str], what: str) -> tuple[str, ...]:
+    """``--shapes``' names, refused unless each is in ``known``."""
+    shapes = _comma_list(text, str)
+    unknown = set(shapes) - set(known)
+    if unknown:
+        raise SystemExit(f"unknown {what} {sorted(unknown)}; known: {', '.join(known)}")
+    return shapes
+
+
+def _grid(args: argparse.Namespace) -> dict[str, tuple]:
+    """``--tokens``, ``--sparsities`` and ``--blocks`` (empty where not given: the default or --quick grid)."""
+    try:
+        return {"tokens": _comma_list(args.tokens, int), "sparsities": _comma_list(args.sparsities, float),
+                "blocks": _comma_list(args.blocks, int)}  # fmt: skip
+    except ValueError as error:
+        raise SystemExit(f"sparseblocks bench {args.bench}: {error}") from error
+
+
 def _bench_decode(args: argparse.Namespace) -> int:
     from sparseblocks.bench import decode
 
+    shapes = _shape_names(args.shapes, decode.SHAPES, "decode shapes") if args.shapes else decode.SHAPES
     command = "sparseblocks " + shlex.join(args.argv)
-    quantize = _quantize_kinds(args)
-    decode.run(args.quick, args.out and Path(args.out), args.name, command, quantize)
+    decode.run(args.quick, args.out and Path(args.out), args.name, command, _quantize_kinds(args), shapes,
+               **_grid(args))  # fmt: skip
     return 0
 
 
 def _bench_mlp(args: argparse.Namespace) -> int:
     from sparseblocks.bench import mlp
 
-    shapes = tuple(s for s in args.shapes.split(",") if s)
-    unknown = set(shapes) - set(mlp.SHAPES)
-    if unknown:
-        raise SystemExit(f"unknown MLP shapes {sorted(unknown)}; known: {', '.join(mlp.SHAPES)}")
-    quantize = _quantize_kinds(args)
+    shapes = _shape_names(args.shapes, mlp.SHAPES, "MLP shapes")
     mlp.run(args.quick, shapes, args.out and Path(args.out), args.name, "sparseblocks " + shlex.join(args.argv),
-            quantize)  # fmt: skip
+            _quantize_kinds(args), **_grid(args))  # fmt: skip
     return 0
 
 
 def _bench_e2e(args: argparse.Namespace) -> int:
     from sparseblocks.bench import e2e
 
-    numbers = lambda text, kind: tuple(kind(v) for v in text.split(",") if v)
     options = {"batches": (args.batches, int), "dtypes": (args.dtypes, str), "sparsities": (args.sparsities, float),
                "blocks": (args.blocks, int), "targets": (args.targets, str), "modes": (args.modes, str),
                "impls": (args.impls, str)}  # fmt: skip
     grid = None
     try:
         kind = e2e.model_kind(e2e.model_config(args.model))  # an unknown model fails here, before anything runs
-        if any(text is not None for text, _ in options.values()):
-            default = e2e.DEFAULT_GRIDS[kind].__dict__
-            grid = e2e.Grid(**{**default, **{k: numbers(t, f) for k, (t, f) in options.items() if t is not None}})
+        given = {k: _comma_list(t, f) for k, (t, f) in options.items() if t is not None}
+        if args.prefill_tokens is not None:
+            given["prefill_tokens"] = args.prefill_tokens
+        if given:
+            grid = e2e.Grid(**{**e2e.DEFAULT_GRIDS[kind].__dict__, **given})
     except (OSError, ValueError) as error:
         raise SystemExit(f"sparseblocks bench e2e: {error}") from error
     command = "sparseblocks " + shlex.join(args.argv)
@@ -284,11 +306,16 @@ def _bench_e2e(args: argparse.Namespace) -> int:
 
 def _add_quantize(bench: argparse.ArgumentParser) -> None:
     bench.add_argument("--quantize", help="also our kernels on quantized tiles (16-bit cases): comma-separated, from "
-                                          "int8,fp8,fp8-w8a8")  # fmt: skip
+                                          "int8,fp8,fp8-w8a8; and the dense fp8 baseline (dense_fp8)")  # fmt: skip
+
+
+def _add_grid(bench: argparse.ArgumentParser) -> None:
+    for option, what in [("tokens", "token counts"), ("sparsities", "sparsities"), ("blocks", "block sizes")]:
+        bench.add_argument(f"--{option}", help=f"comma-separated {what} (default: the full grid, or --quick's)")
 
 
 def _quantize_kinds(args: argparse.Namespace) -> tuple[str, ...]:
-    return tuple(kind for kind in (args.quantize or "").split(",") if kind)
+    return _comma_list(args.quantize, str)
 
 
 def _add_fp32_precision(bench: argparse.ArgumentParser) -> None:
@@ -480,6 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_decode = benches.add_parser("decode", help="Y = X·Wᵀ at 1-64 tokens on Llama-1B/8B MLP shapes")
     bench_decode.add_argument("--quick", action="store_true", help="1 and 16 tokens, 50%% and 90%%, block 64")
     _add_quantize(bench_decode)
+    bench_decode.add_argument("--shapes", help="comma-separated, of llama_1b|llama_8b _up|_down|_mlp (default all)")
+    _add_grid(bench_decode)
     bench_decode.add_argument("--name", default="decode", help="result file stem (default decode)")
     bench_decode.add_argument("--out", help="folder for decode.json (default benchmarks/results/<gpu>)")
     bench_decode.set_defaults(run=_bench_decode)
@@ -488,6 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_mlp.add_argument("--quick", action="store_true", help="fewest and most tokens, 50%% and 90%%, block 64")
     _add_quantize(bench_mlp)
     bench_mlp.add_argument("--shapes", default="vit_b,llama_1b,llama_8b", help="comma-separated MLP shapes")
+    _add_grid(bench_mlp)
     bench_mlp.add_argument("--name", default="mlp", help="result file stem (default mlp)")
     bench_mlp.add_argument("--out", help="folder for mlp.json (default benchmarks/results/<gpu>)")
     bench_mlp.set_defaults(run=_bench_mlp)
@@ -506,9 +536,12 @@ def build_parser() -> argparse.ArgumentParser:
         ("modes", "eager,compiled,cuda_graph,compiled_graph", "ViT eager,compiled; Llama cuda_graph; "
                                                               "encoder eager,cuda_graph"),
         ("impls", "sparse paths: torch_bsr,sparseblocks, and ours on quantized tiles: sparseblocks_int8,"
-                  "sparseblocks_fp8,sparseblocks_fp8_w8a8 (16-bit models)", "torch_bsr,sparseblocks"),
+                  "sparseblocks_fp8,sparseblocks_fp8_w8a8; dense_fp8, the targeted linears in dense fp8 (16-bit "
+                  "models)", "torch_bsr,sparseblocks"),
     ]:  # fmt: skip
         bench_e2e.add_argument(f"--{option}", help=f"comma-separated {what} (default: {default})")
+    bench_e2e.add_argument("--prefill-tokens", type=int, help="causal LMs: the timed prefill's tokens (default 2048; "
+                                                              "0: decode only)")  # fmt: skip
     bench_e2e.add_argument("--dry-run", action="store_true", help="tiny inputs, two repeats; runs on a CPU")
     _add_fp32_precision(bench_e2e)
     bench_e2e.add_argument("--name", default="e2e", help="result file stem (default e2e)")

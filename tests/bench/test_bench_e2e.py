@@ -97,6 +97,7 @@ def test_compiled_prefill_of_a_sparse_model(tmp_path):
         (["--sparsities", "1.5"], "sparsities must lie"),
         (["--blocks", "24"], "block_size"),
         (["--batches", "0"], "batches must be"),
+        (["--prefill-tokens", "-1"], "prefill_tokens must be"),
     ],
 )
 def test_impossible_settings_are_refused_before_anything_runs(arguments, message):
@@ -104,17 +105,41 @@ def test_impossible_settings_are_refused_before_anything_runs(arguments, message
         main(["bench", "e2e", "--dry-run", "--model", "vit_b_16", *arguments])
 
 
-def test_dry_run_times_ours_on_quantized_tiles(tmp_path):
-    """``--impls ...,sparseblocks_int8,sparseblocks_fp8``: ours with the same tiles quantized, fewer bytes."""
+def test_a_decode_only_run_times_no_prefill(monkeypatch):
+    calls = []
+    monkeypatch.setattr(e2e, "run", lambda model, grid, *rest: calls.append(grid))
+    main(["bench", "e2e", "--model", "llama-3.1-8b", "--prefill-tokens", "0", "--modes", "compiled_graph"])
+    assert calls[0].prefill_tokens == 0 and calls[0].modes == ("compiled_graph",)
+    assert e2e.prefill_modes(calls[0]) == []
+    assert e2e.prefill_modes(e2e.Grid(**{**calls[0].__dict__, "prefill_tokens": 16})) == ["eager", "compiled"]
+
+
+def test_dry_run_times_ours_on_quantized_tiles_and_dense_fp8(tmp_path):
+    """``--impls ...,sparseblocks_int8,sparseblocks_fp8,dense_fp8``: ours with the same tiles quantized, fewer bytes;
+    and the dense model with the same targeted linears in fp8, once per target set, in the table beside them."""
     TINY["llama"].save_pretrained(tmp_path / "llama")
     argv = ["bench", "e2e", "--model", str(tmp_path / "llama"), "--dry-run", "--dtypes", "bf16", "--modes", "eager",
             "--sparsities", "0.75", "--blocks", "16", "--targets", "mlp", "--batches", "1",
-            "--impls", "sparseblocks,sparseblocks_int8,sparseblocks_fp8", "--out", str(tmp_path / "out")]  # fmt: skip
+            "--impls", "sparseblocks,sparseblocks_int8,sparseblocks_fp8,dense_fp8",
+            "--out", str(tmp_path / "out")]  # fmt: skip
     assert main(argv) == 0
     rows = json.loads((tmp_path / "out" / "e2e.json").read_text())["rows"]
     assert all(r["value"] and r["value"] > 0 for r in rows), [r.get("error") for r in rows]
-    bytes_of = {r["impl"]: r["model_bytes"] for r in rows if r["metric"] == "tokens_per_s"}
+    decode = {r["impl"]: r for r in rows if (r["metric"], r["batch"]) == ("tokens_per_s", 1)}
+    bytes_of = {impl: r["model_bytes"] for impl, r in decode.items()}
     assert (
         bytes_of["sparseblocks_int8"] < bytes_of["sparseblocks"]
         and bytes_of["sparseblocks_fp8"] < bytes_of["sparseblocks"]
     )
+    # the MLPs' weights in one byte instead of two, all of them kept
+    assert bytes_of["sparseblocks_fp8"] < bytes_of["dense_fp8"] < bytes_of["dense"]
+    fp8 = decode["dense_fp8"]
+    assert (fp8["targets"], fp8["sparsity"], fp8["block"]) == ("mlp", 0.0, None)
+    impls = [r["impl"] for r in rows]
+    assert impls.count("dense_fp8") == impls.count("dense")  # once per target set, not per sparsity and block
+    table = (tmp_path / "out" / "e2e.md").read_text()
+    assert "| sparseblocks_int8 | sparseblocks_fp8 | dense_fp8 | sparseblocks vs dense_fp8 |" in table
+    dense, ours = decode["dense"], decode["sparseblocks_int8"]
+    cells = f"| {dense['ms'] / fp8['ms']:.2f}x | {fp8['ms'] / decode['sparseblocks']['ms']:.2f}x |"
+    assert cells in next(line for line in table.splitlines() if line.startswith("| tokens_per_s"))
+    assert f"| {ours['model_bytes'] / dense['model_bytes']:.3f} |" in table

@@ -144,6 +144,77 @@ def test_decode_table_renders(tmp_path):
     assert "| llama_8b_up | 1 | 0.9 | 64 | 30.0 | 6.0 | 5.00x | 2.00x | 1.25x | 7.50x | 10.00x | 50% |" in table
 
 
+def test_decode_table_compares_ours_with_dense_fp8(tmp_path):
+    from sparseblocks.bench.decode import _write_table
+
+    case = {"shape": "llama_8b_up", "M": 1, "sparsity": 0.9, "block": 64}
+    rows = [
+        {**case, "sparsity": 0.0, "block": None, "impl": "dense", "us": 30.0, "floor_us": 25.0},
+        {**case, "sparsity": 0.0, "block": None, "impl": "dense_fp8", "us": 20.0, "floor_us": 12.5, "bytes": 500},
+        {**case, "impl": "sparseblocks", "us": 6.0, "floor_us": 3.0},
+        {**case, "impl": "sparseblocks_int8", "us": 4.0, "floor_us": 1.6, "bytes": 100},
+        {**case, "shape": "llama_8b_mlp", "sparsity": 0.0, "block": None, "impl": "dense", "us": 90.0,
+         "floor_us": 80.0},
+        {**case, "shape": "llama_8b_mlp", "impl": "sparseblocks", "us": 30.0, "floor_us": 9.0},
+    ]  # fmt: skip
+    table = _write_table(write_result(tmp_path / "decode.json", {**HEAD, "kind": "decode", "rows": rows})).read_text()
+    assert ("| torch_bsr | sparseblocks_int8 | dense_fp8 | sparseblocks vs dense_fp8 | sparseblocks_int8 vs dense_fp8 "
+            "| floor | of floor |") in table  # fmt: skip
+    # dense 30 µs, dense fp8 20 µs (1.50x), ours 6 µs (3.33x over fp8), int8 4 µs (7.50x over dense, 5.00x over fp8)
+    assert "| llama_8b_up | 1 | 0.9 | 64 | 30.0 | 6.0 | 5.00x | — | — | 7.50x | 1.50x | 3.33x | 5.00x | 10.00x" in table
+    assert "| llama_8b_mlp | 1 | 0.9 | 64 | 90.0 | 30.0 | 3.00x | — | — | — | — | — | — | 10.00x | 30% |" in table
+    assert "`dense_fp8` is the dense baseline in fp8" in table
+
+
+def _mlp_row(impl, ms, sparsity=0.9, block=64, **extra):
+    return {"shape": "llama_1b", "M": 8192, "K": 2048, "H": 8192, "dtype": "bf16", "sparsity": sparsity,
+            "block": block, "impl": impl, "ms": ms, "floor_ms": 0.1, **extra}  # fmt: skip
+
+
+def test_mlp_table_shows_quantized_and_dense_fp8_columns_only_when_measured(tmp_path):
+    from sparseblocks.bench.mlp import write_table
+
+    rows = [
+        _mlp_row("dense", 2.0, 0.0, None),
+        _mlp_row("dense_compiled", 1.6, 0.0, None),
+        _mlp_row("sparseblocks", 0.4, dispatch="unfused"),
+        _mlp_row("sparseblocks_unfused", 0.4),
+    ]
+    plain = write_table(write_result(tmp_path / "mlp.json", {**HEAD, "kind": "mlp", "rows": rows})).read_text()
+    assert ("| shape | M | sparsity | block | dense ms | compiled | torch_bsr | unfused | fused | sparseblocks | "
+            "dispatch | floor | of floor |") in plain  # fmt: skip
+    assert "| llama_1b | 8192 | 0.9 | 64 | 2.0000 | 1.25x | — | 5.00x | — | **5.00x** | unfused | 20.00x | 25%" in plain
+    rows += [_mlp_row("dense_fp8", 1.0, 0.0, None, bytes=10), _mlp_row("sparseblocks_fp8_w8a8", 0.25, bytes=1)]
+    quantized = write_table(write_result(tmp_path / "mlp.json", {**HEAD, "kind": "mlp", "rows": rows})).read_text()
+    assert ("| sparseblocks | dispatch | sparseblocks_fp8_w8a8 | dense_fp8 | sparseblocks vs dense_fp8 | "
+            "sparseblocks_fp8_w8a8 vs dense_fp8 | floor | of floor |") in quantized  # fmt: skip
+    # fp8-w8a8 0.25 ms: 8.00x over dense; dense fp8 1.0 ms: 2.00x; ours 2.50x and fp8-w8a8 4.00x over dense fp8
+    assert "| **5.00x** | unfused | 8.00x | 2.00x | 2.50x | 4.00x | 20.00x | 25% |" in quantized
+
+
+def test_e2e_table_shows_quantized_tiles_and_dense_fp8_without_bf16_tiles(tmp_path):
+    """A run of ``--impls sparseblocks_int8,dense_fp8`` alone: its rows are in the table, ours in bf16 left blank."""
+    from sparseblocks.bench.e2e import write_table
+
+    case = {"model": "m", "metric": "tokens_per_s", "mode": "compiled_graph", "dtype": "bf16", "batch": 1}
+    layers = {"before": 1000, "after": 300}
+    rows = [
+        {**case, "impl": "dense", "sparsity": 0.0, "block": None, "targets": "", "value": 100.0, "ms": 10.0,
+         "model_bytes": 2000},
+        {**case, "impl": "dense_fp8", "sparsity": 0.0, "block": None, "targets": "all-linear", "value": 125.0,
+         "ms": 8.0, "model_bytes": 1100},
+        {**case, "impl": "sparseblocks_int8", "sparsity": 0.7, "block": 64, "targets": "all-linear", "value": 200.0,
+         "ms": 5.0, "model_bytes": 600, "target_layer_bytes": layers},
+    ]  # fmt: skip
+    payload = {**HEAD, "kind": "e2e", "model": "m", "rows": rows}
+    table = write_table(write_result(tmp_path / "e2e.json", payload)).read_text()
+    assert ("| model bytes | targeted layers' bytes | sparseblocks_int8 | dense_fp8 | sparseblocks vs dense_fp8 | "
+            "sparseblocks_int8 vs dense_fp8 | sparseblocks_int8 bytes | dense_fp8 bytes |") in table  # fmt: skip
+    # int8 5 ms a step, dense 10, dense fp8 8: 2.00x, 1.25x, and int8 1.60x over dense fp8; bytes 600 and 1100 of 2000
+    assert ("| tokens_per_s | compiled_graph | bf16 | 1 | all-linear | 0.7 | 64 | 100.0 | — | — | — | — | — | 0.300 | "
+            "2.00x | 1.25x | — | 1.60x | 0.300 | 0.550 |") in table  # fmt: skip
+
+
 def test_spmm_floor_reads_only_the_columns_some_tile_multiplies():
     """Bytes of the floor: the X columns that stored tiles use, Y, and the weight with its index."""
     from sparseblocks import BlockSparseMatrix

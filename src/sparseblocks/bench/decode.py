@@ -2,7 +2,9 @@
 
 In one run: dense (cuBLAS), PyTorch's BSR ``F.linear`` and ``sparseblocks.ops.spmm`` (the decode kernel, and the
 row kernel it replaces at few tokens), each timed as CUDA-graph replays, beside the bandwidth floor (weights +
-indices + activations at the measured copy speed). Cases: each MLP projection of Llama-3.2-1B and Llama-3.1-8B, and
+indices + activations at the measured copy speed). With quantized tiles (``quantize``) also the dense fp8 baseline
+(``dense_fp8``: every matrix in fp8, the activations quantized per token before each product,
+:mod:`sparseblocks.bench.baselines`). Cases: each MLP projection of Llama-3.2-1B and Llama-3.1-8B, and
 each whole SwiGLU MLP (``down(silu(gate(x)) ⊙ up(x))``: ours through ``ops.sparse_mlp``, which at one token
 computes the gated hidden activation in one launch; the other paths as three products and an elementwise one).
 
@@ -20,8 +22,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from sparseblocks.bench.baselines import FP8_NOTE, FP8Weight, dense_fp8_runs, fp8_cells, fp8_header, fp8_linear
 from sparseblocks.bench.harness import L2_FLUSH_BYTES, measure_ceilings, start_run, time_ms
-from sparseblocks.bench.results import markdown_table, read_result, versions, write_result
+from sparseblocks.bench.results import markdown_table, ratio_cell, read_result, versions, write_result
 from sparseblocks.bench.spmm import random_weight
 from sparseblocks.dispatch import force_plan
 from sparseblocks.format import BlockSparseMatrix
@@ -31,6 +34,7 @@ from sparseblocks.ops import sparse_mlp, spmm
 MODELS = {"llama_1b": (2048, 8192), "llama_8b": (4096, 14336)}
 # case -> the projections it runs, as (K, N) per model
 CASES = ("up", "down", "mlp")
+SHAPES = tuple(f"{model}_{case}" for model, case in itertools.product(MODELS, CASES))  # the rows' "shape"
 TOKENS = (1, 4, 16, 64)
 SPARSITIES = (0.5, 0.8, 0.9, 0.95)
 BLOCKS = (32, 64, 128)
@@ -79,6 +83,7 @@ def _paths(case: str) -> dict[str, Callable[[torch.Tensor, Weights], torch.Tenso
         "torch_bsr": _dense_linear,  # F.linear dispatches on the BSR layout
         "sparseblocks": lambda x, w, act: spmm(x, w, activation=act),
         "sparseblocks_rows": _row_kernel_spmm,
+        "dense_fp8": lambda x, w, act: fp8_linear(x, w, activation=act),
     }
     if case == "mlp":
         paths = {impl: _mlp(linear) for impl, linear in linears.items()}
@@ -97,21 +102,41 @@ def dense_weights(shapes: dict[str, tuple[int, int]]) -> Weights:
     return {p: torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / math.sqrt(k) for p, (n, k) in shapes.items()}
 
 
-def run(quick: bool, out_dir: Path | None, name: str, command: str, quantize: tuple[str, ...] = ()) -> dict:
-    """Time every (model, case, tokens, sparsity, block); write ``<name>.json`` and a Markdown table. ``quantize``:
-    also ours on the tiles quantized as each of these kinds (``int8``, ``fp8``, ``fp8-w8a8``), rows
-    ``sparseblocks_<kind>`` with their own bytes and floor."""
+def run(
+    quick: bool,
+    out_dir: Path | None,
+    name: str,
+    command: str,
+    quantize: tuple[str, ...] = (),
+    shape_names: tuple[str, ...] = SHAPES,
+    tokens: tuple[int, ...] = (),
+    sparsities: tuple[float, ...] = (),
+    blocks: tuple[int, ...] = (),
+) -> dict:
+    """Time every (shape, tokens, sparsity, block); write ``<name>.json`` and a Markdown table. ``quantize``: also
+    ours on the tiles quantized as each of these kinds (``int8``, ``fp8``, ``fp8-w8a8``), rows
+    ``sparseblocks_<kind>`` with their own bytes and floor, and the dense fp8 baseline (``dense_fp8``).
+    ``shape_names`` (of :data:`SHAPES`), ``tokens``, ``sparsities``, ``blocks``: the grid where not empty, else the
+    full one or the ``quick`` one."""
     payload, folder = start_run("decode", command, out_dir)
     ceilings = measure_ceilings()
     payload["ceilings"] = ceilings.__dict__
-    tokens, sparsities = ((1, 16), (0.5, 0.9)) if quick else (TOKENS, SPARSITIES)
-    blocks = (64,) if quick else BLOCKS
+    tokens = tokens or ((1, 16) if quick else TOKENS)
+    sparsities = sparsities or ((0.5, 0.9) if quick else SPARSITIES)
+    blocks = blocks or ((64,) if quick else BLOCKS)
+    time_fp8 = dense_fp8_runs(bool(quantize), torch.device("cuda"))
     generator = torch.Generator().manual_seed(0)
     for model, case in itertools.product(MODELS, CASES):
+        if f"{model}_{case}" not in shape_names:
+            continue
         shapes = _shapes(model, case)
         in_features = next(iter(shapes.values()))[1]
         dense_bytes = sum(2 * n * k for n, k in shapes.values())
         dense_sets = weight_copies(lambda shapes=shapes: dense_weights(shapes), dense_bytes)
+        fp8_sets = []  # dense fp8 copies of their own: at half the bytes, it takes more of them to overflow the L2
+        if time_fp8:
+            fp8_weights = lambda shapes=shapes: {p: FP8Weight.quantize(w) for p, w in dense_weights(shapes).items()}
+            fp8_sets = weight_copies(fp8_weights, dense_bytes // 2)
         sparse_sets = {}
         for sparsity, block in itertools.product(sparsities, blocks):
             one = {p: random_weight(n, k, sparsity, block, torch.bfloat16, generator) for p, (n, k) in shapes.items()}
@@ -131,6 +156,14 @@ def run(quick: bool, out_dir: Path | None, name: str, command: str, quantize: tu
             dense_floor = 1e6 * (dense_bytes + activations) / ceilings.copy_bytes_per_s
             payload["rows"].append({**base, "sparsity": 0.0, "block": None, "impl": "dense", "us": dense_us,
                                     "floor_us": dense_floor})  # fmt: skip
+            baseline = ""
+            if fp8_sets:
+                fp8_us = time_us(paths["dense_fp8"], m, in_features, fp8_sets)
+                fp8_bytes = sum(w.nbytes for w in fp8_sets[0].values())  # fp8 weights and their scales
+                payload["rows"].append({**base, "sparsity": 0.0, "block": None, "impl": "dense_fp8", "us": fp8_us,
+                                        "floor_us": 1e6 * (fp8_bytes + activations) / ceilings.copy_bytes_per_s,
+                                        "bytes": fp8_bytes})  # fmt: skip
+                baseline = f" dense_fp8 {fp8_us:6.1f} us |"
             for (sparsity, block), (ours, bsr, nbytes, quantized) in sparse_sets.items():
                 floor = 1e6 * (nbytes + activations) / ceilings.copy_bytes_per_s
                 summary = []
@@ -142,29 +175,34 @@ def run(quick: bool, out_dir: Path | None, name: str, command: str, quantize: tu
                                             "floor_us": 1e6 * (size + activations) / ceilings.copy_bytes_per_s,
                                             "bytes": size})  # fmt: skip
                     summary.append(f"{impl} {us:6.1f} us {dense_us / us:5.2f}x")
-                print(f"{base['shape']:<13} M={m:<3} s={sparsity:.2f} b={block:<3} dense {dense_us:6.1f} us | "
-                      f"{' | '.join(summary)} | floor {floor:5.1f} us ({dense_us / floor:.1f}x)",
+                print(f"{base['shape']:<13} M={m:<3} s={sparsity:.2f} b={block:<3} dense {dense_us:6.1f} us |"
+                      f"{baseline} {' | '.join(summary)} | floor {floor:5.1f} us ({dense_us / floor:.1f}x)",
                       flush=True)  # fmt: skip
             write_result(folder / f"{name}.json", payload)
-        del dense_sets, sparse_sets
+        del dense_sets, fp8_sets, sparse_sets
     _write_table(folder / f"{name}.json")
     return payload
 
 
 def _write_table(json_path: Path) -> Path:
-    """``<stem>.md``: per case, the speedup over dense of each path and of the floor, and our share of the floor."""
+    """``<stem>.md``: per case, the speedup over dense of each path and of the floor, and our share of the floor;
+    where the run timed the dense fp8 baseline, its speedup over dense and dense fp8's time over each of ours."""
     payload = read_result(json_path)
     env, rows = payload["env"], payload["rows"]
     dense = {(r["shape"], r["M"]): r["us"] for r in rows if r["impl"] == "dense"}
+    dense_fp8 = {(r["shape"], r["M"]): r["us"] for r in rows if r["impl"] == "dense_fp8"}
     case = lambda r: (r["shape"], r["M"], r["sparsity"], r["block"])
     compared = ["sparseblocks_rows", "torch_bsr"]
     compared += sorted({r["impl"] for r in rows if r["impl"].startswith("sparseblocks_") and r["impl"] not in compared})
-    others = {(r["impl"], case(r)): r["us"] for r in rows if r["impl"] in compared}
+    quantized = compared[2:]
+    versus = ["sparseblocks", *quantized] if dense_fp8 else []  # what is compared with dense fp8
+    others = {(r["impl"], case(r)): r["us"] for r in rows}
     table = []
     for r in (r for r in rows if r["impl"] == "sparseblocks"):
         base = dense[(r["shape"], r["M"])]
-        cells = [f"{base / others[impl, case(r)]:.2f}x" if (impl, case(r)) in others else "—"
-                 for impl in compared]  # fmt: skip
+        cells = [ratio_cell(base, others.get((impl, case(r)))) for impl in compared]
+        if dense_fp8:
+            cells += fp8_cells(base, dense_fp8.get((r["shape"], r["M"])), [others.get((i, case(r))) for i in versus])
         table.append([r["shape"], r["M"], r["sparsity"], r["block"], f"{base:.1f}", f"{r['us']:.1f}",
                       f"{base / r['us']:.2f}x", *cells, f"{base / r['floor_us']:.2f}x",
                       f"{r['floor_us'] / r['us']:.0%}"])  # fmt: skip
@@ -173,8 +211,10 @@ def _write_table(json_path: Path) -> Path:
         f"CUDA-graph replays over L2-overflowing weight copies, same run ({versions(env)}). "
         f"Command: `{env['command']}`\n",
         "`sparseblocks` is `spmm` as it dispatched at that commit; `rows kernel` is spmm's row-per-program kernel.\n",
+        *([FP8_NOTE] if dense_fp8 else []),
         *markdown_table(["case", "M", "sparsity", "block", "dense µs", "sparseblocks µs", "speedup", "rows kernel",
-                         "torch_bsr", *compared[2:], "floor", "of floor"], table),
+                         "torch_bsr", *quantized, *(fp8_header(versus) if dense_fp8 else []), "floor", "of floor"],
+                         table),
     ]  # fmt: skip
     path = Path(json_path).with_suffix(".md")
     path.write_text("\n".join(lines) + "\n")

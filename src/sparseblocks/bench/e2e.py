@@ -7,7 +7,7 @@ Models (random weights from their configs unless a folder holds weights):
   which the patcher cannot make sparse; this one has a linear per projection.) Metric: images/s per batch.
 * ``llama-3.2-1b``, ``llama-3.1-8b`` (or a Hugging Face folder of a causal LM): decode tokens/s at batch 1 and 8
   (one step with a static KV cache, captured in a CUDA graph), and the time of a 2048-token prefill (eager, and
-  compiled too when the grid has a compiled mode).
+  compiled too when the grid has a compiled mode; none when the grid's ``prefill_tokens`` is 0).
 * a Hugging Face folder of a BERT-style encoder (``bert``, ``roberta``, ``xlm-roberta``; e.g. the sentence-transformers
   all-MiniLM-L6-v2): sentences/s of a forward over a batch of ``sequence``-token inputs.
 
@@ -15,7 +15,8 @@ Each side runs in the same mode: ``eager``, ``compiled`` (``torch.compile`` of t
 (eager modules replayed from a CUDA graph) or ``compiled_graph`` (the compiled model replayed from a CUDA graph:
 a lean decode loop, small kernels fused and no launch cost).
 Sparse models are made by the patcher (magnitude, MLPs fused where ``SparseMLP`` knows them); the BSR model is
-the same tiles as ``torch.sparse_bsr`` weights under ``F.linear``.
+the same tiles as ``torch.sparse_bsr`` weights under ``F.linear``. ``dense_fp8`` is the dense model with the same
+targeted linears in dense fp8 × fp8 (:mod:`sparseblocks.bench.baselines`), the baseline of ours on quantized tiles.
 """
 
 from __future__ import annotations
@@ -33,15 +34,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparseblocks.backend import fp32_precision
+from sparseblocks.bench.baselines import FP8_NOTE, dense_fp8_runs, fp8_cells, fp8_header, quantize_dense_fp8
 from sparseblocks.bench.harness import results_folder, time_ms
 from sparseblocks.bench.plots import e2e_plot
-from sparseblocks.bench.results import markdown_table, new_result, read_result, versions, write_result
+from sparseblocks.bench.results import markdown_table, new_result, ratio_cell, read_result, versions, write_result
 from sparseblocks.format import normalize_block_size
 from sparseblocks.integrations.sparsify import SparsityConfig, fuse_mlps, model_size, replace_module, sparsify
 from sparseblocks.nn import BlockSparseLinear
 
-IMPLS = ("dense", "torch_bsr", "sparseblocks", "sparseblocks_int8", "sparseblocks_fp8", "sparseblocks_fp8_w8a8")
-QUANTIZED_IMPLS = {impl: impl.removeprefix("sparseblocks_").replace("_", "-") for impl in IMPLS[3:]}  # -> kind
+IMPLS = ("dense", "torch_bsr", "sparseblocks", "sparseblocks_int8", "sparseblocks_fp8", "sparseblocks_fp8_w8a8",
+         "dense_fp8")  # fmt: skip
+QUANTIZED_IMPLS = {impl: impl.removeprefix("sparseblocks_").replace("_", "-") for impl in IMPLS[3:6]}  # -> kind
 MODES = ("eager", "compiled", "cuda_graph", "compiled_graph")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -59,7 +62,7 @@ class Grid:
     context: int = 512  # decode: tokens already in the KV cache
     sequence: int = 128  # encoder: tokens per sentence
     prefill_tokens: int = 2048
-    impls: tuple[str, ...] = IMPLS[1:3]  # the sparse paths timed beside dense (quantized tiles when named)
+    impls: tuple[str, ...] = IMPLS[1:3]  # the paths timed beside dense (quantized tiles, dense fp8 when named)
 
     def __post_init__(self) -> None:
         for field, allowed in [("modes", MODES), ("dtypes", tuple(DTYPES)), ("impls", IMPLS[1:])]:
@@ -70,6 +73,8 @@ class Grid:
             raise ValueError(f"sparsities must lie in [0, 1), got {self.sparsities}")
         if not all(batch >= 1 for batch in self.batches):
             raise ValueError(f"batches must be at least 1, got {self.batches}")
+        if self.prefill_tokens < 0:
+            raise ValueError(f"prefill_tokens must be at least 0, got {self.prefill_tokens}")
         for block in self.blocks:
             normalize_block_size(block)
 
@@ -186,6 +191,14 @@ def sparse_models(
     return models, layer_bytes
 
 
+def dense_fp8_model(dense: nn.Module, targets: str) -> nn.Module:
+    """A copy of ``dense`` with the linears that :func:`sparse_models` makes sparse for ``targets`` in dense fp8
+    (sparsity and block do not change which: the patcher reads targets and exclusions only)."""
+    model = copy.deepcopy(dense)
+    quantize_dense_fp8(model, SparsityConfig(targets=targets.split("+")))
+    return model
+
+
 def _time_eager_ms(fn: Callable[[torch.Tensor], object], inputs: list[torch.Tensor], repeats: int) -> float:
     """Median wall time of one call (CUDA events on a GPU), cycling over ``inputs``, after a warm-up."""
     for x in inputs:
@@ -286,8 +299,11 @@ def decode_measurements(model: nn.Module, batch: int, grid: Grid, mode: str, rep
 
 
 def prefill_modes(grid: Grid) -> list[str]:
-    """The modes a causal LM's prefill is timed in: eager always, and compiled too when the grid times any
-    compiled mode (a 2048-token prefill is not replayed from a CUDA graph here: compiled is its fast mode)."""
+    """The modes a causal LM's prefill is timed in: none for ``prefill_tokens`` 0 (a decode-only run), else eager,
+    and compiled too when the grid times any compiled mode (a 2048-token prefill is not replayed from a CUDA graph
+    here: compiled is its fast mode)."""
+    if not grid.prefill_tokens:
+        return []
     return ["eager"] + (["compiled"] if any(mode.startswith("compiled") for mode in grid.modes) else [])
 
 
@@ -333,6 +349,7 @@ def run(
     grid = grid or DEFAULT_GRIDS[kind]
     if dry_run:
         grid = Grid(**{**grid.__dict__, **DRY_RUN})
+    time_fp8 = dense_fp8_runs("dense_fp8" in grid.impls, device)
 
     def measure(model: nn.Module, base: dict) -> None:
         """Every (mode, batch) of one model into the payload; a case that fails is recorded with its error."""
@@ -368,9 +385,14 @@ def run(
         base = {"model": model_name, "dtype": dtype_name}
         measure(dense, {**base, "sparsity": 0.0, "block": None, "targets": "", "impl": "dense",
                         "model_bytes": nbytes(dense)})  # fmt: skip
+        for targets in grid.targets if time_fp8 else ():  # once per target set: sparsity and block do not change it
+            model = dense_fp8_model(dense, targets)
+            measure(model, {**base, "sparsity": 0.0, "block": None, "targets": targets, "impl": "dense_fp8",
+                            "model_bytes": nbytes(model)})  # fmt: skip
+            del model
         for sparsity, block, targets in itertools.product(grid.sparsities, grid.blocks, grid.targets):
             models, layer_bytes = sparse_models(dense, sparsity, block, targets, grid.impls)
-            for impl in grid.impls:
+            for impl in (impl for impl in grid.impls if impl in models):
                 model = models[impl]
                 measure(model, {**base, "sparsity": sparsity, "block": block, "targets": targets, "impl": impl,
                                 "model_bytes": nbytes(model), "target_layer_bytes": layer_bytes})  # fmt: skip
@@ -387,32 +409,56 @@ def speedup(row: dict, dense: dict) -> float:
 
 
 def write_table(json_path: Path) -> Path:
-    """``<stem>.md``: each sparse case's metric and its ratio to dense in the same mode, dtype and batch."""
+    """``<stem>.md``: each sparse case's metric and its ratio to dense in the same mode, dtype and batch; where the
+    run timed quantized tiles or dense fp8, their speedups over dense, each of ours over dense fp8 (same targets) and
+    their model bytes over dense's."""
     payload = read_result(json_path)
     env, rows = payload["env"], [r for r in payload["rows"] if r["value"]]
     key = lambda r: (r["mode"], r["dtype"], r["batch"], r["metric"])
     dense = {key(r): r for r in rows if r["impl"] == "dense"}
-    bsr = {(*key(r), r["sparsity"], r["block"], r["targets"]): r for r in rows if r["impl"] == "torch_bsr"}
+    dense_fp8 = {(*key(r), r["targets"]): r for r in rows if r["impl"] == "dense_fp8"}
+    cases: dict[tuple, dict[str, dict]] = {}  # (key, sparsity, block, targets) -> sparse impl -> row
+    for r in rows:
+        if r["impl"] in IMPLS[1:6] and key(r) in dense:
+            cases.setdefault((*key(r), r["sparsity"], r["block"], r["targets"]), {})[r["impl"]] = r
+    quantized = [impl for impl in QUANTIZED_IMPLS if any(impl in impls for impls in cases.values())]
+    versus = ["sparseblocks", *quantized]  # what is compared with dense fp8
+    priced = [*quantized, *(["dense_fp8"] if dense_fp8 else [])]  # with a model bytes column of their own
     table = []
-    for r in (r for r in rows if r["impl"] == "sparseblocks" and key(r) in dense):
-        base = dense[key(r)]
-        theirs = bsr.get((*key(r), r["sparsity"], r["block"], r["targets"]))
+    for impls in cases.values():
+        r = next(iter(impls.values()))  # the case's metric, mode, ... and targeted layers (the same in each row)
+        base, ours, theirs = dense[key(r)], impls.get("sparseblocks"), impls.get("torch_bsr")
         layers = r["target_layer_bytes"]
         cells = [
             r["metric"], r["mode"], r["dtype"], r["batch"], r["targets"], r["sparsity"], r["block"],
-            f"{base['value']:.1f}", f"{theirs['value']:.1f}" if theirs else "—", f"{r['value']:.1f}",
-            f"{speedup(theirs, base):.2f}x" if theirs else "—", f"**{speedup(r, base):.2f}x**",
-            f"{r['model_bytes'] / base['model_bytes']:.3f}", f"{layers['after'] / layers['before']:.3f}",
+            f"{base['value']:.1f}", f"{theirs['value']:.1f}" if theirs else "—",
+            f"{ours['value']:.1f}" if ours else "—",
+            f"{speedup(theirs, base):.2f}x" if theirs else "—", f"**{speedup(ours, base):.2f}x**" if ours else "—",
+            f"{ours['model_bytes'] / base['model_bytes']:.3f}" if ours else "—",
+            f"{layers['after'] / layers['before']:.3f}",
         ]  # fmt: skip
+        fp8 = dense_fp8.get((*key(r), r["targets"]))
+        measured = {**impls, **({"dense_fp8": fp8} if fp8 else {})}
+        ms = {impl: row["ms"] for impl, row in measured.items()}  # a call's time, whatever the metric
+        cells += [ratio_cell(base["ms"], ms.get(impl)) for impl in quantized]
+        if dense_fp8:
+            cells += fp8_cells(base["ms"], ms.get("dense_fp8"), [ms.get(impl) for impl in versus])
+        cells += [f"{measured[i]['model_bytes'] / base['model_bytes']:.3f}" if i in measured else "—" for i in priced]
         table.append(cells)
     lines = [
         f"# {payload['model']} end to end on {env['gpu']}\n",
         f"One run ({versions(env)}). Command: `{env['command']}`\n",
         "Speedup: the sparse model's images/s or tokens/s over dense's (prefill: dense's time over its), same "
         "mode, dtype and batch. Bytes: the whole model's, ours over dense; and the targeted layers', after over "
-        "before (indices included).\n",
+        "before (indices included)."
+        + (" `sparseblocks_<kind>`: ours on the same tiles quantized, as a speedup over dense; `<impl> bytes`: that "
+           "model's bytes over dense's." if quantized or dense_fp8 else "")
+        + "\n",
+        *([FP8_NOTE] if dense_fp8 else []),
         *markdown_table(["metric", "mode", "dtype", "batch", "targets", "sparsity", "block", "dense", "torch_bsr",
-                         "sparseblocks", "BSR speedup", "our speedup", "model bytes", "targeted layers' bytes"], table),
+                         "sparseblocks", "BSR speedup", "our speedup", "model bytes", "targeted layers' bytes",
+                         *quantized, *(fp8_header(versus) if dense_fp8 else []),
+                         *(f"{impl} bytes" for impl in priced)], table),
     ]  # fmt: skip
     path = Path(json_path).with_suffix(".md")
     path.write_text("\n".join(lines) + "\n")

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from sparseblocks.bench.results import new_result
+from sparseblocks.dispatch import FP8_MIN_CAPABILITY
 
 L2_FLUSH_BYTES = 2 * 64 * 2**20  # twice a Hopper L2 (50-60 MB)
 
@@ -30,8 +31,13 @@ class Ceilings:
     bf16_flops: float
     fp32_flops: float  # true fp32 (no TF32)
     tf32_flops: float
+    fp8_flops: float | None = None  # row-wise scaled fp8 products; None where the GPU has no fp8 tensor cores
 
     def matmul_flops(self, dtype: torch.dtype, tf32: bool) -> float:
+        if dtype == torch.float8_e4m3fn:
+            if self.fp8_flops is None:
+                raise ValueError("no fp8 rate was measured: the GPU is below compute capability 8.9")
+            return self.fp8_flops
         if dtype in (torch.bfloat16, torch.float16):
             return self.bf16_flops
         return self.tf32_flops if tf32 else self.fp32_flops
@@ -42,8 +48,11 @@ class Ceilings:
 
 
 def measure_ceilings() -> Ceilings:
-    """Copy bandwidth over 2 GiB, and 8192³ matrix products in bf16, fp32 and tf32."""
+    """Copy bandwidth over 2 GiB, and 8192³ matrix products in bf16, fp32, tf32 and (from compute capability 8.9)
+    fp8 × fp8 with row-wise scales, as the dense fp8 baseline multiplies."""
     import triton.testing
+
+    from sparseblocks.bench.baselines import FP8Weight, fp8_product
 
     source = torch.empty(2**30, dtype=torch.uint8, device="cuda").random_()
     target = torch.empty_like(source)
@@ -61,7 +70,13 @@ def measure_ceilings() -> Ceilings:
         ms = triton.testing.do_bench(lambda a=a, b=b: a @ b, warmup=100, rep=500, return_mode="median")
         torch.backends.cuda.matmul.allow_tf32 = previous
         rates[name] = 2 * 8192**3 / (ms * 1e-3)
-    return Ceilings(2 * source.numel() / (copy_ms * 1e-3), rates["bf16"], rates["fp32"], rates["tf32"])
+    if torch.cuda.get_device_capability() >= FP8_MIN_CAPABILITY:
+        a, b = (FP8Weight.quantize(torch.randn(8192, 8192, device="cuda")) for _ in range(2))
+        ms = triton.testing.do_bench(lambda: fp8_product(*a, b, None, torch.bfloat16), warmup=100, rep=500,
+                                     return_mode="median")  # fmt: skip
+        rates["fp8"] = 2 * 8192**3 / (ms * 1e-3)
+    copy_rate = 2 * source.numel() / (copy_ms * 1e-3)
+    return Ceilings(copy_rate, rates["bf16"], rates["fp32"], rates["tf32"], rates.get("fp8"))
 
 
 def input_sets(make: Callable[[], torch.Tensor], one_set_bytes: int) -> list[torch.Tensor]:

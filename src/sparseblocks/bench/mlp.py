@@ -6,10 +6,13 @@ through ``spmm``, which takes its decode kernel at few tokens) and the fused ker
 on chip). The ``sparseblocks`` rows time ``sparse_mlp`` as a model calls it (``dispatch`` names the path it took
 at that commit: one of the two, or at one token a gated MLP's hidden activation in one launch). Each path is
 timed as CUDA-graph replays cycling over enough copies of its weights and inputs to overflow the L2 (a model's
-weights are read once per token, never warm).
+weights are read once per token, never warm). With quantized tiles (``quantize``) also the dense fp8 baseline
+(``dense_fp8``: every matrix in fp8, the activations quantized per token before each product,
+:mod:`sparseblocks.bench.baselines`).
 
-Floors: the MLP's flops at the measured matmul rate or its bytes at the measured copy speed, whichever is longer;
-the bytes are x, y and the weights (values and indices) once — the hidden activation stays on chip.
+Floors: the MLP's flops at the measured matmul rate (bf16; fp8 for ``dense_fp8``) or its bytes at the measured copy
+speed, whichever is longer; the bytes are x, y and the weights (values and indices, or scales) once — the hidden
+activation stays on chip.
 """
 
 from __future__ import annotations
@@ -24,10 +27,11 @@ import torch
 import torch.nn.functional as F
 
 from sparseblocks import reference
+from sparseblocks.bench.baselines import FP8_NOTE, FP8Weight, dense_fp8_runs, fp8_cells, fp8_header, fp8_linear
 from sparseblocks.bench.decode import clone_matrix, weight_copies
 from sparseblocks.bench.harness import Ceilings, measure_ceilings, start_run, time_ms
 from sparseblocks.bench.plots import mlp_plot
-from sparseblocks.bench.results import markdown_table, read_result, versions, write_result
+from sparseblocks.bench.results import markdown_table, ratio_cell, read_result, versions, write_result
 from sparseblocks.bench.spmm import random_weight
 from sparseblocks.dispatch import Tiles, device_facts, mlp_plan, recompute_factor
 from sparseblocks.format import BlockSparseMatrix, MLPWeights
@@ -63,7 +67,7 @@ BLOCKS = (32, 64, 128)
 # (Llama-1B, 8192 tokens, 90%/b64), and at 32 (Llama-8B, 50%/b64) thirty times.
 FUSED_MAX_RECOMPUTE = 4.0
 
-Weights = dict[str, torch.Tensor | BlockSparseMatrix | None]  # up, down, gate, up_bias, down_bias
+Weights = dict[str, torch.Tensor | BlockSparseMatrix | FP8Weight | None]  # up, down, gate, up_bias, down_bias
 
 
 def _mlp_weights(w: Weights) -> MLPWeights:
@@ -89,6 +93,7 @@ def mlp_paths(shape: MLPShape) -> dict[str, Callable[[torch.Tensor, Weights], to
     return {
         "dense": dense,
         "dense_compiled": torch.compile(dense),
+        "dense_fp8": lambda x, w: reference.mlp(x, _mlp_weights(w), act, product=fp8_linear),
         "torch_bsr": dense,
         "sparseblocks_unfused": ours(False),
         "sparseblocks": ours(True),
@@ -114,16 +119,17 @@ def _copy(weights: Weights) -> Weights:
 
 
 def _nbytes(weights: Weights) -> int:
-    return sum(w.nbytes if isinstance(w, BlockSparseMatrix) else w.numel() * w.element_size()
-               for w in weights.values() if w is not None)  # fmt: skip
+    return sum(w.nbytes for w in weights.values() if w is not None)
 
 
-def floor_ms(ceilings: Ceilings, shape: MLPShape, m: int, weights: Weights) -> float:
-    """Flops of the stored weights at the bf16 rate, or x + y + weight bytes at the copy speed."""
-    stored = sum(w.nnz * math.prod(w.block_shape) if isinstance(w, BlockSparseMatrix) else w.numel()
+def floor_ms(
+    ceilings: Ceilings, shape: MLPShape, m: int, weights: Weights, dtype: torch.dtype = torch.bfloat16
+) -> float:
+    """Flops of the stored weights at the rate of ``dtype``'s products, or x + y + weight bytes at the copy speed."""
+    stored = sum(w.nnz * math.prod(w.block_shape) if isinstance(w, BlockSparseMatrix) else math.prod(w.shape)
                  for name, w in weights.items() if name in shape.matrices())  # fmt: skip
     activations = 2 * 2 * m * shape.width
-    return ceilings.floor_ms(2 * m * stored, activations + _nbytes(weights), torch.bfloat16)
+    return ceilings.floor_ms(2 * m * stored, activations + _nbytes(weights), dtype)
 
 
 def _time(fn: Callable, m: int, width: int, weight_sets: list[Weights]) -> tuple[float, str]:
@@ -133,33 +139,54 @@ def _time(fn: Callable, m: int, width: int, weight_sets: list[Weights]) -> tuple
 
 
 def run(
-    quick: bool, shapes: tuple[str, ...], out_dir: Path | None, name: str, command: str, quantize: tuple[str, ...] = ()
+    quick: bool,
+    shapes: tuple[str, ...],
+    out_dir: Path | None,
+    name: str,
+    command: str,
+    quantize: tuple[str, ...] = (),
+    tokens: tuple[int, ...] = (),
+    sparsities: tuple[float, ...] = (),
+    blocks: tuple[int, ...] = (),
 ) -> dict:
     """Time every (shape, tokens, sparsity, block, impl); write ``<name>.json`` and ``<name>.md``. ``quantize``: also
     ours on the tiles quantized as each of these kinds (``int8``, ``fp8``, ``fp8-w8a8``), rows
-    ``sparseblocks_<kind>`` with their own bytes and floor."""
+    ``sparseblocks_<kind>`` with their own bytes and floor, and the dense fp8 baseline (``dense_fp8``). ``tokens``,
+    ``sparsities``, ``blocks``: the grid where not empty (the same tokens for every shape), else the full one or the
+    ``quick`` one."""
     payload, folder = start_run("mlp", command, out_dir)
     ceilings = measure_ceilings()
     payload["ceilings"] = ceilings.__dict__
-    sparsities, blocks = ((0.5, 0.9), (64,)) if quick else (SPARSITIES, BLOCKS)
+    sparsities = sparsities or ((0.5, 0.9) if quick else SPARSITIES)
+    blocks = blocks or ((64,) if quick else BLOCKS)
+    time_fp8 = dense_fp8_runs(bool(quantize), torch.device("cuda"))
     generator = torch.Generator().manual_seed(0)
     with torch.inference_mode():
         for shape_name in shapes:
             shape = SHAPES[shape_name]
-            tokens = tuple(dict.fromkeys((shape.tokens[0], shape.tokens[-1]))) if quick else shape.tokens
+            quick_tokens = tuple(dict.fromkeys((shape.tokens[0], shape.tokens[-1])))
             paths = mlp_paths(shape)
             dense_one = _weights(shape, lambda n, k: torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5)
             dense_sets = weight_copies(lambda one=dense_one: _copy(one), _nbytes(dense_one))
-            for m in tokens:
+            fp8_sets = []
+            if time_fp8:
+                fp8_one = {k: FP8Weight.quantize(w) if k in shape.matrices() else w for k, w in dense_one.items()}
+                fp8_sets = weight_copies(lambda one=fp8_one: _copy(one), _nbytes(fp8_one))
+            for m in tokens or (quick_tokens if quick else shape.tokens):
                 base = {"shape": shape_name, "M": m, "K": shape.width, "H": shape.hidden, "dtype": "bf16"}
                 dense_floor = floor_ms(ceilings, shape, m, dense_one)
+                baselines = [("dense", dense_sets, dense_floor), ("dense_compiled", dense_sets, dense_floor)]
+                if fp8_sets:
+                    fp8_floor = floor_ms(ceilings, shape, m, fp8_one, torch.float8_e4m3fn)
+                    baselines.append(("dense_fp8", fp8_sets, fp8_floor))
                 dense_ms = {}
-                for impl in ("dense", "dense_compiled"):
-                    dense_ms[impl], timer = _time(paths[impl], m, shape.width, dense_sets)
-                    payload["rows"].append({**base, "sparsity": 0.0, "block": None, "impl": impl,
-                                            "ms": dense_ms[impl], "floor_ms": dense_floor, "timer": timer})  # fmt: skip
-                print(f"{shape_name} M={m}: dense {dense_ms['dense']:.4f} ms, compiled {dense_ms['dense_compiled']:.4f}"
-                      f" ms, floor {dense_floor:.4f} ms", flush=True)  # fmt: skip
+                for impl, weight_sets, floor in baselines:
+                    dense_ms[impl], timer = _time(paths[impl], m, shape.width, weight_sets)
+                    payload["rows"].append({**base, "sparsity": 0.0, "block": None, "impl": impl, "ms": dense_ms[impl],
+                                            "floor_ms": floor, "timer": timer,
+                                            "bytes": _nbytes(weight_sets[0])})  # fmt: skip
+                print(f"{shape_name} M={m}: " + ", ".join(f"{impl} {ms:.4f} ms" for impl, ms in dense_ms.items())
+                      + f", floor {dense_floor:.4f} ms", flush=True)  # fmt: skip
                 for sparsity, block in itertools.product(sparsities, blocks):
                     one = _weights(shape, lambda n, k, s=sparsity, b=block: random_weight(n, k, s, b, torch.bfloat16,
                                                                                          generator))  # fmt: skip
@@ -194,7 +221,7 @@ def run(
                         + f" | floor {dense_ms['dense'] / floor:5.2f}x", flush=True)  # fmt: skip
                     del ours, bsr
                 write_result(folder / f"{name}.json", payload)
-            del dense_sets
+            del dense_sets, fp8_sets
             torch.cuda.empty_cache()
     write_table(folder / f"{name}.json")
     mlp_plot(folder / f"{name}.json")
@@ -202,23 +229,29 @@ def run(
 
 
 def write_table(json_path: Path) -> Path:
-    """``<stem>.md``: per case, each path's speedup over the eager dense MLP, and ours against the floor."""
+    """``<stem>.md``: per case, each path's speedup over the eager dense MLP, and ours against the floor; where the
+    run timed quantized tiles, their speedups, the dense fp8 baseline's, and dense fp8's time over each of ours."""
     payload = read_result(json_path)
     env, rows = payload["env"], payload["rows"]
     key = lambda r: (r["shape"], r["M"], r["sparsity"], r["block"])
     ms = {(r["impl"], key(r)): r["ms"] for r in rows}
     dense = {(r["shape"], r["M"]): r["ms"] for r in rows if r["impl"] == "dense"}
     compiled = {(r["shape"], r["M"]): r["ms"] for r in rows if r["impl"] == "dense_compiled"}
+    dense_fp8 = {(r["shape"], r["M"]): r["ms"] for r in rows if r["impl"] == "dense_fp8"}
+    paths = ("torch_bsr", "sparseblocks_unfused", "sparseblocks_fused")
+    quantized = sorted({r["impl"] for r in rows if r["impl"].startswith("sparseblocks_") and r["impl"] not in paths})
+    versus = ["sparseblocks", *quantized] if dense_fp8 else []  # what is compared with dense fp8
     table = []
     for r in (r for r in rows if r["impl"] == "sparseblocks"):
         base = dense[r["shape"], r["M"]]
-        cells = [base / compiled[r["shape"], r["M"]]] + [
-            base / ms[impl, key(r)] if (impl, key(r)) in ms else None
-            for impl in ("torch_bsr", "sparseblocks_unfused", "sparseblocks_fused")
-        ]
-        table.append([r["shape"], r["M"], r["sparsity"], r["block"], f"{base:.4f}",
-                      *("—" if c is None else f"{c:.2f}x" for c in cells), f"**{base / r['ms']:.2f}x**",
-                      r["dispatch"], f"{base / r['floor_ms']:.2f}x", f"{r['floor_ms'] / r['ms']:.0%}"])  # fmt: skip
+        cells = [ratio_cell(base, compiled[r["shape"], r["M"]])]
+        cells += [ratio_cell(base, ms.get((impl, key(r)))) for impl in paths]
+        extra = [ratio_cell(base, ms.get((impl, key(r)))) for impl in quantized]
+        if dense_fp8:
+            extra += fp8_cells(base, dense_fp8.get((r["shape"], r["M"])), [ms.get((i, key(r))) for i in versus])
+        table.append([r["shape"], r["M"], r["sparsity"], r["block"], f"{base:.4f}", *cells,
+                      f"**{base / r['ms']:.2f}x**", r["dispatch"], *extra, f"{base / r['floor_ms']:.2f}x",
+                      f"{r['floor_ms'] / r['ms']:.0%}"])  # fmt: skip
     lines = [
         f"# Block-sparse MLPs on {env['gpu']}\n",
         f"bf16, CUDA-graph replays over L2-overflowing weight copies, one run ({versions(env)}). "
@@ -226,8 +259,10 @@ def write_table(json_path: Path) -> Path:
         "Speedups are over the eager dense MLP (cuBLAS linears). `sparseblocks` is what `sparse_mlp` dispatches "
         "to (`dispatch`); `of floor` is the floor's time over that path's. The fused kernel is not timed where it "
         f"recomputes each hidden tile more than {FUSED_MAX_RECOMPUTE:g} times (—).\n",
+        *([FP8_NOTE] if dense_fp8 else []),
         *markdown_table(["shape", "M", "sparsity", "block", "dense ms", "compiled", "torch_bsr", "unfused", "fused",
-                         "sparseblocks", "dispatch", "floor", "of floor"], table),
+                         "sparseblocks", "dispatch", *quantized, *(fp8_header(versus) if dense_fp8 else []), "floor",
+                         "of floor"], table),
     ]  # fmt: skip
     path = Path(json_path).with_suffix(".md")
     path.write_text("\n".join(lines) + "\n")

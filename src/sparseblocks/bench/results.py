@@ -129,3 +129,8 @@ def markdown_table(header: Iterable[object], rows: Iterable[Iterable[object]]) -
 
     header = list(header)
     return [line(header), "|" + "---|" * len(header), *(line(row) for row in rows)]
+
+
+def ratio_cell(numerator: float | None, denominator: float | None) -> str:
+    """``numerator / denominator`` as a table cell (``"2.50x"``), ``"—"`` when either is missing."""
+    return "—" if numerator is None or denominator is None else f"{numerator / denominator:.2f}x"
