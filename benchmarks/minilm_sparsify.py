@@ -70,6 +70,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--stop-after", type=int, help="stop after this many steps (checkpoint in WORK/out_SEED)")
+    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in WORK/out_SEED")
     parser.add_argument("--result", default="benchmarks/results/accuracy/minilm_distill.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -90,8 +92,10 @@ def main() -> None:
     command = "PYTHONPATH=src python " + shlex.join(sys.argv)
     start = time.perf_counter()
     result = distill(args.model_dir, work / "train.txt", out, config, work / "heldout.txt", args.device,
-                     command=command, progress=False)  # fmt: skip
+                     resume=args.resume, stop_after=args.stop_after, command=command)  # fmt: skip
     seconds = time.perf_counter() - start
+    if result is None:  # stopped at --stop-after
+        return
 
     from transformers import AutoModel, AutoTokenizer
 
@@ -116,7 +120,8 @@ def main() -> None:
     write_result(path, payload)
     table = [[r["sparsity"], r["block"], r["training"], r["seed"], f"{r['cosine_mean']:.4f}", f"{r['cosine_min']:.4f}",
               f"{r['window_cosine']:.4f}", f"{r['seconds']:.0f}"] for r in [row]]  # fmt: skip
-    lines = [f"# all-MiniLM-L6-v2, MLPs distilled at {args.sparsity:.0%} in tiles of {args.block} (CPU)\n",
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    lines = [f"# all-MiniLM-L6-v2, MLPs distilled at {args.sparsity:.0%} in tiles of {args.block} ({where})\n",
              f"Command: `{command}`. Cosine of each of {len(sentences)} held-out sentences' embedding to the dense "
              "model's (the sparse folder loaded back); `window cosine`: the distill run's own held-out metric on "
              "packed windows.\n"]  # fmt: skip
