@@ -83,7 +83,8 @@ def main() -> None:
             if sparse:
                 with prepared_launches(False):
                     off, reference = cpu_us(call, args.calls), call()
-                on, replayed = cpu_us(call, args.calls), call()
+                with prepared_launches(True):
+                    on, replayed = cpu_us(call, args.calls), call()
                 if not torch.equal(reference, replayed):
                     raise AssertionError(f"{row}: a replayed call differs from the full path")
                 payload["rows"].append({**row, "prepared": False, "cpu_us": round(off, 2)})

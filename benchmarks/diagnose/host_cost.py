@@ -103,7 +103,8 @@ def main() -> None:
         for name, call in calls.items():
             with prepared_launches(False):
                 full = microseconds(call, args.repeats)
-            replayed = microseconds(call, args.repeats)
+            with prepared_launches(True):
+                replayed = microseconds(call, args.repeats)
             rows.append({"call": name, "us": round(full, 2), "prepared_us": round(replayed, 2)})
             print(f"{name:<40} {full:7.2f} µs {replayed:7.2f} µs", flush=True)
     print(json.dumps(rows))

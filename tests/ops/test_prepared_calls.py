@@ -13,6 +13,13 @@ from sparseblocks.ops import prepared_calls, sparse_mlp, spmm
 from sparseblocks.ops.spmm import eager_inference
 
 
+@pytest.fixture(autouse=True)
+def prepared_launches_on():
+    """This module's tests turn prepared launches on themselves, whatever the default."""
+    with prepared_launches(True):
+        yield
+
+
 def test_every_switch_changes_the_context():
     """Each switch the full path reads gives another key (for fp32, where the dot precision is read)."""
     base = prepared_calls.context(torch.float32)
