@@ -412,11 +412,16 @@ def check_quantized_tiles(w: BlockSparseMatrix, device: Device) -> None:
                          f"{device.capability[0]}.{device.capability[1]}: quantize to int8 instead")  # fmt: skip
 
 
-def fp8_products(plan: Plan, device: Device) -> bool:
+# Triton's fp8 tensor-core product needs K ≥ 32 per dot (a 16-wide tile fails to compile on an H100).
+FP8_MIN_DOT_K = 32
+
+
+def fp8_products(plan: Plan, tiles: Tiles, device: Device) -> bool:
     """Whether a forward on ``plan`` multiplies W8A8 tiles fp8 × fp8 (activations quantized per token): the row
-    kernel (pointer loads or descriptors) on a GPU with fp8 tensor cores. The decode kernels, where the weight
-    stream sets the time, multiply weight-only."""
-    return plan in (Plan.ROWS, Plan.ROWS_DESCRIPTORS) and device.capability >= FP8_MIN_CAPABILITY
+    kernel (pointer loads or descriptors) on a GPU with fp8 tensor cores, tiles at least ``FP8_MIN_DOT_K`` wide.
+    The decode kernels, where the weight stream sets the time, multiply weight-only, as do narrower tiles."""
+    return (plan in (Plan.ROWS, Plan.ROWS_DESCRIPTORS) and device.capability >= FP8_MIN_CAPABILITY
+            and tiles.block[1] >= FP8_MIN_DOT_K)  # fmt: skip
 
 
 @functools.cache

@@ -5,7 +5,7 @@ import pytest
 import torch
 from triton import knobs
 
-from sparseblocks import BlockSparseLinear, fp32_precision
+from sparseblocks import BlockSparseLinear, BlockSparseMatrix, fp32_precision
 from sparseblocks.backend import interpreted_kernels, prepared_launches, reference_mode
 from sparseblocks.dispatch import force_plan
 from sparseblocks.kernels import one_token, prepared
@@ -58,11 +58,12 @@ def test_the_matrix_key_follows_a_new_pattern():
 
 def test_calls_that_cannot_replay_take_the_full_path():
     layer = BlockSparseLinear(64, 64, sparsity=0.5, block_size=32)
-    w, x = layer.matrix, torch.randn(1, 64)
-    assert not eager_inference(x, (w,), (layer.bias,), None)  # a CPU tensor
+    w, x, bias = layer.matrix, torch.randn(1, 64), layer.bias.detach()
+    assert not eager_inference(x, (w,), (bias,), None)  # a CPU tensor
     if not torch.cuda.is_available():
         return
-    x, w, bias = x.cuda(), w.to("cuda"), layer.bias.detach().cuda()
+    w = w.to("cuda")
+    x, w, bias = x.cuda(), BlockSparseMatrix.from_parts(w.values.detach(), w.shape, w.index_tensors()), bias.cuda()
     assert eager_inference(x, (w,), (bias,), "gelu")
     assert not eager_inference(x.requires_grad_(), (w,), (bias,), None)  # autograd records it
     x = x.detach()
@@ -159,3 +160,28 @@ def test_a_new_pattern_and_a_side_stream_are_prepared_anew_on_gpu(monkeypatch):
             outs = [layer(x) for _ in range(3)]
         torch.cuda.current_stream().wait_stream(stream)
         assert all(torch.equal(out, full) for out in outs)
+
+
+def test_a_key_refused_twice_takes_the_full_path_without_capturing(monkeypatch):
+    """The first call of a shape may autotune (refused), the second prepares; a key refused twice (a descriptor
+    plan) stops capturing, which cost every call of such a layer its capture and a binder run."""
+    monkeypatch.setattr(prepared_calls, "_stream", lambda x: 0)
+    attempts = []
+    monkeypatch.setattr(prepared, "prepare", lambda *args: attempts.append(args))  # None: refused
+    w, x = BlockSparseLinear(64, 64, sparsity=0.5, block_size=32).matrix, torch.randn(1, 64)
+    try:
+        outs = [prepared_calls.replayed(x, w, ("test",), lambda: [], lambda: x + 1) for _ in range(4)]
+    finally:
+        prepared_calls.forget_all()
+    assert len(attempts) == 2 and all(torch.equal(out, x + 1) for out in outs)
+
+
+def test_an_op_inside_another_ops_capture_takes_the_full_path(monkeypatch):
+    """An ``spmm`` inside ``sparse_mlp``'s capture launches through the full path: a replay there would hide its
+    launches from the outer capture."""
+    monkeypatch.setattr(prepared_calls, "_stream", lambda x: 0)
+    monkeypatch.setattr(prepared.PreparedCall, "run", lambda *args: pytest.fail("replayed inside a capture"))
+    monkeypatch.setattr(prepared, "prepare", lambda *args: pytest.fail("prepared inside a capture"))
+    w, x = BlockSparseLinear(64, 64, sparsity=0.5, block_size=32).matrix, torch.randn(1, 64)
+    with prepared.capture():
+        assert torch.equal(prepared_calls.replayed(x, w, ("test",), lambda: [], lambda: x + 1), x + 1)

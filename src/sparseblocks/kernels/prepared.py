@@ -71,6 +71,11 @@ def capture() -> Iterator[Capture]:
         _capture.reset(token)
 
 
+def capturing() -> bool:
+    """Whether a :func:`capture` is active here (an op called inside another op's captured call)."""
+    return _capture.get() is not None
+
+
 def allocated(*tensors: torch.Tensor | None) -> None:
     """Launch sites: these tensors were allocated in this call (output, scratch), ``torch.empty`` each call."""
     record = _capture.get()

@@ -74,7 +74,7 @@ def forward_with_kernels(x: torch.Tensor, w: BlockSparseMatrix, bias: torch.Tens
     m, tiles, device = x2.shape[0], Tiles.of(w), dispatch.device_facts(x.device)
     dispatch.check_quantized_tiles(w, device)
     plan = dispatch.forward_plan(m, tiles, device, lambda: dispatch.descriptors_fit(x2, w, "forward"))
-    if w.fp8_activations and not dispatch.fp8_products(plan, device):
+    if w.fp8_activations and not dispatch.fp8_products(plan, tiles, device):
         dispatch.notice_weight_only(plan.value)  # W8A8 runs in the row kernel only: here the tiles alone are fp8
     if plan is Plan.ONE_TOKEN:
         from sparseblocks.kernels.one_token import spmm_one_token
@@ -87,7 +87,7 @@ def forward_with_kernels(x: torch.Tensor, w: BlockSparseMatrix, bias: torch.Tens
     else:
         from sparseblocks.kernels.spmm import spmm_rows
 
-        fp8 = w.fp8_activations and dispatch.fp8_products(plan, device)
+        fp8 = w.fp8_activations and dispatch.fp8_products(plan, tiles, device)
         return spmm_rows(x, w, bias, activation, descriptors=plan is Plan.ROWS_DESCRIPTORS, fp8_products=fp8)
     return y.reshape(*x.shape[:-1], w.shape[0])
 
