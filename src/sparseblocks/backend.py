@@ -100,18 +100,21 @@ def on_device_of(t: torch.Tensor) -> contextlib.AbstractContextManager:
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # float64 takes the reference, on any device
 
 
-# SPARSEBLOCKS_PREPARED_LAUNCHES=0 turns prepared launches off for the process; prepared_launches(False) for a block.
+# Off unless asked for (SPARSEBLOCKS_PREPARED_LAUNCHES=1 for the process, prepared_launches(True) for a block): on an
+# H100 they cut issuing a one-token spmm from 71 to 23 µs of CPU, but the two fixes after that run (no replay inside
+# another op's capture; no capture after a key's second refusal, against a 23% slower eager ViT-B/16) have run on
+# the CPU only, so the default waits for a GPU to confirm them.
 _prepared_launches: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "sparseblocks_prepared_launches", default=os.environ.get("SPARSEBLOCKS_PREPARED_LAUNCHES", "1") != "0"
+    "sparseblocks_prepared_launches", default=os.environ.get("SPARSEBLOCKS_PREPARED_LAUNCHES", "0") == "1"
 )
 
 
 @contextlib.contextmanager
 def prepared_launches(enabled: bool) -> Iterator[None]:
     """Within the block, eager inference calls of ``spmm`` and ``sparse_mlp`` on CUDA tensors replay the launches
-    prepared by an earlier call with the same inputs' metadata (True, the default) or always take the full path
-    (False: to compare, or to rule them out). ``SPARSEBLOCKS_PREPARED_LAUNCHES=0`` sets the default to False.
-    Per thread and per context (``contextvars``); see docs/performance.md."""
+    prepared by an earlier call with the same inputs' metadata (True) or always take the full path (False, the
+    default; ``SPARSEBLOCKS_PREPARED_LAUNCHES=1`` makes True the process's default). Per thread and per context
+    (``contextvars``); see docs/performance.md."""
     token = _prepared_launches.set(enabled)
     try:
         yield

@@ -1,6 +1,8 @@
 """Prepared eager calls (``ops/prepared_calls.py``): what the cache key holds, when calls bypass it (CPU), and, on a
 GPU, replays equal to the full path, a misaligned input included."""
 
+import sys
+
 import pytest
 import torch
 from triton import knobs
@@ -185,3 +187,14 @@ def test_an_op_inside_another_ops_capture_takes_the_full_path(monkeypatch):
     w, x = BlockSparseLinear(64, 64, sparsity=0.5, block_size=32).matrix, torch.randn(1, 64)
     with prepared.capture():
         assert torch.equal(prepared_calls.replayed(x, w, ("test",), lambda: [], lambda: x + 1), x + 1)
+
+
+def test_compiled_code_never_reads_the_switch(monkeypatch):
+    """Under torch.compile the eligibility check stops at ``is_compiling`` before the switch (a ContextVar, which
+    dynamo cannot trace: a graph break at every sparse layer), also where the device could replay."""
+    # the module, not the function of the same name that sparseblocks.ops exports
+    monkeypatch.setattr(sys.modules["sparseblocks.ops.spmm"], "_replay_device", lambda x: True)  # as on CUDA
+    layer = BlockSparseLinear(64, 48, sparsity=0.5, block_size=16)
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(layer, fullgraph=True)(x), layer.to_linear()(x))

@@ -44,6 +44,7 @@ KINDS: dict[str, str] = {
     "tune_column_sums": "benchmarks/tune/column_sums.py: launch configs of the column-sum kernel",
     "one_token_mlp": "benchmarks/diagnose/one_token_mlp_pdl.py: a one-token MLP in four or two launches, PDL",
     "ab": "benchmarks/ab.py: one bench command against two source trees",
+    "quantized_tokens": "benchmarks/diagnose/quantized_tokens.py: quantized against bf16 tiles at 1-8192 tokens",
 }
 
 

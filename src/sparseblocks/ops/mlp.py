@@ -182,7 +182,7 @@ def sparse_mlp(
     torch.compile keeps its hidden *gradient* on chip in the backward.
 
     Inference called again eagerly on CUDA with inputs of the same metadata replays the launches of its first such
-    call, as :func:`~sparseblocks.ops.spmm` does.
+    call where ``backend.prepared_launches(True)`` is on, as :func:`~sparseblocks.ops.spmm` does.
     """
     biases = (up_bias, down_bias, gate_bias)
     if fused and hidden_dropout == 0.0 and eager_inference(x, (up, down, gate), biases, activation):

@@ -469,7 +469,7 @@ def spmm(
     weights get fp32 gradients); quantized tiles keep theirs.
 
     Called again eagerly on CUDA without gradients, with inputs of the same metadata, it replays the launches of
-    its first such call (``ops/prepared_calls.py``; off: ``backend.prepared_launches(False)``).
+    its first such call when ``backend.prepared_launches(True)`` is on (``ops/prepared_calls.py``).
     """
     if eager_inference(x, (w,), (bias,), activation):
         from sparseblocks.ops import prepared_calls as calls
@@ -509,9 +509,10 @@ def eager_inference(
     where Triton runs, ``BlockSparseMatrix`` weights (None: an absent gate), tensor or None biases, a string or
     None activation, outside ``torch.compile`` and ``torch.autocast``, and no gradient to record. Anything else
     takes the full path, which checks the inputs."""
-    if not (isinstance(x, torch.Tensor) and _replay_device(x) and prepared_launches_enabled()):
+    # is_compiling first: torch.compile folds it to True, and must not trace the switch (a ContextVar: a graph break)
+    if torch.compiler.is_compiling() or not prepared_launches_enabled():
         return False
-    if torch.compiler.is_compiling() or torch.is_autocast_enabled("cuda"):
+    if not (isinstance(x, torch.Tensor) and _replay_device(x)) or torch.is_autocast_enabled("cuda"):
         return False
     if not (activation is None or type(activation) is str):
         return False
