@@ -158,3 +158,20 @@ def test_triton_flags_follow_the_debug_knob(value):
         assert prepared.triton_flags()[0] is value
     finally:
         knobs.runtime.debug = default
+
+
+def test_allocated_tensors_sharing_memory_are_not_given_separate_slots():
+    """Two declared allocations that are views of one buffer (the output and a reshaped alias a launch writes
+    through) must map to one piece of memory in a replay; carved as separate slots, the launch would write the
+    workspace and the returned output would stay uninitialized."""
+    x = torch.randn(64)
+    compiled = FakeCompiled()
+    with prepared.capture() as record:
+        y = torch.empty(64)
+        alias = y.view(8, 8)
+        prepared.allocated(y, alias)
+        prepared.launched(KERNEL, compiled, (4,), (x, alias, 64, 1), {"BLOCK": 16})
+    call = prepared.prepare(record, x, y, [], bind=lambda kernel: BINDER)
+    if call is not None:  # refusing is fine; replaying into other memory is not
+        out = call.run(torch.randn(64), stream=0)
+        assert compiled.calls[-1][10] == out.data_ptr()

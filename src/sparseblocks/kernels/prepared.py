@@ -223,6 +223,10 @@ def prepare(
                       if t.data_ptr() == output.data_ptr() and t.numel() == output.numel()), None)  # fmt: skip
     if output_id is None:
         return None
+    # each allocated tensor gets its own slot: two declared views of one buffer would be carved apart
+    storages = [t.untyped_storage().data_ptr() for t in record.allocated.values() if t.numel()]
+    if len(set(storages)) != len(storages):
+        return None
     offsets: dict[int, int] = {}
     workspace_bytes = 0
     launches = []
