@@ -198,3 +198,21 @@ def test_compiled_code_never_reads_the_switch(monkeypatch):
     x = torch.randn(4, 64)
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(layer, fullgraph=True)(x), layer.to_linear()(x))
+
+
+def test_a_full_cache_is_emptied_for_a_new_key_only(monkeypatch):
+    """``MAX_CALLS`` keys kept: a key's second refusal replaces its entry and keeps the others; a new key empties
+    them (a model fed ever new token counts does not grow the cache)."""
+    monkeypatch.setattr(prepared_calls, "_stream", lambda x: 0)
+    monkeypatch.setattr(prepared, "prepare", lambda *args: None)
+    w, x = BlockSparseLinear(64, 64, sparsity=0.5, block_size=32).matrix, torch.randn(1, 64)
+    kept = lambda: len(prepared_calls._CALLS[id(w.values)][1])
+    try:
+        for i in range(prepared_calls.MAX_CALLS):
+            prepared_calls.replayed(x, w, (i,), lambda: [], lambda: x)
+        prepared_calls.replayed(x, w, (0,), lambda: [], lambda: x)  # refused again: FULL_PATH replaces its entry
+        assert kept() == prepared_calls.MAX_CALLS
+        prepared_calls.replayed(x, w, ("new",), lambda: [], lambda: x)
+        assert kept() == 1
+    finally:
+        prepared_calls.forget_all()

@@ -110,24 +110,26 @@ def replayed(
     prepared_call = prepared.prepare(record, x, y, fixed())
     if prepared_call is None:
         prepared_call = FULL_PATH if call is REFUSED_ONCE else REFUSED_ONCE
-    _calls_of(values)[key] = prepared_call
+    _store(values, key, prepared_call)
     return y
 
 
-def _calls_of(values: torch.Tensor) -> dict[tuple, prepared.PreparedCall | str]:
-    """The prepared calls of the weight holding ``values`` (made empty when full: ``MAX_CALLS``)."""
-    key = id(values)
-    entry = _CALLS.get(key)
+def _store(values: torch.Tensor, key: tuple, call: prepared.PreparedCall | str) -> None:
+    """Keep ``call`` under ``key`` among the prepared calls of the weight holding ``values``; a new key when
+    ``MAX_CALLS`` are kept empties them first (replacing a key's entry keeps the others)."""
+    owner = id(values)
+    entry = _CALLS.get(owner)
     if entry is None or entry[0]() is not values:
 
-        def forget(reference: weakref.ref, key: int = key) -> None:
-            if _CALLS.get(key, (None,))[0] is reference:
-                del _CALLS[key]
+        def forget(reference: weakref.ref, owner: int = owner) -> None:
+            if _CALLS.get(owner, (None,))[0] is reference:
+                del _CALLS[owner]
 
-        entry = _CALLS[key] = (weakref.ref(values, forget), {})
-    if len(entry[1]) >= MAX_CALLS:
-        entry[1].clear()
-    return entry[1]
+        entry = _CALLS[owner] = (weakref.ref(values, forget), {})
+    calls = entry[1]
+    if key not in calls and len(calls) >= MAX_CALLS:
+        calls.clear()
+    calls[key] = call
 
 
 def forget_all() -> None:
