@@ -477,12 +477,18 @@ class BlockSparseMatrix:
 def quantize_rows(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Activations ``(M, K)`` quantized to fp8 e4m3 per row (per token, dynamically): ``(xq, scales)`` with
     ``x ≈ xq.float() · scales[:, None]``, ``scales`` ``(M,)`` float32 = absmax(row) / 448 (:data:`ZERO_ROW_SCALE`
-    for a row of zeros). The W8A8 products' input, on every path (reference and row kernel)."""
-    x = x2.detach().to(torch.float32)
-    row_max = x.abs().amax(-1) if x.shape[-1] else x.new_zeros(x.shape[:-1])
-    scales = torch.where(row_max > 0, row_max / QUANTIZED_LIMITS["fp8"], ZERO_ROW_SCALE)
-    limit = QUANTIZED_LIMITS["fp8"]
-    return (x / scales[:, None]).clamp(-limit, limit).to(torch.float8_e4m3fn), scales
+    for a row of zeros). The W8A8 products' input, on every path (reference and row kernel).
+
+    Four passes over x and no fp32 copy of it (the absmax as an inf-norm in x's dtype, exact; the division
+    promotes to fp32 as a copy would; the clamp in place): 1.4 GB moved for an 8192 × 8192 bf16 x against 2.6 GB
+    for the plain formula (fp32 copy, abs, amax, divide, clamp, cast), bit for bit the same result."""
+    x2, limit = x2.detach(), QUANTIZED_LIMITS["fp8"]
+    if x2.shape[-1]:
+        row_max = torch.linalg.vector_norm(x2, float("inf"), dim=-1).to(torch.float32)
+    else:
+        row_max = x2.new_zeros(x2.shape[:-1], dtype=torch.float32)
+    scales = torch.where(row_max > 0, row_max / limit, ZERO_ROW_SCALE)
+    return (x2 / scales[:, None]).clamp_(-limit, limit).to(torch.float8_e4m3fn), scales
 
 
 class MLPWeights(NamedTuple):

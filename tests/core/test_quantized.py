@@ -131,6 +131,26 @@ def test_quantize_rows_per_token():
     assert bool(((restored - x).abs() <= x.abs() * 2**-4 + scales[:, None] * 2**-9).all())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_quantize_rows_is_the_plain_formula_bit_for_bit(dtype):
+    """The four-pass version equals the plain formula (an fp32 copy, abs, amax, divide, clamp, cast), zero, NaN and
+    infinite rows and empty shapes included."""
+    limit = QUANTIZED_LIMITS["fp8"]
+
+    def plain(x2):
+        x = x2.float()
+        row_max = x.abs().amax(-1) if x.shape[-1] else x.new_zeros(x.shape[:-1])
+        scales = torch.where(row_max > 0, row_max / limit, ZERO_ROW_SCALE)
+        return (x / scales[:, None]).clamp(-limit, limit).to(torch.float8_e4m3fn), scales
+
+    x = (torch.randn(9, 300) * torch.logspace(-3, 3, 9)[:, None]).to(dtype)
+    x[2], x[4, 7], x[6, 1] = 0.0, float("nan"), float("inf")
+    for case in (x, x[:, ::3], x[:0], x[:, :0]):
+        (xq, scales), (expected, expected_scales) = quantize_rows(case), plain(case)
+        assert torch.equal(xq.view(torch.uint8), expected.view(torch.uint8))
+        assert torch.equal(scales.nan_to_num(-1.0), expected_scales.nan_to_num(-1.0))
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_reference_spmm_is_the_dequantized_product(kind, dtype):
