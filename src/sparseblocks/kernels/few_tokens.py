@@ -243,6 +243,5 @@ def spmm_few_tokens(
     if config is None:
         few_tokens_tuned.launch((x2.dtype, w.dtype, n, k, density), (programs,), args, meta)
     else:
-        kwargs = {**meta, **config}
-        prepared.launched(_decode_kernel, _decode_kernel[(programs,)](*args, **kwargs), (programs,), args, kwargs)
+        prepared.launch(_decode_kernel, (programs,), args, {**meta, **config})
     return y

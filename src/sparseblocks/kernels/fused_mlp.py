@@ -197,5 +197,5 @@ def fused_mlp_triton(
         fused_mlp_tuned.launch((x2.dtype, k, hidden, n), m_tile_grid(m, down.block_grid[0]), args, meta)
     else:
         grid, kwargs = (cdiv(m, config["BLOCK_M"]) * down.block_grid[0],), {**meta, **config}
-        prepared.launched(_fused_mlp_kernel, _fused_mlp_kernel[grid](*args, **kwargs), grid, args, kwargs)
+        prepared.launch(_fused_mlp_kernel, grid, args, kwargs)
     return y

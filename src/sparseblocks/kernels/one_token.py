@@ -205,7 +205,7 @@ def spmm_one_token(
         **(config or ONE_TOKEN_LAUNCH),
     }
     prepared.allocated(y, partial)
-    prepared.launched(_one_token_kernel, _one_token_kernel[grid](*args, **meta), grid, args, meta)
+    prepared.launch(_one_token_kernel, grid, args, meta)
     return y
 
 

@@ -109,6 +109,12 @@ def launched(kernel: Any, compiled: Any, grid: Any, args: Sequence, kwargs: dict
         record.launches.append((kernel, compiled, grid, tuple(args), dict(kwargs)))
 
 
+def launch(kernel: Any, grid: Any, args: Sequence, kwargs: dict) -> None:
+    """``kernel[grid](*args, **kwargs)``, reported to the capture in progress (:func:`launched`): how launch sites
+    launch."""
+    launched(kernel, kernel[grid](*args, **kwargs), grid, args, kwargs)
+
+
 def binder(kernel: Any) -> Callable:
     """Triton's argument binder of the JIT function ``kernel`` on the current device, the one ``JITFunction.run``
     calls: ``binder(*args, **kwargs)`` returns the bound arguments (every parameter, in order), their

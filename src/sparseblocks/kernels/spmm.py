@@ -273,7 +273,7 @@ def _launch_pointers(x2, w, spec, geometry, meta, config, parts) -> tuple[torch.
         tuning_key = (x2.dtype, w.dtype, geometry.out_features, geometry.in_features, *buckets)
         return y, spmm_tuned.launch(tuning_key, m_tile_grid(m, geometry.n_out_blocks), args, meta).kwargs["BLOCK_M"]
     grid, kwargs = (cdiv(m, config["BLOCK_M"]) * geometry.n_out_blocks,), {**meta, **config}
-    prepared.launched(_spmm_kernel, _spmm_kernel[grid](*args, **kwargs), grid, args, kwargs)
+    prepared.launch(_spmm_kernel, grid, args, kwargs)
     return y, config["BLOCK_M"]
 
 

@@ -121,8 +121,7 @@ class TunedKernel:
         if config.pre_hook is not None:
             config.pre_hook({**dict(zip(self.kernel.arg_names, args, strict=False)), **meta, **launch_kwargs})
             prepared.not_replayable("a config pre-hook ran")
-        kwargs = {**meta, **launch_kwargs}
-        prepared.launched(self.kernel, self.kernel[grid](*args, **kwargs), grid, args, kwargs)
+        prepared.launch(self.kernel, grid, args, {**meta, **launch_kwargs})
         return config
 
     def forget(self) -> None:
